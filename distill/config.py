@@ -1,0 +1,337 @@
+"""The job's configuration: one typed dataclass tree, loaded from YAML with dotted overrides.
+
+Every field's ``help`` metadata is its one-line documentation and its ``--help`` text. Loading
+checks keys, types and values before any model is touched, and every error names the key to
+change. This module imports nothing heavy so that the launcher can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the option to change."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with a default and its one-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+@dataclass
+class TeacherConfig:
+    path: str = option("", "Local directory or hub id of the teacher causal LM (and its tokenizer).")
+    dtype: Dtype = option("bfloat16", "Dtype the teacher's weights are loaded in (the compute dtype when quantized).")
+    quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the teacher quantized through bitsandbytes: none, 8bit or 4bit.")
+    quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type (teacher.quantization=4bit).")
+    double_quant: bool = option(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    truncate_vocab: bool = option(True, "Allow a teacher whose embedding matrix is padded beyond the student's vocabulary to be cut to the shared length (only when the token maps agree).")
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher; ignored for local paths.")
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = option(None, "Local directory or hub id of a pretrained student; leave empty to build a new one from student.architecture.")
+    architecture: dict = option({}, "Config fields (e.g. num_hidden_layers, hidden_size) overriding the teacher's config for a new, randomly initialized student that uses the teacher's tokenizer.")
+    revision: Optional[str] = option(None, "Hub revision of the pretrained student; ignored for local paths.")
+
+
+@dataclass
+class DataConfig:
+    train_files: list = option([], "Local training files (.txt, .json, .jsonl, .parquet, .csv); or use data.dataset.")
+    validation_files: list = option([], "Local validation files; when empty, data.validation_split of the training data is held out.")
+    dataset: Optional[str] = option(None, "A `save_to_disk` directory or a hub dataset name, used instead of data.train_files.")
+    dataset_config: Optional[str] = option(None, "Hub dataset configuration name (data.dataset).")
+    train_split: str = option("train", "Split of data.dataset used for training.")
+    validation_split_name: Optional[str] = option(None, "Split of data.dataset used for validation; when empty, data.validation_split is held out.")
+    validation_split: float = option(0.05, "Fraction of the training data held out for validation when no validation data is given.")
+    text_unit: Literal["line", "paragraph", "document"] = option("paragraph", "How .txt files are split into documents: per line, per blank-line-separated paragraph, or one per file.")
+    text_field: str = option("text", "Column holding the text (the completion, when data.prompt_field is set).")
+    prompt_field: Optional[str] = option(None, "Column holding a prompt that is fed to the models but masked out of the loss.")
+    seq_len: int = option(512, "Tokens per training sequence.")
+    packing: bool = option(True, "Concatenate documents (separated by EOS) into full seq_len blocks instead of padding each one.")
+    seed: int = option(0, "Seed of the deterministic shuffle of training data.")
+    max_validation_sequences: int = option(256, "Evaluate on at most this many validation sequences.")
+
+
+@dataclass
+class LossConfig:
+    kind: LossKind = option("forward_kl", "Distillation divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd.")
+    temperature: float = option(1.0, "Softmax temperature applied to both teacher and student logits in the KD term.")
+    alpha: float = option(0.0, "Weight of the hard-label cross-entropy: loss = alpha*CE + (1-alpha)*T^2*KD. alpha=1 trains without a teacher (the baseline).")
+    jsd_beta: float = option(0.5, "Teacher weight beta of the mixture in the generalized JSD (loss.kind=jsd); 0 = forward KL, 1 = reverse KL.")
+    skew_alpha: float = option(0.1, "Skew alpha of the skewed KLs (loss.kind=skew_*), as in DistiLLM.")
+    chunk_size: int = option(1024, "Tokens per chunk when computing the loss, bounding the float32 memory of the logits.")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adamw", "adamw_8bit"] = option("adamw", "Optimizer: adamw (torch) or adamw_8bit (bitsandbytes).")
+    lr: float = option(3e-4, "Peak learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    betas: list = option([0.9, 0.95], "AdamW betas.")
+    scheduler: Literal["constant", "linear", "cosine"] = option("cosine", "Learning-rate schedule after warm-up: constant, linear or cosine decay to zero.")
+    warmup_steps: int = option(0, "Linear warm-up steps.")
+    micro_batch_size: int = option(8, "Sequences per forward pass per process.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int = option(1000, "Optimizer steps to train.")
+    seed: int = option(0, "Seed of model initialization and every random number generator.")
+    precision: Literal["fp32", "bf16", "fp16"] = option("fp32", "Mixed precision of the student's forward/backward: fp32, bf16 or fp16 (fp16 needs a GPU).")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value; 0 disables clipping.")
+    log_every: int = option(10, "Log metrics every N optimizer steps.")
+    eval_every: int = option(0, "Evaluate on the validation set every N steps (0: only at the end).")
+    save_every: int = option(0, "Save a checkpoint every N steps (0: never).")
+    keep_checkpoints: int = option(2, "Keep only the newest N complete checkpoints.")
+    on_nonfinite: Literal["stop", "skip"] = option("stop", "What to do with a NaN/inf loss: stop with an error, or skip that step.")
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = option(True, "Evaluate and write eval.json/report.md after training.")
+    initial: bool = option(True, "Also evaluate the student before training (the 'untrained' row of the report).")
+    teacher_fidelity: bool = option(True, "For a quantized teacher, also load it in full precision and report KL(full || quantized).")
+    speed: bool = option(True, "Measure latency and throughput of teacher and student.")
+    latency_new_tokens: int = option(32, "Tokens generated (greedy, batch 1) when measuring latency.")
+    throughput_batch_size: int = option(8, "Batch size of the forward passes that measure throughput.")
+    speed_repeats: int = option(3, "Timed repetitions of each speed measurement (after one warm-up).")
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["wandb", "tensorboard", "mlflow", "none"] = option("wandb", "Experiment tracker: wandb (offline when no API key is configured), tensorboard, mlflow or none. metrics.jsonl is always written.")
+    project: str = option("distill", "Tracker project (W&B project, MLflow experiment).")
+    run_name: Optional[str] = option(None, "Run name; defaults to the run directory's name.")
+    mlflow_tracking_uri: Optional[str] = option(None, "MLflow tracking URI; defaults to a local store in the run directory.")
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The frozen teacher."})
+    student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "The student that is trained."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and validation data."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimization and checkpointing."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation and the report."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "Experiment tracking."})
+    output_dir: str = option("runs/distill", "Run directory: config, metrics, checkpoints, the student and the report.")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> DistillConfig:
+    """Loads a YAML config, applies ``key.sub=value`` overrides, checks and returns it."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (teacher:, student:, ...)")
+    for item in overrides:
+        apply_override(data, item)
+    cfg = from_dict(DistillConfig, data, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Sets ``data[a][b] = value`` for ``item = "a.b=value"`` (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    parts = key.strip().split(".")
+    _lookup_field(parts)  # fails on unknown keys, naming them
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _lookup_field(parts: list[str]) -> dataclasses.Field:
+    cls: Any = DistillConfig
+    found = None
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            raise ConfigError(f"unknown config key: {'.'.join(parts[: i + 1])}")
+        found = fields[part]
+        cls = typing.get_type_hints(cls)[part]
+    return found
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Builds dataclass ``cls`` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key: {prefix}{key}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file, not user input
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Checks values that types alone do not; messages name the option to change."""
+    t, s, d, lo, tr, ev = cfg.teacher, cfg.student, cfg.data, cfg.loss, cfg.train, cfg.eval
+    _check(bool(t.path), "teacher.path is required (a local model directory or a hub id)")
+    _check(not (s.path and s.architecture), "set either student.path or student.architecture, not both")
+    _check(bool(s.path or s.architecture), "student.path or student.architecture is required")
+    for key, value in s.architecture.items():
+        _check(isinstance(key, str), f"student.architecture: keys must be config field names, got {key!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and key.startswith("num_"):
+            _check(value > 0, f"student.architecture.{key} must be > 0 (got {value})")
+    _check(bool(d.train_files) != bool(d.dataset), "set exactly one of data.train_files and data.dataset")
+    _check(all(isinstance(f, str) for f in d.train_files + d.validation_files), "data.train_files and data.validation_files must list file paths")
+    _check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    _check(0.0 <= d.validation_split < 1.0, f"data.validation_split must be in [0, 1) (got {d.validation_split})")
+    _check(d.max_validation_sequences > 0, "data.max_validation_sequences must be > 0")
+    _check(lo.temperature > 0 and math.isfinite(lo.temperature), f"loss.temperature must be > 0 (got {lo.temperature})")
+    _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1] (got {lo.alpha})")
+    _check(0.0 <= lo.jsd_beta <= 1.0, f"loss.jsd_beta must be in [0, 1] (got {lo.jsd_beta})")
+    _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
+    _check(lo.chunk_size > 0, f"loss.chunk_size must be > 0 (got {lo.chunk_size})")
+    _check(tr.lr > 0 and math.isfinite(tr.lr), f"train.lr must be > 0 (got {tr.lr})")
+    _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {tr.weight_decay})")
+    _check(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.betas), f"train.betas must be two numbers in [0, 1) (got {tr.betas})")
+    _check(tr.micro_batch_size > 0, f"train.micro_batch_size must be > 0 (got {tr.micro_batch_size})")
+    _check(tr.grad_accum > 0, f"train.grad_accum must be > 0 (got {tr.grad_accum})")
+    _check(tr.max_steps > 0, f"train.max_steps must be > 0 (got {tr.max_steps})")
+    _check(0 <= tr.warmup_steps <= tr.max_steps, f"train.warmup_steps must be in [0, train.max_steps] (got {tr.warmup_steps})")
+    _check(tr.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (got {tr.max_grad_norm})")
+    for name in ("log_every", "eval_every", "save_every"):
+        _check(getattr(tr, name) >= 0, f"train.{name} must be >= 0")
+    _check(tr.log_every > 0, "train.log_every must be > 0")
+    _check(tr.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0 (got {tr.keep_checkpoints})")
+    _check(ev.latency_new_tokens > 0 and ev.throughput_batch_size > 0 and ev.speed_repeats > 0, "eval.latency_new_tokens, eval.throughput_batch_size and eval.speed_repeats must be > 0")
+    _check(bool(cfg.output_dir), "output_dir must not be empty")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables that look like credentials (HF_TOKEN, WANDB_API_KEY, ...)."""
+    return [
+        value
+        for name, value in os.environ.items()
+        if any(marker in name.upper() for marker in SECRET_MARKERS) and len(value) >= 6
+    ]
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """Returns ``obj`` with every credential value from the environment replaced by ***."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, str):
+        for secret in secrets:
+            obj = obj.replace(secret, "***")
+        return obj
+    if isinstance(obj, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secrets) for v in obj]
+    return obj
+
+
+def to_dict(cfg: DistillConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: DistillConfig, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML, with credentials redacted."""
+    Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+
+
+def iter_options(cls: type = DistillConfig, prefix: str = ""):
+    """Yields (dotted key, default, help) for every leaf option, for --help."""
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from iter_options(hint, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield prefix + f.name, default, f.metadata.get("help", "")

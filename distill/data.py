@@ -1,0 +1,185 @@
+"""Data: local files, a saved dataset or a hub dataset, tokenized into causal-LM sequences.
+
+Every sequence carries ``input_ids`` and ``labels`` (the same ids, with ``IGNORE_INDEX`` where a
+token is not a target: prompt tokens and padding). The training stream is a deterministic
+function of (seed, samples consumed), so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from distill.config import ConfigError, DataConfig
+from distill.losses import IGNORE_INDEX
+
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def quiet_progress_off_terminal() -> None:
+    """datasets' per-map progress bars help on a terminal and flood a log file."""
+    import sys
+
+    import datasets
+
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+
+
+def _builder_for(files: list[str], key: str) -> str:
+    builders = set()
+    for name in files:
+        path = Path(os.path.expanduser(name))
+        if not path.is_file():
+            raise ConfigError(f"{key}: file not found: {name}")
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise ConfigError(f"{key}: unsupported file type {path.suffix!r} ({name}); use one of {', '.join(sorted(FILE_BUILDERS))}")
+        builders.add(FILE_BUILDERS[path.suffix.lower()])
+    if len(builders) > 1:
+        raise ConfigError(f"{key}: all files must have the same type (got {', '.join(sorted(builders))})")
+    return builders.pop()
+
+
+def _load_files(files: list[str], key: str, text_unit: str):
+    import datasets
+
+    builder = _builder_for(files, key)
+    paths = [os.path.expanduser(f) for f in files]
+    extra = {"sample_by": text_unit} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=paths, split="train", **extra)
+
+
+def _load_named(cfg: DataConfig, split: str):
+    import datasets
+
+    local = Path(os.path.expanduser(cfg.dataset))
+    if local.is_dir():
+        loaded = datasets.load_from_disk(str(local))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ConfigError(f"data.dataset {cfg.dataset} has no split {split!r} (has {', '.join(loaded)}); set data.train_split / data.validation_split_name")
+            return loaded[split]
+        return loaded
+    return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
+
+
+def load_raw(cfg: DataConfig):
+    """Returns (train, validation) ``datasets.Dataset`` objects of raw text rows."""
+    quiet_progress_off_terminal()
+    if cfg.dataset:
+        train = _load_named(cfg, cfg.train_split)
+        validation = _load_named(cfg, cfg.validation_split_name) if cfg.validation_split_name else None
+    else:
+        train = _load_files(cfg.train_files, "data.train_files", cfg.text_unit)
+        validation = _load_files(cfg.validation_files, "data.validation_files", cfg.text_unit) if cfg.validation_files else None
+    for column in filter(None, (cfg.text_field, cfg.prompt_field)):
+        if column not in train.column_names:
+            key = "data.text_field" if column == cfg.text_field else "data.prompt_field"
+            raise ConfigError(f"{key}: column {column!r} not in the training data (columns: {', '.join(train.column_names)})")
+    if len(train) == 0:
+        raise ConfigError("the training data is empty; check data.train_files / data.dataset")
+    if validation is None:
+        if cfg.validation_split <= 0 or len(train) < 2:
+            raise ConfigError("no validation data: set data.validation_files, data.validation_split_name or data.validation_split > 0")
+        parts = train.train_test_split(test_size=cfg.validation_split, seed=cfg.seed, shuffle=True)
+        train, validation = parts["train"], parts["test"]
+    return train, validation
+
+
+def _document_ids(tokenizer, text: str, prompt: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of one document (BOS? prompt completion EOS) and its labels."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    suffix = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = prefix + prompt_ids + text_ids + suffix
+    labels = [IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + text_ids + suffix
+    return ids, labels
+
+
+def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
+    """Tokenizes raw rows into sequences of at most ``seq_len`` tokens (exactly, when packing)."""
+    seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
+
+    def encode(batch):
+        input_ids, labels = [], []
+        prompts = batch[prompt_field] if prompt_field else [None] * len(batch[text_field])
+        for text, prompt in zip(batch[text_field], prompts):
+            if not text:
+                continue
+            ids, labs = _document_ids(tokenizer, text, prompt)
+            input_ids.append(ids[:seq_len])
+            labels.append(labs[:seq_len])
+            if cfg.packing:  # keep the whole document; blocks are cut below
+                input_ids[-1], labels[-1] = ids, labs
+        if cfg.packing:
+            flat_ids = [t for doc in input_ids for t in doc]
+            flat_labels = [t for doc in labels for t in doc]
+            usable = len(flat_ids) - len(flat_ids) % seq_len
+            input_ids = [flat_ids[i : i + seq_len] for i in range(0, usable, seq_len)]
+            labels = [flat_labels[i : i + seq_len] for i in range(0, usable, seq_len)]
+        return {"input_ids": input_ids, "labels": labels}
+
+    # Packing concatenates within each map batch of 1000 rows and drops that batch's remainder
+    # (as transformers' run_clm does), which keeps memory flat on large corpora.
+    sequences = dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=f"tokenizing {split_name}")
+    sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
+    if len(sequences) == 0:
+        hint = "lower data.seq_len or add data" if cfg.packing else "add data or check data.text_field"
+        raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={seq_len} tokens; {hint}")
+    return sequences.with_format("python")
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads rows to the longest; padding is masked in ``attention_mask`` and ``labels``."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class TrainStream:
+    """Deterministic, resumable micro-batches for one rank.
+
+    The global order is a fresh seeded permutation per epoch. Each micro-step consumes
+    ``micro_batch_size * world_size`` consecutive samples of that order and rank ``r`` takes the
+    ``r``-th slice, so the position is one number (``samples_consumed``) that stays meaningful
+    when a run is resumed at another world size.
+    """
+
+    def __init__(self, sequences, *, micro_batch_size: int, seed: int, pad_id: int, rank: int = 0, world_size: int = 1, samples_consumed: int = 0):
+        self.sequences = sequences
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rank = rank
+        self.world_size = world_size
+        self.samples_consumed = samples_consumed
+        self._epoch, self._order = -1, None
+
+    def _index(self, global_position: int) -> int:
+        epoch, offset = divmod(global_position, len(self.sequences))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.sequences), generator=generator).tolist()
+        return self._order[offset]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        start = self.samples_consumed + self.rank * self.micro_batch_size
+        rows = [self.sequences[self._index(start + i)] for i in range(self.micro_batch_size)]
+        self.samples_consumed += self.micro_batch_size * self.world_size
+        return collate(rows, self.pad_id)
+
+
+def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The first ``limit`` validation sequences in order, this rank's share, in batches."""
+    indices = list(range(min(limit, len(sequences))))[rank::world_size]
+    return [collate([sequences[i] for i in indices[j : j + batch_size]], pad_id) for j in range(0, len(indices), batch_size)]

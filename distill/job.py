@@ -1,0 +1,227 @@
+"""The distillation job: set up, train, save the student, evaluate, report.
+
+``run`` is what ``distill run`` calls in-process and what every distributed launcher starts on
+each process (``python -m distill.job``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from distill import checkpoint, data, evaluation, models
+from distill.config import ConfigError, DistillConfig, load_config, save_config, to_dict
+from distill.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, truncate_metrics
+
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def make_accelerator(cfg: DistillConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return Accelerator(
+        mixed_precision=PRECISION[cfg.train.precision],
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
+        # The scheduler is stepped once per optimizer step by the loop, not once per process.
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class Setup:
+    """Everything the job loads before training, checked in the order that fails cheapest."""
+
+    def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True):
+        self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
+        if cfg.student.path:
+            models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
+        raw_train, raw_validation = data.load_raw(cfg.data)
+        self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed)
+        models.check_seq_len(self.student, cfg.data.seq_len, "student")
+        self.teacher = models.load_teacher(cfg.teacher, device) if load_teacher else None
+        if self.teacher is not None:
+            models.check_seq_len(self.teacher, cfg.data.seq_len, "teacher")
+            self.vocab = models.shared_vocab_size(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
+        else:
+            self.vocab = models.output_vocab(self.student)
+        self.train_sequences = data.tokenize(raw_train, self.tokenizer, cfg.data, "training")
+        self.validation_sequences = data.tokenize(raw_validation, self.tokenizer, cfg.data, "validation")
+
+
+def _validation(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
+    return data.validation_batches(
+        setup.validation_sequences, batch_size=cfg.train.micro_batch_size, limit=cfg.data.max_validation_sequences,
+        pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+
+
+def run(cfg: DistillConfig, *, resume: bool = False) -> dict | None:
+    """Runs the whole job; returns the evaluation (on the main process)."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(os.path.expanduser(cfg.output_dir))
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
+    if resume and latest is None and accelerator.is_main_process:
+        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
+    setup = Setup(cfg, accelerator.device, load_teacher=cfg.loss.alpha < 1.0 or cfg.eval.at_end or cfg.train.eval_every > 0)
+    student, teacher, vocab = setup.student, setup.teacher, setup.vocab
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    validation = _validation(setup, cfg, accelerator)
+
+    initial = None
+    if cfg.eval.at_end and cfg.eval.initial and latest is None:
+        student.to(accelerator.device)
+        initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
+        if accelerator.is_main_process:
+            (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
+
+    optimizer = build_optimizer(student, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    state = checkpoint.TrainState(world_size=accelerator.num_processes)
+    if latest is not None:
+        state = checkpoint.load(accelerator, latest)
+        state.world_size = accelerator.num_processes
+        if accelerator.is_main_process:
+            print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
+            truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    stream = data.TrainStream(
+        setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed, pad_id=setup.tokenizer.pad_token_id,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, samples_consumed=state.samples_consumed,
+    )
+    tracker = None
+    if accelerator.is_main_process:
+        from distill.tracking import Tracker
+
+        tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)
+    try:
+        evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
+        fit(student, teacher, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab,
+            state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
+        save_student(accelerator, student, setup.tokenizer, run_dir / "student")
+        result = None
+        if cfg.eval.at_end:
+            del optimizer  # free optimizer state before loading anything else for evaluation
+            result = final_evaluation(cfg, accelerator, accelerator.unwrap_model(student), teacher, validation, vocab, run_dir, setup.tokenizer, initial)
+            if tracker is not None:
+                tracker.summary(result)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def save_student(accelerator, student, tokenizer, path: Path) -> None:
+    """Saves the (consolidated) student with save_pretrained, under a temporary name first."""
+    state_dict = accelerator.get_state_dict(student)  # gathers ZeRO-3 shards; collective
+    if accelerator.is_main_process:
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(student).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None) -> dict | None:
+    """Evaluates teacher and student with the same code; writes eval.json and report.md."""
+    device = accelerator.device
+    ev = cfg.eval
+    rows = []
+    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True)
+    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device)
+    if initial is None and (run_dir / "initial_eval.json").exists():
+        initial = json.loads((run_dir / "initial_eval.json").read_text())
+    fidelity, full_memory = None, None
+    if cfg.teacher.quantization != "none" and ev.teacher_fidelity:
+        full_teacher = models.load_teacher(cfg.teacher, device, quantized=False)
+        fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device)
+        full_memory = full_teacher.get_memory_footprint()
+        del full_teacher
+    if not accelerator.is_main_process:
+        return None
+    student_dir = run_dir / "student"
+    pad_id = tokenizer.pad_token_id
+    for name, model, q, path in (("teacher", teacher, teacher_quality, cfg.teacher.path), ("student", student, student_quality, student_dir)):
+        row = {"model": name, "params": evaluation.parameter_count(model), "disk_bytes": models.bytes_on_disk(path),
+               "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
+               **q}
+        if ev.speed:
+            row.update(evaluation.speed(model, validation, device=device, new_tokens=ev.latency_new_tokens,
+                                        batch_size=ev.throughput_batch_size, repeats=ev.speed_repeats, pad_id=pad_id))
+        rows.append(row)
+    if initial is not None:
+        student_row = rows[-1]
+        rows.insert(1, {"model": "initial_student", "params": student_row["params"], "disk_bytes": None,
+                        "memory_bytes": student_row["memory_bytes"], "quantization": "none", **initial})
+    result = {
+        "rows": rows,
+        "validation_tokens": student_quality["tokens"],
+        "throughput_batch_size": ev.throughput_batch_size,
+        "teacher_fidelity_kl": fidelity,
+        "teacher_full_memory_bytes": full_memory,
+        "loss": cfg.loss.kind,
+        "steps": cfg.train.max_steps,
+    }
+    write_report(result, run_dir)
+    return result
+
+
+def write_report(result: dict, run_dir: Path) -> None:
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    report = evaluation.markdown_report(result)
+    (run_dir / "report.md").write_text(report)
+    print("\n" + evaluation.table(result["rows"]))
+    for line in evaluation.summary_lines(result):
+        print(line)
+    print(f"\nreport: {run_dir / 'report.md'}")
+
+
+def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
+    """Re-evaluates a finished run from its saved config and student (``distill eval``)."""
+    run_dir = Path(os.path.expanduser(str(run_dir)))
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the output_dir of a run")
+    if not (run_dir / "student").is_dir():
+        raise ConfigError(f"{run_dir} has no student/ (the run did not finish); resume it with distill run --resume")
+    cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+    accelerator = make_accelerator(cfg)
+    cfg.student.path, cfg.student.architecture = str(run_dir / "student"), {}
+    setup = Setup(cfg, accelerator.device)
+    setup.student.to(accelerator.device)
+    validation = _validation(setup, cfg, accelerator)
+    return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one job process: ``python -m distill.job CONFIG [--set k=v ...] [--resume]``."""
+    parser = argparse.ArgumentParser(prog="python -m distill.job")
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        run(load_config(args.config, args.overrides), resume=args.resume)
+    except (ConfigError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Distillation divergences: pure functions of logits.
+
+Each divergence takes ``student_logits`` and ``teacher_logits`` of shape ``[..., vocab]``, softens
+both with ``temperature``, computes in float32 whatever the input dtype, and returns the
+per-token loss of shape ``student_logits.shape[:-1]`` with no reduction. The trainer masks,
+sums and normalizes (see :func:`loss_sums`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim, from log-probabilities; 0 * log 0 counts as 0."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed stably in log space."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_T || p_S): mass-covering; the classic Hinton KD objective.
+
+    Args:
+        student_logits: ``[..., V]`` logits of the student.
+        teacher_logits: ``[..., V]`` logits of the teacher.
+        temperature: softmax temperature applied to both.
+
+    Returns:
+        ``[...]`` float32 per-token divergence.
+    """
+    return _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_S || p_T): mode-seeking (MiniLLM). Shapes as in :func:`forward_kl`."""
+    return _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+
+
+def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, Eq. 1), TRL's convention.
+
+    With M = beta * p_T + (1 - beta) * p_S the loss is beta * KL(p_T || M) + (1 - beta) * KL(p_S || M).
+    The endpoints are defined as the limits TRL uses: beta = 0 is forward KL, beta = 1 reverse KL.
+    Shapes as in :func:`forward_kl`.
+    """
+    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    if beta == 0.0:
+        return _kl(log_t, log_s)
+    if beta == 1.0:
+        return _kl(log_s, log_t)
+    log_m = _log_mix(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+
+
+def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_T || alpha * p_T + (1 - alpha) * p_S), DistiLLM's skew KL (Ko et al. 2024)."""
+    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    if alpha == 0.0:
+        return _kl(log_t, log_s)
+    return _kl(log_t, _log_mix(log_t, log_s, alpha))
+
+
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_S || alpha * p_S + (1 - alpha) * p_T), DistiLLM's skew reverse KL."""
+    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    if alpha == 0.0:
+        return _kl(log_s, log_t)
+    return _kl(log_s, _log_mix(log_s, log_t, alpha))
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance 0.5 * sum |p_T - p_S|. Shapes as in :func:`forward_kl`."""
+    p_t = _log_probs(teacher_logits, temperature).exp()
+    p_s = _log_probs(student_logits, temperature).exp()
+    return 0.5 * (p_t - p_s).abs().sum(-1)
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+}
+
+
+def divergence(kind: str, *, temperature: float, jsd_beta: float = 0.5, skew_alpha: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The divergence ``kind`` with its parameters bound: ``fn(student_logits, teacher_logits)``."""
+    fn = DIVERGENCES[kind]
+    extra = {"jsd": {"beta": jsd_beta}, "skew_forward_kl": {"alpha": skew_alpha}, "skew_reverse_kl": {"alpha": skew_alpha}}.get(kind, {})
+    return lambda s, t: fn(s, t, temperature=temperature, **extra)
+
+
+def _chunk_sums(kd_fn, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = (labels != IGNORE_INDEX).float()
+    ce = F.cross_entropy(student.float(), labels.clamp(min=0), reduction="none")
+    ce_sum = (ce * mask).sum()
+    if teacher is None:
+        return ce_sum.new_zeros(()), ce_sum
+    return (kd_fn(student, teacher) * mask).sum(), ce_sum
+
+
+def loss_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    kd_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD and cross-entropy over the unmasked tokens, computed chunk by chunk.
+
+    Each chunk's float32 softmax intermediates are recomputed in backward (activation
+    checkpointing), so at most one chunk of float32 logits is alive at a time instead of a full
+    ``[batch, seq, vocab]`` float32 copy.
+
+    Args:
+        student_logits: ``[B, L, V]`` student logits at positions predicting ``labels``.
+        teacher_logits: ``[B, L, V]`` teacher logits, or None to compute only cross-entropy.
+        labels: ``[B, L]`` target token ids, ``IGNORE_INDEX`` where masked.
+        kd_fn: per-token divergence ``fn(student, teacher) -> [N]`` (see :func:`divergence`).
+        chunk_size: tokens per chunk.
+
+    Returns:
+        ``(kd_sum, ce_sum)``: float32 scalars, sums (not means) over unmasked tokens.
+    """
+    vocab = student_logits.shape[-1]
+    student_flat = student_logits.reshape(-1, vocab)
+    teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
+    labels_flat = labels.reshape(-1)
+    kd_total = student_flat.new_zeros((), dtype=torch.float32)
+    ce_total = student_flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels_flat.numel(), chunk_size):
+        chunk_labels = labels_flat[start : start + chunk_size]
+        if not bool((chunk_labels != IGNORE_INDEX).any()):
+            continue
+        args = (
+            student_flat[start : start + chunk_size],
+            None if teacher_flat is None else teacher_flat[start : start + chunk_size],
+            chunk_labels,
+        )
+        if torch.is_grad_enabled() and student_flat.requires_grad:
+            kd, ce = checkpoint(_chunk_sums, kd_fn, *args, use_reentrant=False)
+        else:
+            kd, ce = _chunk_sums(kd_fn, *args)
+        kd_total = kd_total + kd
+        ce_total = ce_total + ce
+    return kd_total, ce_total

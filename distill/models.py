@@ -1,0 +1,179 @@
+"""Loading the frozen teacher and building the student, and checking that they can be paired."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from distill.config import ConfigError, StudentConfig, TeacherConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(path))
+
+
+def resolve(path: str, key: str) -> str:
+    """A local path expanded and checked, or a hub id passed through."""
+    if _looks_local(path):
+        local = Path(os.path.expanduser(path))
+        if not local.is_dir():
+            raise ConfigError(f"{key}: model directory not found: {path}")
+        return str(local)
+    return path
+
+
+def _pretrained(loader, path: str, key: str, **kwargs):
+    try:
+        return loader.from_pretrained(resolve(path, key), **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: cannot load {path!r}: {first_line}") from None
+
+
+def load_tokenizer(path: str, key: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = _pretrained(AutoTokenizer, path, key, revision=revision)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(cfg: TeacherConfig):
+    """transformers' BitsAndBytesConfig for the teacher, or None for full precision."""
+    if cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"teacher.quantization={cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
+    )
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients; the teacher is never trained nor put in an optimizer."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = True):
+    """Loads the frozen teacher on ``device``; ``quantized=False`` ignores teacher.quantization."""
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(cfg) if quantized else None
+    kwargs = {"dtype": DTYPES[cfg.dtype], "revision": cfg.revision}
+    if quant is not None:
+        # bitsandbytes weights are quantized as they are placed; they must never be .to()-ed after.
+        kwargs.update(quantization_config=quant, device_map={"": device} if device.type != "cpu" else None)
+    model = _pretrained(AutoModelForCausalLM, cfg.path, "teacher.path", **kwargs)
+    if quant is None:
+        model.to(device)
+    return freeze(model)
+
+
+def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str | None):
+    from transformers import AutoConfig
+
+    config = _pretrained(AutoConfig, teacher_path, "teacher.path", revision=teacher_revision)
+    known = config.to_dict()
+    for key, value in cfg.architecture.items():
+        if key not in known and not hasattr(config, key):
+            raise ConfigError(f"student.architecture.{key}: not a field of {type(config).__name__}")
+        setattr(config, key, value)
+    arch = cfg.architecture
+    heads = getattr(config, "num_attention_heads", None)
+    if heads and "num_attention_heads" in arch and "num_key_value_heads" not in arch and hasattr(config, "num_key_value_heads"):
+        kv = min(config.num_key_value_heads, heads)
+        config.num_key_value_heads = kv if heads % kv == 0 else heads
+    if heads and hasattr(config, "head_dim") and "head_dim" not in arch and ("hidden_size" in arch or "num_attention_heads" in arch):
+        if config.hidden_size % heads:
+            raise ConfigError(f"student.architecture: hidden_size={config.hidden_size} is not divisible by num_attention_heads={heads}")
+        config.head_dim = config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ConfigError(f"student.architecture: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    return config
+
+
+def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int):
+    """The student: a pretrained model from student.path, or a new one from student.architecture.
+
+    A new student copies the teacher's config with the architecture overrides, so it shares the
+    teacher's model type, vocabulary and tokenizer; its weights are initialized from ``seed``.
+    Weights are float32: mixed precision is applied by the training loop, not stored.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if cfg.path:
+        return _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision)
+    config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def output_vocab(model) -> int:
+    """Rows of the model's output embedding (the logits' last dim)."""
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
+def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
+    """Teacher and student must map tokens to the same ids over their shared range."""
+    teacher_ids = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
+    student_ids = {i: t for t, i in student_tokenizer.get_vocab().items()}
+    shared = min(len(teacher_tokenizer), len(student_tokenizer))
+    for i in range(shared):
+        if teacher_ids.get(i) != student_ids.get(i):
+            raise ConfigError(
+                f"teacher and student tokenizers differ at id {i} ({teacher_ids.get(i)!r} vs {student_ids.get(i)!r}); "
+                "cross-tokenizer distillation is not supported: use a student with the teacher's tokenizer (student.path or student.architecture)"
+            )
+
+
+def shared_vocab_size(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:
+    """The logit width that teacher and student are compared on.
+
+    A teacher whose embedding matrix is padded beyond the student's (32001 vs 32000, 152064 vs
+    151936) is cut to the student's width when allowed; the padding rows are never targets.
+    """
+    teacher_vocab, student_vocab = output_vocab(teacher), output_vocab(student)
+    if student_vocab < len(tokenizer):
+        raise ConfigError(f"the student's vocabulary ({student_vocab}) is smaller than its tokenizer ({len(tokenizer)}); use a matching student")
+    if teacher_vocab == student_vocab:
+        return student_vocab
+    shared = min(teacher_vocab, student_vocab)
+    if not truncate_vocab:
+        raise ConfigError(f"teacher vocabulary ({teacher_vocab}) and student vocabulary ({student_vocab}) differ; set teacher.truncate_vocab=true to compare them on the first {shared} ids")
+    if shared < len(tokenizer):
+        raise ConfigError(f"the teacher's vocabulary ({teacher_vocab}) is smaller than the tokenizer ({len(tokenizer)}); teacher and student cannot be paired")
+    return shared
+
+
+def check_seq_len(model, seq_len: int, who: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the {who}'s maximum of {limit} positions; lower data.seq_len")
+
+
+def bytes_on_disk(path: str | os.PathLike | None) -> int | None:
+    """Bytes of the weight files in a local model directory (None for a hub id)."""
+    if path is None:
+        return None
+    root = Path(os.path.expanduser(str(path)))
+    if not root.is_dir():
+        return None
+    return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))

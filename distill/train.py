@@ -1,0 +1,190 @@
+"""The training loop: one function, :func:`fit`, for CPU, one GPU, DDP and DeepSpeed alike.
+
+Topology lives in the accelerate/DeepSpeed launch config, not here. The loss of one optimizer
+step is ``sum over its tokens (alpha*CE + (1-alpha)*T^2*KD) / N`` where ``N`` is the number of
+unmasked target tokens in the whole step: every micro-batch of every process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill import checkpoint
+from distill.config import DistillConfig, TrainConfig
+from distill.data import TrainStream
+from distill.losses import IGNORE_INDEX, divergence, loss_sums
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    kd: float
+    ce: float
+    tokens: int
+    grad_norm: float | None
+    teacher_seconds: float
+    skipped: bool
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def global_token_count(batches: list[dict], accelerator) -> int:
+    """Unmasked target tokens in this optimizer step, summed over micro-batches and processes.
+
+    Known before the first backward, so every micro-batch can be divided by the same count.
+    """
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum").item())
+
+
+def _all_finite(value: torch.Tensor, accelerator) -> bool:
+    """Whether the loss is finite on every process (so all processes take the same branch)."""
+    flag = torch.tensor(float(torch.isfinite(value).all()), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+@torch.inference_mode()
+def _teacher_forward(teacher, batch: dict, vocab: int) -> torch.Tensor:
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, :-1, :vocab]
+
+
+def train_step(student, teacher, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, vocab: int, kd_fn) -> StepResult:
+    """One optimizer step over ``len(batches)`` accumulated micro-batches."""
+    alpha, temperature = cfg.loss.alpha, cfg.loss.temperature
+    tokens = global_token_count(batches, accelerator)
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # kd, ce
+    teacher_seconds, finite, grad_norm = 0.0, True, None
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.accumulate(student):
+            teacher_logits = None
+            if alpha < 1.0:
+                start = time.perf_counter()
+                # Cloned outside inference mode: autograd must be able to save it for backward.
+                teacher_logits = _teacher_forward(teacher, batch, vocab).clone()
+                teacher_seconds += time.perf_counter() - start
+            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
+            kd_sum, ce_sum = loss_sums(student_logits, teacher_logits, batch["labels"][:, 1:], kd_fn, chunk_size=cfg.loss.chunk_size)
+            loss_sum = alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum
+            finite = finite and _all_finite(loss_sum, accelerator)
+            if finite:
+                # accelerate divides each micro-batch loss by grad_accum and DDP/ZeRO average
+                # gradients over processes; undo both so the update is d(step sum)/N exactly.
+                scale = cfg.train.grad_accum * accelerator.num_processes / max(tokens, 1)
+                accelerator.backward(loss_sum * scale)
+                sums += torch.stack([kd_sum.detach(), ce_sum.detach()]).double()
+            if accelerator.sync_gradients:
+                if finite:
+                    max_norm = cfg.train.max_grad_norm or float("inf")
+                    grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+    sums = accelerator.reduce(sums, reduction="sum")
+    kd, ce = (sums / max(tokens, 1)).tolist()
+    return StepResult(
+        loss=alpha * ce + (1 - alpha) * temperature**2 * kd if finite else float("nan"),
+        kd=kd, ce=ce, tokens=tokens, grad_norm=grad_norm, teacher_seconds=teacher_seconds, skipped=not finite,
+    )
+
+
+def peak_memory_bytes(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, scheduler, cfg: DistillConfig, vocab: int,
+        state: checkpoint.TrainState, run_dir: Path, tracker=None, evaluate=None) -> checkpoint.TrainState:
+    """Trains ``student`` from ``state.step`` to ``train.max_steps``.
+
+    Args:
+        stream: the rank's deterministic micro-batch stream, positioned at ``state``.
+        evaluate: ``fn(step) -> dict`` of validation metrics, called on every process.
+        tracker: receives logged metrics; None on processes other than the main one.
+    """
+    from tqdm.auto import tqdm
+
+    tr = cfg.train
+    kd_fn = divergence(cfg.loss.kind, temperature=cfg.loss.temperature, jsd_beta=cfg.loss.jsd_beta, skew_alpha=cfg.loss.skew_alpha)
+    # Redrawn often on a terminal, every 10 s in a log file.
+    progress = tqdm(total=tr.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_main_process,
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    student.train()
+    window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
+    while state.step < tr.max_steps:
+        start = time.perf_counter()
+        batches = [stream.next_batch() for _ in range(tr.grad_accum)]
+        result = train_step(student, teacher, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab, kd_fn=kd_fn)
+        state.step += 1
+        state.samples_consumed = stream.samples_consumed
+        window["tokens"] += result.tokens
+        window["seconds"] += time.perf_counter() - start
+        window["teacher_seconds"] += result.teacher_seconds
+        if result.skipped:
+            if tr.on_nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {state.step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
+            if accelerator.is_main_process:
+                progress.write(f"step {state.step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
+        progress.update(1)
+        if state.step % tr.log_every == 0 or state.step == tr.max_steps:
+            metrics = {
+                "train/loss": result.loss, "train/kd_loss": result.kd, "train/ce_loss": result.ce,
+                "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
+                "train/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                "train/teacher_time_share": window["teacher_seconds"] / max(window["seconds"], 1e-9),
+                "train/peak_memory_bytes": peak_memory_bytes(accelerator.device),
+                "train/skipped": result.skipped,
+            }
+            window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
+            progress.set_postfix(loss=f"{result.loss:.4f}", kd=f"{result.kd:.4f}", ce=f"{result.ce:.3f}")
+            if tracker is not None:
+                tracker.log(metrics, step=state.step)
+        if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
+            metrics = {f"eval/{k}": v for k, v in evaluate(state.step).items()}
+            if tracker is not None:
+                tracker.log(metrics, step=state.step)
+        if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps):
+            checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints)
+    progress.close()
+    return state
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops records after ``step`` from metrics.jsonl, so a resumed run continues it cleanly."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def is_finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)

@@ -1,0 +1,101 @@
+"""``distill``: run, evaluate and prepare distillation jobs.
+
+Each subcommand imports the library only when it runs, so ``distill --help`` stays fast and
+torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from distill.config import ConfigError, iter_options
+
+
+def _options_epilog() -> str:
+    lines = ["config options (YAML keys, or --set KEY=VALUE):"]
+    for key, default, help_text in iter_options():
+        lines.append(f"  {key} (default: {default!r})")
+        lines.extend(textwrap.wrap(help_text, width=88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML job config (see configs/ and the options below)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config option, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--output-dir", help="run directory (same as --set output_dir=DIR)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+
+    cfg = load_config(args.config, _overrides(args))  # fails before anything heavy is imported
+    from distill.job import run
+
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.job import evaluate_run
+
+    evaluate_run(args.run_dir)
+    return 0
+
+
+def cmd_prepare_tiny(args: argparse.Namespace) -> int:
+    from distill.tiny import prepare
+
+    prepare(args.dir, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Distill a large causal LM (the teacher) into a small one (the student).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    run = commands.add_parser("run", help="run a distillation job in this process", epilog=_options_epilog(), formatter_class=formatter,
+                              description="Train the student against the teacher, save it to OUTPUT_DIR/student and write the report.")
+    _add_config_arguments(run)
+    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the run directory")
+    run.set_defaults(func=cmd_run)
+
+    ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
+                             description="Load RUN_DIR/config.yaml and RUN_DIR/student, evaluate teacher and student again, rewrite eval.json and report.md.")
+    ev.add_argument("run_dir", help="the output_dir of a finished run")
+    ev.set_defaults(func=cmd_eval)
+
+    tiny = commands.add_parser("prepare-tiny", help="build the bundled tiny corpus, tokenizer and trained teacher (no download)",
+                               description="Build a small corpus from the Python standard library's sources, a BPE tokenizer, and a "
+                                           "small Llama teacher trained on it; reused when already built.")
+    tiny.add_argument("--dir", default="~/.cache/distill/tiny", help="where to build it (default: ~/.cache/distill/tiny, which configs/tiny.yaml uses)")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    tiny.set_defaults(func=cmd_prepare_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a few known runtime failures get one line, the rest a traceback
+        from distill.train import NonFiniteLoss
+
+        if isinstance(err, NonFiniteLoss):
+            print(f"distill: error: {err}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
