@@ -179,6 +179,8 @@ def _lookup_field(parts: list[str]) -> dataclasses.Field:
     cls: Any = DistillConfig
     found = None
     for i, part in enumerate(parts):
+        if cls is dict:  # free-form mapping (student.architecture): any sub-key
+            return found
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if part not in fields:
             raise ConfigError(f"unknown config key: {'.'.join(parts[: i + 1])}")
@@ -224,6 +226,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -51,7 +51,7 @@ def write_corpus(out: Path) -> tuple[Path, Path]:
     return out / "train.txt", out / "validation.txt"
 
 
-def train_tokenizer(corpus: Path, out: Path):
+def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = RECIPE["vocab_size"]):
     """A byte-level BPE tokenizer (no unknown tokens) with <pad>, <s> and </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -59,7 +59,7 @@ def train_tokenizer(corpus: Path, out: Path):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=RECIPE["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train([str(corpus)], trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny real models saved to disk and loaded back through the user's path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stdlib_text(names: list[str]) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((root / n).read_text() for n in names)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    """Real text: standard-library sources, split into train/validation files (txt and jsonl)."""
+    root = tmp_path_factory.mktemp("corpus")
+    train = stdlib_text(["textwrap.py", "shlex.py", "fnmatch.py", "bisect.py", "heapq.py"])
+    validation = stdlib_text(["glob.py", "colorsys.py"])
+    (root / "train.txt").write_text(train)
+    (root / "validation.txt").write_text(validation)
+    paragraphs = [p for p in train.split("\n\n") if p.strip()]
+    with open(root / "train.jsonl", "w") as f:
+        for p in paragraphs:
+            f.write(json.dumps({"text": p}) + "\n")
+    return {"dir": root, "train": str(root / "train.txt"), "validation": str(root / "validation.txt"), "jsonl": str(root / "train.jsonl")}
+
+
+def save_llama(path: Path, tokenizer, *, vocab_size: int | None = None, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0, max_positions: int = 256):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, corpus) -> dict:
+    """A BPE tokenizer trained on the corpus, a 2-layer Llama teacher and a 1-layer student, on disk."""
+    from distill.tiny import train_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = train_tokenizer(Path(corpus["train"]), root / "tokenizer", vocab_size=320)
+    save_llama(root / "teacher", tokenizer, layers=2, hidden=64, seed=1)
+    save_llama(root / "student", tokenizer, layers=1, hidden=32, heads=2, seed=2)
+    return {"root": root, "teacher": str(root / "teacher"), "student": str(root / "student"), "tokenizer": tokenizer}
+
+
+def job_overrides(tiny: dict, corpus: dict, out: Path, *extra: str) -> list[str]:
+    """A small, fast job on the tiny models; ``extra`` overrides win."""
+    return [
+        f"teacher.path={tiny['teacher']}", "teacher.dtype=float32",
+        "student.architecture={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
+        f"data.train_files=[{corpus['train']}]", f"data.validation_files=[{corpus['validation']}]",
+        "data.seq_len=64", "data.max_validation_sequences=16",
+        "train.micro_batch_size=4", "train.max_steps=6", "train.lr=3e-3", "train.log_every=1",
+        "eval.speed_repeats=1", "eval.latency_new_tokens=4", "eval.throughput_batch_size=2",
+        "tracking.backend=none", f"output_dir={out}", *extra,
+    ]
+
+
+def run_job(tiny: dict, corpus: dict, out: Path, *extra: str, resume: bool = False):
+    """Runs the job in this process, like `distill run`, and returns (run dir, result)."""
+    from distill.config import load_config
+    from distill.job import run
+
+    result = run(load_config(None, job_overrides(tiny, corpus, out, *extra)), resume=resume)
+    return out, result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def distill_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
+    """Runs the real `distill` command in a subprocess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process job builds its own Accelerator; accelerate keeps a process-wide singleton."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
