@@ -47,8 +47,14 @@ def _load_files(files: list[str], key: str, text_unit: str):
 
     builder = _builder_for(files, key)
     paths = [os.path.expanduser(f) for f in files]
+    if all(os.path.getsize(p) == 0 for p in paths):
+        raise ConfigError(f"{key}: the data is empty ({', '.join(files)})")
     extra = {"sample_by": text_unit} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=paths, split="train", **extra)
+    try:
+        return datasets.load_dataset(builder, data_files=paths, split="train", **extra)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"{key}: cannot read {', '.join(files)} as {builder}: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}") from None
 
 
 def _load_named(cfg: DataConfig, split: str):
@@ -79,7 +85,7 @@ def load_raw(cfg: DataConfig):
             key = "data.text_field" if column == cfg.text_field else "data.prompt_field"
             raise ConfigError(f"{key}: column {column!r} not in the training data (columns: {', '.join(train.column_names)})")
     if len(train) == 0:
-        raise ConfigError("the training data is empty; check data.train_files / data.dataset")
+        raise ConfigError("data.train_files / data.dataset: the training data is empty")
     if validation is None:
         if cfg.validation_split <= 0 or len(train) < 2:
             raise ConfigError("no validation data: set data.validation_files, data.validation_split_name or data.validation_split > 0")

@@ -33,7 +33,7 @@ class Tracker:
         self.run_dir = run_dir
         self._jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w")
         self._client = None
-        name = cfg.run_name or run_dir.resolve().name
+        name = redact(cfg.run_name or run_dir.resolve().name)
         config = redact(config)
         if cfg.backend == "wandb":
             self._client = _start_wandb(cfg, run_dir, name, config)
@@ -98,7 +98,7 @@ def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
     # synced later with `wandb sync`. An explicit WANDB_MODE wins.
     mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_key() else "offline")
     settings = wandb.Settings(save_code=False, x_disable_meta=True, x_disable_stats=True, console="off")
-    return wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=mode, config=config, settings=settings, resume="allow", id=_run_id(run_dir))
+    return wandb.init(project=redact(cfg.project), name=name, dir=str(run_dir), mode=mode, config=config, settings=settings, resume="allow", id=_run_id(run_dir))
 
 
 def _run_id(run_dir: Path) -> str:
@@ -118,7 +118,7 @@ def _start_mlflow(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
         raise ConfigError("tracking.backend=mlflow needs mlflow: pip install mlflow (or set tracking.backend=none)") from None
     uri = cfg.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.project)
+    mlflow.set_experiment(redact(cfg.project))
     mlflow.start_run(run_name=name)
     mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
     return mlflow

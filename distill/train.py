@@ -8,7 +8,6 @@ unmasked target tokens in the whole step: every micro-batch of every process.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 import time
@@ -140,41 +139,43 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     student.train()
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
-    while state.step < tr.max_steps:
-        start = time.perf_counter()
-        batches = [stream.next_batch() for _ in range(tr.grad_accum)]
-        result = train_step(student, teacher, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab, kd_fn=kd_fn)
-        state.step += 1
-        state.samples_consumed = stream.samples_consumed
-        window["tokens"] += result.tokens
-        window["seconds"] += time.perf_counter() - start
-        window["teacher_seconds"] += result.teacher_seconds
-        if result.skipped:
-            if tr.on_nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {state.step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
-            if accelerator.is_main_process:
-                progress.write(f"step {state.step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
-        progress.update(1)
-        if state.step % tr.log_every == 0 or state.step == tr.max_steps:
-            metrics = {
-                "train/loss": result.loss, "train/kd_loss": result.kd, "train/ce_loss": result.ce,
-                "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
-                "train/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-                "train/teacher_time_share": window["teacher_seconds"] / max(window["seconds"], 1e-9),
-                "train/peak_memory_bytes": peak_memory_bytes(accelerator.device),
-                "train/skipped": result.skipped,
-            }
-            window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
-            progress.set_postfix(loss=f"{result.loss:.4f}", kd=f"{result.kd:.4f}", ce=f"{result.ce:.3f}")
-            if tracker is not None:
-                tracker.log(metrics, step=state.step)
-        if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
-            metrics = {f"eval/{k}": v for k, v in evaluate(state.step).items()}
-            if tracker is not None:
-                tracker.log(metrics, step=state.step)
-        if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps):
-            checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints)
-    progress.close()
+    try:
+        while state.step < tr.max_steps:
+            start = time.perf_counter()
+            batches = [stream.next_batch() for _ in range(tr.grad_accum)]
+            result = train_step(student, teacher, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab, kd_fn=kd_fn)
+            state.step += 1
+            state.samples_consumed = stream.samples_consumed
+            window["tokens"] += result.tokens
+            window["seconds"] += time.perf_counter() - start
+            window["teacher_seconds"] += result.teacher_seconds
+            if result.skipped:
+                if tr.on_nonfinite == "stop":
+                    raise NonFiniteLoss(f"non-finite loss at step {state.step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
+                if accelerator.is_main_process:
+                    progress.write(f"step {state.step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
+            progress.update(1)
+            if state.step % tr.log_every == 0 or state.step == tr.max_steps:
+                metrics = {
+                    "train/loss": result.loss, "train/kd_loss": result.kd, "train/ce_loss": result.ce,
+                    "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
+                    "train/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                    "train/teacher_time_share": window["teacher_seconds"] / max(window["seconds"], 1e-9),
+                    "train/peak_memory_bytes": peak_memory_bytes(accelerator.device),
+                    "train/skipped": result.skipped,
+                }
+                window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
+                progress.set_postfix(loss=f"{result.loss:.4f}", kd=f"{result.kd:.4f}", ce=f"{result.ce:.3f}")
+                if tracker is not None:
+                    tracker.log(metrics, step=state.step)
+            if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
+                metrics = {f"eval/{k}": v for k, v in evaluate(state.step).items()}
+                if tracker is not None:
+                    tracker.log(metrics, step=state.step)
+            if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps):
+                checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints)
+    finally:
+        progress.close()  # ends the bar's line, so an error prints on its own
     return state
 
 
@@ -184,7 +185,3 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def is_finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

@@ -1,0 +1,31 @@
+"""The README's quickstart, exactly: prepare the tiny default, distill it, read the table."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, distill_cli
+
+
+@pytest.mark.slow
+def test_quickstart_distills_meaningfully(tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "offline"}  # `~/.cache/distill/tiny` lands in tmp_path
+    prepared = distill_cli("prepare-tiny", env=env)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    again = distill_cli("prepare-tiny", env=env)
+    assert "(cached)" in again.stdout
+    run_dir = tmp_path / "runs" / "tiny"
+    result = distill_cli("run", str(REPO / "configs" / "tiny.yaml"), "--output-dir", str(run_dir), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| student" in result.stdout and "speedup" in result.stdout
+    rows = {r["model"]: r for r in json.loads((run_dir / "eval.json").read_text())["rows"]}
+    teacher, initial, student = rows["teacher"], rows["initial_student"], rows["student"]
+    # The teacher really learned the corpus, and distillation transferred it.
+    assert teacher["perplexity"] < 100
+    assert student["perplexity"] < initial["perplexity"] / 5
+    assert student["top1_agreement"] > 0.5
+    # Smaller and faster than the teacher.
+    assert student["params"] * 3 < teacher["params"]
+    assert student["throughput_tokens_per_s"] > teacher["throughput_tokens_per_s"]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
