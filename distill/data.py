@@ -186,6 +186,14 @@ class TrainStream:
 
 
 def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
-    """The first ``limit`` validation sequences in order, this rank's share, in batches."""
-    indices = list(range(min(limit, len(sequences))))[rank::world_size]
+    """The first ``limit`` validation sequences in order, this rank's share, in batches.
+
+    Every rank gets the same number of sequences (the remainder is dropped), so every rank runs
+    the same number of forward passes: a ZeRO-3 model gathers its weights in each one.
+    """
+    count = min(limit, len(sequences))
+    count -= count % world_size
+    if count == 0:
+        raise ConfigError(f"fewer validation sequences ({len(sequences)}) than processes ({world_size}); add validation data")
+    indices = list(range(count))[rank::world_size]
     return [collate([sequences[i] for i in indices[j : j + batch_size]], pad_id) for j in range(0, len(indices), batch_size)]

@@ -109,6 +109,7 @@ def speed(model, batches: list[dict], *, device, new_tokens: int, batch_size: in
     generate = lambda: model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+        synced_gpus=False,  # measured on the main process alone; the default syncs all ranks under ZeRO-3
     )
     latency = _timed(generate, device, repeats)
     block = rows[torch.arange(batch_size) % rows.shape[0]].to(device)

@@ -22,14 +22,80 @@ from distill.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def make_accelerator(cfg: DistillConfig):
+def deepspeed_config(path: str, cfg: DistillConfig, world_size: int) -> dict:
+    """The DeepSpeed config with every "auto" value that the job owns filled in.
+
+    The shipped configs leave batch sizes, clipping and precision as "auto" so that one file
+    serves every model; this job knows them, and accelerate can only infer them from a
+    prepared dataloader, which the job does not use.
+    """
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--ds-config {path}: cannot read it as JSON: {err}") from None
+    tr = cfg.train
+    owned = {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "gradient_clipping": tr.max_grad_norm,
+    }
+    for key, value in owned.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(f"--ds-config sets {key}={ds[key]} but the job has {value}; set it to \"auto\" in the DeepSpeed config")
+    for name, enabled in (("bf16", tr.precision == "bf16"), ("fp16", tr.precision == "fp16")):
+        section = ds.setdefault(name, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = enabled
+        elif section["enabled"] != enabled:
+            raise ConfigError(f"--ds-config has {name}.enabled={section['enabled']} but train.precision={tr.precision}; make them agree")
+    if tr.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite=skip is not supported under DeepSpeed (its engine owns the step); use stop")
+    if tr.optimizer == "adamw_8bit" and ds.get("zero_optimization", {}).get("offload_optimizer"):
+        raise ConfigError("train.optimizer=adamw_8bit cannot be combined with DeepSpeed optimizer offload; use adamw")
+    return ds
+
+
+def _register_cpu_deepspeed_ranks() -> None:
+    """Tells accelerate the ranks of CPU processes running DeepSpeed.
+
+    accelerate (1.x) recognises DeepSpeed ranks only on accelerator devices: on CPU processes it
+    reports world size 1 and rank 0 to every process, while DeepSpeed itself runs on all of them
+    (so every rank would read the same data and write the same files). Start the gloo process
+    group here and record the real ranks before the Accelerator copies them.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    PartialState(cpu=False)
+    PartialState._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
+                                      local_process_index=int(os.environ.get("LOCAL_RANK", "0")), backend="gloo")
+
+
+def make_accelerator(cfg: DistillConfig, ds_config: str | None = None):
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin
 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    plugin = None
+    if ds_config:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        # accelerate reads this while it sets up the process group (accelerate launch
+        # --use_deepspeed sets it; the deepspeed launcher and torchrun do not).
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        # zero3_init_flag off: the student is built whole and partitioned when prepared, and
+        # from_pretrained never partitions the teacher (bitsandbytes weights cannot be sharded).
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_config, cfg, world_size), zero3_init_flag=False)
+        if world_size > 1 and not torch.cuda.is_available():
+            _register_cpu_deepspeed_ranks()
     return Accelerator(
         mixed_precision=PRECISION[cfg.train.precision],
+        deepspeed_plugin=plugin,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
         # The scheduler is stepped once per optimizer step by the loop, not once per process.
         step_scheduler_with_optimizer=False,
@@ -63,12 +129,17 @@ def _validation(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
     )
 
 
-def run(cfg: DistillConfig, *, resume: bool = False) -> dict | None:
-    """Runs the whole job; returns the evaluation (on the main process)."""
+def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = None) -> dict | None:
+    """Runs the whole job; returns the evaluation (on the main process).
+
+    Args:
+        ds_config: path of a DeepSpeed JSON config; the student is then prepared by DeepSpeed
+            (ZeRO), while the teacher stays outside its engine, whole on every process.
+    """
     from accelerate.utils import set_seed
 
     run_dir = Path(os.path.expanduser(cfg.output_dir))
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, ds_config)
     set_seed(cfg.train.seed)
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
     if resume and latest is None and accelerator.is_main_process:
@@ -114,8 +185,10 @@ def run(cfg: DistillConfig, *, resume: bool = False) -> dict | None:
         save_student(accelerator, student, setup.tokenizer, run_dir / "student")
         result = None
         if cfg.eval.at_end:
-            del optimizer  # free optimizer state before loading anything else for evaluation
-            result = final_evaluation(cfg, accelerator, accelerator.unwrap_model(student), teacher, validation, vocab, run_dir, setup.tokenizer, initial)
+            del optimizer, student  # free optimizer state (and ZeRO shards) before evaluation
+            # What was saved is what is evaluated: whole, on every process, whatever the sharding.
+            final_student = models.load_for_evaluation(run_dir / "student", accelerator.device)
+            result = final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial)
             if tracker is not None:
                 tracker.summary(result)
     finally:
@@ -214,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--ds-config", help="DeepSpeed JSON config (ZeRO) for the student")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers' legacy flag; LOCAL_RANK is used
     args = parser.parse_args(argv)
     try:
-        run(load_config(args.config, args.overrides), resume=args.resume)
+        run(load_config(args.config, args.overrides), resume=args.resume, ds_config=args.ds_config)
     except (ConfigError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"distill: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -70,6 +71,30 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def whole_models():
+    """Loads inside are whole, never ZeRO-3-partitioned, even while a ZeRO-3 student exists.
+
+    transformers partitions every from_pretrained while a DeepSpeed ZeRO-3 config is registered;
+    the teacher (and a student reloaded for evaluation) must stay whole on every process.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    registered = ref() if ref is not None else None
+    if registered is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = True):
     """Loads the frozen teacher on ``device``; ``quantized=False`` ignores teacher.quantization."""
     from transformers import AutoModelForCausalLM
@@ -79,10 +104,20 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = 
     if quant is not None:
         # bitsandbytes weights are quantized as they are placed; they must never be .to()-ed after.
         kwargs.update(quantization_config=quant, device_map={"": device} if device.type != "cpu" else None)
-    model = _pretrained(AutoModelForCausalLM, cfg.path, "teacher.path", **kwargs)
+    with whole_models():
+        model = _pretrained(AutoModelForCausalLM, cfg.path, "teacher.path", **kwargs)
     if quant is None:
         model.to(device)
     return freeze(model)
+
+
+def load_for_evaluation(path: str | os.PathLike, device: torch.device):
+    """A saved model, whole, frozen, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    with whole_models():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return freeze(model.to(device))
 
 
 def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str | None):
@@ -118,11 +153,13 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int):
     """
     from transformers import AutoModelForCausalLM
 
-    if cfg.path:
-        return _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision)
-    config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Built whole even under ZeRO-3: DeepSpeed partitions it when the job prepares it.
+    with whole_models():
+        if cfg.path:
+            return _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision)
+        config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def output_vocab(model) -> int:

@@ -56,6 +56,24 @@ def cmd_prepare_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
+    from distill.config import load_config
+    from launcher.launch import Topology, build_command, launch, resolve_ds_config, run_launch
+
+    load_config(args.config, _overrides(args))  # fail here, once, rather than on every process
+    topology = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    command = build_command(args.launcher, args.config, _overrides(args), topology, ds_config=resolve_ds_config(args.ds_config),
+                            resume=args.resume)
+    return run_launch(command, dry_run=args.dry_run, launch_fn=launch_fn or launch)
+
+
+def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="accelerate", help="process launcher (default: accelerate)")
+    parser.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill a large causal LM (the teacher) into a small one (the student).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(run)
     run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the run directory")
     run.set_defaults(func=cmd_run)
+
+    launch = commands.add_parser("launch", help="run a job on several processes/nodes through accelerate, deepspeed or torchrun",
+                                 description="Build the launcher command for this node, print it, run it, stream its output and exit with its code. "
+                                             "Without GPUs the processes run on CPU over gloo.", epilog=_options_epilog(), formatter_class=formatter)
+    _add_config_arguments(launch)
+    _add_topology_arguments(launch)
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes on this node (one per GPU)")
+    launch.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    launch.add_argument("--node-rank", type=int, default=0, help="rank of this node, 0..nnodes-1")
+    launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    launch.add_argument("--master-port", type=int, default=29500, help="TCP port on node 0")
+    launch.set_defaults(func=cmd_launch)
 
     ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
                              description="Load RUN_DIR/config.yaml and RUN_DIR/student, evaluate teacher and student again, rewrite eval.json and report.md.")
@@ -86,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        from launcher.launch import LaunchError
+
+        if not isinstance(err, LaunchError):
+            raise
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a few known runtime failures get one line, the rest a traceback

@@ -1,6 +1,7 @@
 """Each bad input ends with one line naming the problem and the option, a non-zero exit, and no damage."""
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,17 +12,14 @@ from distill import checkpoint
 from launcher.cli import main
 
 
-def cli_run(tiny, corpus, out, *extra, config: str | None = None) -> list[str]:
+EMPTY_CONFIG = Path(tempfile.mkdtemp()) / "empty.yaml"
+EMPTY_CONFIG.write_text("{}\n")
+
+
+def cli_run(tiny, corpus, out, *extra) -> list[str]:
+    """argv of `distill run` with every option given by --set."""
     sets = [a for o in job_overrides(tiny, corpus, out, *extra) for a in ("--set", o)]
-    return ["run", config or str(Path(__file__).parent / "empty.yaml"), *sets]
-
-
-@pytest.fixture(autouse=True)
-def empty_config():
-    path = Path(__file__).parent / "empty.yaml"
-    path.write_text("{}\n")
-    yield
-    path.unlink(missing_ok=True)
+    return ["run", str(EMPTY_CONFIG), *sets]
 
 
 def expect_error(capsys, argv, *fragments, code=2):

@@ -1,0 +1,158 @@
+"""Building and running the multi-process command: accelerate launch, deepspeed or torchrun.
+
+:func:`build_command` is pure (tests call it without starting anything); :func:`launch` runs a
+command, streams its output and returns its exit code, and is the one function tests replace.
+Every launcher starts the same entry point, ``python -m distill.job``, on every process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
+
+
+class LaunchError(ValueError):
+    """A bad launch request; the message names the option to change."""
+
+
+@dataclass
+class Topology:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def check(self) -> None:
+        if self.nproc_per_node < 1:
+            raise LaunchError(f"--nproc-per-node must be >= 1 (got {self.nproc_per_node})")
+        if self.nnodes < 1:
+            raise LaunchError(f"--nnodes must be >= 1 (got {self.nnodes})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"--node-rank must be in [0, --nnodes) (got {self.node_rank} with {self.nnodes} nodes)")
+        if not 0 < self.master_port < 65536:
+            raise LaunchError(f"--master-port must be a TCP port (got {self.master_port})")
+
+
+def resolve_ds_config(name_or_path: str | None) -> str | None:
+    """``zero3`` -> the shipped ds_configs/zero3.json; anything else is a path that must exist."""
+    if not name_or_path:
+        return None
+    shipped = REPO_DS_CONFIGS / f"{name_or_path}.json"
+    if "/" not in name_or_path and not name_or_path.endswith(".json"):
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in REPO_DS_CONFIGS.glob("*.json")))
+            raise LaunchError(f"--ds-config {name_or_path}: no such shipped config (shipped: {names}); or give a path to a JSON file")
+        return str(shipped)
+    path = Path(os.path.expanduser(name_or_path))
+    if not path.is_file():
+        raise LaunchError(f"--ds-config: file not found: {name_or_path}")
+    return str(path.resolve())
+
+
+def job_arguments(config: str, overrides: list[str], *, ds_config: str | None, resume: bool) -> list[str]:
+    """The arguments of ``python -m distill.job`` (the same for every launcher)."""
+    args = [config]
+    for item in overrides:
+        args += ["--set", item]
+    if ds_config:
+        args += ["--ds-config", ds_config]
+    if resume:
+        args.append("--resume")
+    return args
+
+
+@dataclass
+class Command:
+    argv: list[str]
+    env: dict = field(default_factory=dict)  # added to the inherited environment
+
+    def shell(self) -> str:
+        import shlex
+
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (prefix + " " if prefix else "") + shlex.join(self.argv)
+
+
+def build_command(launcher: str, config: str, overrides: list[str], topology: Topology, *, ds_config: str | None = None,
+                  resume: bool = False, cpu: bool | None = None) -> Command:
+    """The exact command that starts ``topology.nproc_per_node`` job processes on this node.
+
+    Args:
+        cpu: force CPU processes (gloo); by default, CPU when no CUDA device is visible.
+    """
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+    topology.check()
+    cpu = (not _cuda_visible()) if cpu is None else cpu
+    job = job_arguments(config, overrides, ds_config=ds_config, resume=resume)
+    env = {}
+    t = topology
+    if launcher == "torchrun":
+        argv = ["torchrun", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}",
+                f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", "-m", "distill.job", *job]
+        if cpu:
+            env["ACCELERATE_USE_CPU"] = "true"  # otherwise accelerate treats each CPU process as world size 1
+    elif launcher == "deepspeed":
+        if not ds_config:
+            raise LaunchError("--launcher deepspeed needs --ds-config (e.g. --ds-config zero2)")
+        argv = ["deepspeed", f"--num_nodes={t.nnodes}", f"--num_gpus={t.nproc_per_node}", f"--master_addr={t.master_addr}",
+                f"--master_port={t.master_port}"]
+        if t.nnodes > 1:
+            # One launcher per node (as under SLURM), not DeepSpeed's own pdsh fan-out.
+            argv += ["--no_ssh", f"--node_rank={t.node_rank}"]
+        argv += ["--no_local_rank", "--module", "distill.job", *job]
+    else:
+        argv = ["accelerate", "launch", f"--num_processes={t.nproc_per_node * t.nnodes}", f"--num_machines={t.nnodes}",
+                f"--machine_rank={t.node_rank}", f"--main_process_ip={t.master_addr}", f"--main_process_port={t.master_port}"]
+        if ds_config:
+            # DeepSpeed picks its CPU accelerator (and gloo) by itself when no GPU is visible.
+            argv += ["--use_deepspeed", f"--deepspeed_config_file={ds_config}"]
+        elif cpu:
+            argv += ["--cpu"]
+            env["ACCELERATE_USE_CPU"] = "true"
+        elif t.nproc_per_node * t.nnodes > 1:
+            argv += ["--multi_gpu"]
+        argv += ["-m", "distill.job", *job]
+    return Command(argv=argv, env=env)
+
+
+def _cuda_visible() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def launch(command: Command) -> int:
+    """Runs ``command``, streaming its output; forwards SIGINT/SIGTERM/SIGUSR1 to it; returns its exit code."""
+    proc = subprocess.Popen(command.argv, env={**os.environ, **command.env}, start_new_session=True)
+    forward = lambda signum, _frame: os.killpg(proc.pid, signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def ensure_executable(argv0: str) -> None:
+    if shutil.which(argv0) is None:
+        hint = {"deepspeed": "pip install deepspeed", "accelerate": "pip install accelerate", "torchrun": "pip install torch"}[argv0]
+        raise LaunchError(f"{argv0} is not on PATH; {hint} (or choose another --launcher)")
+
+
+def run_launch(command: Command, *, dry_run: bool, launch_fn=launch) -> int:
+    """Prints the command; runs it unless ``dry_run``; returns the exit code."""
+    print(command.shell(), flush=True)
+    if dry_run:
+        return 0
+    ensure_executable(command.argv[0])
+    return launch_fn(command)
+
