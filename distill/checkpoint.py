@@ -72,7 +72,40 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def saved_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def to_universal(accelerator, path: Path) -> Path:
+    """A copy of a DeepSpeed ZeRO checkpoint that loads at any world size.
+
+    ZeRO partitions optimizer state by data-parallel rank and refuses a checkpoint saved at
+    another world size; DeepSpeed's universal checkpoint format stores it per parameter. The
+    conversion runs once, on the main process, into ``universal-step_N`` beside the original.
+    """
+    import subprocess
+    import sys
+
+    target = path.parent / f"universal-{path.name}"
+    if accelerator.is_main_process and not (target / STATE_FILE).is_file():
+        tmp = path.parent / f".tmp-universal-{path.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "pytorch_model"),
+                   "--output_folder", str(tmp / "pytorch_model"), "--inject_missing_state"]
+        done = subprocess.run(convert, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{done.stderr[-3000:]}")
+        for item in path.iterdir():
+            if item.is_file() and item.name != "latest":
+                shutil.copy2(item, tmp / item.name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
 def load(accelerator, path: Path) -> TrainState:
     """Restores what :func:`save` wrote and returns the trainer state."""
     accelerator.load_state(str(path))
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    return saved_state(path)

@@ -144,6 +144,9 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
     if resume and latest is None and accelerator.is_main_process:
         print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
+    if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
+        latest = checkpoint.to_universal(accelerator, latest)
+        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     setup = Setup(cfg, accelerator.device, load_teacher=cfg.loss.alpha < 1.0 or cfg.eval.at_end or cfg.train.eval_every > 0)
     student, teacher, vocab = setup.student, setup.teacher, setup.vocab
     if accelerator.is_main_process:

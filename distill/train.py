@@ -8,6 +8,7 @@ unmasked target tokens in the whole step: every micro-batch of every process.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -115,6 +116,17 @@ def train_step(student, teacher, batches: list[dict], *, accelerator, optimizer,
     )
 
 
+def _injected_fault(step: int, rank: int) -> None:
+    """Raises on one rank at one step when DISTILL_FAULT="RANK:STEP" is set.
+
+    For testing that a failing process takes the whole job down promptly, through the real
+    launchers; unset in normal use.
+    """
+    fault = os.environ.get("DISTILL_FAULT")
+    if fault and fault == f"{rank}:{step}":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step} (DISTILL_FAULT={fault})")
+
+
 def peak_memory_bytes(device) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -142,6 +154,7 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
+            _injected_fault(state.step + 1, accelerator.process_index)
             batches = [stream.next_batch() for _ in range(tr.grad_accum)]
             result = train_step(student, teacher, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab, kd_fn=kd_fn)
             state.step += 1
