@@ -132,6 +132,7 @@ def _cuda_visible() -> bool:
 
 def launch(command: Command) -> int:
     """Runs ``command``, streaming its output; forwards SIGINT/SIGTERM/SIGUSR1 to it; returns its exit code."""
+    ensure_executable(command.argv[0])
     proc = subprocess.Popen(command.argv, env={**os.environ, **command.env}, start_new_session=True)
     forward = lambda signum, _frame: os.killpg(proc.pid, signum)
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -153,6 +154,5 @@ def run_launch(command: Command, *, dry_run: bool, launch_fn=launch) -> int:
     print(command.shell(), flush=True)
     if dry_run:
         return 0
-    ensure_executable(command.argv[0])
     return launch_fn(command)
 

@@ -1,0 +1,91 @@
+"""The launch command is built without starting anything; the launch function is replaceable."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import cmd_launch, build_parser
+from launcher.launch import REPO_DS_CONFIGS, LaunchError, Topology, build_command, resolve_ds_config
+
+SHIPPED = sorted(REPO_DS_CONFIGS.glob("*.json"))
+
+
+def test_every_shipped_deepspeed_config_is_valid_json_with_auto_values():
+    assert {p.stem for p in SHIPPED} == {"zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
+    for path in SHIPPED:
+        config = json.loads(path.read_text())
+        assert config["zero_optimization"]["stage"] in (1, 2, 3)
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+            assert config[key] == "auto", (path.name, key)
+    assert "offload_optimizer" in json.loads((REPO_DS_CONFIGS / "zero2_offload.json").read_text())["zero_optimization"]
+    assert "offload_param" in json.loads((REPO_DS_CONFIGS / "zero3_offload.json").read_text())["zero_optimization"]
+
+
+def test_ds_config_names_resolve_to_shipped_files(tmp_path):
+    assert resolve_ds_config("zero3") == str(REPO_DS_CONFIGS / "zero3.json")
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert resolve_ds_config(str(own)) == str(own)
+    with pytest.raises(LaunchError, match="no such shipped config"):
+        resolve_ds_config("zero4")
+    with pytest.raises(LaunchError, match="file not found"):
+        resolve_ds_config(str(tmp_path / "missing.json"))
+
+
+def test_torchrun_command_on_cpu():
+    cmd = build_command("torchrun", "job.yaml", ["train.lr=1e-3"], Topology(2, 2, 1, "10.0.0.1", 1234), cpu=True)
+    assert cmd.argv == ["torchrun", "--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=1234",
+                        "-m", "distill.job", "job.yaml", "--set", "train.lr=1e-3"]
+    assert cmd.env == {"ACCELERATE_USE_CPU": "true"}
+
+
+def test_deepspeed_command_multi_node_and_needs_config():
+    cmd = build_command("deepspeed", "job.yaml", [], Topology(4, 2, 1, "node0", 29501), ds_config="/x/zero3.json", resume=True, cpu=False)
+    assert cmd.argv[:5] == ["deepspeed", "--num_nodes=2", "--num_gpus=4", "--master_addr=node0", "--master_port=29501"]
+    assert "--no_ssh" in cmd.argv and "--node_rank=1" in cmd.argv
+    assert cmd.argv[-6:] == ["--module", "distill.job", "job.yaml", "--ds-config", "/x/zero3.json", "--resume"]
+    with pytest.raises(LaunchError, match="needs --ds-config"):
+        build_command("deepspeed", "job.yaml", [], Topology(2), cpu=True)
+
+
+def test_accelerate_command_variants():
+    gpu = build_command("accelerate", "job.yaml", [], Topology(8, 2, 0, "n0", 29500), cpu=False)
+    assert "--num_processes=16" in gpu.argv and "--num_machines=2" in gpu.argv and "--multi_gpu" in gpu.argv and gpu.env == {}
+    ds = build_command("accelerate", "job.yaml", [], Topology(2), ds_config="/x/zero2.json", cpu=True)
+    assert "--use_deepspeed" in ds.argv and "--deepspeed_config_file=/x/zero2.json" in ds.argv and "--cpu" not in ds.argv
+    cpu = build_command("accelerate", "job.yaml", [], Topology(2), cpu=True)
+    assert "--cpu" in cpu.argv and cpu.env["ACCELERATE_USE_CPU"] == "true"
+
+
+@pytest.mark.parametrize("topology, message", [(Topology(0), "--nproc-per-node"), (Topology(1, 2, 2), "--node-rank"), (Topology(1, 1, 0, "a", 0), "--master-port")])
+def test_bad_topology(topology, message):
+    with pytest.raises(LaunchError, match=message):
+        build_command("torchrun", "job.yaml", [], topology, cpu=True)
+
+
+def test_cli_builds_prints_and_calls_the_launch_function(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("teacher: {path: t}\nstudent: {architecture: {num_hidden_layers: 1}}\ndata: {train_files: [a.txt]}\n")
+    args = build_parser().parse_args(["launch", str(config), "--launcher", "deepspeed", "--nproc-per-node", "2", "--ds-config", "zero2",
+                                      "--set", "train.max_steps=3"])
+    launched = []
+    assert cmd_launch(args, launch_fn=lambda command: launched.append(command) or 7) == 7
+    (command,) = launched
+    printed = capsys.readouterr().out.strip()
+    assert printed == command.shell()
+    assert command.argv[0] == "deepspeed" and "train.max_steps=3" in command.argv
+
+
+def test_dry_run_prints_and_does_not_launch(tmp_path):
+    from conftest import distill_cli
+
+    config = tmp_path / "job.yaml"
+    config.write_text("teacher: {path: t}\nstudent: {architecture: {num_hidden_layers: 1}}\ndata: {train_files: [a.txt]}\n")
+    result = distill_cli("launch", str(config), "--launcher", "torchrun", "--nproc-per-node", "2", "--dry-run")
+    assert result.returncode == 0
+    assert result.stdout.startswith("ACCELERATE_USE_CPU=true torchrun --nproc_per_node=2")
+    bad = distill_cli("launch", str(config), "--launcher", "deepspeed", "--nproc-per-node", "2", "--dry-run")
+    assert bad.returncode == 2 and "needs --ds-config" in bad.stderr
+    bad_config = distill_cli("launch", str(config), "--set", "train.lr=x", "--dry-run")
+    assert bad_config.returncode == 2 and "train.lr" in bad_config.stderr
