@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+PREEMPTED_MARKER = "PREEMPTED"  # written after a checkpoint taken on SIGUSR1; the sbatch script requeues
 _NAME = re.compile(r"^step_(\d+)$")
 
 

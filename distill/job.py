@@ -17,7 +17,7 @@ import torch
 
 from distill import checkpoint, data, evaluation, models
 from distill.config import ConfigError, DistillConfig, load_config, save_config, to_dict
-from distill.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, truncate_metrics
+from distill.train import NonFiniteLoss, Preempted, build_optimizer, build_scheduler, fit, truncate_metrics
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -152,6 +152,7 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
     validation = _validation(setup, cfg, accelerator)
 
     initial = None
@@ -183,8 +184,13 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
         tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)
     try:
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
-        fit(student, teacher, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab,
-            state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
+        try:
+            fit(student, teacher, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab,
+                state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
+        except Preempted as stop:
+            if accelerator.is_main_process:
+                print(f"distill: {stop}", file=sys.stderr)
+            return None
         save_student(accelerator, student, setup.tokenizer, run_dir / "student")
         result = None
         if cfg.eval.at_end:

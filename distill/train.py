@@ -27,6 +27,40 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf."""
 
 
+class Preempted(Exception):
+    """SIGUSR1 asked the job to stop: a checkpoint of ``step`` was saved and the job may be requeued."""
+
+    def __init__(self, step: int, checkpoint_dir):
+        super().__init__(f"preempted: checkpoint of step {step} saved in {checkpoint_dir}; continue with --resume")
+        self.step = step
+
+
+class PreemptionSignal:
+    """Records SIGUSR1, the warning a scheduler sends before a time limit or preemption.
+
+    The loop checks it once per step and all processes agree (any one signalled stops all),
+    so every rank saves the same checkpoint and stops at the same step.
+    """
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def close(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGUSR1, self._previous)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -151,6 +185,7 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     student.train()
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
+    preemption = PreemptionSignal()
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
@@ -178,16 +213,24 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
                     "train/skipped": result.skipped,
                 }
                 window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
-                progress.set_postfix(loss=f"{result.loss:.4f}", kd=f"{result.kd:.4f}", ce=f"{result.ce:.3f}")
+                progress.set_postfix(loss=f"{result.loss:.4f}", kd=f"{result.kd:.4f}", ce=f"{result.ce:.3f}", refresh=False)
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
             if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
                 metrics = {f"eval/{k}": v for k, v in evaluate(state.step).items()}
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
-            if tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps):
+            saved = tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps)
+            if saved:
                 checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints)
+            if state.step < tr.max_steps and preemption.agreed(accelerator):
+                path = checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints) if not saved \
+                    else checkpoint.latest(run_dir / "checkpoints")
+                if accelerator.is_main_process:
+                    (run_dir / checkpoint.PREEMPTED_MARKER).write_text(f"{state.step}\n")
+                raise Preempted(state.step, path)
     finally:
+        preemption.close()
         progress.close()  # ends the bar's line, so an error prints on its own
     return state
 

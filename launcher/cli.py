@@ -67,6 +67,32 @@ def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     return run_launch(command, dry_run=args.dry_run, launch_fn=launch_fn or launch)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from distill.config import load_config
+    from launcher.launch import resolve_ds_config
+    from launcher.slurm import SlurmRequest, render_script, submit
+
+    cfg = load_config(args.config, _overrides(args))
+    run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
+    # Every node must find the run directory at the same absolute path (a shared file system).
+    overrides = [o for o in _overrides(args) if not o.startswith("output_dir=")] + [f"output_dir={run_dir}"]
+    request = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+                           cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, time=args.time,
+                           launcher=args.launcher, ds_config=resolve_ds_config(args.ds_config), signal_seconds=args.signal_seconds,
+                           master_port=args.master_port, job_name=args.job_name or run_dir.name)
+    script = render_script(args.config, overrides, request, run_dir)
+    if args.dry_run:
+        print(script)
+        return 0
+    job_id, path = submit(script, run_dir)
+    print(f"submitted job {job_id}: script {path}")
+    print(f"logs: {run_dir / 'slurm' / f'slurm-{job_id}.out'}")
+    return 0
+
+
 def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="accelerate", help="process launcher (default: accelerate)")
     parser.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
@@ -96,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
     launch.add_argument("--master-port", type=int, default=29500, help="TCP port on node 0")
     launch.set_defaults(func=cmd_launch)
+
+    submit = commands.add_parser("submit", help="render an sbatch script into the run directory and submit it to SLURM",
+                                 description="Render slurm/single_node.sbatch (one node) or slurm/multi_node.sbatch into OUTPUT_DIR/slurm/job.sbatch "
+                                             "and submit it with sbatch. The job checkpoints on SIGUSR1 before its time limit, requeues itself "
+                                             "and resumes from the latest complete checkpoint.", epilog=_options_epilog(), formatter_class=formatter)
+    _add_config_arguments(submit)
+    submit.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="torchrun", help="launcher started on each node (default: torchrun)")
+    submit.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
+    submit.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    submit.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU processes)")
+    submit.add_argument("--nproc-per-node", type=int, help="processes per node (default: --gpus-per-node; required on CPU)")
+    submit.add_argument("--cpus-per-task", type=int, help="CPU cores per node (default: 4 per process)")
+    submit.add_argument("--partition", help="SLURM partition")
+    submit.add_argument("--account", help="SLURM account")
+    submit.add_argument("--time", default="01:00:00", help="time limit, e.g. 02:00:00 (default: 01:00:00)")
+    submit.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit at which the job checkpoints and requeues (default: 120)")
+    submit.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the first node")
+    submit.add_argument("--job-name", help="SLURM job name (default: the run directory's name)")
+    submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
+    submit.set_defaults(func=cmd_submit)
 
     ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
                              description="Load RUN_DIR/config.yaml and RUN_DIR/student, evaluate teacher and student again, rewrite eval.json and report.md.")

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,11 +131,40 @@ def _cuda_visible() -> bool:
     return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
+def _signal_job_processes(launcher_pid: int, signum: int) -> None:
+    """Sends ``signum`` to the job processes under the launcher, not to the launcher itself.
+
+    SIGUSR1 asks each job process to checkpoint and stop; torchrun's and DeepSpeed's launchers
+    do not handle it and would die of it, orphaning the processes that are saving.
+    """
+    import psutil
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        try:
+            if "distill.job" in " ".join(child.cmdline()):
+                child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def launch(command: Command) -> int:
-    """Runs ``command``, streaming its output; forwards SIGINT/SIGTERM/SIGUSR1 to it; returns its exit code."""
-    ensure_executable(command.argv[0])
-    proc = subprocess.Popen(command.argv, env={**os.environ, **command.env}, start_new_session=True)
-    forward = lambda signum, _frame: os.killpg(proc.pid, signum)
+    """Runs ``command``, streaming its output, and returns its exit code.
+
+    SIGINT and SIGTERM go to the launcher's whole process group; SIGUSR1 (checkpoint and stop)
+    goes to the job processes.
+    """
+    proc = subprocess.Popen([executable(command.argv[0]), *command.argv[1:]], env={**os.environ, **command.env}, start_new_session=True)
+
+    def forward(signum, _frame):
+        if signum == signal.SIGUSR1:
+            _signal_job_processes(proc.pid, signum)
+        else:
+            os.killpg(proc.pid, signum)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         return proc.wait()
@@ -143,10 +173,13 @@ def launch(command: Command) -> int:
             signal.signal(s, handler)
 
 
-def ensure_executable(argv0: str) -> None:
-    if shutil.which(argv0) is None:
-        hint = {"deepspeed": "pip install deepspeed", "accelerate": "pip install accelerate", "torchrun": "pip install torch"}[argv0]
-        raise LaunchError(f"{argv0} is not on PATH; {hint} (or choose another --launcher)")
+def executable(name: str) -> str:
+    """The launcher program: on PATH, or beside this Python (a virtual environment not activated)."""
+    found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    if found is None:
+        hint = {"deepspeed": "pip install deepspeed", "accelerate": "pip install accelerate", "torchrun": "pip install torch"}[name]
+        raise LaunchError(f"{name} is not on PATH; {hint} (or choose another --launcher)")
+    return found
 
 
 def run_launch(command: Command, *, dry_run: bool, launch_fn=launch) -> int:

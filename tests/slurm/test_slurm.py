@@ -1,0 +1,142 @@
+"""sbatch scripts: rendered and parsed, then run on a real single-node SLURM cluster (slurm/cluster.sh)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, distill_cli, job_overrides, read_metrics
+from launcher.launch import LaunchError
+from launcher.slurm import SlurmRequest, render_script
+
+
+def bash_parses(script: str) -> bool:
+    return subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_rendered_scripts_parse_and_ask_for_the_right_things(tmp_path, nodes):
+    request = SlurmRequest(nodes=nodes, gpus_per_node=8, partition="gpu", account="proj", time="02:00:00", launcher="deepspeed",
+                           ds_config="/cfg/zero3.json", signal_seconds=300)
+    script = render_script("job.yaml", ["train.lr=1e-4", "tracking.run_name=a b"], request, tmp_path / "run")
+    assert bash_parses(script)
+    for line in ("#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=02:00:00", f"#SBATCH --nodes={nodes}",
+                 "scontrol requeue"):
+        assert line in script, line
+    assert "--ds-config /cfg/zero3.json" in script and "--resume" in script and "'tracking.run_name=a b'" in script
+    if nodes > 1:
+        assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script and "SLURM_NODEID" in script and "srun" in script
+    else:
+        assert "srun" not in script
+
+
+def test_every_comment_explains_its_directive():
+    for template in (REPO / "slurm").glob("*.sbatch"):
+        lines = template.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("#SBATCH"):
+                assert lines[i + 1].startswith("# ^"), f"{template.name}: {line} has no explanation"
+
+
+def test_bad_requests():
+    with pytest.raises(LaunchError, match="--nproc-per-node is required"):
+        render_script("job.yaml", [], SlurmRequest(gpus_per_node=0), Path("/tmp/x"))
+    with pytest.raises(LaunchError, match="--time"):
+        render_script("job.yaml", [], SlurmRequest(gpus_per_node=1, time="soon"), Path("/tmp/x"))
+
+
+def test_submit_dry_run_prints_the_script(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("teacher: {path: t}\nstudent: {architecture: {num_hidden_layers: 1}}\ndata: {train_files: [a.txt]}\n")
+    result = distill_cli("submit", str(config), "--nodes", "2", "--gpus-per-node", "4", "--dry-run", "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("#!/bin/bash") and bash_parses(result.stdout)
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests start a local cluster and need root (as CI and the dev machines have)")
+    up = subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "up"], capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    return True
+
+
+def submit(tiny, corpus, out: Path, *sets: str) -> str:
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text("{}\n")
+    args = [a for o in job_overrides(tiny, corpus, out, "eval.speed=false", *sets) for a in ("--set", o)]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = distill_cli("submit", str(config), "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10",
+                         "--launcher", "torchrun", "--master-port", str(free_port()), *args, env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split()[2].rstrip(":")
+    assert f"logs: {out / 'slurm' / f'slurm-{job_id}.out'}" in result.stdout
+    return job_id
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=")[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_submitted_job_runs_to_completion(cluster, tiny, corpus, tmp_path):
+    out = tmp_path / "run"
+    job_id = submit(tiny, corpus, out, "train.max_steps=8")
+    state = wait_for(lambda: job_state(job_id) if job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 300, "the job")
+    log = (out / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "[distill] finished with status 0" in log
+    assert (out / "slurm" / "job.sbatch").is_file()
+    assert json.loads((out / "eval.json").read_text())["rows"][-1]["model"] == "student"
+    assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny, corpus, tmp_path):
+    out = tmp_path / "run"
+    job_id = submit(tiny, corpus, out, "train.max_steps=1500", "train.save_every=1000", "train.log_every=1")
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 20, 300, "training to start")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    # The job checkpoints, requeues itself and waits (BeginTime); release it at once.
+    requeued = lambda: "Restarts=1" in subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    wait_for(lambda: requeued() and job_state(job_id) == "PENDING", 120, "the requeue")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
+    state = wait_for(lambda: job_state(job_id) if job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 600, "the job")
+    log = (out / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    preempted_at = int(log.split("preempted: checkpoint of step ")[1].split()[0])
+    assert 20 <= preempted_at < 1500
+    assert f"resuming from {out / 'checkpoints' / f'step_{preempted_at:08d}'} (step {preempted_at})" in log
+    assert "attempt 0" in log and "attempt 1" in log  # one log, appended across the requeue
+    steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
+    assert steps == list(range(1, 1501))  # continued, not restarted
+    assert not (out / "PREEMPTED").exists()
