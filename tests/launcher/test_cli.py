@@ -12,7 +12,7 @@ def test_help_lists_every_option():
     assert result.returncode == 0
     for key, _, _ in iter_options():
         assert key in result.stdout, key
-    for command in ("run", "eval", "prepare-tiny"):
+    for command in ("run", "eval", "prepare-tiny", "launch", "submit"):
         assert command in distill_cli("--help").stdout
         assert distill_cli(command, "--help").returncode == 0
 
