@@ -93,6 +93,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from distill.prune import PruneTarget, prune_directory
+
+    target = PruneTarget(num_hidden_layers=args.layers, num_attention_heads=args.heads, intermediate_size=args.intermediate,
+                         hidden_size=args.hidden)
+    result = prune_directory(args.model, args.output, target, args.calibration, seq_len=args.seq_len, batches=args.batches)
+    print(f"pruned {args.model} -> {args.output}: {result['params_before']:,} -> {result['params_after']:,} parameters")
+    return 0
+
+
 def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="accelerate", help="process launcher (default: accelerate)")
     parser.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
@@ -142,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--job-name", help="SLURM job name (default: the run directory's name)")
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)
+
+    pr = commands.add_parser("prune", help="structurally prune a model (layers, heads, MLP neurons, hidden channels) to a directory",
+                             description="Rank layers, attention heads, MLP neurons and hidden channels by their activations on calibration "
+                                         "text (Minitron-style), remove the least important, and save a smaller model with save_pretrained.")
+    pr.add_argument("model", help="model directory or hub id")
+    pr.add_argument("output", help="directory for the pruned model")
+    pr.add_argument("--calibration", nargs="+", required=True, help="text/json/jsonl/parquet/csv files to measure importance on")
+    pr.add_argument("--layers", type=int, help="layers to keep")
+    pr.add_argument("--heads", type=int, help="attention heads to keep per layer")
+    pr.add_argument("--intermediate", type=int, help="MLP neurons to keep per layer")
+    pr.add_argument("--hidden", type=int, help="hidden channels to keep")
+    pr.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
+    pr.add_argument("--batches", type=int, default=8, help="calibration batches of 4 sequences")
+    pr.set_defaults(func=cmd_prune)
 
     ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
                              description="Load RUN_DIR/config.yaml and RUN_DIR/student, evaluate teacher and student again, rewrite eval.json and report.md.")

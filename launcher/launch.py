@@ -116,11 +116,12 @@ def build_command(launcher: str, config: str, overrides: list[str], topology: To
         if ds_config:
             # DeepSpeed picks its CPU accelerator (and gloo) by itself when no GPU is visible.
             argv += ["--use_deepspeed", f"--deepspeed_config_file={ds_config}"]
-        elif cpu:
-            argv += ["--cpu"]
-            env["ACCELERATE_USE_CPU"] = "true"
         elif t.nproc_per_node * t.nnodes > 1:
+            # --multi_gpu is accelerate's torchrun-based launcher; with ACCELERATE_USE_CPU its
+            # processes run on CPU over gloo (`--cpu` alone starts a single process).
             argv += ["--multi_gpu"]
+        if cpu and not ds_config:
+            env["ACCELERATE_USE_CPU"] = "true"
         argv += ["-m", "distill.job", *job]
     return Command(argv=argv, env=env)
 

