@@ -50,6 +50,8 @@ class StudentConfig:
     path: Optional[str] = option(None, "Local directory or hub id of a pretrained student; leave empty to build a new one from student.architecture.")
     architecture: dict = option({}, "Config fields (e.g. num_hidden_layers, hidden_size) overriding the teacher's config for a new, randomly initialized student that uses the teacher's tokenizer.")
     revision: Optional[str] = option(None, "Hub revision of the pretrained student; ignored for local paths.")
+    prune: dict = option({}, "Or: build the student by structurally pruning the (full-precision) teacher to these sizes, ranked on training batches: num_hidden_layers, num_attention_heads, intermediate_size, hidden_size.")
+    prune_calibration_batches: int = option(8, "Training micro-batches used to rank what student.prune removes.")
 
 
 @dataclass
@@ -263,8 +265,12 @@ def validate(cfg: DistillConfig) -> None:
     """Checks values that types alone do not; messages name the option to change."""
     t, s, d, lo, tr, ev = cfg.teacher, cfg.student, cfg.data, cfg.loss, cfg.train, cfg.eval
     _check(bool(t.path), "teacher.path is required (a local model directory or a hub id)")
-    _check(not (s.path and s.architecture), "set either student.path or student.architecture, not both")
-    _check(bool(s.path or s.architecture), "student.path or student.architecture is required")
+    _check(sum(map(bool, (s.path, s.architecture, s.prune))) == 1, "set exactly one of student.path, student.architecture and student.prune")
+    prunable = {"num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_size"}
+    for key, value in s.prune.items():
+        _check(key in prunable, f"student.prune.{key}: not prunable; use {', '.join(sorted(prunable))}")
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"student.prune.{key} must be an integer >= 1 (got {value!r})")
+    _check(s.prune_calibration_batches > 0, "student.prune_calibration_batches must be > 0")
     for key, value in s.architecture.items():
         _check(isinstance(key, str), f"student.architecture: keys must be config field names, got {key!r}")
         if isinstance(value, int) and not isinstance(value, bool) and key.startswith("num_"):

@@ -110,16 +110,39 @@ class Setup:
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
         raw_train, raw_validation = data.load_raw(cfg.data)
-        self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed)
-        models.check_seq_len(self.student, cfg.data.seq_len, "student")
+        if cfg.student.prune:
+            from distill.prune import PruneTarget, check_target
+
+            config = models.teacher_config(cfg.teacher)
+            check_target(config, PruneTarget(**cfg.student.prune))  # before any model is loaded
+            models.check_seq_len(config, cfg.data.seq_len, "teacher")
+        else:
+            self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed)
+            models.check_seq_len(self.student.config, cfg.data.seq_len, "student")
         self.teacher = models.load_teacher(cfg.teacher, device) if load_teacher else None
         if self.teacher is not None:
-            models.check_seq_len(self.teacher, cfg.data.seq_len, "teacher")
+            models.check_seq_len(self.teacher.config, cfg.data.seq_len, "teacher")
+        self.train_sequences = data.tokenize(raw_train, self.tokenizer, cfg.data, "training")
+        self.validation_sequences = data.tokenize(raw_validation, self.tokenizer, cfg.data, "validation")
+        if cfg.student.prune:
+            self.student = self._pruned_student(cfg, device)
+        if self.teacher is not None:
             self.vocab = models.shared_vocab_size(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         else:
             self.vocab = models.output_vocab(self.student)
-        self.train_sequences = data.tokenize(raw_train, self.tokenizer, cfg.data, "training")
-        self.validation_sequences = data.tokenize(raw_validation, self.tokenizer, cfg.data, "validation")
+
+    def _pruned_student(self, cfg: DistillConfig, device):
+        """The full-precision teacher pruned to student.prune, ranked on the first training batches."""
+        from distill.prune import PruneTarget, importance, prune
+
+        reuse = self.teacher is not None and cfg.teacher.quantization == "none"
+        full = self.teacher if reuse else models.load_teacher(cfg.teacher, device, quantized=False)
+        calibration = data.validation_batches(self.train_sequences, batch_size=cfg.train.micro_batch_size,
+                                              limit=cfg.student.prune_calibration_batches * cfg.train.micro_batch_size,
+                                              pad_id=self.tokenizer.pad_token_id)
+        student = prune(full, importance(full, calibration), PruneTarget(**cfg.student.prune))
+        del full
+        return student.float().requires_grad_(True).train()
 
 
 def _validation(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
@@ -283,7 +306,7 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
         raise ConfigError(f"{run_dir} has no student/ (the run did not finish); resume it with distill run --resume")
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
     accelerator = make_accelerator(cfg)
-    cfg.student.path, cfg.student.architecture = str(run_dir / "student"), {}
+    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
     setup = Setup(cfg, accelerator.device)
     setup.student.to(accelerator.device)
     validation = _validation(setup, cfg, accelerator)

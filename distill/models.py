@@ -121,9 +121,7 @@ def load_for_evaluation(path: str | os.PathLike, device: torch.device):
 
 
 def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str | None):
-    from transformers import AutoConfig
-
-    config = _pretrained(AutoConfig, teacher_path, "teacher.path", revision=teacher_revision)
+    config = teacher_config(TeacherConfig(path=teacher_path, revision=teacher_revision))
     known = config.to_dict()
     for key, value in cfg.architecture.items():
         if key not in known and not hasattr(config, key):
@@ -200,8 +198,14 @@ def shared_vocab_size(teacher, student, tokenizer, *, truncate_vocab: bool) -> i
     return shared
 
 
-def check_seq_len(model, seq_len: int, who: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def teacher_config(cfg: TeacherConfig):
+    from transformers import AutoConfig
+
+    return _pretrained(AutoConfig, cfg.path, "teacher.path", revision=cfg.revision)
+
+
+def check_seq_len(config, seq_len: int, who: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the {who}'s maximum of {limit} positions; lower data.seq_len")
 

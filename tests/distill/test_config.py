@@ -44,7 +44,9 @@ def test_integer_accepted_where_float_expected(tmp_path):
         (["train.warmup_steps=5000"], "train.warmup_steps"),
         (["data.seq_len=1"], "data.seq_len must be >= 2"),
         (["teacher.quantization=3bit"], "teacher.quantization: must be one of"),
-        (["student.path=x"], "set either student.path or student.architecture"),
+        (["student.path=x"], "set exactly one of student.path, student.architecture and student.prune"),
+        (["student.architecture={}", "student.prune={num_hidden_layers: 0}"], "student.prune.num_hidden_layers must be an integer >= 1"),
+        (["student.architecture={}", "student.prune={layers: 2}"], "student.prune.layers: not prunable"),
         (["teacher.path="], "teacher.path is required"),
         (["data.dataset=x"], "set exactly one of data.train_files and data.dataset"),
         (["student.architecture.num_hidden_layers=0"], "student.architecture.num_hidden_layers must be > 0"),
@@ -76,7 +78,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
-    assert cfg.teacher.path and (cfg.student.path or cfg.student.architecture)
+    assert cfg.teacher.path and (cfg.student.path or cfg.student.architecture or cfg.student.prune)
 
 
 def test_every_option_has_help():

@@ -107,3 +107,16 @@ def test_prune_command(model_and_batches, corpus, tmp_path):
     assert pruned.config.num_hidden_layers == 2 and pruned.config.num_attention_heads == 2
     bad = distill_cli("prune", str(path), str(tmp_path / "bad"), "--calibration", corpus["train"], "--layers", "0")
     assert bad.returncode == 2 and "at least 1" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_job_prunes_the_teacher_then_distills(tiny, corpus, tmp_path):
+    from conftest import run_job
+
+    _, result = run_job(tiny, corpus, tmp_path / "run", "student.architecture={}", "student.prune={num_hidden_layers: 1, intermediate_size: 64}",
+                        "eval.speed=false", "train.max_steps=4")
+    rows = {r["model"]: r for r in result["rows"]}
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 64
+    assert rows["student"]["params"] < rows["teacher"]["params"]
+    # Pruned from the teacher, the student starts close to it: far closer than a random init does.
+    assert rows["initial_student"]["top1_agreement"] > 0.05
