@@ -103,6 +103,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from distill.quantize import quantize_run
+
+    quantize_run(args.run_dir, args.method)
+    return 0
+
+
 def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="accelerate", help="process launcher (default: accelerate)")
     parser.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
@@ -166,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     pr.add_argument("--batches", type=int, default=8, help="calibration batches of 4 sequences")
     pr.set_defaults(func=cmd_prune)
+
+    qz = commands.add_parser("quantize", help="post-training quantization of a finished run's student, added to its report",
+                             description="Quantize RUN_DIR/student with each --method, save it to RUN_DIR/quantized/METHOD and add its "
+                                         "quality, size and speed to eval.json and report.md. Methods: bnb_8bit, bnb_4bit (bitsandbytes), "
+                                         "int8_weight_only, int8_dynamic (torchao; fast on CPU).")
+    qz.add_argument("run_dir", help="the output_dir of a finished run")
+    qz.add_argument("--method", nargs="+", required=True, help="one or more of bnb_8bit, bnb_4bit, int8_weight_only, int8_dynamic")
+    qz.set_defaults(func=cmd_quantize)
 
     ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
                              description="Load RUN_DIR/config.yaml and RUN_DIR/student, evaluate teacher and student again, rewrite eval.json and report.md.")

@@ -1,0 +1,126 @@
+"""Post-training quantization of the distilled student, evaluated like everything else.
+
+Methods:
+
+- ``bnb_8bit``, ``bnb_4bit``: bitsandbytes LLM.int8 and NF4 (double quantization) weights,
+  through transformers' ``BitsAndBytesConfig``; for GPU serving, and they shrink memory.
+- ``int8_weight_only``, ``int8_dynamic``: torchao int8 weights (and, for dynamic, int8
+  activations quantized on the fly), through transformers' ``TorchAoConfig``. torchao is the
+  maintained path: PyTorch's own ``torch.ao.quantization`` eager API is deprecated in its favour.
+  These speed up CPU inference.
+
+Each method loads ``RUN_DIR/student``, saves the quantized model to ``RUN_DIR/quantized/METHOD``
+(``save_pretrained``, loadable with ``from_pretrained``), and evaluates it with the same code as
+the teacher and the student; a row per method joins ``eval.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.config import ConfigError
+
+METHODS = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
+
+
+def quantization_config(method: str):
+    """transformers' quantization config for ``method``; a clear error when its library is missing."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if method.startswith("bnb"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--method {method} needs bitsandbytes: pip install bitsandbytes") from None
+        from transformers import BitsAndBytesConfig
+
+        if method == "bnb_8bit":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    except ImportError:
+        raise ConfigError(f"--method {method} needs torchao: pip install torchao") from None
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8_weight_only" else Int8DynamicActivationInt8WeightConfig())
+
+
+def quantize_model(source: str | os.PathLike, output: str | os.PathLike, method: str):
+    """Loads ``source`` quantized with ``method``, saves it to ``output`` (atomically), returns it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = quantization_config(method)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=config)
+    output = Path(output)
+    tmp = output.with_name(f".tmp-{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # torchao's tensor subclasses are not safetensors-serializable yet.
+    model.save_pretrained(tmp, safe_serialization=method.startswith("bnb"))
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    shutil.rmtree(output, ignore_errors=True)
+    os.rename(tmp, output)
+    return model.eval()
+
+
+def quantized_linear_bytes(model) -> tuple[int, int]:
+    """(bytes of the quantized Linear weights as stored, bytes of the same weights in float16)."""
+    stored = fp16 = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in ("Linear4bit", "Linear8bitLt"):
+            weight = module.weight
+            stored += weight.numel() * weight.element_size()
+            quant_state = getattr(weight, "quant_state", None)
+            if quant_state is not None:  # 4-bit: absmax and nested constants travel with the weight
+                stored += sum(t.numel() * t.element_size() for t in _quant_state_tensors(quant_state))
+            fp16 += module.in_features * module.out_features * 2
+    return stored, fp16
+
+
+def _quant_state_tensors(state):
+    for value in vars(state).values():
+        if torch.is_tensor(value):
+            yield value
+        elif hasattr(value, "absmax"):
+            yield from _quant_state_tensors(value)
+
+
+def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
+    """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report."""
+    from distill.config import load_config
+    from distill.job import Setup, make_accelerator, write_report, _validation
+    from distill import evaluation, models
+
+    run_dir = Path(os.path.expanduser(str(run_dir)))
+    for method in methods:
+        quantization_config(method)  # every method checked before any work
+    if not (run_dir / "eval.json").is_file() or not (run_dir / "student").is_dir():
+        raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
+    cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
+    accelerator = make_accelerator(cfg)
+    setup = Setup(cfg, accelerator.device)
+    validation = _validation(setup, cfg, accelerator)
+    result = json.loads((run_dir / "eval.json").read_text())
+    rows = [r for r in result["rows"] if not r["model"].startswith("student+")]
+    for method in methods:
+        out = run_dir / "quantized" / method
+        quantized = quantize_model(run_dir / "student", out, method)
+        row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
+               "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
+               **evaluation.quality(quantized, setup.teacher, validation, vocab=setup.vocab, device=accelerator.device)}
+        if cfg.eval.speed:
+            row.update(evaluation.speed(quantized, validation, device=accelerator.device, new_tokens=cfg.eval.latency_new_tokens,
+                                        batch_size=cfg.eval.throughput_batch_size, repeats=cfg.eval.speed_repeats,
+                                        pad_id=setup.tokenizer.pad_token_id))
+        rows.append(row)
+    result["rows"] = rows
+    write_report(result, run_dir)
+    return result
