@@ -112,6 +112,7 @@ class EvalConfig:
     latency_new_tokens: int = option(32, "Tokens generated (greedy, batch 1) when measuring latency.")
     throughput_batch_size: int = option(8, "Batch size of the forward passes that measure throughput.")
     speed_repeats: int = option(3, "Timed repetitions of each speed measurement (after one warm-up).")
+    quantize: list = option([], "Post-training quantization of the final student, one report row each: bnb_8bit, bnb_4bit, int8_weight_only, int8_dynamic.")
 
 
 @dataclass
@@ -299,6 +300,9 @@ def validate(cfg: DistillConfig) -> None:
     _check(tr.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0 (got {tr.keep_checkpoints})")
     _check(ev.latency_new_tokens > 0 and ev.throughput_batch_size > 0 and ev.speed_repeats > 0, "eval.latency_new_tokens, eval.throughput_batch_size and eval.speed_repeats must be > 0")
     _check(bool(cfg.output_dir), "output_dir must not be empty")
+    methods = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
+    for method in ev.quantize:
+        _check(method in methods, f"eval.quantize: unknown method {method!r}; use {', '.join(methods)}")
 
 
 # ----------------------------------------------------------------------------- output

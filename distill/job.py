@@ -162,6 +162,11 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     from accelerate.utils import set_seed
 
     run_dir = Path(os.path.expanduser(cfg.output_dir))
+    if cfg.eval.quantize:
+        from distill.quantize import quantization_config
+
+        for method in cfg.eval.quantize:  # a missing library fails now, not after training
+            quantization_config(method)
     accelerator = make_accelerator(cfg, ds_config)
     set_seed(cfg.train.seed)
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
@@ -274,6 +279,11 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         student_row = rows[-1]
         rows.insert(1, {"model": "initial_student", "params": student_row["params"], "disk_bytes": None,
                         "memory_bytes": student_row["memory_bytes"], "quantization": "none", **initial})
+    if ev.quantize:
+        from distill.quantize import quantized_rows
+
+        rows += quantized_rows(run_dir, ev.quantize, teacher=teacher, validation=validation, vocab=vocab, device=device,
+                               eval_cfg=ev, pad_id=pad_id)
     result = {
         "rows": rows,
         "validation_tokens": student_quality["tokens"],

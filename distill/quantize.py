@@ -92,11 +92,28 @@ def _quant_state_tensors(state):
             yield from _quant_state_tensors(value)
 
 
+def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int) -> list[dict]:
+    """Quantizes RUN_DIR/student with each method and measures it like the other rows."""
+    from distill import evaluation, models
+
+    rows = []
+    for method in methods:
+        out = run_dir / "quantized" / method
+        quantized = quantize_model(run_dir / "student", out, method)
+        row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
+               "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
+               **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device)}
+        if eval_cfg.speed:
+            row.update(evaluation.speed(quantized, validation, device=device, new_tokens=eval_cfg.latency_new_tokens,
+                                        batch_size=eval_cfg.throughput_batch_size, repeats=eval_cfg.speed_repeats, pad_id=pad_id))
+        rows.append(row)
+    return rows
+
+
 def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report."""
     from distill.config import load_config
-    from distill.job import Setup, make_accelerator, write_report, _validation
-    from distill import evaluation, models
+    from distill.job import Setup, _validation, make_accelerator, write_report
 
     run_dir = Path(os.path.expanduser(str(run_dir)))
     for method in methods:
@@ -109,18 +126,8 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     setup = Setup(cfg, accelerator.device)
     validation = _validation(setup, cfg, accelerator)
     result = json.loads((run_dir / "eval.json").read_text())
-    rows = [r for r in result["rows"] if not r["model"].startswith("student+")]
-    for method in methods:
-        out = run_dir / "quantized" / method
-        quantized = quantize_model(run_dir / "student", out, method)
-        row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
-               "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
-               **evaluation.quality(quantized, setup.teacher, validation, vocab=setup.vocab, device=accelerator.device)}
-        if cfg.eval.speed:
-            row.update(evaluation.speed(quantized, validation, device=accelerator.device, new_tokens=cfg.eval.latency_new_tokens,
-                                        batch_size=cfg.eval.throughput_batch_size, repeats=cfg.eval.speed_repeats,
-                                        pad_id=setup.tokenizer.pad_token_id))
-        rows.append(row)
-    result["rows"] = rows
+    result["rows"] = [r for r in result["rows"] if r["model"] not in {f"student+{m}" for m in methods}]
+    result["rows"] += quantized_rows(run_dir, methods, teacher=setup.teacher, validation=validation, vocab=setup.vocab,
+                                     device=accelerator.device, eval_cfg=cfg.eval, pad_id=setup.tokenizer.pad_token_id)
     write_report(result, run_dir)
     return result

@@ -59,3 +59,13 @@ def test_quantize_command_adds_rows_to_the_report(tiny, corpus, tmp_path):
     assert "student+int8_dynamic" in (run_dir / "report.md").read_text()
     bad = distill_cli("quantize", str(run_dir), "--method", "gptq")
     assert bad.returncode == 2 and "--method 'gptq'" in bad.stderr
+
+
+def test_prune_distill_quantize_chain(tiny, corpus, tmp_path):
+    run_dir, result = run_job(tiny, corpus, tmp_path / "chain", "student.architecture={}",
+                              "student.prune={num_hidden_layers: 1, intermediate_size: 64}", "eval.quantize=[int8_dynamic]")
+    names = [r["model"] for r in result["rows"]]
+    assert names == ["teacher", "initial_student", "student", "student+int8_dynamic"]
+    rows = dict(zip(names, result["rows"]))
+    assert rows["student+int8_dynamic"]["disk_bytes"] < rows["student"]["disk_bytes"] < rows["teacher"]["disk_bytes"]
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "quantized" / "int8_dynamic").config.num_hidden_layers == 1
