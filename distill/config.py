@@ -46,12 +46,24 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = option(16, "LoRA rank.")
+    alpha: float = option(32.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = option(0.05, "Dropout on the LoRA input.")
+    target_modules: list = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Names of the Linear modules that get adapters.")
+    modules_to_save: list = option([], "Modules trained in full and saved with the adapter (e.g. lm_head).")
+    merge: bool = option(False, "Save the merged full model as student/ (the adapter then goes to adapter/); otherwise student/ is the adapter.")
+
+
+@dataclass
 class StudentConfig:
     path: Optional[str] = option(None, "Local directory or hub id of a pretrained student; leave empty to build a new one from student.architecture.")
     architecture: dict = option({}, "Config fields (e.g. num_hidden_layers, hidden_size) overriding the teacher's config for a new, randomly initialized student that uses the teacher's tokenizer.")
     revision: Optional[str] = option(None, "Hub revision of the pretrained student; ignored for local paths.")
     prune: dict = option({}, "Or: build the student by structurally pruning the (full-precision) teacher to these sizes, ranked on training batches: num_hidden_layers, num_attention_heads, intermediate_size, hidden_size.")
     prune_calibration_batches: int = option(8, "Training micro-batches used to rank what student.prune removes.")
+    lora: Optional[LoraConfig] = option(None, "Train LoRA adapters (peft) on a pretrained student (student.path) instead of all its weights; the base stays frozen.")
+    quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the pretrained student's frozen base quantized (QLoRA with student.lora).")
 
 
 @dataclass
@@ -189,6 +201,8 @@ def _lookup_field(parts: list[str]) -> dataclasses.Field:
             raise ConfigError(f"unknown config key: {'.'.join(parts[: i + 1])}")
         found = fields[part]
         cls = typing.get_type_hints(cls)[part]
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):  # Optional[Section]
+            cls = next(a for a in typing.get_args(cls) if a is not type(None))
     return found
 
 
@@ -272,6 +286,12 @@ def validate(cfg: DistillConfig) -> None:
         _check(key in prunable, f"student.prune.{key}: not prunable; use {', '.join(sorted(prunable))}")
         _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"student.prune.{key} must be an integer >= 1 (got {value!r})")
     _check(s.prune_calibration_batches > 0, "student.prune_calibration_batches must be > 0")
+    if s.lora is not None:
+        _check(bool(s.path), "student.lora needs a pretrained base: set student.path")
+        _check(s.lora.r > 0 and s.lora.alpha > 0, "student.lora.r and student.lora.alpha must be > 0")
+        _check(0.0 <= s.lora.dropout < 1.0, f"student.lora.dropout must be in [0, 1) (got {s.lora.dropout})")
+        _check(bool(s.lora.target_modules), "student.lora.target_modules must name at least one module")
+    _check(s.quantization == "none" or s.lora is not None, "student.quantization needs student.lora: a quantized base can only train adapters")
     for key, value in s.architecture.items():
         _check(isinstance(key, str), f"student.architecture: keys must be config field names, got {key!r}")
         if isinstance(value, int) and not isinstance(value, bool) and key.startswith("num_"):
@@ -347,6 +367,8 @@ def iter_options(cls: type = DistillConfig, prefix: str = ""):
     """Yields (dotted key, default, help) for every leaf option, for --help."""
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if dataclasses.is_dataclass(hint):
             yield from iter_options(hint, prefix + f.name + ".")
         else:

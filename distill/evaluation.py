@@ -174,6 +174,9 @@ def summary_lines(result: dict) -> list[str]:
                          f"{teacher['disk_bytes'] / student['disk_bytes']:.2f}x fewer bytes on disk")
     if "initial_student" in rows and student:
         lines.append(f"perplexity: {rows['initial_student']['perplexity']:.2f} untrained -> {student['perplexity']:.2f} distilled (teacher {teacher['perplexity']:.2f})")
+    trainable, total = result.get("student_trainable_params"), result.get("student_total_params")
+    if trainable and total and trainable < total:
+        lines.append(f"trained parameters: {trainable:,} of {total:,} ({trainable / total:.2%}; LoRA adapters)")
     if result.get("teacher_fidelity_kl") is not None:
         lines.append(f"teacher fidelity: KL(full-precision || {teacher['quantization']}) = {result['teacher_fidelity_kl']:.5f} per token; "
                      f"memory {result['teacher_full_memory_bytes'] / 1e6:.2f} MB -> {teacher['memory_bytes'] / 1e6:.2f} MB")

@@ -177,7 +177,10 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     setup = Setup(cfg, accelerator.device, load_teacher=cfg.loss.alpha < 1.0 or cfg.eval.at_end or cfg.train.eval_every > 0)
     student, teacher, vocab = setup.student, setup.teacher, setup.vocab
+    trainable, total = models.trainable_parameters(student)
+    facts = {"student_trainable_params": trainable, "student_total_params": total}
     if accelerator.is_main_process:
+        print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -219,13 +222,14 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
             if accelerator.is_main_process:
                 print(f"distill: {stop}", file=sys.stderr)
             return None
-        save_student(accelerator, student, setup.tokenizer, run_dir / "student")
+        lora = cfg.student.lora
+        save_student(accelerator, student, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge)
         result = None
         if cfg.eval.at_end:
             del optimizer, student  # free optimizer state (and ZeRO shards) before evaluation
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
-            final_student = models.load_for_evaluation(run_dir / "student", accelerator.device)
-            result = final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial)
+            final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization)
+            result = final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
             if tracker is not None:
                 tracker.summary(result)
     finally:
@@ -235,20 +239,38 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     return result
 
 
-def save_student(accelerator, student, tokenizer, path: Path) -> None:
-    """Saves the (consolidated) student with save_pretrained, under a temporary name first."""
+def _save_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+
+
+def save_student(accelerator, student, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
+    """Saves the (consolidated) student with save_pretrained, under a temporary name first.
+
+    A LoRA student saves its adapter (peft format): as ``path`` itself, or, with ``merge_lora``,
+    as ``adapter/`` beside ``path``, which then holds the merged full model.
+    """
     state_dict = accelerator.get_state_dict(student)  # gathers ZeRO-3 shards; collective
     if accelerator.is_main_process:
-        tmp = path.with_name(f".tmp-{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(student).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
+        model = accelerator.unwrap_model(student)
+        is_peft = hasattr(model, "peft_config")
+
+        def write(model, state_dict):
+            return lambda tmp: (model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True), tokenizer.save_pretrained(tmp))
+
+        if is_peft and merge_lora:
+            _save_atomically(path.with_name("adapter"), write(model, None))
+            _save_atomically(path, write(model.merge_and_unload(), None))
+        else:
+            _save_atomically(path, write(model, None if is_peft else state_dict))
     accelerator.wait_for_everyone()
 
 
-def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None) -> dict | None:
+def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
+                     facts: dict | None = None) -> dict | None:
     """Evaluates teacher and student with the same code; writes eval.json and report.md."""
     device = accelerator.device
     ev = cfg.eval
@@ -292,6 +314,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         "teacher_full_memory_bytes": full_memory,
         "loss": cfg.loss.kind,
         "steps": cfg.train.max_steps,
+        **(facts or {}),
     }
     write_report(result, run_dir)
     return result

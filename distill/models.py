@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -44,14 +45,14 @@ def load_tokenizer(path: str, key: str, revision: str | None = None):
     return tokenizer
 
 
-def quantization_config(cfg: TeacherConfig):
-    """transformers' BitsAndBytesConfig for the teacher, or None for full precision."""
+def quantization_config(cfg: TeacherConfig, key: str = "teacher.quantization"):
+    """transformers' BitsAndBytesConfig for ``cfg``, or None for full precision."""
     if cfg.quantization == "none":
         return None
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"teacher.quantization={cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from None
+        raise ConfigError(f"{key}={cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -111,13 +112,24 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = 
     return freeze(model)
 
 
-def load_for_evaluation(path: str | os.PathLike, device: torch.device):
-    """A saved model, whole, frozen, on ``device``."""
+def load_for_evaluation(path: str | os.PathLike, device: torch.device, *, base_quantization: str = "none"):
+    """A saved model (or a LoRA adapter on its base), whole, frozen, on ``device``."""
     from transformers import AutoModelForCausalLM
 
+    path = Path(path)
     with whole_models():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return freeze(model.to(device))
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            quant = quantization_config(TeacherConfig(path=base_path, dtype="float32", quantization=base_quantization), key="student.quantization")
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **({"quantization_config": quant} if quant else {}))
+            model = PeftModel.from_pretrained(base, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if base_quantization == "none":
+        model.to(device)
+    return freeze(model)
 
 
 def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str | None):
@@ -154,10 +166,40 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int):
     # Built whole even under ZeRO-3: DeepSpeed partitions it when the job prepares it.
     with whole_models():
         if cfg.path:
-            return _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision)
+            quant = quantization_config(TeacherConfig(path=cfg.path, dtype="float32", quantization=cfg.quantization), key="student.quantization")
+            model = _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision,
+                                **({"quantization_config": quant} if quant is not None else {}))
+            return apply_lora(model, cfg.lora) if cfg.lora is not None else model
         config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def apply_lora(model, lora):
+    """Wraps ``model`` with peft LoRA adapters; only they (and lora.modules_to_save) train."""
+    try:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    except ImportError:
+        raise ConfigError("student.lora needs peft: pip install peft") from None
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if "Linear" in type(module).__name__}
+    missing = [m for m in lora.target_modules if m not in names]
+    if missing:
+        raise ConfigError(f"student.lora.target_modules: no Linear module named {', '.join(missing)} in the student (has: {', '.join(sorted(names))})")
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [m for m in lora.modules_to_save if m not in module_names]
+    if unknown:
+        raise ConfigError(f"student.lora.modules_to_save: no module named {', '.join(unknown)} in the student")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                        modules_to_save=list(lora.modules_to_save) or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
 
 
 def output_vocab(model) -> int:
