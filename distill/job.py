@@ -223,7 +223,8 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
                 print(f"distill: {stop}", file=sys.stderr)
             return None
         lora = cfg.student.lora
-        save_student(accelerator, student, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge)
+        save_student(accelerator, student, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge,
+                     base_quantization=cfg.student.quantization)
         result = None
         if cfg.eval.at_end:
             del optimizer, student  # free optimizer state (and ZeRO shards) before evaluation
@@ -247,25 +248,32 @@ def _save_atomically(path: Path, write) -> None:
     os.rename(tmp, path)
 
 
-def save_student(accelerator, student, tokenizer, path: Path, *, merge_lora: bool = False) -> None:
+def save_student(accelerator, student, tokenizer, path: Path, *, merge_lora: bool = False, base_quantization: str = "none") -> None:
     """Saves the (consolidated) student with save_pretrained, under a temporary name first.
 
     A LoRA student saves its adapter (peft format): as ``path`` itself, or, with ``merge_lora``,
-    as ``adapter/`` beside ``path``, which then holds the merged full model.
+    as ``adapter/`` beside ``path``, which then holds the merged full model. The merge reloads
+    base and adapter on the main process, so it works whatever the sharding or quantization.
     """
     state_dict = accelerator.get_state_dict(student)  # gathers ZeRO-3 shards; collective
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(student)
         is_peft = hasattr(model, "peft_config")
+        target = path.with_name("adapter") if is_peft and merge_lora else path
 
-        def write(model, state_dict):
-            return lambda tmp: (model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True), tokenizer.save_pretrained(tmp))
+        def write(tmp):
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
 
-        if is_peft and merge_lora:
-            _save_atomically(path.with_name("adapter"), write(model, None))
-            _save_atomically(path, write(model.merge_and_unload(), None))
-        else:
-            _save_atomically(path, write(model, None if is_peft else state_dict))
+        _save_atomically(target, write)
+        if target != path:
+            merged = models.load_for_evaluation(target, torch.device("cpu"), base_quantization=base_quantization).merge_and_unload()
+
+            def write_merged(tmp):
+                merged.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+
+            _save_atomically(path, write_merged)
     accelerator.wait_for_everyone()
 
 

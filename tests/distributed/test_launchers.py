@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, job_overrides, read_metrics, run_job
 
@@ -105,3 +106,20 @@ def test_one_rank_raising_ends_every_rank(tiny, corpus, tmp_path, launcher):
     assert "injected fault on rank 1 at step 3" in result.stdout + result.stderr
     leftover = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.strip()
     assert not leftover, leftover
+
+
+@pytest.mark.parametrize("launcher, ds_config", [("deepspeed", "zero2"), ("accelerate", "zero3")])
+def test_lora_student_under_zero(tiny, corpus, tmp_path, launcher, ds_config):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = launch(tiny, corpus, out, "--launcher", launcher, "--nproc-per-node", "2", "--ds-config", ds_config,
+                    sets=(f"student.path={tiny['student']}", "student.architecture={}", "student.lora={r: 4, merge: true}", "train.lr=1e-2"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(v.numel() and v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # gathered, and trained
+    merged = AutoModelForCausalLM.from_pretrained(out / "student")
+    base = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    assert merged.config.num_hidden_layers == base.config.num_hidden_layers
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
