@@ -225,8 +225,11 @@ def magnitude_prune(model, sparsity: float, *, scope: str = "global") -> dict:
 
 
 def prune_directory(model_path: str, output: str, target: PruneTarget, calibration_files: list[str], *, seq_len: int = 128,
-                    batches: int = 8, batch_size: int = 4) -> dict:
-    """``distill prune``: loads a model, ranks its units on calibration text, saves the pruned model."""
+                    batches: int = 8, batch_size: int = 4, sparsity: float | None = None, sparsity_scope: str = "global") -> dict:
+    """``distill prune``: loads a model, ranks its units on calibration text, saves the pruned model.
+
+    With ``sparsity``, magnitude pruning follows the structured pruning (if any).
+    """
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -236,12 +239,24 @@ def prune_directory(model_path: str, output: str, target: PruneTarget, calibrati
     tokenizer = load_tokenizer(model_path, "model")
     model = AutoModelForCausalLM.from_pretrained(resolve(model_path, "model"), dtype=torch.float32)
     check_target(model.config, target)
-    calibration = calibration_batches(calibration_files, tokenizer, seq_len=seq_len, batches=batches, batch_size=batch_size)
-    pruned = prune(model, importance(model, calibration), target)
+    structured = any(v is not None for v in vars(target).values())
+    if not structured and sparsity is None:
+        raise ConfigError("nothing to prune: give --layers, --heads, --intermediate, --hidden and/or --sparsity")
+    if structured and not calibration_files:
+        raise ConfigError("structured pruning ranks units on data: give --calibration FILES")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"--sparsity must be in [0, 1) (got {sparsity})")
+    pruned = model
+    if structured:
+        calibration = calibration_batches(calibration_files, tokenizer, seq_len=seq_len, batches=batches, batch_size=batch_size)
+        pruned = prune(model, importance(model, calibration), target)
+    result = {"params_before": model.num_parameters(), "params_after": pruned.num_parameters()}
+    if sparsity is not None:
+        result.update(magnitude_prune(pruned, sparsity, scope=sparsity_scope))
     Path(output).mkdir(parents=True, exist_ok=True)
     pruned.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
-    return {"params_before": model.num_parameters(), "params_after": pruned.num_parameters()}
+    return result
 
 
 def calibration_batches(files: list[str], tokenizer, *, seq_len: int, batches: int, batch_size: int) -> list[dict]:

@@ -98,8 +98,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     target = PruneTarget(num_hidden_layers=args.layers, num_attention_heads=args.heads, intermediate_size=args.intermediate,
                          hidden_size=args.hidden)
-    result = prune_directory(args.model, args.output, target, args.calibration, seq_len=args.seq_len, batches=args.batches)
+    result = prune_directory(args.model, args.output, target, args.calibration or [], seq_len=args.seq_len, batches=args.batches,
+                             sparsity=args.sparsity, sparsity_scope=args.sparsity_scope)
     print(f"pruned {args.model} -> {args.output}: {result['params_before']:,} -> {result['params_after']:,} parameters")
+    if "sparsity" in result:
+        print(f"magnitude pruning: {result['sparsity']:.1%} of the decoder's Linear weights are zero; this reduces non-zeros, "
+              "not dense size or latency (the tensors keep their shapes)")
     return 0
 
 
@@ -165,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "text (Minitron-style), remove the least important, and save a smaller model with save_pretrained.")
     pr.add_argument("model", help="model directory or hub id")
     pr.add_argument("output", help="directory for the pruned model")
-    pr.add_argument("--calibration", nargs="+", required=True, help="text/json/jsonl/parquet/csv files to measure importance on")
+    pr.add_argument("--calibration", nargs="+", help="text/json/jsonl/parquet/csv files to measure importance on (needed for structured pruning)")
     pr.add_argument("--layers", type=int, help="layers to keep")
     pr.add_argument("--heads", type=int, help="attention heads to keep per layer")
     pr.add_argument("--intermediate", type=int, help="MLP neurons to keep per layer")
     pr.add_argument("--hidden", type=int, help="hidden channels to keep")
+    pr.add_argument("--sparsity", type=float, help="unstructured magnitude pruning: fraction of decoder Linear weights set to zero")
+    pr.add_argument("--sparsity-scope", choices=["global", "per_layer"], default="global", help="rank magnitudes over all layers or within each")
     pr.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     pr.add_argument("--batches", type=int, default=8, help="calibration batches of 4 sequences")
     pr.set_defaults(func=cmd_prune)

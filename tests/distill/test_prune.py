@@ -120,3 +120,16 @@ def test_job_prunes_the_teacher_then_distills(tiny, corpus, tmp_path):
     assert rows["student"]["params"] < rows["teacher"]["params"]
     # Pruned from the teacher, the student starts close to it: far closer than a random init does.
     assert rows["initial_student"]["top1_agreement"] > 0.05
+
+
+def test_magnitude_pruning_command_reports_honestly(model_and_batches, tmp_path):
+    from conftest import distill_cli
+
+    path, model, _ = model_and_batches
+    result = distill_cli("prune", str(path), str(tmp_path / "sparse"), "--sparsity", "0.6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not dense size or latency" in result.stdout
+    sparse = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    weights = torch.cat([m.weight.flatten() for layer in sparse.model.layers for m in layer.modules() if isinstance(m, nn.Linear)])
+    assert (weights == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+    assert sparse.num_parameters() == model.num_parameters()
