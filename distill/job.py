@@ -117,7 +117,7 @@ class Setup:
             check_target(config, PruneTarget(**cfg.student.prune))  # before any model is loaded
             models.check_seq_len(config, cfg.data.seq_len, "teacher")
         else:
-            self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed)
+            self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed, device=device)
             models.check_seq_len(self.student.config, cfg.data.seq_len, "student")
         self.teacher = models.load_teacher(cfg.teacher, device) if load_teacher else None
         if self.teacher is not None:
@@ -188,7 +188,8 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
 
     initial = None
     if cfg.eval.at_end and cfg.eval.initial and latest is None:
-        student.to(accelerator.device)
+        if cfg.student.quantization == "none":  # a bitsandbytes base is placed when loaded, never moved
+            student.to(accelerator.device)
         initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
         if accelerator.is_main_process:
             (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
@@ -338,6 +339,12 @@ def write_report(result: dict, run_dir: Path) -> None:
     print(f"\nreport: {run_dir / 'report.md'}")
 
 
+def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
+    """Points ``cfg`` at the run's saved student (a LoRA adapter loads with its base)."""
+    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
+    cfg.student.lora, cfg.student.quantization = None, "none"
+
+
 def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
     """Re-evaluates a finished run from its saved config and student (``distill eval``)."""
     run_dir = Path(os.path.expanduser(str(run_dir)))
@@ -346,8 +353,8 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
     if not (run_dir / "student").is_dir():
         raise ConfigError(f"{run_dir} has no student/ (the run did not finish); resume it with distill run --resume")
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+    saved_student(cfg, run_dir)
     accelerator = make_accelerator(cfg)
-    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
     setup = Setup(cfg, accelerator.device)
     setup.student.to(accelerator.device)
     validation = _validation(setup, cfg, accelerator)

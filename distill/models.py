@@ -154,7 +154,7 @@ def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str
     return config
 
 
-def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int):
+def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, device: torch.device | None = None):
     """The student: a pretrained model from student.path, or a new one from student.architecture.
 
     A new student copies the teacher's config with the architecture overrides, so it shares the
@@ -167,8 +167,9 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int):
     with whole_models():
         if cfg.path:
             quant = quantization_config(TeacherConfig(path=cfg.path, dtype="float32", quantization=cfg.quantization), key="student.quantization")
-            model = _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision,
-                                **({"quantization_config": quant} if quant is not None else {}))
+            placed = {"quantization_config": quant, "device_map": {"": device}} if quant is not None and device is not None and device.type != "cpu" \
+                else ({"quantization_config": quant} if quant is not None else {})
+            model = _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision, **placed)
             return apply_lora(model, cfg.lora) if cfg.lora is not None else model
         config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
         torch.manual_seed(seed)

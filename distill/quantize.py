@@ -113,7 +113,7 @@ def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vo
 def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report."""
     from distill.config import load_config
-    from distill.job import Setup, _validation, make_accelerator, write_report
+    from distill.job import Setup, _validation, make_accelerator, saved_student, write_report
 
     run_dir = Path(os.path.expanduser(str(run_dir)))
     for method in methods:
@@ -121,7 +121,7 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     if not (run_dir / "eval.json").is_file() or not (run_dir / "student").is_dir():
         raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
-    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
+    saved_student(cfg, run_dir)
     accelerator = make_accelerator(cfg)
     setup = Setup(cfg, accelerator.device)
     validation = _validation(setup, cfg, accelerator)

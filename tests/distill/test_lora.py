@@ -63,3 +63,14 @@ def test_missing_target_modules_fail_before_work(tiny, corpus, tmp_path):
                 "student.lora={target_modules: [wq]}")
     with pytest.raises(ConfigError, match="student.lora needs a pretrained base"):
         run_job(tiny, corpus, tmp_path / "run", "student.lora={r: 4}")
+
+
+def test_distill_eval_of_a_lora_run(tiny, corpus, tmp_path):
+    from conftest import distill_cli
+
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "run", f"student.path={tiny['student']}", *LORA)
+    before = {r["model"]: r for r in json.loads((run_dir / "eval.json").read_text())["rows"]}
+    result = distill_cli("eval", str(run_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = {r["model"]: r for r in json.loads((run_dir / "eval.json").read_text())["rows"]}
+    assert after["student"]["perplexity"] == pytest.approx(before["student"]["perplexity"], rel=1e-4)
