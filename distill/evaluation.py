@@ -173,7 +173,7 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"student compression: {teacher['params'] / student['params']:.2f}x fewer parameters, "
                          f"{teacher['disk_bytes'] / student['disk_bytes']:.2f}x fewer bytes on disk")
     if "initial_student" in rows and student:
-        lines.append(f"perplexity: {rows['initial_student']['perplexity']:.2f} untrained -> {student['perplexity']:.2f} distilled (teacher {teacher['perplexity']:.2f})")
+        lines.append(f"perplexity: {rows['initial_student']['perplexity']:.2f} before training -> {student['perplexity']:.2f} distilled (teacher {teacher['perplexity']:.2f})")
     trainable, total = result.get("student_trainable_params"), result.get("student_total_params")
     if trainable and total and trainable < total:
         lines.append(f"trained parameters: {trainable:,} of {total:,} ({trainable / total:.2%}; LoRA adapters)")
