@@ -67,7 +67,7 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
 @torch.inference_mode()
 def teacher_fidelity(full_teacher, quantized_teacher, batches: list[dict], *, vocab: int, device) -> float:
     """KL(full-precision teacher || quantized teacher) per target token."""
-    total, tokens = torch.zeros(2, dtype=torch.float64), 0
+    total = torch.zeros(2, dtype=torch.float64)  # KL sum, tokens
     for batch in batches:
         mask = batch["labels"][:, 1:].to(device) != IGNORE_INDEX
         full = forward_logits(full_teacher, batch, vocab, device).float()

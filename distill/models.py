@@ -167,8 +167,11 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, 
     with whole_models():
         if cfg.path:
             quant = quantization_config(TeacherConfig(path=cfg.path, dtype="float32", quantization=cfg.quantization), key="student.quantization")
-            placed = {"quantization_config": quant, "device_map": {"": device}} if quant is not None and device is not None and device.type != "cpu" \
-                else ({"quantization_config": quant} if quant is not None else {})
+            placed = {}
+            if quant is not None:  # bitsandbytes quantizes as it places: load straight onto the device
+                placed["quantization_config"] = quant
+                if device is not None and device.type != "cpu":
+                    placed["device_map"] = {"": device}
             model = _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision, **placed)
             return apply_lora(model, cfg.lora) if cfg.lora is not None else model
         config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)

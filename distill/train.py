@@ -150,13 +150,12 @@ def train_step(student, teacher, batches: list[dict], *, accelerator, optimizer,
     )
 
 
-def _injected_fault(step: int, rank: int) -> None:
+def _injected_fault(fault: str | None, step: int, rank: int) -> None:
     """Raises on one rank at one step when DISTILL_FAULT="RANK:STEP" is set.
 
     For testing that a failing process takes the whole job down promptly, through the real
     launchers; unset in normal use.
     """
-    fault = os.environ.get("DISTILL_FAULT")
     if fault and fault == f"{rank}:{step}":
         raise RuntimeError(f"injected fault on rank {rank} at step {step} (DISTILL_FAULT={fault})")
 
@@ -186,10 +185,11 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
     student.train()
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
     preemption = PreemptionSignal()
+    fault = os.environ.get("DISTILL_FAULT")
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
-            _injected_fault(state.step + 1, accelerator.process_index)
+            _injected_fault(fault, state.step + 1, accelerator.process_index)
             batches = [stream.next_batch() for _ in range(tr.grad_accum)]
             result = train_step(student, teacher, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab, kd_fn=kd_fn)
             state.step += 1

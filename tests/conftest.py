@@ -99,11 +99,15 @@ def distill_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: 
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def reset_accelerate() -> None:
     """Each in-process job builds its own Accelerator; accelerate keeps a process-wide singleton."""
-    yield
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    reset_accelerate()

@@ -1,7 +1,6 @@
 """The README's quickstart, exactly: prepare the tiny default, distill it, read the table."""
 
 import json
-import os
 
 import pytest
 

@@ -4,10 +4,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import distill_cli, job_overrides, save_llama
+from conftest import distill_cli, job_overrides, save_llama, reset_accelerate
 from distill import checkpoint
 from launcher.cli import main
 
@@ -93,10 +92,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoints(tiny, corpus, tmp_
     assert main(cli_run(tiny, corpus, out, "train.max_steps=2", "train.save_every=2", "eval.at_end=false")) == 0
     saved = checkpoint.latest(out / "checkpoints")
     snapshot = {p.name: p.read_bytes() for p in saved.iterdir()}
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     # A teacher whose output layer holds NaN poisons the KD loss from the first step after resume.
     poisoned = tmp_path / "nan-teacher"
     shutil.copytree(tiny["teacher"], poisoned)
@@ -107,12 +103,11 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoints(tiny, corpus, tmp_
         model.lm_head.weight[0, 0] = float("nan")
     model.save_pretrained(poisoned)
     argv = cli_run(tiny, corpus, out, "train.max_steps=4", "train.save_every=1", "eval.at_end=false", f"teacher.path={poisoned}") + ["--resume"]
-    line = expect_error(capsys, argv, "non-finite loss at step 3", "train.on_nonfinite", code=3)
+    expect_error(capsys, argv, "non-finite loss at step 3", "train.on_nonfinite", code=3)
     assert checkpoint.latest(out / "checkpoints") == saved
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == snapshot
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     # With train.on_nonfinite=skip the run finishes and the steps are marked skipped.
     argv = cli_run(tiny, corpus, tmp_path / "skip", "train.max_steps=3", "eval.at_end=false", "train.on_nonfinite=skip", f"teacher.path={poisoned}")
     assert main(argv) == 0

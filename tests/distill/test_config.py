@@ -1,6 +1,5 @@
 """The config tree: loading, overrides, validation errors that name the key, redaction."""
 
-import os
 from pathlib import Path
 
 import pytest

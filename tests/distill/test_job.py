@@ -1,11 +1,10 @@
 """End to end on tiny models saved to disk: outputs, re-evaluation, trackers, secrets."""
 
 import json
-import os
 
 import pytest
 
-from conftest import distill_cli, job_overrides, read_metrics, run_job
+from conftest import distill_cli, read_metrics, run_job, reset_accelerate
 
 EVAL_ROW_FIELDS = {"model", "params", "disk_bytes", "memory_bytes", "quantization", "perplexity", "ce",
                    "latency_ms_per_token", "throughput_tokens_per_s"}
@@ -17,10 +16,7 @@ STEP_FIELDS = {"train/loss", "train/kd_loss", "train/ce_loss", "train/lr", "trai
 def finished_run(tiny, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
     run_job(tiny, corpus, out, "train.max_steps=8", "train.eval_every=4", "train.save_every=4")
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return out
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import job_overrides, run_job, save_llama
+from conftest import run_job, save_llama, reset_accelerate
 from distill.config import ConfigError, StudentConfig, TeacherConfig
 from distill.models import build_student, check_tokenizers, load_tokenizer, shared_vocab_size
 
@@ -15,10 +15,7 @@ def test_padded_teacher_vocabulary_is_truncated(tiny, corpus, tmp_path):
     run_dir, result = run_job(tiny, corpus, tmp_path / "run", f"teacher.path={padded}", f"student.path={tiny['student']}",
                               "student.architecture={}", "eval.speed=false")
     assert result["rows"][0]["params"] > 0 and (run_dir / "student").is_dir()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(ConfigError, match="teacher.truncate_vocab"):
         run_job(tiny, corpus, tmp_path / "run2", f"teacher.path={padded}", f"student.path={tiny['student']}",
                 "student.architecture={}", "teacher.truncate_vocab=false")

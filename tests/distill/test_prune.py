@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import save_llama
 from distill.config import ConfigError
-from distill.prune import PruneTarget, calibration_batches, importance, magnitude_prune, prune, prune_directory
+from distill.prune import PruneTarget, calibration_batches, importance, magnitude_prune, prune
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import job_overrides, run_job
+from conftest import job_overrides, run_job, reset_accelerate
 from distill.config import load_config
 from distill.job import Setup, make_accelerator
 
@@ -18,10 +18,7 @@ def test_quantized_teacher_runs_and_reports_fidelity(tiny, corpus, tmp_path, bit
     assert module in linear_types
     assert not any(p.requires_grad for p in setup.teacher.parameters())
     del setup
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
     _, result = run_job(tiny, corpus, tmp_path / "run", f"teacher.quantization={bits}", "eval.speed=false")
     teacher = next(r for r in result["rows"] if r["model"] == "teacher")

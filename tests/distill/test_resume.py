@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, job_overrides, read_metrics, run_job
+from conftest import REPO, job_overrides, read_metrics, run_job, reset_accelerate
 from distill import checkpoint
 
 
@@ -20,10 +20,7 @@ def _losses(run_dir):
 def test_killed_run_resumes_with_identical_losses(tiny, corpus, tmp_path):
     extra = ("train.max_steps=120", "train.save_every=20", "eval.at_end=false", "train.eval_every=0", "loss.alpha=0.2", "train.warmup_steps=10")
     reference, _ = run_job(tiny, corpus, tmp_path / "reference", *extra)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
     out = tmp_path / "killed"
     sets = [a for o in job_overrides(tiny, corpus, out, *extra) for a in ("--set", o)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, job_overrides, read_metrics, run_job
+from conftest import REPO, job_overrides, read_metrics, run_job, reset_accelerate
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -45,10 +45,7 @@ def one_process_reference(tiny, corpus, tmp_path_factory):
     """One process at micro-batch 4: what 2 processes at micro-batch 2 must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "run"
     run_job(tiny, corpus, out, f"train.max_steps={STEPS}", "train.micro_batch_size=4", "eval.at_end=false")
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return losses(out)
 
 

@@ -1,7 +1,6 @@
 """The launch command is built without starting anything; the launch function is replaceable."""
 
 import json
-from pathlib import Path
 
 import pytest
 
