@@ -30,7 +30,7 @@ OBJECTIVES = {
 def run(name: str, steps: int, out: Path) -> dict:
     sets = [*OBJECTIVES[name], f"train.max_steps={steps}", "tracking.backend=none", "train.save_every=0", "train.eval_every=0",
             "eval.speed=false", f"output_dir={out / name}"]
-    argv = [sys.executable, "-m", "launcher.cli", "run", str(REPO / "configs" / "tiny.yaml")] + [a for s in sets for a in ("--set", s)]
+    argv = [sys.executable, "-m", "distill_launcher.cli", "run", str(REPO / "configs" / "tiny.yaml")] + [a for s in sets for a in ("--set", s)]
     start = time.time()
     subprocess.run(argv, check=True, cwd=REPO, capture_output=True, text=True)
     rows = {r["model"]: r for r in json.loads((out / name / "eval.json").read_text())["rows"]}

@@ -26,7 +26,7 @@ def run(spec: str, nproc: int, steps: int, global_batch: int, out: Path) -> dict
     run_dir = out / f"{spec.replace(':', '-')}-{nproc}"
     sets = [f"train.max_steps={steps}", f"train.micro_batch_size={global_batch // nproc}", "train.log_every=5", "train.save_every=0",
             "train.eval_every=0", "eval.at_end=false", "tracking.backend=none", f"output_dir={run_dir}"]
-    argv = [sys.executable, "-m", "launcher.cli", "launch", str(REPO / "configs" / "tiny.yaml"), "--launcher", launcher,
+    argv = [sys.executable, "-m", "distill_launcher.cli", "launch", str(REPO / "configs" / "tiny.yaml"), "--launcher", launcher,
             "--nproc-per-node", str(nproc)] + (["--ds-config", ds_config] if ds_config else []) + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     start = time.time()

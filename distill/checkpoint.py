@@ -1,13 +1,29 @@
-"""Checkpoints that are written completely or not at all.
+"""Checkpoints that are written completely or not at all, and that can never run code.
 
 A checkpoint is written under a temporary name (``.tmp-step_N``) by every process, and the main
 process renames it to ``step_N`` only after ``trainer_state.json`` is in place. Only ``step_N``
 directories holding that file are ever loaded, so a crash mid-save leaves the previous
-checkpoint as the latest.
+checkpoint as the latest. A save that fails (a full disk) removes its partial directory.
+
+What a checkpoint holds, and how each piece is loaded back:
+
+- ``trainer_state.json`` (step, samples consumed), ``scheduler.json``, ``rng_state_R.json``
+  (Python, NumPy, torch and CUDA generators of rank R): written by this module as JSON.
+- ``model.safetensors`` (accelerate, without DeepSpeed): safetensors, which cannot carry code.
+- ``optimizer.bin`` (accelerate) and ``pytorch_model/*.pt`` (DeepSpeed ZeRO, and its universal
+  format): torch pickles. accelerate loads the optimizer with ``weights_only=True``; DeepSpeed
+  loads its files with ``weights_only=False``. So :func:`verify` first loads every pickle in the
+  checkpoint with torch's ``weights_only`` unpickler and an explicit allowlist (tensors, plus the
+  three DeepSpeed classes its optimizer state holds); a file that names any other global, or
+  that is a plain pickle rather than a torch archive, is refused, naming the file, before any
+  library opens it.
+
+Any piece that cannot be restored is an error that names its file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -15,9 +31,21 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distill.errors import CheckpointError, DiskFull
+
 STATE_FILE = "trainer_state.json"
-PREEMPTED_MARKER = "PREEMPTED"  # written after a checkpoint taken on SIGUSR1; the sbatch script requeues
+SCHEDULER_FILE = "scheduler.json"
+RNG_FILE = "rng_state_{rank}.json"
+PREEMPTED_MARKER = "PREEMPTED"  # written when SIGUSR1 stopped the job; the sbatch script requeues
 _NAME = re.compile(r"^step_(\d+)$")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+# Globals a DeepSpeed ZeRO optimizer state may name (found by saving ZeRO-1/2/3 checkpoints).
+_DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+)
 
 
 @dataclass
@@ -35,21 +63,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(accelerator, root: Path, state: TrainState, *, keep: int) -> Path:
-    """Saves model, optimizer, scheduler and RNG states (via accelerate) plus ``state``."""
+def _write_json(path: Path, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(accelerator, root: Path, state: TrainState, *, keep: int, scheduler=None) -> Path:
+    """Saves model and optimizer (via accelerate or DeepSpeed), scheduler and RNG states (JSON)
+    and ``state``; raises :class:`DiskFull` (partial files removed) when the disk fills up."""
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp-step_{state.step:08d}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        rank = accelerator.process_index
+        # accelerate pickles the RNG states; this job keeps them as JSON instead.
+        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)
+        _write_json(tmp / RNG_FILE.format(rank=rank), rng_state())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if scheduler is not None:
+                _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+            _write_json(tmp / STATE_FILE, asdict(state))
+    except Exception as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(err, root):
+            raise DiskFull(disk_full_message(f"checkpoint of step {state.step}", root, needed=directory_bytes(latest(root)))) from None
+        raise
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():  # re-saving a step after a resume: swap, never leave a gap
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -58,6 +105,145 @@ def save(accelerator, root: Path, state: TrainState, *, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _out_of_space(err: BaseException, where: Path) -> bool:
+    """Whether ``err`` came from a full disk. torch's archive writer reports it only as
+    "unexpected pos" (a RuntimeError), so the free space is checked as well."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "No space left" in text or "unexpected pos" in text or "file write failed" in text:
+        return True
+    try:
+        return shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
+def directory_bytes(path: Path | None) -> int:
+    if path is None or not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def disk_full_message(what: str, where: Path, *, needed: int) -> str:
+    """One line: what could not be written, the space it needs, and what remains complete."""
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = 0
+    need = f"about {needed / 2**20:,.1f} MiB needed, " if needed else ""
+    run_dir = where.parent if where.name == "checkpoints" else where
+    kept = latest(run_dir / "checkpoints")
+    remains = f"the last complete checkpoint is {kept}" if kept else "no complete checkpoint exists"
+    return f"no space left on device writing the {what} to {where} ({need}{free / 2**20:,.1f} MiB free); {remains}; free space and rerun with --resume"
+
+
+def rng_state() -> dict:
+    """Every generator this process draws from, as JSON-able lists."""
+    import random
+
+    import numpy as np
+    import torch
+
+    algorithm, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {
+        "python": [version, list(python_state), gauss_next],
+        "numpy": [algorithm, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(path: Path) -> None:
+    """Restores what :func:`rng_state` saved; any failure names the file."""
+    import random
+
+    import numpy as np
+    import torch
+
+    try:
+        state = json.loads(path.read_text())
+        version, python_state, gauss_next = state["python"]
+        random.setstate((version, tuple(python_state), gauss_next))
+        algorithm, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        if torch.cuda.is_available() and "cuda" in state:
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"cannot restore the random number generators from {path}: {_first_line(err)}; "
+                              "resume from another checkpoint or start over with --overwrite") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _allowed_globals() -> list:
+    import importlib
+
+    allowed = []
+    for module, name in _DEEPSPEED_GLOBALS:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # without DeepSpeed, its files cannot be loaded anyway
+            pass
+    return allowed
+
+
+def _is_pickle_file(path: Path) -> bool:
+    if path.suffix in _PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def verify(path: Path) -> None:
+    """Refuses a checkpoint any of whose files could run code or cannot be read back.
+
+    Every pickle is loaded once with torch's ``weights_only`` unpickler (memory-mapped, so the
+    tensors are not read) and the allowlist above; the unpickler refuses any other global without
+    calling it. Plain (non-torch) pickles are refused unread. safetensors headers and JSON files
+    are parsed. Python files that DeepSpeed copies in (``zero_to_fp32.py``) are never run.
+    """
+    import torch
+    from safetensors import safe_open
+
+    allowed = _allowed_globals()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".py" or file.name == "latest":
+                continue
+            elif _is_pickle_file(file):
+                if not zip_archive(file):
+                    raise CheckpointError(f"{file} is a plain pickle, not a torch archive; distill never loads such files "
+                                          "(they can run code): remove it or resume from another checkpoint")
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            unsafe = "Unsupported global" in str(err) or "Weights only load failed" in str(err)
+            why = "it names code to run when loaded" if unsafe else "it cannot be read"
+            detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), _first_line(err))
+            raise CheckpointError(f"refusing to load {file}: {why} ({detail[:200]}); remove the checkpoint or resume from another one") from None
+
+
+def zip_archive(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -74,7 +260,15 @@ def latest(root: Path) -> Path | None:
 
 
 def saved_state(path: Path) -> TrainState:
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    file = path / STATE_FILE
+    try:
+        state = TrainState(**json.loads(file.read_text()))
+        if not all(isinstance(v, int) and v >= 0 for v in asdict(state).values()):
+            raise ValueError(f"unexpected values {asdict(state)}")
+        return state
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot read the data position from {file}: {_first_line(err)}; "
+                              "resume from another checkpoint or start over with --overwrite") from None
 
 
 def to_universal(accelerator, path: Path) -> Path:
@@ -89,6 +283,7 @@ def to_universal(accelerator, path: Path) -> Path:
 
     target = path.parent / f"universal-{path.name}"
     if accelerator.is_main_process and not (target / STATE_FILE).is_file():
+        verify(path)  # ds_to_universal unpickles every file with weights_only=False
         tmp = path.parent / f".tmp-universal-{path.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -106,7 +301,22 @@ def to_universal(accelerator, path: Path) -> Path:
     return target
 
 
-def load(accelerator, path: Path) -> TrainState:
-    """Restores what :func:`save` wrote and returns the trainer state."""
-    accelerator.load_state(str(path))
-    return saved_state(path)
+def load(accelerator, path: Path, scheduler=None) -> TrainState:
+    """Checks, then restores what :func:`save` wrote; returns the trainer state."""
+    verify(path)
+    state = saved_state(path)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:
+        raise CheckpointError(f"cannot restore the model or optimizer from {path}: {_first_line(err)}; "
+                              "resume from another checkpoint or start over with --overwrite") from None
+    if scheduler is not None:
+        file = path / SCHEDULER_FILE
+        try:
+            scheduler.load_state_dict(json.loads(file.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"cannot restore the learning-rate scheduler from {file}: {_first_line(err)}; "
+                                  "resume from another checkpoint or start over with --overwrite") from None
+    # After accelerate, which restores RNG states from its own (pickled) file when one exists.
+    restore_rng(path / RNG_FILE.format(rank=accelerator.process_index))
+    return state

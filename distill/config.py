@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import re
+
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the option to change."""
+from distill.errors import ConfigError  # noqa: F401  (re-exported: the config's error type)
 
 
 def option(default: Any, help: str) -> Any:
@@ -112,6 +112,7 @@ class TrainConfig:
     eval_every: int = option(0, "Evaluate on the validation set every N steps (0: only at the end).")
     save_every: int = option(0, "Save a checkpoint every N steps (0: never).")
     keep_checkpoints: int = option(2, "Keep only the newest N complete checkpoints.")
+    stop_grace_seconds: float = option(30.0, "Seconds between SIGTERM and SIGKILL (SLURM's KillWait): on SIGTERM a checkpoint is saved only if the last save took less than this.")
     on_nonfinite: Literal["stop", "skip"] = option("stop", "What to do with a NaN/inf loss: stop with an error, or skip that step.")
 
 
@@ -317,12 +318,39 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("log_every", "eval_every", "save_every"):
         _check(getattr(tr, name) >= 0, f"train.{name} must be >= 0")
     _check(tr.log_every > 0, "train.log_every must be > 0")
+    _check(tr.stop_grace_seconds >= 0, f"train.stop_grace_seconds must be >= 0 (got {tr.stop_grace_seconds})")
     _check(tr.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0 (got {tr.keep_checkpoints})")
     _check(ev.latency_new_tokens > 0 and ev.throughput_batch_size > 0 and ev.speed_repeats > 0, "eval.latency_new_tokens, eval.throughput_batch_size and eval.speed_repeats must be > 0")
     _check(bool(cfg.output_dir), "output_dir must not be empty")
     methods = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
     for method in ev.quantize:
         _check(method in methods, f"eval.quantize: unknown method {method!r}; use {', '.join(methods)}")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+# Sections of a DeepSpeed config that this job owns: it builds the optimizer and the schedule
+# from train.*, so DeepSpeed's own would silently train with other settings.
+JOB_OWNED_DS_SECTIONS = {"optimizer": "train.optimizer, train.lr, train.betas and train.weight_decay",
+                         "scheduler": "train.scheduler and train.warmup_steps"}
+
+
+def read_ds_config(path: str | os.PathLike) -> dict:
+    """A user's DeepSpeed config: a JSON object without the sections the job owns."""
+    import json
+
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"--ds-config {path}: not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds-config {path}: expected a JSON object of DeepSpeed settings")
+    for section, owner in JOB_OWNED_DS_SECTIONS.items():
+        if section in ds:
+            raise ConfigError(f"--ds-config {path} has an \"{section}\" section; distill builds it from {owner}: "
+                              "remove the section from the DeepSpeed config and set those options instead")
+    return ds
 
 
 # ----------------------------------------------------------------------------- output
@@ -340,13 +368,22 @@ def secret_values() -> list[str]:
     ]
 
 
+# scheme://user:password@host -> scheme://***@host
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
+# ?token=... &api_key=... &X-Amz-Signature=... -> =***
+_SECRET_QUERY = re.compile(r"([?&;][^=&\s#]*(?:token|key|secret|password|passwd|sig|signature|credential|auth)[^=&\s#]*=)[^&\s#'\"]+",
+                           re.IGNORECASE)
+
+
 def redact(obj: Any, secrets: list[str] | None = None) -> Any:
-    """Returns ``obj`` with every credential value from the environment replaced by ***."""
+    """Returns ``obj`` with credentials replaced by ***: values of credential-like environment
+    variables, the user-info of URLs, and URL query parameters named like a token or key."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(obj, str):
         for secret in secrets:
             obj = obj.replace(secret, "***")
-        return obj
+        obj = _URL_USERINFO.sub(r"\1***@", obj)
+        return _SECRET_QUERY.sub(r"\1***", obj)
     if isinstance(obj, dict):
         return {redact(k, secrets): redact(v, secrets) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -6,18 +6,25 @@ each process (``python -m distill.job``).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
 import sys
-from pathlib import Path
 
-import torch
+from distill.signals import SIGNALS, TERM, SetupInterrupted
 
-from distill import checkpoint, data, evaluation, models
-from distill.config import ConfigError, DistillConfig, load_config, save_config, to_dict
-from distill.train import NonFiniteLoss, Preempted, build_optimizer, build_scheduler, fit, truncate_metrics
+if __name__ == "__main__":  # before the heavy imports below: a signal during them is handled too
+    SIGNALS.install()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from distill import checkpoint, data, evaluation, models, rundir  # noqa: E402
+from distill.config import ConfigError, DistillConfig, load_config, read_ds_config, save_config, to_dict  # noqa: E402
+from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
+from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -29,10 +36,7 @@ def deepspeed_config(path: str, cfg: DistillConfig, world_size: int) -> dict:
     serves every model; this job knows them, and accelerate can only infer them from a
     prepared dataloader, which the job does not use.
     """
-    try:
-        ds = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--ds-config {path}: cannot read it as JSON: {err}") from None
+    ds = read_ds_config(path)
     tr = cfg.train
     owned = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
@@ -152,16 +156,53 @@ def _validation(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
     )
 
 
-def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = None) -> dict | None:
+def _global_rank() -> int:
+    """This process's rank, from the launcher's environment (before any process group exists)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = None, overwrite: bool = False) -> dict | None:
     """Runs the whole job; returns the evaluation (on the main process).
+
+    The main process first checks the run directory, refuses to reuse one that holds a run
+    unless ``resume`` or ``overwrite``, and holds its lock until the job ends.
 
     Args:
         ds_config: path of a DeepSpeed JSON config; the student is then prepared by DeepSpeed
             (ZeRO), while the teacher stays outside its engine, whole on every process.
+        overwrite: delete what an earlier run wrote into the run directory first.
     """
+    run_dir = Path(os.path.expanduser(cfg.output_dir))
+    main = _global_rank() == 0
+    SIGNALS.install()
+    lock = None
+    try:
+        SIGNALS.enter("setup")
+        if main:
+            rundir.check_writable(run_dir)
+            rundir.check_reuse(run_dir, resume=resume, overwrite=overwrite)
+            lock = rundir.RunLock(run_dir).acquire()
+            if overwrite:
+                rundir.clear_run(run_dir)
+            (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
+        return _run(cfg, run_dir, resume=resume, ds_config=ds_config)
+    except SetupInterrupted as stop:
+        if stop.name == TERM:
+            raise Terminated("SIGTERM during setup: stopped before training, nothing to save") from None
+        if main:
+            (run_dir / checkpoint.PREEMPTED_MARKER).write_text("stopped during setup, before any new checkpoint\n")
+        print("distill: SIGUSR1 during setup: stopped before training (nothing to save); marked PREEMPTED, continue with --resume",
+              file=sys.stderr)
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
+        SIGNALS.reset()
+
+
+def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | None) -> dict | None:
     from accelerate.utils import set_seed
 
-    run_dir = Path(os.path.expanduser(cfg.output_dir))
     if cfg.eval.quantize:
         from distill.quantize import quantization_config
 
@@ -172,6 +213,8 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
     if resume and latest is None and accelerator.is_main_process:
         print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
+    if latest is not None:
+        checkpoint.verify(latest)  # before any library opens it (DeepSpeed unpickles without weights_only)
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -181,9 +224,7 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     facts = {"student_trainable_params": trainable, "student_total_params": total}
     if accelerator.is_main_process:
         print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
     validation = _validation(setup, cfg, accelerator)
 
     initial = None
@@ -197,10 +238,9 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     optimizer = build_optimizer(student, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     student, optimizer = accelerator.prepare(student, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     state = checkpoint.TrainState(world_size=accelerator.num_processes)
     if latest is not None:
-        state = checkpoint.load(accelerator, latest)
+        state = checkpoint.load(accelerator, latest, scheduler)
         state.world_size = accelerator.num_processes
         if accelerator.is_main_process:
             print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
@@ -241,10 +281,18 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     return result
 
 
-def _save_atomically(path: Path, write) -> None:
+def _save_atomically(path: Path, write, *, needed: int = 0) -> None:
+    """``write(tmp)``, then ``tmp`` renamed to ``path``; a failed write leaves ``path`` untouched
+    and no partial ``tmp``, and a full disk is reported as one line."""
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if checkpoint._out_of_space(err, path.parent):
+            raise DiskFull(checkpoint.disk_full_message(path.name, path.parent, needed=needed)) from None
+        raise
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
 
@@ -266,7 +314,8 @@ def save_student(accelerator, student, tokenizer, path: Path, *, merge_lora: boo
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        _save_atomically(target, write)
+        needed = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
+        _save_atomically(target, write, needed=needed)
         if target != path:
             merged = models.load_for_evaluation(target, torch.device("cpu"), base_quantization=base_quantization).merge_and_unload()
 
@@ -362,20 +411,21 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one job process: ``python -m distill.job CONFIG [--set k=v ...] [--resume]``."""
+    """Entry point of one job process: ``python -m distill.job CONFIG [--set k=v ...] [--resume | --overwrite]``.
+
+    Errors map to the same one line and exit code as under ``distill run`` (distill.errors).
+    """
+    SIGNALS.install()
     parser = argparse.ArgumentParser(prog="python -m distill.job")
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--ds-config", help="DeepSpeed JSON config (ZeRO) for the student")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers' legacy flag; LOCAL_RANK is used
     args = parser.parse_args(argv)
-    try:
-        run(load_config(args.config, args.overrides), resume=args.resume, ds_config=args.ds_config)
-    except (ConfigError, NonFiniteLoss) as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return main_guard(lambda: run(load_config(args.config, args.overrides), resume=args.resume, ds_config=args.ds_config,
+                                  overwrite=args.overwrite) and 0)
 
 
 if __name__ == "__main__":

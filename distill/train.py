@@ -19,12 +19,13 @@ import torch
 
 from distill import checkpoint
 from distill.config import DistillConfig, TrainConfig
+from distill.errors import Terminated
+from distill.signals import SIGNALS
 from distill.data import TrainStream
 from distill.losses import IGNORE_INDEX, divergence, loss_sums
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf."""
+from distill.errors import NonFiniteLoss  # noqa: F401  (re-exported)
 
 
 class Preempted(Exception):
@@ -33,32 +34,17 @@ class Preempted(Exception):
     def __init__(self, step: int, checkpoint_dir):
         super().__init__(f"preempted: checkpoint of step {step} saved in {checkpoint_dir}; continue with --resume")
         self.step = step
+        self.marker = f"checkpoint of step {step} saved"
 
 
-class PreemptionSignal:
-    """Records SIGUSR1, the warning a scheduler sends before a time limit or preemption.
+def agreed_stop(accelerator) -> tuple[bool, bool]:
+    """(preempt, terminate): whether any process has received SIGUSR1 / SIGTERM.
 
-    The loop checks it once per step and all processes agree (any one signalled stops all),
-    so every rank saves the same checkpoint and stops at the same step.
+    A collective, called once per step by every process, so all take the same branch.
     """
-
-    def __init__(self):
-        import signal
-
-        self.requested = False
-        self._previous = signal.signal(signal.SIGUSR1, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, accelerator) -> bool:
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def close(self) -> None:
-        import signal
-
-        signal.signal(signal.SIGUSR1, self._previous)
+    flags = torch.tensor([float(SIGNALS.preempt), float(SIGNALS.terminate)], device=accelerator.device)
+    preempt, terminate = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    return preempt, terminate
 
 
 @dataclass
@@ -184,8 +170,9 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     student.train()
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
-    preemption = PreemptionSignal()
     fault = os.environ.get("DISTILL_FAULT")
+    saver = _Saver(accelerator, run_dir / "checkpoints", scheduler=scheduler, keep=tr.keep_checkpoints)
+    SIGNALS.enter("training")
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
@@ -222,22 +209,70 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
                     tracker.log(metrics, step=state.step)
             saved = tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps)
             if saved:
-                checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints)
-            if state.step < tr.max_steps and preemption.agreed(accelerator):
-                path = checkpoint.save(accelerator, run_dir / "checkpoints", state, keep=tr.keep_checkpoints) if not saved \
-                    else checkpoint.latest(run_dir / "checkpoints")
-                if accelerator.is_main_process:
-                    (run_dir / checkpoint.PREEMPTED_MARKER).write_text(f"{state.step}\n")
-                raise Preempted(state.step, path)
+                saver.save(state)
+            if state.step < tr.max_steps:
+                _stop_if_signalled(accelerator, saver, state, saved=bool(saved), grace=tr.stop_grace_seconds, run_dir=run_dir)
     finally:
-        preemption.close()
         progress.close()  # ends the bar's line, so an error prints on its own
+    SIGNALS.enter("finishing")
     return state
 
 
+class _Saver:
+    """Saves checkpoints and remembers how long the last save took."""
+
+    def __init__(self, accelerator, root: Path, *, scheduler, keep: int):
+        self.accelerator, self.root, self.scheduler, self.keep = accelerator, root, scheduler, keep
+        self.last_seconds: float | None = None
+
+    def save(self, state: checkpoint.TrainState) -> Path:
+        start = time.perf_counter()
+        path = checkpoint.save(self.accelerator, self.root, state, keep=self.keep, scheduler=self.scheduler)
+        self.last_seconds = time.perf_counter() - start
+        return path
+
+
+def _stop_if_signalled(accelerator, saver: _Saver, state: checkpoint.TrainState, *, saved: bool, grace: float, run_dir: Path) -> None:
+    """Acts on SIGUSR1 (save, mark PREEMPTED, stop) or SIGTERM (save if it fits in ``grace``, exit non-zero)."""
+    preempt, terminate = agreed_stop(accelerator)
+    if terminate:
+        # SLURM kills the job KillWait seconds after SIGTERM; a save that cannot finish by then is
+        # not started (the previous one is measured; an unmeasured one is tried: it is atomic).
+        if saved:
+            path = saver.root / f"step_{state.step:08d}"
+        elif saver.last_seconds is None or saver.last_seconds < grace:
+            path = saver.save(state)
+        else:
+            kept = checkpoint.latest(saver.root)
+            raise Terminated(f"SIGTERM at step {state.step}: no checkpoint saved (the last save took {saver.last_seconds:.0f} s, more than "
+                             f"train.stop_grace_seconds={grace:g}); {'resume from ' + str(kept) if kept else 'no checkpoint exists'}")
+        raise Terminated(f"SIGTERM at step {state.step}: checkpoint saved in {path}; continue with --resume")
+    if preempt:
+        path = saver.root / f"step_{state.step:08d}" if saved else saver.save(state)
+        stop = Preempted(state.step, path)
+        if accelerator.is_main_process:
+            (run_dir / checkpoint.PREEMPTED_MARKER).write_text(stop.marker + "\n")
+        raise stop
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn line (a write cut short by a kill) is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drops records after ``step`` from metrics.jsonl, so a resumed run continues it cleanly."""
+    """Drops records after ``step`` (and torn lines) from metrics.jsonl, so a resumed run continues it cleanly."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(tmp, path)

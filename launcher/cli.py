@@ -10,7 +10,7 @@ import argparse
 import sys
 import textwrap
 
-from distill.config import ConfigError, iter_options
+from distill.config import iter_options
 
 
 def _options_epilog() -> str:
@@ -32,13 +32,31 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
 
 
+def _check_run_dir(cfg, args: argparse.Namespace):
+    """The run directory checks that fail before any process starts or any model loads."""
+    import os
+    from pathlib import Path
+
+    from distill import rundir
+
+    run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
+    rundir.check_writable(run_dir)
+    rundir.check_reuse(run_dir, resume=args.resume, overwrite=args.overwrite)
+    rundir.check_not_locked(run_dir)
+    return run_dir
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from distill.signals import SIGNALS
+
+    SIGNALS.install()  # from the start: a signal while torch imports is acted on when setup begins
     from distill.config import load_config
 
     cfg = load_config(args.config, _overrides(args))  # fails before anything heavy is imported
+    _check_run_dir(cfg, args)
     from distill.job import run
 
-    run(cfg, resume=args.resume)
+    run(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -58,12 +76,16 @@ def cmd_prepare_tiny(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     from distill.config import load_config
-    from launcher.launch import Topology, build_command, launch, resolve_ds_config, run_launch
+    from distill_launcher.launch import Topology, build_command, launch, resolve_ds_config, run_launch
 
-    load_config(args.config, _overrides(args))  # fail here, once, rather than on every process
-    topology = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    cfg = load_config(args.config, _overrides(args))  # fail here, once, rather than on every process
+    given = {k: v for k, v in vars(args).items() if k in _explicit_topology(args)}
+    topology = Topology(**given)
     command = build_command(args.launcher, args.config, _overrides(args), topology, ds_config=resolve_ds_config(args.ds_config),
-                            resume=args.resume)
+                            resume=args.resume, overwrite=args.overwrite, accelerate_config=args.accelerate_config,
+                            explicit=_explicit_topology(args))
+    if not args.dry_run and args.node_rank in (None, 0):
+        _check_run_dir(cfg, args)
     return run_launch(command, dry_run=args.dry_run, launch_fn=launch_fn or launch)
 
 
@@ -72,11 +94,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distill.config import load_config
-    from launcher.launch import resolve_ds_config
-    from launcher.slurm import SlurmRequest, render_script, submit
+    from distill_launcher.launch import resolve_ds_config
+    from distill_launcher.slurm import SlurmRequest, render_script, submit
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
+    if not args.dry_run:
+        _check_run_dir(cfg, args)
+        if args.overwrite:  # now, once: the job itself always runs with --resume, so a requeue continues
+            from distill import rundir
+
+            rundir.clear_run(run_dir)
     # Every node must find the run directory at the same absolute path (a shared file system).
     overrides = [o for o in _overrides(args) if not o.startswith("output_dir=")] + [f"output_dir={run_dir}"]
     request = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
@@ -114,10 +142,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
+    reuse = parser.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true", help="continue the run in the run directory from its latest complete checkpoint")
+    reuse.add_argument("--overwrite", action="store_true",
+                       help="the run directory holds an earlier run: delete its config, checkpoints, student, metrics and reports first")
+
+
+def _explicit_topology(args: argparse.Namespace) -> set:
+    return {name for name in ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port") if getattr(args, name) is not None}
+
+
 def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="accelerate", help="process launcher (default: accelerate)")
     parser.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--accelerate-config", "--config-file", "--config_file", dest="accelerate_config", metavar="FILE",
+                        help="your `accelerate config` file (with --launcher accelerate); topology options given here override it")
+    _add_reuse_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
 
 
@@ -129,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a distillation job in this process", epilog=_options_epilog(), formatter_class=formatter,
                               description="Train the student against the teacher, save it to OUTPUT_DIR/student and write the report.")
     _add_config_arguments(run)
-    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the run directory")
+    _add_reuse_arguments(run)
     run.set_defaults(func=cmd_run)
 
     launch = commands.add_parser("launch", help="run a job on several processes/nodes through accelerate, deepspeed or torchrun",
@@ -137,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "Without GPUs the processes run on CPU over gloo.", epilog=_options_epilog(), formatter_class=formatter)
     _add_config_arguments(launch)
     _add_topology_arguments(launch)
-    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes on this node (one per GPU)")
-    launch.add_argument("--nnodes", type=int, default=1, help="number of nodes")
-    launch.add_argument("--node-rank", type=int, default=0, help="rank of this node, 0..nnodes-1")
-    launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    launch.add_argument("--master-port", type=int, default=29500, help="TCP port on node 0")
+    launch.add_argument("--nproc-per-node", type=int, help="processes on this node (one per GPU; default 1)")
+    launch.add_argument("--nnodes", type=int, help="number of nodes (default 1)")
+    launch.add_argument("--node-rank", type=int, help="rank of this node, 0..nnodes-1 (default 0)")
+    launch.add_argument("--master-addr", help="address of node 0 (default 127.0.0.1)")
+    launch.add_argument("--master-port", type=int, help="TCP port on node 0 (default 29500)")
     launch.set_defaults(func=cmd_launch)
 
     submit = commands.add_parser("submit", help="render an sbatch script into the run directory and submit it to SLURM",
@@ -161,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit at which the job checkpoints and requeues (default: 120)")
     submit.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the first node")
     submit.add_argument("--job-name", help="SLURM job name (default: the run directory's name)")
+    _add_reuse_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)
 
@@ -203,26 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every error maps to one line and its exit code (distill.errors), as under the launchers."""
+    from distill.errors import main_guard
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        from launcher.launch import LaunchError
-
-        if not isinstance(err, LaunchError):
-            raise
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # a few known runtime failures get one line, the rest a traceback
-        from distill.train import NonFiniteLoss
-
-        if isinstance(err, NonFiniteLoss):
-            print(f"distill: error: {err}", file=sys.stderr)
-            return 3
-        raise
+    return main_guard(args.func, args)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,24 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def shipped(name: str) -> Path:
+    """A folder the project ships: inside the installed package (a wheel), or beside this
+    package in the source tree (an editable install, or a checkout on the path)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / name, here.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"the shipped {name}/ folder is missing from this install ({here}); reinstall distill")
+
+
+REPO_DS_CONFIGS = shipped("ds_configs")
 LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
 
 
-class LaunchError(ValueError):
-    """A bad launch request; the message names the option to change."""
+from distill.config import read_ds_config
+from distill.errors import LaunchError  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -55,10 +67,11 @@ def resolve_ds_config(name_or_path: str | None) -> str | None:
     path = Path(os.path.expanduser(name_or_path))
     if not path.is_file():
         raise LaunchError(f"--ds-config: file not found: {name_or_path}")
+    read_ds_config(path)
     return str(path.resolve())
 
 
-def job_arguments(config: str, overrides: list[str], *, ds_config: str | None, resume: bool) -> list[str]:
+def job_arguments(config: str, overrides: list[str], *, ds_config: str | None, resume: bool, overwrite: bool = False) -> list[str]:
     """The arguments of ``python -m distill.job`` (the same for every launcher)."""
     args = [config]
     for item in overrides:
@@ -67,6 +80,8 @@ def job_arguments(config: str, overrides: list[str], *, ds_config: str | None, r
         args += ["--ds-config", ds_config]
     if resume:
         args.append("--resume")
+    if overwrite:
+        args.append("--overwrite")
     return args
 
 
@@ -83,17 +98,22 @@ class Command:
 
 
 def build_command(launcher: str, config: str, overrides: list[str], topology: Topology, *, ds_config: str | None = None,
-                  resume: bool = False, cpu: bool | None = None) -> Command:
+                  resume: bool = False, overwrite: bool = False, cpu: bool | None = None, accelerate_config: str | None = None,
+                  explicit: set | None = None) -> Command:
     """The exact command that starts ``topology.nproc_per_node`` job processes on this node.
 
     Args:
         cpu: force CPU processes (gloo); by default, CPU when no CUDA device is visible.
+        accelerate_config: the user's ``accelerate config`` file (accelerate only); then only the
+            topology fields named in ``explicit`` are passed, so the file decides the rest.
     """
     if launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
+    if accelerate_config and launcher != "accelerate":
+        raise LaunchError(f"--accelerate-config is for --launcher accelerate (got --launcher {launcher})")
     topology.check()
     cpu = (not _cuda_visible()) if cpu is None else cpu
-    job = job_arguments(config, overrides, ds_config=ds_config, resume=resume)
+    job = job_arguments(config, overrides, ds_config=ds_config, resume=resume, overwrite=overwrite)
     env = {}
     t = topology
     if launcher == "torchrun":
@@ -110,6 +130,9 @@ def build_command(launcher: str, config: str, overrides: list[str], topology: To
             # One launcher per node (as under SLURM), not DeepSpeed's own pdsh fan-out.
             argv += ["--no_ssh", f"--node_rank={t.node_rank}"]
         argv += ["--no_local_rank", "--module", "distill.job", *job]
+    elif accelerate_config:
+        argv = _accelerate_with_config_file(accelerate_config, t, explicit or set(), ds_config)
+        argv += ["-m", "distill.job", *job]
     else:
         argv = ["accelerate", "launch", f"--num_processes={t.nproc_per_node * t.nnodes}", f"--num_machines={t.nnodes}",
                 f"--machine_rank={t.node_rank}", f"--main_process_ip={t.master_addr}", f"--main_process_port={t.master_port}"]
@@ -124,6 +147,22 @@ def build_command(launcher: str, config: str, overrides: list[str], topology: To
             env["ACCELERATE_USE_CPU"] = "true"
         argv += ["-m", "distill.job", *job]
     return Command(argv=argv, env=env)
+
+
+def _accelerate_with_config_file(path: str, t: Topology, explicit: set, ds_config: str | None) -> list[str]:
+    """``accelerate launch --config_file FILE`` plus only the topology options given on the command line."""
+    file = Path(os.path.expanduser(path))
+    if not file.is_file():
+        raise LaunchError(f"--accelerate-config: file not found: {path}")
+    argv = ["accelerate", "launch", f"--config_file={file.resolve()}"]
+    if "nproc_per_node" in explicit or "nnodes" in explicit:
+        argv.append(f"--num_processes={t.nproc_per_node * t.nnodes}")
+    flags = {"nnodes": f"--num_machines={t.nnodes}", "node_rank": f"--machine_rank={t.node_rank}",
+             "master_addr": f"--main_process_ip={t.master_addr}", "master_port": f"--main_process_port={t.master_port}"}
+    argv += [flag for name, flag in flags.items() if name in explicit]
+    if ds_config:
+        argv += ["--use_deepspeed", f"--deepspeed_config_file={ds_config}"]
+    return argv
 
 
 def _cuda_visible() -> bool:

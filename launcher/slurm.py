@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.launch import LaunchError, job_arguments
+from distill_launcher.launch import LaunchError, job_arguments, shipped
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATES = shipped("slurm")
 
 
 @dataclass
@@ -67,11 +67,20 @@ def _directives(request: SlurmRequest) -> tuple[str, str]:
 
 def launch_command(config: str, overrides: list[str], request: SlurmRequest, *, python: str) -> list[str]:
     """``distill launch`` for one node, always with --resume (a requeued job continues)."""
-    argv = [python, "-m", "launcher.cli", "launch", "--launcher", request.launcher,
+    argv = [python, "-m", "distill_launcher.cli", "launch", "--launcher", request.launcher,
             "--nproc-per-node", str(request.processes_per_node())]
     if request.ds_config:
         argv += ["--ds-config", request.ds_config]
     return argv + job_arguments(config, overrides, ds_config=None, resume=True)
+
+
+def _directive_value(value: str, what: str) -> str:
+    """A value for an ``#SBATCH --opt=VALUE`` line, double-quoted (sbatch honours the quotes, so
+    spaces survive); characters that sbatch cannot carry there are refused."""
+    bad = [c for c in ('"', "\\", "\n", "\r") if c in value]
+    if bad:
+        raise LaunchError(f"{what} {value!r} contains {bad[0]!r}, which an #SBATCH line cannot carry; choose another")
+    return f'"{value}"'
 
 
 def render_script(config: str, overrides: list[str], request: SlurmRequest, run_dir: Path, *, python: str = sys.executable) -> str:
@@ -83,13 +92,14 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
         command[4:4] = ["--master-port", str(request.master_port)]
     node_args = '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"'
     values = {
-        "job_name": request.job_name,
+        "job_name": _directive_value(request.job_name, "--job-name"),
         "nodes": str(request.nodes),
         "cpus_per_task": str(request.cpus_per_task or max(2, 4 * request.processes_per_node())),
         "gpus_directive": gpus,
         "extra_directives": extra,
         "time": request.time,
-        "log": str(run_dir / "slurm" / "slurm-%j.out"),
+        # %% is a literal % in sbatch file patterns; %j is the job id.
+        "log": _directive_value(str(run_dir / "slurm").replace("%", "%%") + "/slurm-%j.out", "the run directory"),
         "signal_seconds": str(request.signal_seconds),
         "run_dir": shlex.quote(str(run_dir)),
         "master_port": str(request.master_port),

@@ -96,7 +96,7 @@ def distill_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: 
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
+    return subprocess.run([sys.executable, "-m", "distill_launcher.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
 
 
 def reset_accelerate() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import distill_cli, job_overrides, save_llama, reset_accelerate
 from distill import checkpoint
-from launcher.cli import main
+from distill_launcher.cli import main
 
 
 EMPTY_CONFIG = Path(tempfile.mkdtemp()) / "empty.yaml"

@@ -6,7 +6,7 @@ import pytest
 
 from distill.config import ConfigError, load_config
 from distill.job import deepspeed_config
-from launcher.launch import REPO_DS_CONFIGS
+from distill_launcher.launch import REPO_DS_CONFIGS
 
 BASE = ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]",
         "train.micro_batch_size=3", "train.grad_accum=4", "train.max_grad_norm=0.5", "train.precision=bf16"]
@@ -32,5 +32,5 @@ def test_contradictions_and_unsupported_combinations(tmp_path):
         deepspeed_config(str(REPO_DS_CONFIGS / "zero3_offload.json"), load_config(None, BASE + ["train.optimizer=adamw_8bit"]), world_size=1)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(ConfigError, match="cannot read it as JSON"):
+    with pytest.raises(ConfigError, match="not valid JSON"):
         deepspeed_config(str(broken), load_config(None, BASE), world_size=1)

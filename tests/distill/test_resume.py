@@ -26,7 +26,7 @@ def test_killed_run_resumes_with_identical_losses(tiny, corpus, tmp_path):
     sets = [a for o in job_overrides(tiny, corpus, out, *extra) for a in ("--set", o)]
     config = tmp_path / "job.yaml"
     config.write_text("{}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(config), *sets], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "distill_launcher.cli", "run", str(config), *sets], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while checkpoint.latest(out / "checkpoints") is None or checkpoint.latest(out / "checkpoints").name < "step_00000040":
@@ -41,7 +41,7 @@ def test_killed_run_resumes_with_identical_losses(tiny, corpus, tmp_path):
     (out / "checkpoints" / ".tmp-step_00000119").mkdir()
     (out / "checkpoints" / "step_00000118").mkdir()
 
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(config), *sets, "--resume"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "distill_launcher.cli", "run", str(config), *sets, "--resume"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed_from = int(killed_at.name.split("_")[1])

@@ -29,7 +29,7 @@ def launch(tiny, corpus, out: Path, *args: str, sets: tuple = (), env: dict | No
     overrides = job_overrides(tiny, corpus, out, f"train.max_steps={STEPS}", "train.micro_batch_size=2", "eval.speed=false", *sets)
     config = out.parent / f"{out.name}.yaml"
     config.write_text("{}\n")
-    argv = [sys.executable, "-m", "launcher.cli", "launch", str(config), "--master-port", str(free_port()), *args]
+    argv = [sys.executable, "-m", "distill_launcher.cli", "launch", str(config), "--master-port", str(free_port()), *args]
     argv += [a for o in overrides for a in ("--set", o)]
     # The launchers (deepspeed, torchrun, accelerate) live beside this interpreter.
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}

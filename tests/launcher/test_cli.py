@@ -18,7 +18,7 @@ def test_help_lists_every_option():
 
 
 def test_cli_does_not_import_torch():
-    code = "import sys, launcher.cli; launcher.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, distill_launcher.cli; distill_launcher.cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from launcher.cli import cmd_launch, build_parser
-from launcher.launch import REPO_DS_CONFIGS, LaunchError, Topology, build_command, resolve_ds_config
+from distill_launcher.cli import cmd_launch, build_parser
+from distill_launcher.launch import REPO_DS_CONFIGS, LaunchError, Topology, build_command, resolve_ds_config
 
 SHIPPED = sorted(REPO_DS_CONFIGS.glob("*.json"))
 

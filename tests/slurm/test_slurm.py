@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, distill_cli, job_overrides, read_metrics
-from launcher.launch import LaunchError
-from launcher.slurm import SlurmRequest, render_script
+from distill_launcher.launch import LaunchError
+from distill_launcher.slurm import SlurmRequest, render_script
 
 
 def bash_parses(script: str) -> bool:

@@ -1,0 +1,116 @@
+"""Every error the user can act on, with the exit code it ends the process with.
+
+Torch-free, so the launcher and every entry point (``distill ...`` in-process, and
+``python -m distill.job`` under each launcher) map errors the same way through :func:`main_guard`.
+A :class:`DistillError` prints as one line, ``distill: error: MESSAGE``, with credentials
+redacted; anything else is a bug and prints a (redacted) traceback.
+
+Exit codes (the README lists them):
+
+====  ===================================================================================
+0     success; also a job stopped by SIGUSR1 (checkpoint saved, PREEMPTED written: requeue it)
+1     an unexpected error (a bug): a traceback follows
+2     bad input: config, command-line option, data or model file (:class:`ConfigError`)
+3     the loss became NaN or inf (:class:`NonFiniteLoss`)
+4     a file in a run directory or checkpoint is unsafe or cannot be restored (:class:`CheckpointError`)
+5     no space left on the device while writing (:class:`DiskFull`)
+6     another job holds the run directory (:class:`RunLocked`)
+130   interrupted (Ctrl-C)
+143   stopped by SIGTERM (:class:`Terminated`), after a checkpoint when one could be saved in time
+====  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class DistillError(Exception):
+    """An error the user can act on; the message names what to change."""
+
+    exit_code = 1
+
+
+class ConfigError(DistillError, ValueError):
+    """A configuration, option, data or model-file problem; the message names the option to change."""
+
+    exit_code = 2
+
+
+class LaunchError(ConfigError):
+    """A bad launch request (launcher, topology, SLURM options)."""
+
+
+class NonFiniteLoss(DistillError):
+    """The loss became NaN or inf."""
+
+    exit_code = 3
+
+
+class CheckpointError(DistillError):
+    """A checkpoint or run-directory file that must not be loaded (it could run code), or that
+    cannot be restored; the message names the file."""
+
+    exit_code = 4
+
+
+class DiskFull(DistillError):
+    """No space left while writing a checkpoint, the student or a report."""
+
+    exit_code = 5
+
+
+class RunLocked(DistillError):
+    """Another job is writing to the same run directory."""
+
+    exit_code = 6
+
+
+class Terminated(DistillError):
+    """SIGTERM (a time limit, scancel, kill) stopped the job."""
+
+    exit_code = 143
+
+
+EXIT_INTERRUPTED = 130
+
+
+def report(err: BaseException) -> int:
+    """Prints ``err`` as one redacted line and returns its exit code."""
+    from distill.config import redact
+
+    message = " ".join(str(err).split("\n")) if isinstance(err, DistillError) else str(err)
+    print(f"distill: error: {redact(message)}", file=sys.stderr, flush=True)
+    return getattr(err, "exit_code", 1)
+
+
+def print_redacted_traceback(err: BaseException) -> None:
+    import traceback
+
+    from distill.config import redact
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    print(redact(text), file=sys.stderr, end="", flush=True)
+
+
+def main_guard(fn, *args, **kwargs) -> int:
+    """Runs an entry point and maps what it raises to an exit code, the same way everywhere."""
+    try:
+        code = fn(*args, **kwargs)
+        return 0 if code is None else code
+    except DistillError as err:
+        return report(err)
+    except KeyboardInterrupt:
+        print("distill: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:
+        import errno
+
+        if err.errno == errno.ENOSPC:  # a write outside the guarded saves (a log, a report)
+            where = f" writing {err.filename}" if err.filename else ""
+            return report(DiskFull(f"no space left on device{where}; free space and rerun (with --resume when checkpoints exist)"))
+        print_redacted_traceback(err)
+        return 1
+    except Exception as err:
+        print_redacted_traceback(err)
+        return 1

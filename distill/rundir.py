@@ -1,0 +1,225 @@
+"""The run directory: checked before anything loads, reused only on request, one writer at a time.
+
+Torch-free, so that the launcher can check a directory before it starts any process.
+
+- :func:`check_writable`: creatable, a directory, writable, with some free space.
+- :func:`check_reuse`: a directory that already holds a run (a config, checkpoints or a student)
+  is reused only with ``--resume``, or with ``--overwrite``, which first removes what the old run
+  wrote (:data:`RUN_OUTPUTS`; other files are left alone).
+- :class:`RunLock`: one job per run directory. The lock is a file created atomically
+  (``O_CREAT | O_EXCL``, which also holds on NFS v3+ and Lustre, unlike ``flock``) holding the
+  holder's host, PID, process start time and SLURM job; the holder touches it every
+  :data:`HEARTBEAT_SECONDS`. A lock is stale, and taken over, when its holder's process is gone
+  (same host), when it belongs to an earlier attempt of the same SLURM job, or when its heartbeat
+  is older than :data:`STALE_AFTER_SECONDS` (another host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from distill.errors import ConfigError, RunLocked
+
+LOCK_FILE = "distill.lock"
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 300.0
+MIN_FREE_BYTES = 16 * 2**20
+# What a run writes; --overwrite removes exactly these.
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "student", "adapter", "quantized", "eval.json", "report.md", "initial_eval.json",
+               "metrics.jsonl", "PREEMPTED", "tensorboard", "wandb", "mlflow.db", ".wandb_id")
+RUN_MARKERS = ("config.yaml", "checkpoints", "student")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fails, naming output_dir, unless ``run_dir`` can hold a run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} exists and is not a directory; choose another --output-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir} cannot be created ({err.strerror}); choose another --output-dir") from None
+    probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_text("ok")
+    except OSError as err:
+        raise ConfigError(f"output_dir {run_dir} is not writable ({err.strerror}); choose another --output-dir") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"output_dir {run_dir} has only {free / 2**20:.1f} MiB free (at least {MIN_FREE_BYTES // 2**20} MiB needed); "
+                          "free space or choose another --output-dir")
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The names that mark ``run_dir`` as holding a run (empty when it does not)."""
+    return [name for name in RUN_MARKERS if (run_dir / name).exists()]
+
+
+def check_reuse(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; use one")
+    found = holds_run(run_dir)
+    if found and not resume and not overwrite:
+        raise ConfigError(f"output_dir {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                          "or --overwrite to delete its checkpoints, student and reports and start over")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Removes what an earlier run wrote into ``run_dir`` (``--overwrite``)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _process_start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _holder_info() -> dict:
+    return {
+        "host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start_time(os.getpid()), "since": time.time(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "token": uuid.uuid4().hex,
+    }
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # torn or foreign: judged by its age alone
+
+
+def stale_reason(holder: dict, age: float) -> str | None:
+    """Why the lock of ``holder`` (heartbeat ``age`` seconds ago) no longer protects anything."""
+    me = _holder_info()
+    if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"] \
+            and int(holder.get("slurm_restart_count", 0)) < me["slurm_restart_count"]:
+        return "an earlier attempt of this SLURM job"
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        started = _process_start_time(holder["pid"])
+        if started is None or (holder.get("process_start") and abs(started - holder["process_start"]) > 1.0):
+            return f"process {holder['pid']} has exited"
+        return None
+    if age > STALE_AFTER_SECONDS:
+        return f"no heartbeat for {age:.0f} s"
+    return None
+
+
+def describe(holder: dict, age: float) -> str:
+    if not holder:
+        return f"an unreadable lock file, last touched {age:.0f} s ago"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    slurm = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{slurm}, since {since}, last heartbeat {age:.0f} s ago"
+
+
+class RunLock:
+    """Held by one process of a job (the main one) from before the first write until exit."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.info = _holder_info()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._heartbeat, name="distill-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return self
+        raise RunLocked(f"could not take the lock {self.path}; another job is starting in output_dir {self.path.parent}")
+
+    def _take_over_if_stale(self) -> None:
+        holder = _read(self.path)
+        if holder is None:  # released meanwhile
+            return
+        age = _age(self.path)
+        reason = stale_reason(holder, age)
+        if reason is None:
+            raise RunLocked(f"output_dir {self.path.parent} is in use by another distill job ({describe(holder, age)}); "
+                            "wait for it to finish or choose another --output-dir")
+        # Move the stale lock aside under a unique name, then check that what was moved is what
+        # was judged stale (another process may have taken it over in between); if not, put it back.
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if _read(aside) != holder:
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            raise RunLocked(f"output_dir {self.path.parent} was just taken by another distill job; choose another --output-dir")
+        aside.unlink(missing_ok=True)
+        import sys
+
+        print(f"distill: taking over the lock of {describe(holder, age)}: {reason}", file=sys.stderr)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if (_read(self.path) or {}).get("token") == self.info["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _age(path: Path) -> float:
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except FileNotFoundError:
+        return 0.0
+
+
+def check_not_locked(run_dir: Path) -> None:
+    """Fails at once when a live job holds ``run_dir`` (for launchers, before they start processes)."""
+    path = run_dir / LOCK_FILE
+    holder = _read(path)
+    if holder is None:
+        return
+    age = _age(path)
+    if stale_reason(holder, age) is None:
+        raise RunLocked(f"output_dir {run_dir} is in use by another distill job ({describe(holder, age)}); "
+                        "wait for it to finish or choose another --output-dir")

@@ -1,0 +1,76 @@
+"""SIGUSR1 and SIGTERM, handled from the start of a job process to its exit.
+
+SIGUSR1 is the warning a scheduler sends before a time limit or a preemption (``--signal=B:USR1``):
+save, stop, and be requeued. SIGTERM is what SLURM sends at the time limit and what ``scancel`` and
+``kill`` send: save if there is time, then exit non-zero. What a signal does depends on the phase:
+
+- ``idle`` (the process is starting, the config is not read yet): recorded; acted on when setup starts.
+- ``setup`` (loading models and data; nothing to save yet): the job stops at once, by raising
+  :class:`SetupInterrupted` from the handler. SIGUSR1 leaves the PREEMPTED marker, so the sbatch
+  script requeues the job and ``--resume`` starts from the last checkpoint, or from scratch.
+- ``training``: recorded; the loop checks once per step, and all processes agree on it, so every
+  rank saves the same checkpoint and stops at the same step.
+- ``finishing`` (after the last step: saving the student, evaluating): recorded and ignored; the
+  job finishes and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+USR1, TERM = "SIGUSR1", "SIGTERM"
+
+
+class SetupInterrupted(BaseException):
+    """A stop signal arrived during setup. A BaseException, so library code that catches
+    ``Exception`` (and there is some) cannot swallow it."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name} during setup")
+        self.name = name
+
+
+class StopSignals:
+    def __init__(self):
+        self.phase = "idle"
+        self.received: set[str] = set()
+        self._installed = False
+
+    def install(self) -> None:
+        """Installs the handlers (idempotent); call first thing in a job process."""
+        if self._installed:
+            return
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+        self._installed = True
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        self.received.add(name)
+        if self.phase == "setup":
+            raise SetupInterrupted(name)
+        if self.phase == "finishing":
+            print(f"distill: {name} after the last step: finishing the student and the report", file=sys.stderr, flush=True)
+
+    def enter(self, phase: str) -> None:
+        """Moves to ``phase``; entering setup with a signal already recorded stops at once."""
+        self.phase = phase
+        if phase == "setup" and self.received:
+            raise SetupInterrupted(TERM if TERM in self.received else USR1)
+
+    @property
+    def preempt(self) -> bool:
+        return USR1 in self.received
+
+    @property
+    def terminate(self) -> bool:
+        return TERM in self.received
+
+    def reset(self) -> None:
+        """Forgets recorded signals and returns to idle (one process may run several jobs: tests)."""
+        self.received.clear()
+        self.phase = "idle"
+
+
+SIGNALS = StopSignals()
