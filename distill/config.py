@@ -327,6 +327,16 @@ def validate(cfg: DistillConfig) -> None:
         _check(method in methods, f"eval.quantize: unknown method {method!r}; use {', '.join(methods)}")
 
 
+TINY_DIR = "~/.cache/distill/tiny"
+
+
+def tiny_hint(path: str) -> str:
+    """A hint for a missing file of the bundled tiny default, which `distill prepare-tiny` builds."""
+    tiny = Path(os.path.expanduser(TINY_DIR))
+    local = Path(os.path.expanduser(path))
+    return "; build the bundled tiny default first with: distill prepare-tiny" if local == tiny or tiny in local.parents else ""
+
+
 # ----------------------------------------------------------------------------- DeepSpeed
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ConfigError, DataConfig
+from distill.config import ConfigError, DataConfig, tiny_hint
 from distill.losses import IGNORE_INDEX
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -33,7 +33,7 @@ def _builder_for(files: list[str], key: str) -> str:
     for name in files:
         path = Path(os.path.expanduser(name))
         if not path.is_file():
-            raise ConfigError(f"{key}: file not found: {name}")
+            raise ConfigError(f"{key}: file not found: {name}{tiny_hint(name)}")
         if path.suffix.lower() not in FILE_BUILDERS:
             raise ConfigError(f"{key}: unsupported file type {path.suffix!r} ({name}); use one of {', '.join(sorted(FILE_BUILDERS))}")
         builders.add(FILE_BUILDERS[path.suffix.lower()])
@@ -52,9 +52,14 @@ def _load_files(files: list[str], key: str, text_unit: str):
     extra = {"sample_by": text_unit} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files=paths, split="train", **extra)
-    except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__ or err
-        raise ConfigError(f"{key}: cannot read {', '.join(files)} as {builder}: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}") from None
+    except Exception as err:  # pyarrow, pandas and datasets each raise their own types for a bad file
+        cause = err.__cause__ or err if isinstance(err, datasets.exceptions.DatasetGenerationError) else err
+        raise ConfigError(f"{key}: cannot read {', '.join(files)} as {builder}: {_first_line(cause)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_named(cfg: DataConfig, split: str):
@@ -68,7 +73,12 @@ def _load_named(cfg: DataConfig, split: str):
                 raise ConfigError(f"data.dataset {cfg.dataset} has no split {split!r} (has {', '.join(loaded)}); set data.train_split / data.validation_split_name")
             return loaded[split]
         return loaded
-    return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
+    except (ConnectionError, OSError, ValueError) as err:
+        offline = " (the hub is unreachable: set data.dataset to a local datasets.save_to_disk directory, or use data.train_files)" \
+            if isinstance(err, ConnectionError) or "offline" in str(err).lower() else ""
+        raise ConfigError(f"data.dataset {cfg.dataset!r}: cannot load it: {_first_line(err)}{offline}") from None
 
 
 def load_raw(cfg: DataConfig):
@@ -81,9 +91,16 @@ def load_raw(cfg: DataConfig):
         train = _load_files(cfg.train_files, "data.train_files", cfg.text_unit)
         validation = _load_files(cfg.validation_files, "data.validation_files", cfg.text_unit) if cfg.validation_files else None
     for column in filter(None, (cfg.text_field, cfg.prompt_field)):
-        if column not in train.column_names:
-            key = "data.text_field" if column == cfg.text_field else "data.prompt_field"
-            raise ConfigError(f"{key}: column {column!r} not in the training data (columns: {', '.join(train.column_names)})")
+        key = "data.text_field" if column == cfg.text_field else "data.prompt_field"
+        for name, part in (("training", train), ("validation", validation)):
+            if part is None:
+                continue
+            if column not in part.column_names:
+                raise ConfigError(f"{key}: column {column!r} not in the {name} data (columns: {', '.join(part.column_names)})")
+            dtype = getattr(part.features[column], "dtype", None)
+            if dtype not in ("string", "large_string"):
+                raise ConfigError(f"{key}: column {column!r} of the {name} data holds {dtype or type(part.features[column]).__name__}, "
+                                  "not text; point it at a text column")
     if len(train) == 0:
         raise ConfigError("data.train_files / data.dataset: the training data is empty")
     if validation is None:

@@ -220,6 +220,11 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     setup = Setup(cfg, accelerator.device, load_teacher=cfg.loss.alpha < 1.0 or cfg.eval.at_end or cfg.train.eval_every > 0)
     student, teacher, vocab = setup.student, setup.teacher, setup.vocab
+    if cfg.eval.quantize:
+        from distill.quantize import check_method_fits
+
+        for method in cfg.eval.quantize:
+            check_method_fits(student.config, method, key="eval.quantize:")
     trainable, total = models.trainable_parameters(student)
     facts = {"student_trainable_params": trainable, "student_total_params": total}
     if accelerator.is_main_process:
@@ -402,12 +407,25 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
     if not (run_dir / "student").is_dir():
         raise ConfigError(f"{run_dir} has no student/ (the run did not finish); resume it with distill run --resume")
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+    previous = _previous_evaluation(run_dir)
+    # Rows that `distill quantize` added are measured again too (re-quantized from student/).
+    added = [row["model"].split("+", 1)[1] for row in previous.get("rows", []) if str(row.get("model", "")).startswith("student+")]
+    cfg.eval.quantize = list(dict.fromkeys([*cfg.eval.quantize, *added]))
+    facts = {key: previous[key] for key in ("student_trainable_params", "student_total_params") if key in previous}
     saved_student(cfg, run_dir)
     accelerator = make_accelerator(cfg)
     setup = Setup(cfg, accelerator.device)
     setup.student.to(accelerator.device)
     validation = _validation(setup, cfg, accelerator)
-    return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None)
+    return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None, facts)
+
+
+def _previous_evaluation(run_dir: Path) -> dict:
+    try:
+        previous = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ConfigError, StudentConfig, TeacherConfig
+from distill.config import ConfigError, StudentConfig, TeacherConfig, tiny_hint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,17 +23,20 @@ def resolve(path: str, key: str) -> str:
     if _looks_local(path):
         local = Path(os.path.expanduser(path))
         if not local.is_dir():
-            raise ConfigError(f"{key}: model directory not found: {path}")
+            raise ConfigError(f"{key}: model directory not found: {path}{tiny_hint(path)}")
         return str(local)
     return path
 
 
 def _pretrained(loader, path: str, key: str, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(resolve(path, key), **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}: cannot load {path!r}: {first_line}") from None
+        hint = "; a weight file is truncated or corrupt" if isinstance(err, SafetensorError) else ""
+        raise ConfigError(f"{key}: cannot load {path!r}: {first_line}{hint}") from None
 
 
 def load_tokenizer(path: str, key: str, revision: str | None = None):

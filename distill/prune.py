@@ -55,6 +55,12 @@ def check_target(config, target: PruneTarget) -> None:
         if target.num_attention_heads % group:
             raise ConfigError(f"prune num_attention_heads={target.num_attention_heads}: must be a multiple of the query group size {group} "
                               f"(num_attention_heads {config.num_attention_heads} / num_key_value_heads {config.num_key_value_heads})")
+        hidden = target.hidden_size or config.hidden_size
+        if hidden % target.num_attention_heads:
+            # transformers validates that the hidden size divides evenly among the heads.
+            choices = [n for n in range(group, config.num_attention_heads + 1, group) if hidden % n == 0]
+            raise ConfigError(f"prune num_attention_heads={target.num_attention_heads}: hidden_size {hidden} is not a multiple of it, which "
+                              f"transformers requires; choose one of {', '.join(map(str, choices))}")
 
 
 @torch.inference_mode()

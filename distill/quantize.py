@@ -52,11 +52,38 @@ def quantization_config(method: str):
     return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8_weight_only" else Int8DynamicActivationInt8WeightConfig())
 
 
+BNB_CPU_BLOCK = 64  # bitsandbytes' 4-bit CPU kernels pack absmax per 64 inputs of each row
+
+
+def check_method_fits(model_config, method: str, *, key: str = "--method") -> None:
+    """Fails before any work when ``method`` cannot run this model here.
+
+    bitsandbytes' 4-bit CPU path reshapes each weight's absmax to ``[out, in / 64]``, so every
+    Linear it quantizes (all but the output layer) needs an input width that is a multiple of 64;
+    otherwise inference fails deep inside bitsandbytes ("shape '[96, 1]' is invalid").
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if method != "bnb_4bit" or torch.cuda.is_available():
+        return
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and module.in_features % BNB_CPU_BLOCK:
+            raise ConfigError(f"{key} bnb_4bit: bitsandbytes' 4-bit CPU kernels need every quantized layer's input width to be a multiple of "
+                              f"{BNB_CPU_BLOCK}, and {name} has {module.in_features}; on CPU use bnb_8bit, int8_weight_only or int8_dynamic "
+                              "(or quantize on a GPU)")
+
+
 def quantize_model(source: str | os.PathLike, output: str | os.PathLike, method: str):
     """Loads ``source`` quantized with ``method``, saves it to ``output`` (atomically), returns it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = quantization_config(method)
+    check_method_fits(AutoConfig.from_pretrained(source), method)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=config)
     output = Path(output)
     tmp = output.with_name(f".tmp-{output.name}")
@@ -94,20 +121,29 @@ def _quant_state_tensors(state):
 
 def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int) -> list[dict]:
     """Quantizes RUN_DIR/student with each method and measures it like the other rows."""
-    from distill import evaluation, models
-
     rows = []
     for method in methods:
         out = run_dir / "quantized" / method
-        quantized = quantize_model(run_dir / "student", out, method)
-        row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
-               "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
-               **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device)}
-        if eval_cfg.speed:
-            row.update(evaluation.speed(quantized, validation, device=device, new_tokens=eval_cfg.latency_new_tokens,
-                                        batch_size=eval_cfg.throughput_batch_size, repeats=eval_cfg.speed_repeats, pad_id=pad_id))
-        rows.append(row)
+        try:
+            rows.append(_quantized_row(run_dir, out, method, teacher=teacher, validation=validation, vocab=vocab, device=device,
+                                       eval_cfg=eval_cfg, pad_id=pad_id))
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # no quantized model that was never evaluated
+            raise
     return rows
+
+
+def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int) -> dict:
+    from distill import evaluation, models
+
+    quantized = quantize_model(run_dir / "student", out, method)
+    row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
+           "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
+           **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device)}
+    if eval_cfg.speed:
+        row.update(evaluation.speed(quantized, validation, device=device, new_tokens=eval_cfg.latency_new_tokens,
+                                    batch_size=eval_cfg.throughput_batch_size, repeats=eval_cfg.speed_repeats, pad_id=pad_id))
+    return row
 
 
 def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
@@ -115,11 +151,14 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     from distill.config import load_config
     from distill.job import Setup, _validation, make_accelerator, saved_student, write_report
 
+    from transformers import AutoConfig
+
     run_dir = Path(os.path.expanduser(str(run_dir)))
-    for method in methods:
-        quantization_config(method)  # every method checked before any work
     if not (run_dir / "eval.json").is_file() or not (run_dir / "student").is_dir():
         raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
+    for method in methods:  # every method checked before any work
+        quantization_config(method)
+        check_method_fits(AutoConfig.from_pretrained(run_dir / "student"), method)
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
     saved_student(cfg, run_dir)
     accelerator = make_accelerator(cfg)
