@@ -22,6 +22,7 @@ Exit codes (the README lists them):
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -93,8 +94,42 @@ def print_redacted_traceback(err: BaseException) -> None:
     print(redact(text), file=sys.stderr, end="", flush=True)
 
 
+EXIT_DIR_ENV = "DISTILL_EXIT_DIR"
+
+
 def main_guard(fn, *args, **kwargs) -> int:
-    """Runs an entry point and maps what it raises to an exit code, the same way everywhere."""
+    """Runs an entry point and maps what it raises to an exit code, the same way everywhere.
+
+    Under ``distill launch`` (which sets DISTILL_EXIT_DIR) each job process also records its code,
+    because torchrun and the deepspeed launcher replace a failed process's code by their own.
+    """
+    code = _guarded(fn, *args, **kwargs)
+    exit_dir = os.environ.get(EXIT_DIR_ENV)
+    if exit_dir and code:
+        try:
+            with open(os.path.join(exit_dir, f"rank-{int(os.environ.get('RANK', '0') or 0):06d}"), "w") as f:
+                f.write(str(code))
+        except OSError:
+            pass
+    return code
+
+
+def launched_exit_code(exit_dir: str, launcher_code: int) -> int:
+    """The exit code of a launch: the lowest failing rank's own code, else the launcher's."""
+    try:
+        names = sorted(os.listdir(exit_dir))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            with open(os.path.join(exit_dir, name)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return launcher_code
+
+
+def _guarded(fn, *args, **kwargs) -> int:
     try:
         code = fn(*args, **kwargs)
         return 0 if code is None else code

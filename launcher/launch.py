@@ -197,7 +197,13 @@ def launch(command: Command) -> int:
     SIGINT and SIGTERM go to the launcher's whole process group; SIGUSR1 (checkpoint and stop)
     goes to the job processes.
     """
-    proc = subprocess.Popen([executable(command.argv[0]), *command.argv[1:]], env={**os.environ, **command.env}, start_new_session=True)
+    import tempfile
+
+    from distill.errors import EXIT_DIR_ENV, launched_exit_code
+
+    exit_dir = tempfile.mkdtemp(prefix="distill-exit-")
+    env = {**os.environ, **command.env, EXIT_DIR_ENV: exit_dir}
+    proc = subprocess.Popen([executable(command.argv[0]), *command.argv[1:]], env=env, start_new_session=True)
 
     def forward(signum, _frame):
         if signum == signal.SIGUSR1:
@@ -207,10 +213,13 @@ def launch(command: Command) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        # torchrun and deepspeed exit 1 whatever failed; report the job's own code (distill.errors).
+        return launched_exit_code(exit_dir, code) if code else 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        shutil.rmtree(exit_dir, ignore_errors=True)
 
 
 def executable(name: str) -> str:
