@@ -48,10 +48,9 @@ def check_writable(run_dir: Path) -> None:
     probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
     try:
         probe.write_text("ok")
+        probe.unlink()
     except OSError as err:
         raise ConfigError(f"output_dir {run_dir} is not writable ({err.strerror}); choose another --output-dir") from None
-    finally:
-        probe.unlink(missing_ok=True)
     free = shutil.disk_usage(run_dir).free
     if free < MIN_FREE_BYTES:
         raise ConfigError(f"output_dir {run_dir} has only {free / 2**20:.1f} MiB free (at least {MIN_FREE_BYTES // 2**20} MiB needed); "

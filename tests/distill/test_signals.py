@@ -1,0 +1,107 @@
+"""SIGUSR1 and SIGTERM at every moment of a real `distill run` process: during setup, during
+training and after the last step."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, job_overrides, read_metrics
+from distill import checkpoint, rundir
+
+EMPTY_CONFIG = Path(tempfile.mkdtemp()) / "empty.yaml"
+EMPTY_CONFIG.write_text("{}\n")
+
+
+def start(tiny, corpus, out, *extra, flags=()):
+    sets = [a for o in job_overrides(tiny, corpus, out, *extra) for a in ("--set", o)]
+    return subprocess.Popen([sys.executable, "-m", "distill_launcher.cli", "run", str(EMPTY_CONFIG), *sets, *flags], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before {what}: {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_during_setup_stops_cleanly(tiny, corpus, tmp_path, signum):
+    out = tmp_path / "run"
+    proc = start(tiny, corpus, out, "train.max_steps=5")
+    # The lock is taken first thing in setup, before any model or data is loaded.
+    wait_for(lambda: (out / rundir.LOCK_FILE).exists(), proc, "setup")
+    proc.send_signal(signum)
+    code, _, err = finish(proc)
+    assert "Traceback" not in err, err[-3000:]
+    assert not (out / "student").exists() and not (out / rundir.LOCK_FILE).exists()
+    if signum == signal.SIGUSR1:
+        # Requeueable: the sbatch script requeues on PREEMPTED, and --resume starts from scratch.
+        assert code == 0, err[-3000:]
+        assert "SIGUSR1 during setup" in err and (out / checkpoint.PREEMPTED_MARKER).exists()
+        again = start(tiny, corpus, out, "train.max_steps=3", "eval.at_end=false", flags=["--resume"])
+        code, _, err = finish(again)
+        assert code == 0, err[-3000:]
+        assert (out / "student").is_dir() and not (out / checkpoint.PREEMPTED_MARKER).exists()
+    else:
+        assert code == 143
+        assert err.strip().splitlines()[-1] == "distill: error: SIGTERM during setup: stopped before training, nothing to save"
+        assert not (out / checkpoint.PREEMPTED_MARKER).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_saves_a_checkpoint_and_exits_nonzero(tiny, corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = start(tiny, corpus, out, "train.max_steps=100000", "train.save_every=7", "train.log_every=1", "eval.at_end=false")
+    wait_for(lambda: checkpoint.latest(out / "checkpoints") is not None, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 143, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("distill: error: SIGTERM at step ") and "checkpoint saved in" in line
+    step = int(line.split("SIGTERM at step ")[1].split(":")[0])
+    assert checkpoint.latest(out / "checkpoints").name == f"step_{step:08d}"  # the step it stopped at, not the last periodic one
+    assert max(m["step"] for m in read_metrics(out)) == step
+    assert not (out / checkpoint.PREEMPTED_MARKER).exists() and not (out / rundir.LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_skips_a_save_that_cannot_finish_in_time(tiny, corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = start(tiny, corpus, out, "train.max_steps=100000", "train.save_every=7", "train.log_every=1", "eval.at_end=false",
+                 "train.stop_grace_seconds=0")
+    wait_for(lambda: checkpoint.latest(out / "checkpoints") is not None, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 143, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert "no checkpoint saved" in line and "train.stop_grace_seconds=0" in line and "resume from" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_after_the_last_step_finishes_the_student_and_report(tiny, corpus, tmp_path, signum):
+    out = tmp_path / "run"
+    # A slow evaluation (many timed repeats) keeps the job in its finishing phase long enough.
+    proc = start(tiny, corpus, out, "train.max_steps=3", "eval.speed_repeats=400", "eval.latency_new_tokens=16")
+    wait_for(lambda: (out / "student" / "config.json").exists(), proc, "the student to be saved")
+    proc.send_signal(signum)
+    code, stdout, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert f"{signal.Signals(signum).name} after the last step: finishing the student and the report" in err
+    assert (out / "eval.json").is_file() and "| student" in stdout
+    assert not (out / checkpoint.PREEMPTED_MARKER).exists()
