@@ -97,7 +97,7 @@ def test_sigterm_skips_a_save_that_cannot_finish_in_time(tiny, corpus, tmp_path)
 def test_signal_after_the_last_step_finishes_the_student_and_report(tiny, corpus, tmp_path, signum):
     out = tmp_path / "run"
     # A slow evaluation (many timed repeats) keeps the job in its finishing phase long enough.
-    proc = start(tiny, corpus, out, "train.max_steps=3", "eval.speed_repeats=400", "eval.latency_new_tokens=16")
+    proc = start(tiny, corpus, out, "train.max_steps=3", "eval.speed_repeats=200", "eval.latency_new_tokens=16")
     wait_for(lambda: (out / "student" / "config.json").exists(), proc, "the student to be saved")
     proc.send_signal(signum)
     code, stdout, err = finish(proc)

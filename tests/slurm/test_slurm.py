@@ -21,9 +21,14 @@ def bash_parses(script: str) -> bool:
 @pytest.mark.parametrize("nodes", [1, 3])
 def test_rendered_scripts_parse_and_ask_for_the_right_things(tmp_path, nodes):
     request = SlurmRequest(nodes=nodes, gpus_per_node=8, partition="gpu", account="proj", time="02:00:00", launcher="deepspeed",
-                           ds_config="/cfg/zero3.json", signal_seconds=300)
-    script = render_script("job.yaml", ["train.lr=1e-4", "tracking.run_name=a b"], request, tmp_path / "run")
+                           ds_config="/cfg/zero3.json", signal_seconds=300, job_name="kd run")
+    run_dir = tmp_path / "my runs" / "kd été 100%"
+    script = render_script("job.yaml", ["train.lr=1e-4", "tracking.run_name=a b"], request, run_dir)
     assert bash_parses(script)
+    # Quoted, so sbatch keeps the spaces; %% is sbatch's literal %.
+    assert f'#SBATCH --output="{tmp_path}/my runs/kd été 100%%/slurm/slurm-%j.out"' in script
+    assert '#SBATCH --job-name="kd run"' in script
+    assert f"RUN_DIR='{run_dir}'" in script
     for line in ("#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=02:00:00", f"#SBATCH --nodes={nodes}",
                  "scontrol requeue"):
@@ -41,6 +46,11 @@ def test_every_comment_explains_its_directive():
         for i, line in enumerate(lines):
             if line.startswith("#SBATCH"):
                 assert lines[i + 1].startswith("# ^"), f"{template.name}: {line} has no explanation"
+
+
+def test_directive_values_that_sbatch_cannot_carry_are_refused(tmp_path):
+    with pytest.raises(LaunchError, match="the run directory .* contains '\"'"):
+        render_script("job.yaml", [], SlurmRequest(gpus_per_node=1), tmp_path / 'say "hi"')
 
 
 def test_bad_requests():
@@ -97,6 +107,15 @@ def job_state(job_id: str) -> str:
     return next((w.split("=")[1] for w in out.split() if w.startswith("JobState=")), "GONE")
 
 
+def first_attempt_cleaned_up(job_id: str) -> bool:
+    """No process of the job is left on the node, and the node has finished completing it."""
+    pids = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True)
+    alive = pids.returncode == 0 and len(pids.stdout.strip().splitlines()) > 1  # a header line, then one line per process
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.lower()
+    return not alive and "completing" not in states and "COMPLETING" not in subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+
+
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -109,7 +128,8 @@ def wait_for(predicate, timeout: float, what: str):
 
 @pytest.mark.slow
 def test_submitted_job_runs_to_completion(cluster, tiny, corpus, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "runs with spaces" / "kd é"  # quoted through sbatch, bash and the launcher
+    out.parent.mkdir()
     job_id = submit(tiny, corpus, out, "train.max_steps=8")
     state = wait_for(lambda: job_state(job_id) if job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 300, "the job")
     log = (out / "slurm" / f"slurm-{job_id}.out").read_text()
@@ -126,9 +146,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny, corpus, t
     job_id = submit(tiny, corpus, out, "train.max_steps=1500", "train.save_every=1000", "train.log_every=1")
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 20, 300, "training to start")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-    # The job checkpoints, requeues itself and waits (BeginTime); release it at once.
+    # The job checkpoints, requeues itself and waits (BeginTime, which keeps a natural requeue clear
+    # of the race below); the test releases it early, but only once the first attempt is gone.
     requeued = lambda: "Restarts=1" in subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     wait_for(lambda: requeued() and job_state(job_id) == "PENDING", 120, "the requeue")
+    wait_for(lambda: first_attempt_cleaned_up(job_id), 300, "the first attempt to be cleaned up")
+    # slurmd revokes the old attempt's credential with a one-second clock, and kills a launch whose
+    # credential is not newer ("Job credential revoked"); start the next attempt after that second.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
     state = wait_for(lambda: job_state(job_id) if job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 600, "the job")
     log = (out / "slurm" / f"slurm-{job_id}.out").read_text()
