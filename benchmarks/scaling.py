@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from distill.train import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["torchrun", "accelerate", "deepspeed:zero1", "deepspeed:zero2", "deepspeed:zero3", "accelerate:zero2"]
 
@@ -33,7 +35,7 @@ def run(spec: str, nproc: int, steps: int, global_batch: int, out: Path) -> dict
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"launcher": spec, "processes": nproc, "error": done.stderr.strip().splitlines()[-1][:200]}
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     rates = [r["train/tokens_per_s"] for r in records[1:]]
     return {"launcher": spec, "processes": nproc, "tokens_per_s": sum(rates) / len(rates), "wall_seconds": time.time() - start,
             "final_loss": records[-1]["train/loss"]}

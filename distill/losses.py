@@ -144,8 +144,10 @@ def loss_sums(
     student_flat = student_logits.reshape(-1, vocab)
     teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
     labels_flat = labels.reshape(-1)
-    kd_total = student_flat.new_zeros((), dtype=torch.float32)
-    ce_total = student_flat.new_zeros((), dtype=torch.float32)
+    # Zeros that are part of the student's graph: a micro-batch with every token masked still
+    # backpropagates (zero gradients), as DDP and ZeRO need every rank to run backward.
+    kd_total = student_flat[:0].float().sum()
+    ce_total = student_flat[:0].float().sum()
     for start in range(0, labels_flat.numel(), chunk_size):
         chunk_labels = labels_flat[start : start + chunk_size]
         if not bool((chunk_labels != IGNORE_INDEX).any()):

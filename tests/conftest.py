@@ -88,7 +88,10 @@ def run_job(tiny: dict, corpus: dict, out: Path, *extra: str, resume: bool = Fal
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from distill.train import read_metrics as read
+
+    assert (run_dir / "metrics.jsonl").is_file(), f"no metrics.jsonl in {run_dir}"
+    return read(run_dir / "metrics.jsonl")
 
 
 def distill_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):

@@ -29,9 +29,25 @@ def test_shared_vocab_rules(tiny, tmp_path):
     assert shared_vocab_size(small, small, tokenizer, truncate_vocab=False) == len(tokenizer)
 
 
-def test_same_tokenizer_passes_check(tiny):
+def test_tokenizer_check_passes_the_same_map_and_names_the_first_differing_id(tiny):
     tok = load_tokenizer(tiny["teacher"], "teacher.path")
-    check_tokenizers(tok, load_tokenizer(tiny["student"], "student.path"))
+    check_tokenizers(tok, load_tokenizer(tiny["student"], "student.path"))  # the same map: no error
+    other = load_tokenizer(tiny["student"], "student.path")
+    other.add_tokens(["<zzz-new-token>"])  # extends the range only: still compatible
+    check_tokenizers(tok, other)
+    vocab = tok.get_vocab()
+    swapped = {token: (vocab["b"] if token == "a" else vocab["a"] if token == "b" else i) for token, i in vocab.items()}
+    first = min(vocab["a"], vocab["b"])
+
+    class Swapped:
+        def get_vocab(self):
+            return swapped
+
+        def __len__(self):
+            return len(swapped)
+
+    with pytest.raises(ConfigError, match=f"tokenizers differ at id {first} "):
+        check_tokenizers(tok, Swapped())
 
 
 def test_student_from_architecture_keeps_teacher_family(tiny):
