@@ -97,3 +97,29 @@ def test_secrets_are_redacted(tmp_path, monkeypatch):
     # The saved config loads back as the same job.
     again = load_config(tmp_path / "saved.yaml")
     assert again.teacher.path == cfg.teacher.path
+
+
+def test_url_credentials_are_redacted_in_the_saved_config(tmp_path):
+    cfg = load_config(None, ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]",
+                             "tracking.mlflow_tracking_uri=http://alice:s3cr3t-TOKEN@mlflow.example:5000/x?api_key=abc123&run=1"])
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cr3t-TOKEN" not in text and "alice" not in text and "abc123" not in text
+    assert "http://***@mlflow.example:5000/x?api_key=***&run=1" in text
+    assert cfg.tracking.mlflow_tracking_uri.startswith("http://alice:")  # the job itself still uses the real one
+
+
+def test_errors_and_tracebacks_are_redacted(capsys):
+    from distill.errors import ConfigError, main_guard
+
+    def bad_input():
+        raise ConfigError("tracking.mlflow_tracking_uri http://bob:hunter2-TOKEN@host unreachable")
+
+    def bug():
+        raise RuntimeError("failed to reach https://bob:hunter2-TOKEN@host/?token=zzz999")
+
+    assert main_guard(bad_input) == 2
+    assert capsys.readouterr().err.strip() == "distill: error: tracking.mlflow_tracking_uri http://***@host unreachable"
+    assert main_guard(bug) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "hunter2" not in err and "zzz999" not in err and "https://***@host/?token=***" in err

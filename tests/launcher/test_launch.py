@@ -88,3 +88,41 @@ def test_dry_run_prints_and_does_not_launch(tmp_path):
     assert bad.returncode == 2 and "needs --ds-config" in bad.stderr
     bad_config = distill_cli("launch", str(config), "--set", "train.lr=x", "--dry-run")
     assert bad_config.returncode == 2 and "train.lr" in bad_config.stderr
+
+
+def _job_config(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("teacher: {path: t}\nstudent: {architecture: {num_hidden_layers: 1}}\ndata: {train_files: [a.txt]}\n")
+    return config
+
+
+def test_invalid_or_job_owned_ds_config_is_refused_by_dry_run(tmp_path):
+    from conftest import distill_cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2},}')
+    result = distill_cli("launch", str(_job_config(tmp_path)), "--launcher", "deepspeed", "--ds-config", str(bad), "--dry-run")
+    assert result.returncode == 2 and result.stderr.strip().startswith(f"distill: error: --ds-config {bad}: not valid JSON")
+    assert len(result.stderr.strip().splitlines()) == 1
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+    result = distill_cli("launch", str(_job_config(tmp_path)), "--launcher", "deepspeed", "--ds-config", str(own), "--dry-run")
+    assert result.returncode == 2 and 'has an "optimizer" section' in result.stderr and "train.lr" in result.stderr
+
+
+def test_accelerate_config_file_is_passed_with_only_the_given_topology(tmp_path):
+    own = tmp_path / "cluster.yaml"
+    own.write_text("compute_environment: LOCAL_MACHINE\nnum_processes: 8\n")
+    cmd = build_command("accelerate", "job.yaml", [], Topology(nproc_per_node=1), cpu=False, accelerate_config=str(own), explicit=set())
+    assert cmd.argv[:3] == ["accelerate", "launch", f"--config_file={own}"]
+    assert not any(a.startswith(("--num_processes", "--num_machines", "--main_process")) for a in cmd.argv)
+    cmd = build_command("accelerate", "job.yaml", [], Topology(nproc_per_node=4, master_port=2222), cpu=False, accelerate_config=str(own),
+                        explicit={"nproc_per_node", "master_port"})
+    assert "--num_processes=4" in cmd.argv and "--main_process_port=2222" in cmd.argv and "--num_machines=1" not in cmd.argv
+    with pytest.raises(LaunchError, match="--accelerate-config is for --launcher accelerate"):
+        build_command("torchrun", "job.yaml", [], Topology(), accelerate_config=str(own))
+    captured = []
+    args = build_parser().parse_args(["launch", str(_job_config(tmp_path)), "--config_file", str(own), "--nproc-per-node", "2",
+                                    "--output-dir", str(tmp_path / "run")])
+    assert cmd_launch(args, launch_fn=lambda command: captured.append(command) or 0) == 0
+    assert f"--config_file={own}" in captured[0].argv and "--num_processes=2" in captured[0].argv
