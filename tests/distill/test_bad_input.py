@@ -114,3 +114,44 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoints(tiny, corpus, tmp_
     from conftest import read_metrics
 
     assert all(m["train/skipped"] for m in read_metrics(tmp_path / "skip"))
+
+
+def test_garbage_parquet(tiny, corpus, tmp_path, capsys):
+    garbage = tmp_path / "data.parquet"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    expect_error(capsys, cli_run(tiny, corpus, tmp_path / "r", f"data.train_files=[{garbage}]", "data.validation_files=[]"),
+                 "data.train_files", "cannot read", "as parquet")
+
+
+def test_csv_text_column_holding_numbers(tiny, corpus, tmp_path, capsys):
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("text\n" + "".join(f"{i * 7}\n" for i in range(100)))
+    expect_error(capsys, cli_run(tiny, corpus, tmp_path / "r", f"data.train_files=[{numbers}]", "data.validation_files=[]"),
+                 "data.text_field", "holds int64, not text")
+
+
+def test_hub_dataset_offline(tiny, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network, whatever this one has
+    expect_error(capsys, cli_run(tiny, corpus, tmp_path / "r", "data.train_files=[]", "data.validation_files=[]",
+                                 "data.dataset=some-org/some-dataset"), "data.dataset 'some-org/some-dataset': cannot load it")
+
+
+def test_missing_tiny_teacher_says_to_prepare_it(tiny, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expect_error(capsys, cli_run(tiny, corpus, tmp_path / "r", "teacher.path=~/.cache/distill/tiny/teacher"),
+                 "teacher.path", "distill prepare-tiny")
+
+
+def test_prune_heads_that_do_not_divide_the_hidden_size(tiny, tmp_path, capsys):
+    assert main(["prune", tiny["teacher"], str(tmp_path / "pruned"), "--calibration", str(EMPTY_CONFIG), "--heads", "3"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("distill: error: prune num_attention_heads=3: hidden_size 64 is not a multiple of it") and "1, 2, 4" in line
+
+
+def test_eval_of_a_run_whose_student_weights_are_truncated(tiny, corpus, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(cli_run(tiny, corpus, out, "train.max_steps=2", "eval.at_end=false")) == 0
+    weights = out / "student" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    reset_accelerate()
+    expect_error(capsys, ["eval", str(out)], "student.path", "truncated or corrupt")

@@ -59,6 +59,24 @@ def test_quantize_command_adds_rows_to_the_report(tiny, corpus, tmp_path):
     assert "student+int8_dynamic" in (run_dir / "report.md").read_text()
     bad = distill_cli("quantize", str(run_dir), "--method", "gptq")
     assert bad.returncode == 2 and "--method 'gptq'" in bad.stderr
+    # distill eval measures everything again, keeping the quantized rows and the parameter counts.
+    before = json.loads((run_dir / "eval.json").read_text())
+    again = distill_cli("eval", str(run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.loads((run_dir / "eval.json").read_text())
+    assert [r["model"] for r in after["rows"]] == [r["model"] for r in before["rows"]]
+    assert after["student_trainable_params"] == before["student_trainable_params"] > 0
+    assert "student+bnb_4bit" in (run_dir / "report.md").read_text()
+
+
+def test_bnb_4bit_on_cpu_checks_layer_widths_first(tiny, corpus, tmp_path):
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "run", "train.max_steps=2", "eval.speed=false")  # hidden_size 32
+    result = distill_cli("quantize", str(run_dir), "--method", "bnb_4bit")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("distill: error: --method bnb_4bit: bitsandbytes' 4-bit CPU kernels need") and "multiple of 64" in line
+    assert "has 32" in line and "bnb_8bit" in line
+    assert not (run_dir / "quantized").exists()
 
 
 def test_prune_distill_quantize_chain(tiny, corpus, tmp_path):
