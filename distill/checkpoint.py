@@ -228,8 +228,8 @@ def verify(path: Path) -> None:
                 continue
             elif _is_pickle_file(file):
                 if not zip_archive(file):
-                    raise CheckpointError(f"{file} is a plain pickle, not a torch archive; distill never loads such files "
-                                          "(they can run code): remove it or resume from another checkpoint")
+                    raise CheckpointError(f"refusing to load {file}: it is not a torch archive (a plain pickle, which can run code, "
+                                          "or a damaged file); remove it or resume from another checkpoint")
                 with torch.serialization.safe_globals(allowed):
                     torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except CheckpointError:

@@ -174,7 +174,7 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     """
     run_dir = Path(os.path.expanduser(cfg.output_dir))
     main = _global_rank() == 0
-    SIGNALS.install()
+    installed_here = SIGNALS.install()  # entry points install them earlier, at process start
     lock = None
     try:
         SIGNALS.enter("setup")
@@ -198,6 +198,8 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
         if lock is not None:
             lock.release()
         SIGNALS.reset()
+        if installed_here:
+            SIGNALS.uninstall()
 
 
 def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | None) -> dict | None:

@@ -35,15 +35,21 @@ class StopSignals:
     def __init__(self):
         self.phase = "idle"
         self.received: set[str] = set()
-        self._installed = False
+        self._previous: dict | None = None
 
-    def install(self) -> None:
-        """Installs the handlers (idempotent); call first thing in a job process."""
-        if self._installed:
-            return
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-        self._installed = True
+    def install(self) -> bool:
+        """Installs the handlers; call first thing in a job process. Returns False when they
+        were installed already (then the earlier caller owns them)."""
+        if self._previous is not None:
+            return False
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+        return True
+
+    def uninstall(self) -> None:
+        """Restores the handlers found by :meth:`install` (a job run inside a longer process)."""
+        for signum, handler in (self._previous or {}).items():
+            signal.signal(signum, handler)
+        self._previous = None
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name

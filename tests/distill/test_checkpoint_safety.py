@@ -81,7 +81,7 @@ def test_plain_pickle_rng_state_is_refused_unread(finished_run, tiny, corpus, tm
     out, latest = copy_run(finished_run, tmp_path)
     marker = tmp_path / "PWNED"
     (latest / "random_states_0.pkl").write_bytes(pickle.dumps(Payload(marker)))
-    expect_refused(capsys, resume_argv(tiny, corpus, out), marker, str(latest / "random_states_0.pkl"), "plain pickle", code=4)
+    expect_refused(capsys, resume_argv(tiny, corpus, out), marker, str(latest / "random_states_0.pkl"), "not a torch archive", code=4)
 
 
 @pytest.mark.parametrize("name, content", [

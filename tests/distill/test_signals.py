@@ -105,3 +105,11 @@ def test_signal_after_the_last_step_finishes_the_student_and_report(tiny, corpus
     assert f"{signal.Signals(signum).name} after the last step: finishing the student and the report" in err
     assert (out / "eval.json").is_file() and "| student" in stdout
     assert not (out / checkpoint.PREEMPTED_MARKER).exists()
+
+
+def test_an_in_process_run_restores_the_signal_handlers(tiny, corpus, tmp_path):
+    from conftest import run_job
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    run_job(tiny, corpus, tmp_path / "run", "train.max_steps=1", "eval.at_end=false")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
