@@ -408,18 +408,19 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the output_dir of a run")
     if not (run_dir / "student").is_dir():
         raise ConfigError(f"{run_dir} has no student/ (the run did not finish); resume it with distill run --resume")
-    cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
-    previous = _previous_evaluation(run_dir)
-    # Rows that `distill quantize` added are measured again too (re-quantized from student/).
-    added = [row["model"].split("+", 1)[1] for row in previous.get("rows", []) if str(row.get("model", "")).startswith("student+")]
-    cfg.eval.quantize = list(dict.fromkeys([*cfg.eval.quantize, *added]))
-    facts = {key: previous[key] for key in ("student_trainable_params", "student_total_params") if key in previous}
-    saved_student(cfg, run_dir)
-    accelerator = make_accelerator(cfg)
-    setup = Setup(cfg, accelerator.device)
-    setup.student.to(accelerator.device)
-    validation = _validation(setup, cfg, accelerator)
-    return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None, facts)
+    with rundir.RunLock(run_dir):  # it rewrites eval.json and report.md: one writer
+        cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+        previous = _previous_evaluation(run_dir)
+        # Rows that `distill quantize` added are measured again too (re-quantized from student/).
+        added = [row["model"].split("+", 1)[1] for row in previous.get("rows", []) if str(row.get("model", "")).startswith("student+")]
+        cfg.eval.quantize = list(dict.fromkeys([*cfg.eval.quantize, *added]))
+        facts = {key: previous[key] for key in ("student_trainable_params", "student_total_params") if key in previous}
+        saved_student(cfg, run_dir)
+        accelerator = make_accelerator(cfg)
+        setup = Setup(cfg, accelerator.device)
+        setup.student.to(accelerator.device)
+        validation = _validation(setup, cfg, accelerator)
+        return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None, facts)
 
 
 def _previous_evaluation(run_dir: Path) -> dict:

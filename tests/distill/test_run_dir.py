@@ -226,3 +226,17 @@ def test_disk_full_during_the_final_save(tiny, tmp_path):
         assert "MiB needed" in str(err.value)
         assert sorted(p.name for p in disk.iterdir()) == ["student"]  # no partial .tmp-student
         assert (disk / "student" / "kept.txt").read_text() == "the previous student"
+
+
+def test_eval_and_quantize_are_writers_too(tmp_path):
+    from conftest import distill_cli
+
+    run_dir = tmp_path / "run"
+    (run_dir / "student").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("teacher: {path: t}\n")
+    (run_dir / "eval.json").write_text("{}")
+    with rundir.RunLock(run_dir):  # a job of this (live) process holds the directory
+        for argv in (["eval", str(run_dir)], ["quantize", str(run_dir), "--method", "int8_dynamic"]):
+            result = distill_cli(*argv)
+            assert result.returncode == 6, result.stderr[-2000:]
+            assert f"pid {os.getpid()}" in result.stderr.strip().splitlines()[-1]
