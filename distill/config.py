@@ -117,6 +117,16 @@ class TrainConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    tasks: list = option([], "lm-evaluation-harness task names, run on every model of the report (teacher, student, quantized students).")
+    include_path: list = option([], "Folders of lm-eval task YAML files (tasks with local data files: what works offline); searched before the registry.")
+    num_fewshot: Optional[int] = option(None, "Few-shot examples per prompt (default: each task's own).")
+    limit: Optional[float] = option(None, "At most this many examples per task (a fraction of each task when below 1).")
+    batch_size: int = option(8, "Batch size of the harness's forward passes.")
+    bootstrap_iters: int = option(1000, "Bootstrap resamples for the standard errors of metrics that need them.")
+
+
+@dataclass
 class EvalConfig:
     at_end: bool = option(True, "Evaluate and write eval.json/report.md after training.")
     initial: bool = option(True, "Also evaluate the student before training (the 'untrained' row of the report).")
@@ -126,6 +136,10 @@ class EvalConfig:
     throughput_batch_size: int = option(8, "Batch size of the forward passes that measure throughput.")
     speed_repeats: int = option(3, "Timed repetitions of each speed measurement (after one warm-up).")
     quantize: list = option([], "Post-training quantization of the final student, one report row each: bnb_8bit, bnb_4bit, int8_weight_only, int8_dynamic.")
+    lm_eval: Optional[LmEvalConfig] = option(None, "Downstream benchmarks through lm-evaluation-harness (needs pip install lm-eval), e.g. {tasks: [hellaswag], limit: 200}.")
+    speculative: bool = option(False, "Measure each student as the teacher's draft model (assisted generation, greedy, batch 1): accepted tokens per step, acceptance rate, speedup.")
+    speculative_prompts: int = option(8, "Validation prompts for the speculative-decoding measurement.")
+    speculative_new_tokens: int = option(48, "Tokens generated per prompt in the speculative-decoding measurement.")
 
 
 @dataclass
@@ -321,6 +335,13 @@ def validate(cfg: DistillConfig) -> None:
     _check(tr.stop_grace_seconds >= 0, f"train.stop_grace_seconds must be >= 0 (got {tr.stop_grace_seconds})")
     _check(tr.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0 (got {tr.keep_checkpoints})")
     _check(ev.latency_new_tokens > 0 and ev.throughput_batch_size > 0 and ev.speed_repeats > 0, "eval.latency_new_tokens, eval.throughput_batch_size and eval.speed_repeats must be > 0")
+    _check(ev.speculative_prompts > 0 and ev.speculative_new_tokens > 0, "eval.speculative_prompts and eval.speculative_new_tokens must be > 0")
+    if ev.lm_eval is not None:
+        _check(bool(ev.lm_eval.tasks), "eval.lm_eval.tasks must name at least one task")
+        _check(all(isinstance(t, str) for t in ev.lm_eval.tasks), "eval.lm_eval.tasks must be task names")
+        _check(ev.lm_eval.batch_size > 0, "eval.lm_eval.batch_size must be > 0")
+        _check(ev.lm_eval.limit is None or ev.lm_eval.limit > 0, "eval.lm_eval.limit must be > 0")
+        _check(ev.lm_eval.num_fewshot is None or ev.lm_eval.num_fewshot >= 0, "eval.lm_eval.num_fewshot must be >= 0")
     _check(bool(cfg.output_dir), "output_dir must not be empty")
     methods = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
     for method in ev.quantize:

@@ -184,6 +184,8 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def markdown_report(result: dict) -> str:
+    from distill.downstream import report_tables
+
     lines = [
         "# Distillation report", "",
         f"Validation: {result['validation_tokens']:,} target tokens. Perplexity and KL are per token; "
@@ -191,5 +193,6 @@ def markdown_report(result: dict) -> str:
         f"throughput is forward passes at batch {result['throughput_batch_size']}.", "",
         table(result["rows"]), "",
         *[f"- {line}" for line in summary_lines(result)], "",
+        *report_tables(result["rows"]),
     ]
     return "\n".join(lines)

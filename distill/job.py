@@ -210,6 +210,10 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
 
         for method in cfg.eval.quantize:  # a missing library fails now, not after training
             quantization_config(method)
+    if cfg.eval.lm_eval is not None and cfg.eval.at_end:
+        from distill import downstream
+
+        downstream.check_tasks(cfg.eval.lm_eval)  # a missing harness, task or dataset fails now, not after training
     accelerator = make_accelerator(cfg, ds_config)
     set_seed(cfg.train.seed)
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
@@ -280,7 +284,9 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization)
             result = final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
             if tracker is not None:
-                tracker.summary(result)
+                from distill.downstream import summary_metrics
+
+                tracker.summary({**result, **summary_metrics(result["rows"])})
     finally:
         if tracker is not None:
             tracker.close()
@@ -354,6 +360,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         return None
     student_dir = run_dir / "student"
     pad_id = tokenizer.pad_token_id
+    measure = _downstream_measure(cfg, teacher, tokenizer, validation, device)
     for name, model, q, path in (("teacher", teacher, teacher_quality, cfg.teacher.path), ("student", student, student_quality, student_dir)):
         row = {"model": name, "params": evaluation.parameter_count(model), "disk_bytes": models.bytes_on_disk(path),
                "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
@@ -361,6 +368,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         if ev.speed:
             row.update(evaluation.speed(model, validation, device=device, new_tokens=ev.latency_new_tokens,
                                         batch_size=ev.throughput_batch_size, repeats=ev.speed_repeats, pad_id=pad_id))
+        row.update(measure(model, name))
         rows.append(row)
     if initial is not None:
         student_row = rows[-1]
@@ -370,7 +378,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         from distill.quantize import quantized_rows
 
         rows += quantized_rows(run_dir, ev.quantize, teacher=teacher, validation=validation, vocab=vocab, device=device,
-                               eval_cfg=ev, pad_id=pad_id)
+                               eval_cfg=ev, pad_id=pad_id, measure=measure)
     result = {
         "rows": rows,
         "validation_tokens": student_quality["tokens"],
@@ -385,13 +393,41 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     return result
 
 
+def _downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, device):
+    """``fn(model, row name) -> fields``: lm-eval scores for every row, and the draft-model
+    figures for every student row (measured against one run of the teacher by itself)."""
+    from distill import downstream
+
+    ev = cfg.eval
+    manager = downstream.task_manager(ev.lm_eval) if ev.lm_eval is not None else None
+    reference = None
+    if ev.speculative:
+        reference = downstream.teacher_alone(teacher, validation, device=device, new_tokens=ev.speculative_new_tokens,
+                                             prompts=ev.speculative_prompts, prompt_tokens=32)
+
+    def measure(model, name: str) -> dict:
+        fields = {}
+        if manager is not None:
+            fields.update(downstream.lm_eval_scores(model, tokenizer, ev.lm_eval, manager))
+        if reference is not None and name != "teacher":
+            fields.update(downstream.speculative(teacher, model, reference, device=device, new_tokens=ev.speculative_new_tokens))
+        return fields
+
+    return measure
+
+
 def write_report(result: dict, run_dir: Path) -> None:
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     report = evaluation.markdown_report(result)
     (run_dir / "report.md").write_text(report)
+    from distill.downstream import report_tables
+
     print("\n" + evaluation.table(result["rows"]))
     for line in evaluation.summary_lines(result):
         print(line)
+    extra = report_tables(result["rows"])
+    if extra:
+        print("\n" + "\n".join(extra).rstrip())
     print(f"\nreport: {run_dir / 'report.md'}")
 
 
@@ -401,8 +437,14 @@ def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
     cfg.student.lora, cfg.student.quantization = None, "none"
 
 
-def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
-    """Re-evaluates a finished run from its saved config and student (``distill eval``)."""
+def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None = None, lm_eval_include: list[str] | None = None,
+                 lm_eval_limit: float | None = None, speculative: bool = False) -> dict | None:
+    """Re-evaluates a finished run from its saved config and student (``distill eval``).
+
+    ``lm_eval_tasks`` (with ``lm_eval_include`` folders and ``lm_eval_limit``) and
+    ``speculative`` add downstream benchmarks and the draft-model measurement to the run's own
+    ``eval.lm_eval`` and ``eval.speculative``.
+    """
     run_dir = Path(os.path.expanduser(str(run_dir)))
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the output_dir of a run")
@@ -415,12 +457,30 @@ def evaluate_run(run_dir: str | os.PathLike) -> dict | None:
         added = [row["model"].split("+", 1)[1] for row in previous.get("rows", []) if str(row.get("model", "")).startswith("student+")]
         cfg.eval.quantize = list(dict.fromkeys([*cfg.eval.quantize, *added]))
         facts = {key: previous[key] for key in ("student_trainable_params", "student_total_params") if key in previous}
+        _add_downstream(cfg, lm_eval_tasks, lm_eval_include, lm_eval_limit, speculative)
         saved_student(cfg, run_dir)
         accelerator = make_accelerator(cfg)
         setup = Setup(cfg, accelerator.device)
         setup.student.to(accelerator.device)
         validation = _validation(setup, cfg, accelerator)
         return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None, facts)
+
+
+def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool) -> None:
+    from distill.config import LmEvalConfig, validate
+
+    if tasks:
+        lm = cfg.eval.lm_eval or LmEvalConfig()
+        lm.tasks = list(dict.fromkeys([*lm.tasks, *tasks]))
+        lm.include_path = list(dict.fromkeys([*lm.include_path, *(include or [])]))
+        lm.limit = limit if limit is not None else lm.limit
+        cfg.eval.lm_eval = lm
+    cfg.eval.speculative = cfg.eval.speculative or speculative
+    validate(cfg)
+    if cfg.eval.lm_eval is not None:
+        from distill import downstream
+
+        downstream.check_tasks(cfg.eval.lm_eval)
 
 
 def _previous_evaluation(run_dir: Path) -> dict:

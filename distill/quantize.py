@@ -119,21 +119,27 @@ def _quant_state_tensors(state):
             yield from _quant_state_tensors(value)
 
 
-def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int) -> list[dict]:
-    """Quantizes RUN_DIR/student with each method and measures it like the other rows."""
+def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int,
+                   measure=None) -> list[dict]:
+    """Quantizes RUN_DIR/student with each method and measures it like the other rows.
+
+    Args:
+        measure: ``fn(model, row name) -> fields`` of further figures (downstream benchmarks, draft model).
+    """
     rows = []
     for method in methods:
         out = run_dir / "quantized" / method
         try:
             rows.append(_quantized_row(run_dir, out, method, teacher=teacher, validation=validation, vocab=vocab, device=device,
-                                       eval_cfg=eval_cfg, pad_id=pad_id))
+                                       eval_cfg=eval_cfg, pad_id=pad_id, measure=measure))
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)  # no quantized model that was never evaluated
             raise
     return rows
 
 
-def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int) -> dict:
+def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int,
+                   measure=None) -> dict:
     from distill import evaluation, models
 
     quantized = quantize_model(run_dir / "student", out, method)
@@ -143,6 +149,8 @@ def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation
     if eval_cfg.speed:
         row.update(evaluation.speed(quantized, validation, device=device, new_tokens=eval_cfg.latency_new_tokens,
                                     batch_size=eval_cfg.throughput_batch_size, repeats=eval_cfg.speed_repeats, pad_id=pad_id))
+    if measure is not None:
+        row.update(measure(quantized, row["model"]))
     return row
 
 
@@ -151,7 +159,7 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     from transformers import AutoConfig
 
     from distill.config import load_config
-    from distill.job import Setup, _validation, make_accelerator, saved_student, write_report
+    from distill.job import Setup, _downstream_measure, _validation, make_accelerator, saved_student, write_report
     from distill.models import _pretrained
     from distill.rundir import RunLock
 
@@ -171,7 +179,8 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
         validation = _validation(setup, cfg, accelerator)
         result = json.loads((run_dir / "eval.json").read_text())
         result["rows"] = [r for r in result["rows"] if r["model"] not in {f"student+{m}" for m in methods}]
+        measure = _downstream_measure(cfg, setup.teacher, setup.tokenizer, validation, accelerator.device)
         result["rows"] += quantized_rows(run_dir, methods, teacher=setup.teacher, validation=validation, vocab=setup.vocab,
-                                         device=accelerator.device, eval_cfg=cfg.eval, pad_id=setup.tokenizer.pad_token_id)
+                                         device=accelerator.device, eval_cfg=cfg.eval, pad_id=setup.tokenizer.pad_token_id, measure=measure)
         write_report(result, run_dir)
         return result

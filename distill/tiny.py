@@ -67,6 +67,43 @@ def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = RECIPE["vocab_
     return wrapped
 
 
+LM_EVAL_TASK = "stdlib_next_line"
+
+
+def write_lm_eval_task(text_file: Path, out: Path, *, name: str = LM_EVAL_TASK, examples: int = 200, seed: int = 0) -> Path:
+    """A small multiple-choice lm-eval task built from local text, for offline benchmarks.
+
+    Each example shows four consecutive non-blank lines of ``text_file`` and asks which of four
+    lines comes next: the real one, or three lines drawn from elsewhere in the file. Written as
+    ``OUT/NAME.yaml`` (lm-eval's task format, data by absolute path) and ``OUT/NAME.jsonl``;
+    pass OUT as ``eval.lm_eval.include_path``.
+    """
+    import random
+
+    lines = [line.strip() for line in Path(text_file).read_text().splitlines() if len(line.strip()) >= 8]
+    rng = random.Random(seed)
+    rows = []
+    for i in rng.sample(range(4, len(lines)), min(examples, len(lines) - 4)):
+        choices = [lines[i], *rng.sample([line for line in lines if line != lines[i]], 3)]
+        rng.shuffle(choices)
+        rows.append({"context": "\n".join(lines[i - 4 : i]) + "\n", "choices": choices, "gold": choices.index(lines[i])})
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "gold",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    }
+    import yaml
+
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def _fingerprint() -> str:
     blob = json.dumps({"recipe": RECIPE, "python": sys.version_info[:2]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -77,6 +114,8 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bo
     out = Path(os.path.expanduser(str(directory)))
     stamp = out / "fingerprint.txt"
     if not force and stamp.is_file() and stamp.read_text().strip() == _fingerprint() and (out / "teacher" / "config.json").is_file():
+        if not (out / "lm_eval" / f"{LM_EVAL_TASK}.yaml").is_file():
+            write_lm_eval_task(out / "validation.txt", out / "lm_eval")
         print(f"tiny teacher and corpus ready in {out} (cached)")
         return out
     import torch
@@ -107,6 +146,7 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bo
     os.rename(out / "warmup-run" / "student", out / "teacher")
     shutil.rmtree(out / "warmup-run")
     shutil.rmtree(init_dir)
+    write_lm_eval_task(validation_file, out / "lm_eval")
     stamp.write_text(_fingerprint())
     print(f"tiny teacher and corpus ready in {out}")
     return out

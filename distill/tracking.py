@@ -65,8 +65,11 @@ class Tracker:
             self._client.summary.update(values)
         elif self.backend == "tensorboard":
             self._client.add_text("eval", "```\n" + json.dumps(values, indent=2) + "\n```")
+            for key, value in values.items():  # per-model figures (MODEL/lm_eval/TASK/METRIC, ...) as scalars too
+                if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._client.add_scalar(f"final/{key}", value, 0)
         elif self.backend == "mlflow":
-            numeric = {k: v for k, v in _flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric = {_mlflow_name(k): v for k, v in _flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self._client.log_metrics(numeric)
 
     def close(self) -> None:
@@ -77,6 +80,13 @@ class Tracker:
             self._client.close()
         elif self.backend == "mlflow":
             self._client.end_run()
+
+
+def _mlflow_name(key: str) -> str:
+    """MLflow metric names allow alphanumerics and _ - . space : / only ("student+bnb_4bit/..." has a +)."""
+    import re
+
+    return re.sub(r"[^\w\-. :/]", "_", key)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -63,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from distill.job import evaluate_run
 
-    evaluate_run(args.run_dir)
+    evaluate_run(args.run_dir, lm_eval_tasks=args.lm_eval, lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+                 speculative=args.speculative)
     return 0
 
 
@@ -233,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
                              description="Load RUN_DIR/config.yaml and RUN_DIR/student, evaluate teacher and student again, rewrite eval.json and report.md.")
     ev.add_argument("run_dir", help="the output_dir of a finished run")
+    ev.add_argument("--lm-eval", nargs="+", metavar="TASK", help="also run these lm-evaluation-harness tasks on every model (pip install lm-eval)")
+    ev.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of lm-eval task YAML files (local tasks; what works offline)")
+    ev.add_argument("--lm-eval-limit", type=float, metavar="N", help="at most N examples per task (a fraction when below 1)")
+    ev.add_argument("--speculative", action="store_true", help="also measure each student as the teacher's draft model (assisted generation)")
     ev.set_defaults(func=cmd_eval)
 
     tiny = commands.add_parser("prepare-tiny", help="build the bundled tiny corpus, tokenizer and trained teacher (no download)",

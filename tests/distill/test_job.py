@@ -78,11 +78,13 @@ def test_distill_eval_rewrites_the_same_figures(finished_run):
 def test_tensorboard_records_readable(tiny, corpus, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = run_job(tiny, corpus, tmp_path / "tb", "tracking.backend=tensorboard", "eval.speed=false")
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "tb", "tracking.backend=tensorboard", "eval.speed=false", "eval.speculative=true",
+                         "eval.speculative_prompts=2", "eval.speculative_new_tokens=8")
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     losses = acc.Scalars("train/loss")
     assert [e.step for e in losses] == list(range(1, 7))
+    assert 0 <= acc.Scalars("final/student/spec_acceptance_rate")[0].value <= 1  # the draft-model figures reach the tracker
 
 
 def test_mlflow_records_readable(tiny, corpus, tmp_path):
