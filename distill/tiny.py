@@ -67,26 +67,32 @@ def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = RECIPE["vocab_
     return wrapped
 
 
-LM_EVAL_TASK = "stdlib_next_line"
+LM_EVAL_TASK = "stdlib_next_word"
 
 
 def write_lm_eval_task(text_file: Path, out: Path, *, name: str = LM_EVAL_TASK, examples: int = 200, seed: int = 0) -> Path:
-    """A small multiple-choice lm-eval task built from local text, for offline benchmarks.
+    """A small multiple-choice cloze task built from local text, for offline benchmarks.
 
-    Each example shows four consecutive non-blank lines of ``text_file`` and asks which of four
-    lines comes next: the real one, or three lines drawn from elsewhere in the file. Written as
-    ``OUT/NAME.yaml`` (lm-eval's task format, data by absolute path) and ``OUT/NAME.jsonl``;
-    pass OUT as ``eval.lm_eval.include_path``.
+    Each example shows a line of ``text_file`` up to one of its words, after the six lines before
+    it (indentation kept), and asks which of four words comes next: the real one, or three words
+    drawn from elsewhere in the file. Written as ``OUT/NAME.yaml`` (lm-eval's task format, data by
+    absolute path) and ``OUT/NAME.jsonl``; pass OUT as ``eval.lm_eval.include_path``.
     """
     import random
+    import re
 
-    lines = [line.strip() for line in Path(text_file).read_text().splitlines() if len(line.strip()) >= 8]
+    lines = Path(text_file).read_text().splitlines()
+    words = re.compile(r"[A-Za-z_][A-Za-z_0-9]{2,}")
+    sites = [(i, m) for i in range(6, len(lines)) for m in words.finditer(lines[i]) if m.start() > len(lines[i]) - len(lines[i].lstrip())]
+    vocabulary = sorted({m.group() for _, m in sites})
     rng = random.Random(seed)
     rows = []
-    for i in rng.sample(range(4, len(lines)), min(examples, len(lines) - 4)):
-        choices = [lines[i], *rng.sample([line for line in lines if line != lines[i]], 3)]
+    for i, match in rng.sample(sites, min(examples, len(sites))):
+        word = match.group()
+        choices = [word, *rng.sample([w for w in vocabulary if w != word], 3)]
         rng.shuffle(choices)
-        rows.append({"context": "\n".join(lines[i - 4 : i]) + "\n", "choices": choices, "gold": choices.index(lines[i])})
+        context = "\n".join(lines[i - 6 : i]) + "\n" + lines[i][: match.start()]
+        rows.append({"context": context, "choices": choices, "gold": choices.index(word)})
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"{name}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -102,8 +102,8 @@ def test_a_draft_with_another_vocabulary_is_noted_not_measured(tiny, tmp_path):
 
 
 def test_unknown_task_lists_close_matches(local_task):
-    with pytest.raises(ConfigError, match=f"unknown lm-eval task 'stdlib_next_lin'; close matches: {LM_EVAL_TASK}"):
-        downstream.check_tasks(LmEvalConfig(tasks=["stdlib_next_lin"], include_path=[str(local_task)]))
+    with pytest.raises(ConfigError, match=f"unknown lm-eval task 'stdlib_next_wor'; close matches: {LM_EVAL_TASK}"):
+        downstream.check_tasks(LmEvalConfig(tasks=["stdlib_next_wor"], include_path=[str(local_task)]))
     with pytest.raises(ConfigError, match="close matches: .*hellaswag"):
         downstream.check_tasks(LmEvalConfig(tasks=["hellaswagg"]))
 
