@@ -28,3 +28,10 @@ def test_quickstart_distills_meaningfully(tmp_path):
     assert student["params"] * 3 < teacher["params"]
     assert student["throughput_tokens_per_s"] > 0 and teacher["throughput_tokens_per_s"] > 0
     assert list((run_dir / "wandb").glob("offline-run-*"))
+    # The README's next step: benchmarks on the local task that prepare-tiny built, and the draft model.
+    task_dir = tmp_path / ".cache" / "distill" / "tiny" / "lm_eval"
+    judged = distill_cli("eval", str(run_dir), "--lm-eval", "stdlib_next_word", "--lm-eval-include", str(task_dir), "--speculative", env=env)
+    assert judged.returncode == 0, judged.stderr[-3000:]
+    rows = {r["model"]: r for r in json.loads((run_dir / "eval.json").read_text())["rows"]}
+    assert rows["teacher"]["lm_eval/stdlib_next_word/acc"] > 0.4  # a trained model, well above the 0.25 of chance
+    assert rows["student"]["spec_identical"] is True and rows["student"]["spec_accepted_per_step"] > 0.5
