@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from distill import checkpoint, data, evaluation, models, rundir  # noqa: E402
+from distill import checkpoint, data, evaluation, models, report, rundir  # noqa: E402
 from distill.config import ConfigError, DistillConfig, load_config, read_ds_config, save_config, to_dict  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
@@ -149,7 +149,8 @@ class Setup:
         return student.float().requires_grad_(True).train()
 
 
-def _validation(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
+def validation_set(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
+    """This process's share of the validation batches (every rank gets as many)."""
     return data.validation_batches(
         setup.validation_sequences, batch_size=cfg.train.micro_batch_size, limit=cfg.data.max_validation_sequences,
         pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -236,7 +237,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if accelerator.is_main_process:
         print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
-    validation = _validation(setup, cfg, accelerator)
+    validation = validation_set(setup, cfg, accelerator)
 
     initial = None
     if cfg.eval.at_end and cfg.eval.initial and latest is None:
@@ -282,7 +283,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             del optimizer, student  # free optimizer state (and ZeRO shards) before evaluation
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
             final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization)
-            result = final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
+            result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
             if tracker is not None:
                 from distill.downstream import summary_metrics
 
@@ -338,157 +339,6 @@ def save_student(accelerator, student, tokenizer, path: Path, *, merge_lora: boo
 
             _save_atomically(path, write_merged)
     accelerator.wait_for_everyone()
-
-
-def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
-                     facts: dict | None = None) -> dict | None:
-    """Evaluates teacher and student with the same code; writes eval.json and report.md."""
-    device = accelerator.device
-    ev = cfg.eval
-    rows = []
-    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True)
-    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device)
-    if initial is None and (run_dir / "initial_eval.json").exists():
-        initial = json.loads((run_dir / "initial_eval.json").read_text())
-    fidelity, full_memory = None, None
-    if cfg.teacher.quantization != "none" and ev.teacher_fidelity:
-        full_teacher = models.load_teacher(cfg.teacher, device, quantized=False)
-        fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device)
-        full_memory = full_teacher.get_memory_footprint()
-        del full_teacher
-    if not accelerator.is_main_process:
-        return None
-    student_dir = run_dir / "student"
-    pad_id = tokenizer.pad_token_id
-    measure = _downstream_measure(cfg, teacher, tokenizer, validation, device)
-    for name, model, q, path in (("teacher", teacher, teacher_quality, cfg.teacher.path), ("student", student, student_quality, student_dir)):
-        row = {"model": name, "params": evaluation.parameter_count(model), "disk_bytes": models.bytes_on_disk(path),
-               "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
-               **q}
-        if ev.speed:
-            row.update(evaluation.speed(model, validation, device=device, new_tokens=ev.latency_new_tokens,
-                                        batch_size=ev.throughput_batch_size, repeats=ev.speed_repeats, pad_id=pad_id))
-        row.update(measure(model, name))
-        rows.append(row)
-    if initial is not None:
-        student_row = rows[-1]
-        rows.insert(1, {"model": "initial_student", "params": student_row["params"], "disk_bytes": None,
-                        "memory_bytes": student_row["memory_bytes"], "quantization": "none", **initial})
-    if ev.quantize:
-        from distill.quantize import quantized_rows
-
-        rows += quantized_rows(run_dir, ev.quantize, teacher=teacher, validation=validation, vocab=vocab, device=device,
-                               eval_cfg=ev, pad_id=pad_id, measure=measure)
-    result = {
-        "rows": rows,
-        "validation_tokens": student_quality["tokens"],
-        "throughput_batch_size": ev.throughput_batch_size,
-        "teacher_fidelity_kl": fidelity,
-        "teacher_full_memory_bytes": full_memory,
-        "loss": cfg.loss.kind,
-        "steps": cfg.train.max_steps,
-        **(facts or {}),
-    }
-    write_report(result, run_dir)
-    return result
-
-
-def _downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, device):
-    """``fn(model, row name) -> fields``: lm-eval scores for every row, and the draft-model
-    figures for every student row (measured against one run of the teacher by itself)."""
-    from distill import downstream
-
-    ev = cfg.eval
-    manager = downstream.task_manager(ev.lm_eval) if ev.lm_eval is not None else None
-    reference = None
-    if ev.speculative:
-        reference = downstream.teacher_alone(teacher, validation, device=device, new_tokens=ev.speculative_new_tokens,
-                                             prompts=ev.speculative_prompts, prompt_tokens=32)
-
-    def measure(model, name: str) -> dict:
-        fields = {}
-        if manager is not None:
-            fields.update(downstream.lm_eval_scores(model, tokenizer, ev.lm_eval, manager))
-        if reference is not None and name != "teacher":
-            fields.update(downstream.speculative(teacher, model, reference, device=device, new_tokens=ev.speculative_new_tokens))
-        return fields
-
-    return measure
-
-
-def write_report(result: dict, run_dir: Path) -> None:
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    report = evaluation.markdown_report(result)
-    (run_dir / "report.md").write_text(report)
-    from distill.downstream import report_tables
-
-    print("\n" + evaluation.table(result["rows"]))
-    for line in evaluation.summary_lines(result):
-        print(line)
-    extra = report_tables(result["rows"])
-    if extra:
-        print("\n" + "\n".join(extra).rstrip())
-    print(f"\nreport: {run_dir / 'report.md'}")
-
-
-def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
-    """Points ``cfg`` at the run's saved student (a LoRA adapter loads with its base)."""
-    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
-    cfg.student.lora, cfg.student.quantization = None, "none"
-
-
-def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None = None, lm_eval_include: list[str] | None = None,
-                 lm_eval_limit: float | None = None, speculative: bool = False) -> dict | None:
-    """Re-evaluates a finished run from its saved config and student (``distill eval``).
-
-    ``lm_eval_tasks`` (with ``lm_eval_include`` folders and ``lm_eval_limit``) and
-    ``speculative`` add downstream benchmarks and the draft-model measurement to the run's own
-    ``eval.lm_eval`` and ``eval.speculative``.
-    """
-    run_dir = Path(os.path.expanduser(str(run_dir)))
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the output_dir of a run")
-    if not (run_dir / "student").is_dir():
-        raise ConfigError(f"{run_dir} has no student/ (the run did not finish); resume it with distill run --resume")
-    with rundir.RunLock(run_dir):  # it rewrites eval.json and report.md: one writer
-        cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
-        previous = _previous_evaluation(run_dir)
-        # Rows that `distill quantize` added are measured again too (re-quantized from student/).
-        added = [row["model"].split("+", 1)[1] for row in previous.get("rows", []) if str(row.get("model", "")).startswith("student+")]
-        cfg.eval.quantize = list(dict.fromkeys([*cfg.eval.quantize, *added]))
-        facts = {key: previous[key] for key in ("student_trainable_params", "student_total_params") if key in previous}
-        _add_downstream(cfg, lm_eval_tasks, lm_eval_include, lm_eval_limit, speculative)
-        saved_student(cfg, run_dir)
-        accelerator = make_accelerator(cfg)
-        setup = Setup(cfg, accelerator.device)
-        setup.student.to(accelerator.device)
-        validation = _validation(setup, cfg, accelerator)
-        return final_evaluation(cfg, accelerator, setup.student, setup.teacher, validation, setup.vocab, run_dir, setup.tokenizer, None, facts)
-
-
-def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool) -> None:
-    from distill.config import LmEvalConfig, validate
-
-    if tasks:
-        lm = cfg.eval.lm_eval or LmEvalConfig()
-        lm.tasks = list(dict.fromkeys([*lm.tasks, *tasks]))
-        lm.include_path = list(dict.fromkeys([*lm.include_path, *(include or [])]))
-        lm.limit = limit if limit is not None else lm.limit
-        cfg.eval.lm_eval = lm
-    cfg.eval.speculative = cfg.eval.speculative or speculative
-    validate(cfg)
-    if cfg.eval.lm_eval is not None:
-        from distill import downstream
-
-        downstream.check_tasks(cfg.eval.lm_eval)
-
-
-def _previous_evaluation(run_dir: Path) -> dict:
-    try:
-        previous = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return previous if isinstance(previous, dict) else {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ the teacher and the student; a row per method joins ``eval.json`` and ``report.m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -158,29 +157,25 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report."""
     from transformers import AutoConfig
 
-    from distill.config import load_config
-    from distill.job import Setup, _downstream_measure, _validation, make_accelerator, saved_student, write_report
+    from distill import report
+    from distill.finished_run import FinishedRun
     from distill.models import _pretrained
-    from distill.rundir import RunLock
 
-    run_dir = Path(os.path.expanduser(str(run_dir)))
-    if not (run_dir / "eval.json").is_file() or not (run_dir / "student").is_dir():
-        raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
     for method in methods:  # every method checked before any work
         quantization_config(method)
-    with RunLock(run_dir):  # it writes quantized/, eval.json and report.md: one writer
-        student_config = _pretrained(AutoConfig, str(run_dir / "student"), "the run's student/")
+    if not (Path(os.path.expanduser(str(run_dir))) / "eval.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
+    run = FinishedRun(run_dir)
+    with run.lock():  # it writes quantized/, eval.json and report.md: one writer
+        student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
         for method in methods:
             check_method_fits(student_config, method)
-        cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
-        saved_student(cfg, run_dir)
-        accelerator = make_accelerator(cfg)
-        setup = Setup(cfg, accelerator.device)
-        validation = _validation(setup, cfg, accelerator)
-        result = json.loads((run_dir / "eval.json").read_text())
-        result["rows"] = [r for r in result["rows"] if r["model"] not in {f"student+{m}" for m in methods}]
-        measure = _downstream_measure(cfg, setup.teacher, setup.tokenizer, validation, accelerator.device)
-        result["rows"] += quantized_rows(run_dir, methods, teacher=setup.teacher, validation=validation, vocab=setup.vocab,
-                                         device=accelerator.device, eval_cfg=cfg.eval, pad_id=setup.tokenizer.pad_token_id, measure=measure)
-        write_report(result, run_dir)
+        loaded = run.load()
+        s = loaded.setup
+        result = dict(run.previous)
+        result["rows"] = [r for r in result.get("rows", []) if r["model"] not in {f"student+{m}" for m in methods}]
+        measure = report.downstream_measure(run.cfg, s.teacher, s.tokenizer, loaded.validation, loaded.device)
+        result["rows"] += quantized_rows(run.dir, methods, teacher=s.teacher, validation=loaded.validation, vocab=s.vocab,
+                                         device=loaded.device, eval_cfg=run.cfg.eval, pad_id=s.tokenizer.pad_token_id, measure=measure)
+        report.write_report(result, run.dir)
         return result

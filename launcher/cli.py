@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.job import evaluate_run
+    from distill.finished_run import evaluate_run
 
     evaluate_run(args.run_dir, lm_eval_tasks=args.lm_eval, lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
                  speculative=args.speculative)

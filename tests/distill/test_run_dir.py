@@ -233,7 +233,7 @@ def test_eval_and_quantize_are_writers_too(tmp_path):
 
     run_dir = tmp_path / "run"
     (run_dir / "student").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("teacher: {path: t}\n")
+    (run_dir / "config.yaml").write_text("teacher: {path: t}\nstudent: {architecture: {num_hidden_layers: 1}}\ndata: {train_files: [a.txt]}\n")
     (run_dir / "eval.json").write_text("{}")
     with rundir.RunLock(run_dir):  # a job of this (live) process holds the directory
         for argv in (["eval", str(run_dir)], ["quantize", str(run_dir), "--method", "int8_dynamic"]):

@@ -1,7 +1,6 @@
 """SIGUSR1 and SIGTERM at every moment of a real `distill run` process: during setup, during
 training and after the last step."""
 
-import os
 import signal
 import subprocess
 import sys

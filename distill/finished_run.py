@@ -1,0 +1,108 @@
+"""A finished run directory, opened by one module for every post-training tool.
+
+``distill eval`` and ``distill quantize`` (and, later, comparisons and sweeps) open a run here:
+its saved config, its student, its previous evaluation, and the models and validation data
+loaded the way the job loaded them. They never reach into the trainer's helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from distill import report, rundir
+from distill.config import ConfigError, DistillConfig, load_config
+
+
+class FinishedRun:
+    """``RUN_DIR`` of a run that saved its student; :meth:`load` brings its models and data up."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(os.path.expanduser(str(path)))
+        if not (self.dir / "config.yaml").is_file():
+            raise ConfigError(f"{self.dir} is not a run directory (no config.yaml); pass the output_dir of a run")
+        if not (self.dir / "student").is_dir():
+            raise ConfigError(f"{self.dir} has no student/ (the run did not finish); resume it with distill run --resume")
+        self.cfg = load_config(self.dir / "config.yaml", [f"output_dir={self.dir}"])
+        self.previous = _previous_evaluation(self.dir)
+
+    def lock(self) -> rundir.RunLock:
+        """Post-training tools rewrite eval.json and report.md: one writer at a time."""
+        return rundir.RunLock(self.dir)
+
+    def facts(self) -> dict:
+        """Figures only training knows (trainable parameters), kept from the previous evaluation."""
+        return {key: self.previous[key] for key in ("student_trainable_params", "student_total_params") if key in self.previous}
+
+    def quantized_methods(self) -> list[str]:
+        """Quantization rows the report has (from eval.quantize or distill quantize)."""
+        added = [row["model"].split("+", 1)[1] for row in self.previous.get("rows", []) if str(row.get("model", "")).startswith("student+")]
+        return list(dict.fromkeys([*self.cfg.eval.quantize, *added]))
+
+    def load(self) -> "Loaded":
+        """Teacher, the saved student, tokenizer and validation batches, as the job loads them."""
+        from distill.job import Setup, make_accelerator, validation_set
+
+        saved_student(self.cfg, self.dir)
+        accelerator = make_accelerator(self.cfg)
+        setup = Setup(self.cfg, accelerator.device)
+        setup.student.to(accelerator.device)
+        return Loaded(accelerator, setup, validation_set(setup, self.cfg, accelerator))
+
+
+class Loaded:
+    def __init__(self, accelerator, setup, validation):
+        self.accelerator, self.setup, self.validation = accelerator, setup, validation
+        self.device = accelerator.device
+
+
+def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
+    """Points ``cfg`` at the run's saved student (a LoRA adapter loads with its base)."""
+    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
+    cfg.student.lora, cfg.student.quantization = None, "none"
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None = None, lm_eval_include: list[str] | None = None,
+                 lm_eval_limit: float | None = None, speculative: bool = False) -> dict | None:
+    """Re-evaluates a finished run from its saved config and student (``distill eval``).
+
+    Rows that ``distill quantize`` added are measured again (re-quantized from student/).
+    ``lm_eval_tasks`` (with ``lm_eval_include`` folders and ``lm_eval_limit``) and
+    ``speculative`` add downstream benchmarks and the draft-model measurement to the run's own
+    ``eval.lm_eval`` and ``eval.speculative``.
+    """
+    run = FinishedRun(run_dir)
+    with run.lock():
+        cfg = run.cfg
+        cfg.eval.quantize = run.quantized_methods()
+        _add_downstream(cfg, lm_eval_tasks, lm_eval_include, lm_eval_limit, speculative)
+        loaded = run.load()
+        s = loaded.setup
+        return report.final_evaluation(cfg, loaded.accelerator, s.student, s.teacher, loaded.validation, s.vocab, run.dir, s.tokenizer,
+                                       None, run.facts())
+
+
+def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool) -> None:
+    from distill.config import LmEvalConfig, validate
+
+    if tasks:
+        lm = cfg.eval.lm_eval or LmEvalConfig()
+        lm.tasks = list(dict.fromkeys([*lm.tasks, *tasks]))
+        lm.include_path = list(dict.fromkeys([*lm.include_path, *(include or [])]))
+        lm.limit = limit if limit is not None else lm.limit
+        cfg.eval.lm_eval = lm
+    cfg.eval.speculative = cfg.eval.speculative or speculative
+    validate(cfg)
+    if cfg.eval.lm_eval is not None:
+        from distill import downstream
+
+        downstream.check_tasks(cfg.eval.lm_eval)
+
+
+def _previous_evaluation(run_dir: Path) -> dict:
+    try:
+        previous = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}

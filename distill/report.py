@@ -1,0 +1,105 @@
+"""The report of a run: every model measured by the same code, written to eval.json and report.md.
+
+Used at the end of training and by every post-training tool (through :mod:`distill.finished_run`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distill import evaluation, models
+from distill.config import DistillConfig
+
+
+def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
+                     facts: dict | None = None) -> dict | None:
+    """Evaluates teacher and student with the same code; writes eval.json and report.md."""
+    device = accelerator.device
+    ev = cfg.eval
+    rows = []
+    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True)
+    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device)
+    if initial is None and (run_dir / "initial_eval.json").exists():
+        initial = json.loads((run_dir / "initial_eval.json").read_text())
+    fidelity, full_memory = None, None
+    if cfg.teacher.quantization != "none" and ev.teacher_fidelity:
+        full_teacher = models.load_teacher(cfg.teacher, device, quantized=False)
+        fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device)
+        full_memory = full_teacher.get_memory_footprint()
+        del full_teacher
+    if not accelerator.is_main_process:
+        return None
+    student_dir = run_dir / "student"
+    pad_id = tokenizer.pad_token_id
+    measure = downstream_measure(cfg, teacher, tokenizer, validation, device)
+    for name, model, q, path in (("teacher", teacher, teacher_quality, cfg.teacher.path), ("student", student, student_quality, student_dir)):
+        row = {"model": name, "params": evaluation.parameter_count(model), "disk_bytes": models.bytes_on_disk(path),
+               "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
+               **q}
+        if ev.speed:
+            row.update(evaluation.speed(model, validation, device=device, new_tokens=ev.latency_new_tokens,
+                                        batch_size=ev.throughput_batch_size, repeats=ev.speed_repeats, pad_id=pad_id))
+        row.update(measure(model, name))
+        rows.append(row)
+    if initial is not None:
+        student_row = rows[-1]
+        rows.insert(1, {"model": "initial_student", "params": student_row["params"], "disk_bytes": None,
+                        "memory_bytes": student_row["memory_bytes"], "quantization": "none", **initial})
+    if ev.quantize:
+        from distill.quantize import quantized_rows
+
+        rows += quantized_rows(run_dir, ev.quantize, teacher=teacher, validation=validation, vocab=vocab, device=device,
+                               eval_cfg=ev, pad_id=pad_id, measure=measure)
+    result = {
+        "rows": rows,
+        "validation_tokens": student_quality["tokens"],
+        "throughput_batch_size": ev.throughput_batch_size,
+        "teacher_fidelity_kl": fidelity,
+        "teacher_full_memory_bytes": full_memory,
+        "loss": cfg.loss.kind,
+        "steps": cfg.train.max_steps,
+        **(facts or {}),
+    }
+    write_report(result, run_dir)
+    return result
+
+
+def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, device):
+    """``fn(model, row name) -> fields``: lm-eval scores for every row, and the draft-model
+    figures for every student row (measured against one run of the teacher by itself)."""
+    from distill import downstream
+
+    ev = cfg.eval
+    manager = downstream.task_manager(ev.lm_eval) if ev.lm_eval is not None else None
+    reference = None
+    if ev.speculative:
+        reference = downstream.teacher_alone(teacher, validation, device=device, new_tokens=ev.speculative_new_tokens,
+                                             prompts=ev.speculative_prompts, prompt_tokens=32)
+
+    def measure(model, name: str) -> dict:
+        fields = {}
+        if manager is not None:
+            fields.update(downstream.lm_eval_scores(model, tokenizer, ev.lm_eval, manager))
+        if reference is not None and name != "teacher":
+            fields.update(downstream.speculative(teacher, model, reference, device=device, new_tokens=ev.speculative_new_tokens))
+        return fields
+
+    return measure
+
+
+def write_report(result: dict, run_dir: Path) -> None:
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    report = evaluation.markdown_report(result)
+    (run_dir / "report.md").write_text(report)
+    from distill.downstream import report_tables
+
+    print("\n" + evaluation.table(result["rows"]))
+    for line in evaluation.summary_lines(result):
+        print(line)
+    extra = report_tables(result["rows"])
+    if extra:
+        print("\n" + "\n".join(extra).rstrip())
+    print(f"\nreport: {run_dir / 'report.md'}")
+
+
