@@ -43,6 +43,7 @@ class TeacherConfig:
     double_quant: bool = option(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     truncate_vocab: bool = option(True, "Allow a teacher whose embedding matrix is padded beyond the student's vocabulary to be cut to the shared length (only when the token maps agree).")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher; ignored for local paths.")
+    source: Literal["model"] = option("model", "Where the teacher's signal comes from: model (the teacher runs in every training process).")
 
 
 @dataclass
@@ -84,11 +85,16 @@ class DataConfig:
     max_validation_sequences: int = option(256, "Evaluate on at most this many validation sequences.")
 
 
+LOGITS = "logits"  # the teacher output a logit term asks for, and that term's kind
+TERM_KEYS = {LOGITS: {"kind", "name", "weight", "divergence", "temperature", "jsd_beta", "skew_alpha"}, "ce": {"kind", "name", "weight"}}
+
+
 @dataclass
 class LossConfig:
     kind: LossKind = option("forward_kl", "Distillation divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd.")
     temperature: float = option(1.0, "Softmax temperature applied to both teacher and student logits in the KD term.")
     alpha: float = option(0.0, "Weight of the hard-label cross-entropy: loss = alpha*CE + (1-alpha)*T^2*KD. alpha=1 trains without a teacher (the baseline).")
+    terms: list = option([], "The objective as named, weighted terms, e.g. [{kind: logits, divergence: jsd, weight: 0.7, temperature: 2}, {kind: ce, weight: 0.3}]; loss.kind/loss.alpha are its shorthand. Kinds: logits, ce.")
     jsd_beta: float = option(0.5, "Teacher weight beta of the mixture in the generalized JSD (loss.kind=jsd); 0 = forward KL, 1 = reverse KL.")
     skew_alpha: float = option(0.1, "Skew alpha of the skewed KLs (loss.kind=skew_*), as in DistiLLM.")
     chunk_size: int = option(1024, "Tokens per chunk when computing the loss, bounding the float32 memory of the logits.")
@@ -151,7 +157,13 @@ class TrackingConfig:
 
 
 @dataclass
+class TaskConfig:
+    kind: Literal["causal_lm"] = option("causal_lm", "What is distilled: causal_lm (next-token prediction).")
+
+
+@dataclass
 class DistillConfig:
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task: model class, targets and metrics."})
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The frozen teacher."})
     student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "The student that is trained."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and validation data."})
@@ -321,6 +333,7 @@ def validate(cfg: DistillConfig) -> None:
     _check(0.0 <= lo.jsd_beta <= 1.0, f"loss.jsd_beta must be in [0, 1] (got {lo.jsd_beta})")
     _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
     _check(lo.chunk_size > 0, f"loss.chunk_size must be > 0 (got {lo.chunk_size})")
+    check_terms(lo)
     _check(tr.lr > 0 and math.isfinite(tr.lr), f"train.lr must be > 0 (got {tr.lr})")
     _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {tr.weight_decay})")
     _check(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.betas), f"train.betas must be two numbers in [0, 1) (got {tr.betas})")
@@ -356,6 +369,45 @@ def tiny_hint(path: str) -> str:
     tiny = Path(os.path.expanduser(TINY_DIR))
     local = Path(os.path.expanduser(path))
     return "; build the bundled tiny default first with: distill prepare-tiny" if local == tiny or tiny in local.parents else ""
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def loss_terms(cfg: LossConfig) -> list[dict]:
+    """``loss.terms`` with names filled in, or the terms the ``loss.kind`` / ``loss.alpha`` shorthand stands for."""
+    if not cfg.terms:
+        return [{"kind": LOGITS, "name": "kd", "divergence": cfg.kind, "weight": 1.0 - cfg.alpha}, {"kind": "ce", "name": "ce", "weight": cfg.alpha}]
+    return [{**spec, "name": spec.get("name", "kd" if spec.get("kind") == LOGITS else spec.get("kind"))} if isinstance(spec, dict) else spec
+            for spec in cfg.terms]
+
+
+def check_terms(cfg: LossConfig) -> None:
+    """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from."""
+    if cfg.terms and (cfg.kind != "forward_kl" or cfg.alpha != 0.0):
+        raise ConfigError("set either loss.terms or the shorthand loss.kind / loss.alpha, not both "
+                          "(the shorthand is [{kind: logits, divergence: KIND, weight: 1-alpha}, {kind: ce, weight: alpha}])")
+    names = set()
+    for i, spec in enumerate(loss_terms(cfg)):
+        key = f"loss.terms[{i}]"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{kind: logits, weight: 0.5}}, got {spec!r}")
+        kind = spec.get("kind")
+        if kind not in TERM_KEYS:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERM_KEYS)} (got {kind!r})")
+        for name in spec:
+            if name not in TERM_KEYS[kind]:
+                raise ConfigError(f"unknown config key: {key}.{name} (a {kind} term takes {', '.join(sorted(TERM_KEYS[kind]))})")
+        weight = spec.get("weight", 1.0)
+        _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight >= 0, f"{key}.weight must be a number >= 0 (got {weight!r})")
+        if kind == LOGITS:
+            kinds = typing.get_args(LossKind)
+            _check(spec.get("divergence", cfg.kind) in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.get('divergence')!r})")
+            temperature = spec.get("temperature", cfg.temperature)
+            _check(not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0,
+                   f"{key}.temperature must be > 0 (got {temperature!r})")
+        _check(spec["name"] not in names, f"{key}.name: {spec['name']!r} is used twice; give each term its own name")
+        names.add(spec["name"])
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

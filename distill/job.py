@@ -24,6 +24,9 @@ import torch  # noqa: E402
 from distill import checkpoint, data, evaluation, models, report, rundir  # noqa: E402
 from distill.config import ConfigError, DistillConfig, load_config, read_ds_config, save_config, to_dict  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
+from distill.objective import build_objective  # noqa: E402
+from distill.tasks import build_task  # noqa: E402
+from distill.teacher_source import build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -225,7 +228,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-    setup = Setup(cfg, accelerator.device, load_teacher=cfg.loss.alpha < 1.0 or cfg.eval.at_end or cfg.train.eval_every > 0)
+    task, objective = build_task(cfg.task.kind), build_objective(cfg.loss)
+    setup = Setup(cfg, accelerator.device, load_teacher=bool(objective.wants) or cfg.eval.at_end or cfg.train.eval_every > 0)
     student, teacher, vocab = setup.student, setup.teacher, setup.vocab
     if cfg.eval.quantize:
         from distill.quantize import check_method_fits
@@ -269,8 +273,9 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     try:
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
         try:
-            fit(student, teacher, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab,
-                state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
+            source = build_source(cfg.teacher.source, teacher, task, vocab)
+            fit(student, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
+                objective=objective, state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
         except Preempted as stop:
             if accelerator.is_main_process:
                 print(f"distill: {stop}", file=sys.stderr)

@@ -107,47 +107,49 @@ def divergence(kind: str, *, temperature: float, jsd_beta: float = 0.5, skew_alp
     return lambda s, t: fn(s, t, temperature=temperature, **extra)
 
 
-def _chunk_sums(kd_fn, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+PerToken = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(student_logits: torch.Tensor, _teacher_logits, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token hard-label cross-entropy in float32 (masked tokens give garbage; callers mask)."""
+    return F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+
+
+def _chunk_sums(fns: tuple, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
     mask = (labels != IGNORE_INDEX).float()
-    ce = F.cross_entropy(student.float(), labels.clamp(min=0), reduction="none")
-    ce_sum = (ce * mask).sum()
-    if teacher is None:
-        return ce_sum.new_zeros(()), ce_sum
-    return (kd_fn(student, teacher) * mask).sum(), ce_sum
+    return torch.stack([(fn(student, teacher, labels) * mask).sum() for fn in fns])
 
 
-def loss_sums(
+def term_sums(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    kd_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fns: list[PerToken],
     *,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KD and cross-entropy over the unmasked tokens, computed chunk by chunk.
+) -> torch.Tensor:
+    """Sums of several per-token losses over the unmasked tokens, computed in one pass of chunks.
 
     Each chunk's float32 softmax intermediates are recomputed in backward (activation
     checkpointing), so at most one chunk of float32 logits is alive at a time instead of a full
-    ``[batch, seq, vocab]`` float32 copy.
+    ``[batch, seq, vocab]`` float32 copy, however many terms share it.
 
     Args:
         student_logits: ``[B, L, V]`` student logits at positions predicting ``labels``.
-        teacher_logits: ``[B, L, V]`` teacher logits, or None to compute only cross-entropy.
+        teacher_logits: ``[B, L, V]`` teacher logits, or None when no function needs them.
         labels: ``[B, L]`` target token ids, ``IGNORE_INDEX`` where masked.
-        kd_fn: per-token divergence ``fn(student, teacher) -> [N]`` (see :func:`divergence`).
+        fns: per-token functions ``fn(student [N, V], teacher [N, V] | None, labels [N]) -> [N]``.
         chunk_size: tokens per chunk.
 
     Returns:
-        ``(kd_sum, ce_sum)``: float32 scalars, sums (not means) over unmasked tokens.
+        ``[len(fns)]`` float32 sums (not means), part of the student's graph even when every
+        token is masked (zero gradients: DDP and ZeRO need every rank to run backward).
     """
     vocab = student_logits.shape[-1]
     student_flat = student_logits.reshape(-1, vocab)
     teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
     labels_flat = labels.reshape(-1)
-    # Zeros that are part of the student's graph: a micro-batch with every token masked still
-    # backpropagates (zero gradients), as DDP and ZeRO need every rank to run backward.
-    kd_total = student_flat[:0].float().sum()
-    ce_total = student_flat[:0].float().sum()
+    total = student_flat[:0].float().sum() * torch.zeros(len(fns), device=student_flat.device)
     for start in range(0, labels_flat.numel(), chunk_size):
         chunk_labels = labels_flat[start : start + chunk_size]
         if not bool((chunk_labels != IGNORE_INDEX).any()):
@@ -158,9 +160,22 @@ def loss_sums(
             chunk_labels,
         )
         if torch.is_grad_enabled() and student_flat.requires_grad:
-            kd, ce = checkpoint(_chunk_sums, kd_fn, *args, use_reentrant=False)
+            sums = checkpoint(_chunk_sums, tuple(fns), *args, use_reentrant=False)
         else:
-            kd, ce = _chunk_sums(kd_fn, *args)
-        kd_total = kd_total + kd
-        ce_total = ce_total + ce
-    return kd_total, ce_total
+            sums = _chunk_sums(tuple(fns), *args)
+        total = total + sums
+    return total
+
+
+def loss_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    kd_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kd_sum, ce_sum)`` over the unmasked tokens (see :func:`term_sums`); KD is 0 without a teacher."""
+    kd = lambda s, t, _labels: kd_fn(s, t) if t is not None else s.new_zeros(s.shape[0], dtype=torch.float32)
+    kd_sum, ce_sum = term_sums(student_logits, teacher_logits, labels, [kd, cross_entropy], chunk_size=chunk_size)
+    return kd_sum, ce_sum

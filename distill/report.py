@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from distill import evaluation, models
-from distill.config import DistillConfig
+from distill.config import DistillConfig, loss_terms
 
 
 def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
@@ -58,6 +58,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         "teacher_fidelity_kl": fidelity,
         "teacher_full_memory_bytes": full_memory,
         "loss": cfg.loss.kind,
+        "objective": loss_terms(cfg.loss),
         "steps": cfg.train.max_steps,
         **(facts or {}),
     }

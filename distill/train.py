@@ -1,8 +1,10 @@
 """The training loop: one function, :func:`fit`, for CPU, one GPU, DDP and DeepSpeed alike.
 
-Topology lives in the accelerate/DeepSpeed launch config, not here. The loss of one optimizer
-step is ``sum over its tokens (alpha*CE + (1-alpha)*T^2*KD) / N`` where ``N`` is the number of
-unmasked target tokens in the whole step: every micro-batch of every process.
+Topology lives in the accelerate/DeepSpeed launch config, not here. A step is task x teacher
+source x objective (DESIGN.md): the task says what the targets are, the teacher source gives the
+signal the objective asks for, and the objective's named terms are summed over the targets. The
+loss of one optimizer step is ``sum over its targets of sum_i weight_i * scale_i * term_i, / N``
+where ``N`` is the number of unmasked targets in the whole step: every micro-batch of every process.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from distill.config import DistillConfig, TrainConfig
 from distill.errors import Terminated
 from distill.signals import SIGNALS
 from distill.data import TrainStream
-from distill.losses import IGNORE_INDEX, divergence, loss_sums
 
 
 from distill.errors import NonFiniteLoss  # noqa: F401  (re-exported)
@@ -50,8 +51,7 @@ def agreed_stop(accelerator) -> tuple[bool, bool]:
 @dataclass
 class StepResult:
     loss: float
-    kd: float
-    ce: float
+    terms: dict  # term name -> its sum over the step's targets / N
     tokens: int
     grad_norm: float | None
     teacher_seconds: float
@@ -75,12 +75,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
 
 
-def global_token_count(batches: list[dict], accelerator) -> int:
-    """Unmasked target tokens in this optimizer step, summed over micro-batches and processes.
+def global_target_count(batches: list[dict], accelerator, task) -> int:
+    """Unmasked targets in this optimizer step, summed over micro-batches and processes.
 
     Known before the first backward, so every micro-batch can be divided by the same count.
     """
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    local = sum(task.target_count(b) for b in batches)
     return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum").item())
 
 
@@ -90,37 +90,34 @@ def _all_finite(value: torch.Tensor, accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
-@torch.inference_mode()
-def _teacher_forward(teacher, batch: dict, vocab: int) -> torch.Tensor:
-    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[:, :-1, :vocab]
+def train_step(student, source, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective) -> StepResult:
+    """One optimizer step over ``len(batches)`` accumulated micro-batches.
 
-
-def train_step(student, teacher, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, vocab: int, kd_fn) -> StepResult:
-    """One optimizer step over ``len(batches)`` accumulated micro-batches."""
-    alpha, temperature = cfg.loss.alpha, cfg.loss.temperature
-    tokens = global_token_count(batches, accelerator)
-    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # kd, ce
+    Args:
+        source: the teacher source (``signal(batch, wants) -> TeacherOutputs``).
+        task: the task (targets, logits at the target positions, target counts).
+        objective: the named, weighted terms (:mod:`distill.objective`).
+    """
+    tokens = global_target_count(batches, accelerator, task)
+    sums = torch.zeros(len(objective.terms), dtype=torch.float64, device=accelerator.device)
     teacher_seconds, finite, grad_norm = 0.0, True, None
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.accumulate(student):
-            teacher_logits = None
-            if alpha < 1.0:
+            teacher = None
+            if objective.wants:
                 start = time.perf_counter()
-                # Cloned outside inference mode: autograd must be able to save it for backward.
-                teacher_logits = _teacher_forward(teacher, batch, vocab).clone()
+                teacher = source.signal(batch, objective.wants)
                 teacher_seconds += time.perf_counter() - start
-            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
-            kd_sum, ce_sum = loss_sums(student_logits, teacher_logits, batch["labels"][:, 1:], kd_fn, chunk_size=cfg.loss.chunk_size)
-            loss_sum = alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum
+            term_sums = objective.sums(task.logits(student, batch, source.vocab), teacher, task.targets(batch))
+            loss_sum = objective.total(term_sums)
             finite = finite and _all_finite(loss_sum, accelerator)
             if finite:
                 # accelerate divides each micro-batch loss by grad_accum and DDP/ZeRO average
                 # gradients over processes; undo both so the update is d(step sum)/N exactly.
                 scale = cfg.train.grad_accum * accelerator.num_processes / max(tokens, 1)
                 accelerator.backward(loss_sum * scale)
-                sums += torch.stack([kd_sum.detach(), ce_sum.detach()]).double()
+                sums += term_sums.detach().double()
             if accelerator.sync_gradients:
                 if finite:
                     max_norm = cfg.train.max_grad_norm or float("inf")
@@ -128,12 +125,10 @@ def train_step(student, teacher, batches: list[dict], *, accelerator, optimizer,
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-    sums = accelerator.reduce(sums, reduction="sum")
-    kd, ce = (sums / max(tokens, 1)).tolist()
-    return StepResult(
-        loss=alpha * ce + (1 - alpha) * temperature**2 * kd if finite else float("nan"),
-        kd=kd, ce=ce, tokens=tokens, grad_norm=grad_norm, teacher_seconds=teacher_seconds, skipped=not finite,
-    )
+    means = (accelerator.reduce(sums, reduction="sum") / max(tokens, 1)).tolist()
+    loss = sum(t.weight * t.scale * m for t, m in zip(objective.terms, means))
+    return StepResult(loss=loss if finite else float("nan"), terms=dict(zip(objective.names, means)), tokens=tokens, grad_norm=grad_norm,
+                      teacher_seconds=teacher_seconds, skipped=not finite)
 
 
 def _injected_fault(fault: str | None, step: int, rank: int) -> None:
@@ -152,11 +147,12 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, scheduler, cfg: DistillConfig, vocab: int,
+def fit(student, source, stream: TrainStream, *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective,
         state: checkpoint.TrainState, run_dir: Path, tracker=None, evaluate=None) -> checkpoint.TrainState:
     """Trains ``student`` from ``state.step`` to ``train.max_steps``.
 
     Args:
+        source, task, objective: the step's parts (see :func:`train_step`).
         stream: the rank's deterministic micro-batch stream, positioned at ``state``.
         evaluate: ``fn(step) -> dict`` of validation metrics, called on every process.
         tracker: receives logged metrics; None on processes other than the main one.
@@ -164,7 +160,6 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
     from tqdm.auto import tqdm
 
     tr = cfg.train
-    kd_fn = divergence(cfg.loss.kind, temperature=cfg.loss.temperature, jsd_beta=cfg.loss.jsd_beta, skew_alpha=cfg.loss.skew_alpha)
     # Redrawn often on a terminal, every 10 s in a log file.
     progress = tqdm(total=tr.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
@@ -178,7 +173,8 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
             start = time.perf_counter()
             _injected_fault(fault, state.step + 1, accelerator.process_index)
             batches = [stream.next_batch() for _ in range(tr.grad_accum)]
-            result = train_step(student, teacher, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, vocab=vocab, kd_fn=kd_fn)
+            result = train_step(student, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                                task=task, objective=objective)
             state.step += 1
             state.samples_consumed = stream.samples_consumed
             window["tokens"] += result.tokens
@@ -192,7 +188,7 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
             progress.update(1)
             if state.step % tr.log_every == 0 or state.step == tr.max_steps:
                 metrics = {
-                    "train/loss": result.loss, "train/kd_loss": result.kd, "train/ce_loss": result.ce,
+                    "train/loss": result.loss, **{f"train/{name}_loss": value for name, value in result.terms.items()},
                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
                     "train/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                     "train/teacher_time_share": window["teacher_seconds"] / max(window["seconds"], 1e-9),
@@ -200,7 +196,7 @@ def fit(student, teacher, stream: TrainStream, *, accelerator, optimizer, schedu
                     "train/skipped": result.skipped,
                 }
                 window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
-                progress.set_postfix(loss=f"{result.loss:.4f}", kd=f"{result.kd:.4f}", ce=f"{result.ce:.3f}", refresh=False)
+                progress.set_postfix(loss=f"{result.loss:.4f}", **{name: f"{value:.4f}" for name, value in result.terms.items()}, refresh=False)
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
             if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:

@@ -9,7 +9,9 @@ from conftest import job_overrides, read_metrics, run_job
 from distill import data
 from distill.config import load_config
 from distill.job import Setup, make_accelerator
-from distill.losses import divergence
+from distill.objective import build_objective
+from distill.tasks import CausalLM
+from distill.teacher_source import ModelSource
 from distill.train import build_optimizer, build_scheduler, train_step
 
 
@@ -55,9 +57,11 @@ def test_teacher_stays_frozen(tiny, corpus, tmp_path):
     assert not any(id(p) in teacher_params for group in optimizer.param_groups for p in group["params"])
     stream = data.TrainStream(setup.train_sequences, micro_batch_size=4, seed=0, pad_id=setup.tokenizer.pad_token_id)
     student_before = _digest(student)
+    task = CausalLM()
+    source = ModelSource(teacher, task, setup.vocab)
     for _ in range(3):
-        train_step(student, teacher, [stream.next_batch()], accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                   cfg=cfg, vocab=setup.vocab, kd_fn=divergence("forward_kl", temperature=1.0))
+        train_step(student, source, [stream.next_batch()], accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
+                   cfg=cfg, task=task, objective=build_objective(cfg.loss))
     assert _digest(teacher) == before
     assert _digest(student) != student_before
     assert not teacher.training
