@@ -179,13 +179,13 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     run_dir = Path(os.path.expanduser(cfg.output_dir))
     main = _global_rank() == 0
     installed_here = SIGNALS.install()  # entry points install them earlier, at process start
-    lock = None
+    lock = rundir.RunLock(run_dir) if main else None  # created first: a signal inside acquire() still releases it
     try:
         SIGNALS.enter("setup")
         if main:
             rundir.check_writable(run_dir)
             rundir.check_reuse(run_dir, resume=resume, overwrite=overwrite)
-            lock = rundir.RunLock(run_dir).acquire()
+            lock.acquire()
             if overwrite:
                 rundir.clear_run(run_dir)
             (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)

@@ -6,9 +6,9 @@ Torch-free, so that the launcher can check a directory before it starts any proc
 - :func:`check_reuse`: a directory that already holds a run (a config, checkpoints or a student)
   is reused only with ``--resume``, or with ``--overwrite``, which first removes what the old run
   wrote (:data:`RUN_OUTPUTS`; other files are left alone).
-- :class:`RunLock`: one job per run directory. The lock is a file created atomically
-  (``O_CREAT | O_EXCL``, which also holds on NFS v3+ and Lustre, unlike ``flock``) holding the
-  holder's host, PID, process start time and SLURM job; the holder touches it every
+- :class:`RunLock`: one job per run directory. The lock is a file created atomically, whole, by
+  hard-linking a fully written private file into place (atomic on NFS v3+ and Lustre, unlike
+  ``flock``), holding the holder's host, PID, process start time and SLURM job; the holder touches it every
   :data:`HEARTBEAT_SECONDS`. A lock is stale, and taken over, when its holder's process is gone
   (same host), when it belongs to an earlier attempt of the same SLURM job, or when its heartbeat
   is older than :data:`STALE_AFTER_SECONDS` (another host).
@@ -141,19 +141,26 @@ class RunLock:
         self._thread = None
 
     def acquire(self) -> "RunLock":
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self._thread = threading.Thread(target=self._heartbeat, name="distill-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return self
+        # The lock appears whole or not at all: its content is written to a private file first and
+        # hard-linked into place (an atomic create-if-absent, also on NFS), so a signal or crash
+        # never leaves an empty lock, and release() can always recognise its own by the token.
+        private = self.path.with_name(f".{LOCK_FILE}.{self.info['token']}")
+        with open(private, "w") as f:
+            json.dump(self.info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            for _ in range(3):
+                try:
+                    os.link(private, self.path)
+                except FileExistsError:
+                    self._take_over_if_stale()
+                    continue
+                self._thread = threading.Thread(target=self._heartbeat, name="distill-lock-heartbeat", daemon=True)
+                self._thread.start()
+                return self
+        finally:
+            private.unlink(missing_ok=True)
         raise RunLocked(f"could not take the lock {self.path}; another job is starting in output_dir {self.path.parent}")
 
     def _take_over_if_stale(self) -> None:
@@ -192,6 +199,7 @@ class RunLock:
                 pass
 
     def release(self) -> None:
+        self.path.with_name(f".{LOCK_FILE}.{self.info['token']}").unlink(missing_ok=True)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
