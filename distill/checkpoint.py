@@ -31,7 +31,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.errors import CheckpointError, DiskFull
+from distill.errors import CheckpointError, DiskFull, first_line
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
@@ -93,7 +93,7 @@ def save(accelerator, root: Path, state: TrainState, *, keep: int, scheduler=Non
     except Exception as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(err, root):
+        if out_of_space(err, root):
             raise DiskFull(disk_full_message(f"checkpoint of step {state.step}", root, needed=directory_bytes(latest(root)))) from None
         raise
     if accelerator.is_main_process:
@@ -107,18 +107,20 @@ def save(accelerator, root: Path, state: TrainState, *, keep: int, scheduler=Non
     return final
 
 
-def _out_of_space(err: BaseException, where: Path) -> bool:
+def _free_bytes(where: Path) -> int:
+    try:
+        return shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        return 0
+
+
+def out_of_space(err: BaseException, where: Path) -> bool:
     """Whether ``err`` came from a full disk. torch's archive writer reports it only as
     "unexpected pos" (a RuntimeError), so the free space is checked as well."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    if "No space left" in text or "unexpected pos" in text or "file write failed" in text:
-        return True
-    try:
-        return shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20
-    except OSError:
-        return False
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text or _free_bytes(where) < 1 << 20
 
 
 def directory_bytes(path: Path | None) -> int:
@@ -129,10 +131,7 @@ def directory_bytes(path: Path | None) -> int:
 
 def disk_full_message(what: str, where: Path, *, needed: int) -> str:
     """One line: what could not be written, the space it needs, and what remains complete."""
-    try:
-        free = shutil.disk_usage(where if where.exists() else where.parent).free
-    except OSError:
-        free = 0
+    free = _free_bytes(where)
     need = f"about {needed / 2**20:,.1f} MiB needed, " if needed else ""
     run_dir = where.parent if where.name == "checkpoints" else where
     kept = latest(run_dir / "checkpoints")
@@ -176,13 +175,8 @@ def restore_rng(path: Path) -> None:
         if torch.cuda.is_available() and "cuda" in state:
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise CheckpointError(f"cannot restore the random number generators from {path}: {_first_line(err)}; "
+        raise CheckpointError(f"cannot restore the random number generators from {path}: {first_line(err)}; "
                               "resume from another checkpoint or start over with --overwrite") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _allowed_globals() -> list:
@@ -197,12 +191,7 @@ def _allowed_globals() -> list:
     return allowed
 
 
-def _is_pickle_file(path: Path) -> bool:
-    if path.suffix in _PICKLE_SUFFIXES:
-        return True
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 
 def verify(path: Path) -> None:
@@ -224,10 +213,11 @@ def verify(path: Path) -> None:
                     pass
             elif file.suffix == ".json":
                 json.loads(file.read_text())
-            elif file.suffix == ".py" or file.name == "latest":
-                continue
-            elif _is_pickle_file(file):
-                if not zip_archive(file):
+            else:
+                head = _head(file)
+                if file.suffix not in _PICKLE_SUFFIXES and head != _ZIP_MAGIC and not head.startswith(_PICKLE_MAGIC):
+                    continue  # text no library unpickles: DeepSpeed's `latest` tag, its zero_to_fp32.py
+                if head != _ZIP_MAGIC:
                     raise CheckpointError(f"refusing to load {file}: it is not a torch archive (a plain pickle, which can run code, "
                                           "or a damaged file); remove it or resume from another checkpoint")
                 with torch.serialization.safe_globals(allowed):
@@ -237,13 +227,13 @@ def verify(path: Path) -> None:
         except Exception as err:
             unsafe = "Unsupported global" in str(err) or "Weights only load failed" in str(err)
             why = "it names code to run when loaded" if unsafe else "it cannot be read"
-            detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), _first_line(err))
+            detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), first_line(err))
             raise CheckpointError(f"refusing to load {file}: {why} ({detail[:200]}); remove the checkpoint or resume from another one") from None
 
 
-def zip_archive(path: Path) -> bool:
+def _head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        return f.read(4)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -267,7 +257,7 @@ def saved_state(path: Path) -> TrainState:
             raise ValueError(f"unexpected values {asdict(state)}")
         return state
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot read the data position from {file}: {_first_line(err)}; "
+        raise CheckpointError(f"cannot read the data position from {file}: {first_line(err)}; "
                               "resume from another checkpoint or start over with --overwrite") from None
 
 
@@ -308,14 +298,14 @@ def load(accelerator, path: Path, scheduler=None) -> TrainState:
     try:
         accelerator.load_state(str(path))
     except Exception as err:
-        raise CheckpointError(f"cannot restore the model or optimizer from {path}: {_first_line(err)}; "
+        raise CheckpointError(f"cannot restore the model or optimizer from {path}: {first_line(err)}; "
                               "resume from another checkpoint or start over with --overwrite") from None
     if scheduler is not None:
         file = path / SCHEDULER_FILE
         try:
             scheduler.load_state_dict(json.loads(file.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"cannot restore the learning-rate scheduler from {file}: {_first_line(err)}; "
+            raise CheckpointError(f"cannot restore the learning-rate scheduler from {file}: {first_line(err)}; "
                                   "resume from another checkpoint or start over with --overwrite") from None
     # After accelerate, which restores RNG states from its own (pickled) file when one exists.
     restore_rng(path / RNG_FILE.format(rank=accelerator.process_index))

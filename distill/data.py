@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from distill.config import ConfigError, DataConfig, tiny_hint
+from distill.errors import first_line
 from distill.losses import IGNORE_INDEX
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -54,12 +55,7 @@ def _load_files(files: list[str], key: str, text_unit: str):
         return datasets.load_dataset(builder, data_files=paths, split="train", **extra)
     except Exception as err:  # pyarrow, pandas and datasets each raise their own types for a bad file
         cause = err.__cause__ or err if isinstance(err, datasets.exceptions.DatasetGenerationError) else err
-        raise ConfigError(f"{key}: cannot read {', '.join(files)} as {builder}: {_first_line(cause)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise ConfigError(f"{key}: cannot read {', '.join(files)} as {builder}: {first_line(cause)}") from None
 
 
 def _load_named(cfg: DataConfig, split: str):
@@ -78,7 +74,7 @@ def _load_named(cfg: DataConfig, split: str):
     except (ConnectionError, OSError, ValueError) as err:
         offline = " (the hub is unreachable: set data.dataset to a local datasets.save_to_disk directory, or use data.train_files)" \
             if isinstance(err, ConnectionError) or "offline" in str(err).lower() else ""
-        raise ConfigError(f"data.dataset {cfg.dataset!r}: cannot load it: {_first_line(err)}{offline}") from None
+        raise ConfigError(f"data.dataset {cfg.dataset!r}: cannot load it: {first_line(err)}{offline}") from None
 
 
 def load_raw(cfg: DataConfig):

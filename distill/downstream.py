@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import statistics
 import time
@@ -20,6 +21,7 @@ import time
 import torch
 
 from distill.config import ConfigError, LmEvalConfig
+from distill.errors import first_line
 
 
 def _lm_eval():
@@ -33,12 +35,21 @@ def _lm_eval():
 
 def task_manager(cfg: LmEvalConfig):
     """The harness's task index: its registry plus ``cfg.include_path`` (which takes precedence)."""
-    _, TaskManager = _lm_eval()
-    paths = [os.path.expanduser(p) for p in cfg.include_path]
+    _lm_eval()  # a missing harness is an error before anything else
+    paths = tuple(os.path.expanduser(p) for p in cfg.include_path)
     for path in paths:
         if not os.path.isdir(path):
             raise ConfigError(f"eval.lm_eval.include_path: not a directory: {path}")
-    return TaskManager(include_path=paths or None)
+    return _indexed(paths)
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed(paths: tuple):
+    # Indexing the registry (some 15,000 task files) takes seconds: the check before training and
+    # the evaluation after it share one index.
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None)
 
 
 def check_tasks(cfg: LmEvalConfig):
@@ -60,7 +71,7 @@ def _task_dict(cfg: LmEvalConfig, manager) -> dict:
     try:
         return get_task_dict(list(cfg.tasks), manager)
     except Exception as err:  # datasets and the hub raise many types; the task and the cause matter
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = first_line(err)
         offline = " (offline? registry tasks fetch their data from the hub; use a local task in eval.lm_eval.include_path)" \
             if "hub" in text.lower() or isinstance(err, ConnectionError) else ""
         raise ConfigError(f"eval.lm_eval.tasks {', '.join(cfg.tasks)}: cannot load the task data: {text}{offline}") from None
@@ -81,11 +92,9 @@ def lm_eval_scores(model, tokenizer, cfg: LmEvalConfig, manager) -> dict:
     scores = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            name, _, _filter = key.partition(",")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or name in ("sample_len",):
-                continue
-            metric = name.removesuffix("_stderr")
-            scores[f"lm_eval/{task}/{metric}" + ("_stderr" if name.endswith("_stderr") else "")] = float(value)
+            name = key.partition(",")[0]  # "acc,none" / "acc_stderr,none": metric, then the filter
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "sample_len":
+                scores[f"lm_eval/{task}/{name}"] = float(value)
     return scores
 
 

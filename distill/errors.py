@@ -76,6 +76,12 @@ class Terminated(DistillError):
 EXIT_INTERRUPTED = 130
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def report(err: BaseException) -> int:
     """Prints ``err`` as one redacted line and returns its exit code."""
     from distill.config import redact

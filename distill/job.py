@@ -223,8 +223,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
     if resume and latest is None and accelerator.is_main_process:
         print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
-    if latest is not None:
-        checkpoint.verify(latest)  # before any library opens it (DeepSpeed unpickles without weights_only)
+    # checkpoint.load and checkpoint.to_universal verify a checkpoint before any library opens it.
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -309,7 +308,7 @@ def _save_atomically(path: Path, write, *, needed: int = 0) -> None:
         write(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if checkpoint._out_of_space(err, path.parent):
+        if checkpoint.out_of_space(err, path.parent):
             raise DiskFull(checkpoint.disk_full_message(path.name, path.parent, needed=needed)) from None
         raise
     shutil.rmtree(path, ignore_errors=True)

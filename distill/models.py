@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from distill.config import ConfigError, StudentConfig, TeacherConfig, tiny_hint
+from distill.errors import first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,9 +35,8 @@ def _pretrained(loader, path: str, key: str, **kwargs):
     try:
         return loader.from_pretrained(resolve(path, key), **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "; a weight file is truncated or corrupt" if isinstance(err, SafetensorError) else ""
-        raise ConfigError(f"{key}: cannot load {path!r}: {first_line}{hint}") from None
+        raise ConfigError(f"{key}: cannot load {path!r}: {first_line(err)}{hint}") from None
 
 
 def load_tokenizer(path: str, key: str, revision: str | None = None):

@@ -21,6 +21,7 @@ from torch import nn
 from distill.config import LOGITS, LossConfig, loss_terms
 from distill.losses import cross_entropy, divergence, term_sums
 
+
 class Term(nn.Module):
     """One named, weighted term; :meth:`per_token` is its loss at each target."""
 

@@ -90,11 +90,10 @@ def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, devic
 
 
 def write_report(result: dict, run_dir: Path) -> None:
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    report = evaluation.markdown_report(result)
-    (run_dir / "report.md").write_text(report)
     from distill.downstream import report_tables
 
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    (run_dir / "report.md").write_text(evaluation.markdown_report(result))
     print("\n" + evaluation.table(result["rows"]))
     for line in evaluation.summary_lines(result):
         print(line)
@@ -102,5 +101,3 @@ def write_report(result: dict, run_dir: Path) -> None:
     if extra:
         print("\n" + "\n".join(extra).rstrip())
     print(f"\nreport: {run_dir / 'report.md'}")
-
-

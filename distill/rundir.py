@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -187,8 +188,6 @@ class RunLock:
             aside.unlink(missing_ok=True)
             raise RunLocked(f"output_dir {self.path.parent} was just taken by another distill job; choose another --output-dir")
         aside.unlink(missing_ok=True)
-        import sys
-
         print(f"distill: taking over the lock of {describe(holder, age)}: {reason}", file=sys.stderr)
 
     def _heartbeat(self) -> None:

@@ -21,12 +21,9 @@ import torch
 
 from distill import checkpoint
 from distill.config import DistillConfig, TrainConfig
-from distill.errors import Terminated
-from distill.signals import SIGNALS
 from distill.data import TrainStream
-
-
-from distill.errors import NonFiniteLoss  # noqa: F401  (re-exported)
+from distill.errors import NonFiniteLoss, Terminated
+from distill.signals import SIGNALS
 
 
 class Preempted(Exception):
@@ -125,9 +122,9 @@ def train_step(student, source, batches: list[dict], *, accelerator, optimizer, 
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-    means = (accelerator.reduce(sums, reduction="sum") / max(tokens, 1)).tolist()
-    loss = sum(t.weight * t.scale * m for t, m in zip(objective.terms, means))
-    return StepResult(loss=loss if finite else float("nan"), terms=dict(zip(objective.names, means)), tokens=tokens, grad_norm=grad_norm,
+    means = accelerator.reduce(sums, reduction="sum") / max(tokens, 1)
+    loss = float(objective.total(means)) if finite else float("nan")
+    return StepResult(loss=loss, terms=dict(zip(objective.names, means.tolist())), tokens=tokens, grad_norm=grad_norm,
                       teacher_seconds=teacher_seconds, skipped=not finite)
 
 

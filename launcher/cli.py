@@ -80,11 +80,10 @@ def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     from distill_launcher.launch import Topology, build_command, launch, resolve_ds_config, run_launch
 
     cfg = load_config(args.config, _overrides(args))  # fail here, once, rather than on every process
-    given = {k: v for k, v in vars(args).items() if k in _explicit_topology(args)}
-    topology = Topology(**given)
+    explicit = _explicit_topology(args)
+    topology = Topology(**{name: getattr(args, name) for name in explicit})
     command = build_command(args.launcher, args.config, _overrides(args), topology, ds_config=resolve_ds_config(args.ds_config),
-                            resume=args.resume, overwrite=args.overwrite, accelerate_config=args.accelerate_config,
-                            explicit=_explicit_topology(args))
+                            resume=args.resume, overwrite=args.overwrite, accelerate_config=args.accelerate_config, explicit=explicit)
     if not args.dry_run and args.node_rank in (None, 0):
         _check_run_dir(cfg, args)
     return run_launch(command, dry_run=args.dry_run, launch_fn=launch_fn or launch)

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.config import read_ds_config
+from distill.errors import LaunchError  # noqa: F401  (re-exported)
 
 
 def shipped(name: str) -> Path:
@@ -29,10 +31,6 @@ def shipped(name: str) -> Path:
 
 REPO_DS_CONFIGS = shipped("ds_configs")
 LAUNCHERS = ("accelerate", "deepspeed", "torchrun")
-
-
-from distill.config import read_ds_config
-from distill.errors import LaunchError  # noqa: F401  (re-exported)
 
 
 @dataclass
