@@ -3,7 +3,7 @@
 Each divergence takes ``student_logits`` and ``teacher_logits`` of shape ``[..., vocab]``, softens
 both with ``temperature``, computes in float32 whatever the input dtype, and returns the
 per-token loss of shape ``student_logits.shape[:-1]`` with no reduction. The trainer masks,
-sums and normalizes (see :func:`loss_sums`).
+sums and normalizes (see :func:`term_sums`).
 """
 
 from __future__ import annotations
@@ -166,16 +166,3 @@ def term_sums(
         total = total + sums
     return total
 
-
-def loss_sums(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    kd_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kd_sum, ce_sum)`` over the unmasked tokens (see :func:`term_sums`); KD is 0 without a teacher."""
-    kd = lambda s, t, _labels: kd_fn(s, t) if t is not None else s.new_zeros(s.shape[0], dtype=torch.float32)
-    kd_sum, ce_sum = term_sums(student_logits, teacher_logits, labels, [kd, cross_entropy], chunk_size=chunk_size)
-    return kd_sum, ce_sum
