@@ -85,7 +85,12 @@ class DataConfig:
 
 
 LOGITS = "logits"  # the teacher output a logit term asks for, and that term's kind
-TERM_KEYS = {LOGITS: {"kind", "name", "weight", "divergence", "temperature", "jsd_beta", "skew_alpha"}, "ce": {"kind", "name", "weight"}}
+TERM_KEYS = {
+    LOGITS: {"kind", "name", "weight", "divergence", "temperature", "jsd_beta", "skew_alpha"},
+    "ce": {"kind", "name", "weight"},
+    "hidden": {"kind", "name", "weight", "layers", "embeddings", "distance", "projection"},
+    "attention": {"kind", "name", "weight", "layers", "mode", "relation_heads"},
+}
 
 
 @dataclass
@@ -93,7 +98,7 @@ class LossConfig:
     kind: LossKind = option("forward_kl", "Distillation divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd.")
     temperature: float = option(1.0, "Softmax temperature applied to both teacher and student logits in the KD term.")
     alpha: float = option(0.0, "Weight of the hard-label cross-entropy: loss = alpha*CE + (1-alpha)*T^2*KD. alpha=1 trains without a teacher (the baseline).")
-    terms: list = option([], "The objective as named, weighted terms, e.g. [{kind: logits, divergence: jsd, weight: 0.7, temperature: 2}, {kind: ce, weight: 0.3}]; loss.kind/loss.alpha are its shorthand. Kinds: logits, ce.")
+    terms: list = option([], "The objective as named, weighted terms, e.g. [{kind: logits, divergence: jsd, weight: 0.7, temperature: 2}, {kind: ce, weight: 0.3}]; loss.kind/loss.alpha are its shorthand. Kinds: logits (a divergence, with temperature), ce (hard labels), hidden (hidden states of mapped layers: layers uniform or [[s, t], ...], distance mse or cosine, a learned projection when widths differ), attention (attention maps, or MiniLMv2 relations when head counts differ).")
     jsd_beta: float = option(0.5, "Teacher weight beta of the mixture in the generalized JSD (loss.kind=jsd); 0 = forward KL, 1 = reverse KL.")
     skew_alpha: float = option(0.1, "Skew alpha of the skewed KLs (loss.kind=skew_*), as in DistiLLM.")
     chunk_size: int = option(1024, "Tokens per chunk when computing the loss, bounding the float32 memory of the logits.")
@@ -381,6 +386,11 @@ def loss_terms(cfg: LossConfig) -> list[dict]:
             for spec in cfg.terms]
 
 
+def teacher_needed(cfg: LossConfig) -> bool:
+    """Whether a term with a weight asks the teacher for anything (every kind but ce does)."""
+    return any(spec["kind"] != "ce" and float(spec.get("weight", 1.0)) > 0 for spec in loss_terms(cfg))
+
+
 def check_terms(cfg: LossConfig) -> None:
     """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from."""
     if cfg.terms and (cfg.kind != "forward_kl" or cfg.alpha != 0.0):
@@ -405,6 +415,17 @@ def check_terms(cfg: LossConfig) -> None:
             temperature = spec.get("temperature", cfg.temperature)
             _check(not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0,
                    f"{key}.temperature must be > 0 (got {temperature!r})")
+        if kind == "hidden":
+            _check(spec.get("distance", "mse") in ("mse", "cosine"), f"{key}.distance: must be mse or cosine (got {spec.get('distance')!r})")
+            for flag in ("embeddings", "projection"):
+                _check(isinstance(spec.get(flag, False), bool), f"{key}.{flag} must be true or false (got {spec.get(flag)!r})")
+        if kind == "attention":
+            _check(spec.get("mode", "auto") in ("auto", "maps", "relations"), f"{key}.mode: must be auto, maps or relations (got {spec.get('mode')!r})")
+            heads = spec.get("relation_heads", 1)
+            _check(not isinstance(heads, bool) and isinstance(heads, int) and heads > 0, f"{key}.relation_heads must be an integer > 0 (got {heads!r})")
+        if kind in ("hidden", "attention"):
+            layers = spec.get("layers", "uniform")
+            _check(layers == "uniform" or isinstance(layers, list), f"{key}.layers: expected 'uniform' or a list of [student_layer, teacher_layer] pairs (got {layers!r})")
         _check(spec["name"] not in names, f"{key}.name: {spec['name']!r} is used twice; give each term its own name")
         names.add(spec["name"])
 

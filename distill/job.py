@@ -24,7 +24,9 @@ import torch  # noqa: E402
 from distill import checkpoint, data, evaluation, models, report, rundir  # noqa: E402
 from distill.config import ConfigError, DistillConfig, load_config, read_ds_config, save_config, to_dict  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
-from distill.objective import build_objective  # noqa: E402
+from distill.config import teacher_needed  # noqa: E402
+from distill.feature_terms import ATTENTIONS  # noqa: E402
+from distill.objective import Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.teacher_source import build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
@@ -227,9 +229,12 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-    task, objective = build_task(cfg.task.kind), build_objective(cfg.loss)
-    setup = Setup(cfg, accelerator.device, load_teacher=bool(objective.wants) or cfg.eval.at_end or cfg.train.eval_every > 0)
+    task = build_task(cfg.task.kind)
+    setup = Setup(cfg, accelerator.device, load_teacher=teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0)
     student, teacher, vocab = setup.student, setup.teacher, setup.vocab
+    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal)
+    if ATTENTIONS in objective.student_wants:
+        models.use_eager_attention(student, teacher, quiet=not accelerator.is_main_process)
     if cfg.eval.quantize:
         from distill.quantize import check_method_fits
 
@@ -250,9 +255,12 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         if accelerator.is_main_process:
             (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
 
-    optimizer = build_optimizer(student, cfg.train)
+    # The objective's parameters (projections) are prepared, optimized and checkpointed with the student.
+    model = Distillee(student, objective, task, vocab)
+    optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    student = accelerator.unwrap_model(model).student  # evaluated as it trains (ZeRO-3's hooks are on its modules)
     state = checkpoint.TrainState(world_size=accelerator.num_processes)
     if latest is not None:
         state = checkpoint.load(accelerator, latest, scheduler)
@@ -272,19 +280,19 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     try:
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
         try:
-            source = build_source(cfg.teacher.source, teacher, task, vocab)
-            fit(student, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
+            source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1])
+            fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
                 objective=objective, state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
         except Preempted as stop:
             if accelerator.is_main_process:
                 print(f"distill: {stop}", file=sys.stderr)
             return None
         lora = cfg.student.lora
-        save_student(accelerator, student, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge,
+        save_student(accelerator, model, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge,
                      base_quantization=cfg.student.quantization)
         result = None
         if cfg.eval.at_end:
-            del optimizer, student  # free optimizer state (and ZeRO shards) before evaluation
+            del optimizer, student, model  # free optimizer state (and ZeRO shards) before evaluation
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
             final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization)
             result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
@@ -315,16 +323,22 @@ def _save_atomically(path: Path, write, *, needed: int = 0) -> None:
     os.rename(tmp, path)
 
 
-def save_student(accelerator, student, tokenizer, path: Path, *, merge_lora: bool = False, base_quantization: str = "none") -> None:
-    """Saves the (consolidated) student with save_pretrained, under a temporary name first.
+def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool = False, base_quantization: str = "none") -> None:
+    """Saves the (consolidated) student of the prepared ``model`` with save_pretrained, under a temporary name first.
+
+    The objective's own parameters (projections), if any, go to ``objective/`` beside ``path``,
+    never into it: ``path`` loads with plain ``from_pretrained`` and holds only the student.
 
     A LoRA student saves its adapter (peft format): as ``path`` itself, or, with ``merge_lora``,
     as ``adapter/`` beside ``path``, which then holds the merged full model. The merge reloads
     base and adapter on the main process, so it works whatever the sharding or quantization.
     """
-    state_dict = accelerator.get_state_dict(student)  # gathers ZeRO-3 shards; collective
+    state_dict, objective_state = split_state_dict(accelerator.get_state_dict(model))  # gathers ZeRO-3 shards; collective
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(student)
+        objective = accelerator.unwrap_model(model).objective
+        model = accelerator.unwrap_model(model).student
+        if objective_state:
+            _save_atomically(path.with_name("objective"), lambda tmp: save_objective(objective, objective_state, tmp))
         is_peft = hasattr(model, "peft_config")
         target = path.with_name("adapter") if is_peft and merge_lora else path
 

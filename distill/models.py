@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -66,6 +67,23 @@ def quantization_config(cfg: TeacherConfig, key: str = "teacher.quantization"):
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
     )
+
+
+def use_eager_attention(student, teacher, *, quiet: bool = False) -> None:
+    """Switches both models to eager attention, the implementation that returns attention maps.
+
+    sdpa and flash attention compute attention without materializing its probabilities, so
+    ``output_attentions`` gives nothing through them; an attention term needs the maps.
+    """
+    for who, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        before = getattr(model.config, "_attn_implementation", None)
+        if before != "eager":
+            model.set_attn_implementation("eager")
+            if not quiet:
+                print(f"{who}: attention implementation {before} -> eager (an attention term needs its attention maps, which only eager returns)",
+                      file=sys.stderr)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

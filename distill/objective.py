@@ -1,8 +1,10 @@
 """The objective of a training step: a list of named, weighted terms (``loss.terms``).
 
-Each term gives a per-token loss over the task's targets; the objective sums every term over the
-unmasked targets of a micro-batch in one chunked pass (:func:`distill.losses.term_sums`), and the
-step divides by the global target count. The step's loss is ``sum_i weight_i * scale_i * term_i``
+A logit term (``logits``, ``ce``) gives a per-token loss over the task's targets, and the
+objective sums those over the unmasked targets of a micro-batch in one chunked pass
+(:func:`distill.losses.term_sums`); a feature term (``hidden``, ``attention``,
+:mod:`distill.feature_terms`) gives its own sum over the task's feature positions. The step
+divides every sum by the global target count. The step's loss is ``sum_i weight_i * scale_i * term_i``
 (``scale`` is T^2 for a logit divergence at temperature T, which keeps its gradient's size
 independent of T). Terms are ``nn.Module`` s, so a term that owns parameters (a projection from
 student to teacher width) joins the optimizer, the checkpoints and ZeRO with the objective.
@@ -19,6 +21,8 @@ import torch
 from torch import nn
 
 from distill.config import LOGITS, LossConfig, loss_terms
+from distill.errors import ConfigError
+from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
 from distill.losses import cross_entropy, divergence, term_sums
 
 
@@ -58,44 +62,165 @@ class CrossEntropyTerm(Term):
 
 
 @dataclass
-class TeacherOutputs:
-    """What a teacher source returns for a batch: only what the objective asked for."""
+class Outputs:
+    """What a model gives the objective for a batch: only what the objective asked for.
 
-    logits: torch.Tensor | None = None  # [B, L, V] at the task's target positions
+    The teacher source returns one for the teacher (``TeacherOutputs``), the task one for the student.
+    """
+
+    logits: torch.Tensor | None = None  # [B, T, V] at the task's target positions
+    hidden_states: tuple | None = None  # (L + 1) x [B, S, H]: embeddings, then each layer
+    attentions: tuple | None = None  # L x [B, heads, S, S]
+    qkv: dict | None = None  # {layer: [q, k, v]}, each [B, S, width]
+
+
+TeacherOutputs = Outputs
+FEATURE_TERMS = (HiddenTerm, AttentionTerm)
 
 
 class Objective(nn.Module):
-    def __init__(self, terms: list[Term], chunk_size: int):
+    def __init__(self, terms: list[nn.Module], chunk_size: int):
         super().__init__()
         self.terms = nn.ModuleList(terms)
         self.chunk_size = chunk_size
         # Zero-weight terms are still reported, but never make the teacher run.
         self.wants = frozenset().union(*(t.wants for t in terms if t.weight > 0))
+        self.student_wants = frozenset({LOGITS}).union(self.wants)
+        self.qkv_layers = ({s for t in terms if QKV in t.wants for s, _ in t.pairs}, {t_ for t in terms if QKV in t.wants for _, t_ in t.pairs})
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
-    def sums(self, student_logits: torch.Tensor, teacher: TeacherOutputs | None, labels: torch.Tensor) -> torch.Tensor:
-        """``[n_terms]`` float32 sums over the unmasked targets of one micro-batch."""
+    def sums(self, student: Outputs, teacher: Outputs | None, labels: torch.Tensor, feature_weights: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n_terms]`` float32 sums over the unmasked targets of one micro-batch.
+
+        Args:
+            labels: ``[B, T]`` targets of the logit terms, ``IGNORE_INDEX`` where masked.
+            feature_weights: ``[B, S]`` per-position weights of the feature terms (the task's).
+            attention_mask: ``[B, S]`` the batch's key mask (relation terms).
+        """
+        token_terms = [t for t in self.terms if not isinstance(t, FEATURE_TERMS)]
         teacher_logits = teacher.logits if teacher is not None else None
-        return term_sums(student_logits, teacher_logits, labels, [t.per_token for t in self.terms], chunk_size=self.chunk_size)
+        token_sums = iter(term_sums(student.logits, teacher_logits, labels, [t.per_token for t in token_terms], chunk_size=self.chunk_size))
+        sums = []
+        for term in self.terms:
+            if not isinstance(term, FEATURE_TERMS):
+                sums.append(next(token_sums))
+            elif teacher is None or term.weight == 0:
+                # Not computed, reported as 0; its parameters still join the graph (DDP/ZeRO expect their gradients).
+                sums.append(sum((p.sum() for p in term.parameters()), student.logits.new_zeros((), dtype=torch.float32)) * 0.0)
+            elif isinstance(term, HiddenTerm):
+                sums.append(term(student, teacher, feature_weights))
+            else:
+                sums.append(term(student, teacher, feature_weights, attention_mask))
+        return torch.stack([s.float() for s in sums])
 
     def total(self, sums: torch.Tensor) -> torch.Tensor:
         """The step loss (a sum over targets) from :meth:`sums`."""
         weights = torch.tensor([t.weight * t.scale for t in self.terms], dtype=sums.dtype, device=sums.device)
         return (sums * weights).sum()
 
+    def has_parameters(self) -> bool:
+        return any(True for _ in self.parameters())
 
-def build_objective(cfg: LossConfig) -> Objective:
-    """The objective of ``loss.terms`` (or its shorthand), as checked when the config loaded."""
+
+def _dims(model, who: str) -> dict:
+    config = model.config
+    return {"layers": config.num_hidden_layers, "width": config.hidden_size, "heads": config.num_attention_heads, "who": who}
+
+
+def _feature_term(spec: dict, key: str, student, teacher, causal: bool):
+    if student is None or teacher is None:
+        raise ConfigError(f"{key}: a {spec['kind']} term needs both the student and the teacher model")
+    s, t = _dims(student, "student"), _dims(teacher, "teacher")
+    name, weight = spec["name"], float(spec.get("weight", 1.0))
+    if spec["kind"] == "hidden":
+        pairs = layer_pairs(spec.get("layers", "uniform"), s["layers"], t["layers"], embeddings=bool(spec.get("embeddings", False)),
+                            key=f"{key}.layers", first=0)
+        return HiddenTerm(name, weight, pairs=pairs, distance=spec.get("distance", "mse"), student_width=s["width"],
+                          teacher_width=t["width"], projection=spec.get("projection"))
+    pairs = layer_pairs(spec.get("layers", "uniform"), s["layers"], t["layers"], embeddings=False, key=f"{key}.layers", first=1)
+    mode = spec.get("mode", "auto")
+    if mode == "auto":
+        mode = "maps" if s["heads"] == t["heads"] else "relations"
+    if mode == "maps" and s["heads"] != t["heads"]:
+        raise ConfigError(f"{key}.mode: maps needs equal head counts (student {s['heads']}, teacher {t['heads']}); use mode: relations")
+    heads = int(spec.get("relation_heads", t["heads"]))
+    if mode == "relations":
+        for model, who, layers in ((student, "student", {p[0] for p in pairs}), (teacher, "teacher", {p[1] for p in pairs})):
+            check_relations(model, layers, who, f"{key}.mode")
+            for layer, modules in qkv_modules(model).items():
+                widths = {m.out_features for m in modules if hasattr(m, "out_features")}
+                if layer in layers and any(w % heads for w in widths):
+                    raise ConfigError(f"{key}.relation_heads: {heads} does not divide the {who}'s q/k/v widths {sorted(widths)}; choose a common divisor")
+    return AttentionTerm(name, weight, pairs=pairs, mode=mode, relation_heads=heads, causal=causal)
+
+
+def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True) -> Objective:
+    """The objective of ``loss.terms`` (or its shorthand), as checked when the config loaded.
+
+    ``student`` and ``teacher`` (their configs: depth, width, heads) are needed by feature terms,
+    whose layer maps and projections are checked and built here, before training.
+    """
     terms = []
-    for spec in loss_terms(cfg):
+    for i, spec in enumerate(loss_terms(cfg)):
         name, weight = spec["name"], float(spec.get("weight", 1.0))
         if spec["kind"] == LOGITS:
             terms.append(LogitsTerm(name, weight, divergence_kind=spec.get("divergence", cfg.kind),
                                     temperature=float(spec.get("temperature", cfg.temperature)),
                                     jsd_beta=float(spec.get("jsd_beta", cfg.jsd_beta)), skew_alpha=float(spec.get("skew_alpha", cfg.skew_alpha))))
-        else:
+        elif spec["kind"] == "ce":
             terms.append(CrossEntropyTerm(name, weight))
+        else:
+            terms.append(_feature_term(spec, f"loss.terms[{i}]", student, teacher, causal))
     return Objective(terms, chunk_size=cfg.chunk_size)
+
+
+class Distillee(nn.Module):
+    """The student and the objective's own parameters (projections) as one module.
+
+    Prepared (DDP, ZeRO), optimized and checkpointed together, so the projections are trained,
+    sharded and restored exactly like the student, while the saved student is ``student`` alone
+    (:func:`split_state_dict`). The whole differentiable part of a step runs in :meth:`forward`,
+    so DDP and DeepSpeed see every parameter used inside their forward.
+    """
+
+    def __init__(self, student: nn.Module, objective: Objective, task, vocab: int):
+        super().__init__()
+        self.student, self.objective = student, objective
+        self.task, self.vocab = task, vocab
+        # accelerate places a bitsandbytes model by these attributes instead of moving it.
+        for name in ("is_loaded_in_8bit", "is_loaded_in_4bit", "hf_device_map"):
+            if getattr(student, name, None):
+                setattr(self, name, getattr(student, name))
+
+    def forward(self, batch: dict, teacher: Outputs | None) -> torch.Tensor:
+        """``[n_terms]`` sums of the objective's terms over the batch's targets (see :meth:`Objective.sums`)."""
+        outputs = self.task.outputs(self.student, batch, self.objective.student_wants, self.vocab, self.objective.qkv_layers[0])
+        return self.objective.sums(outputs, teacher, self.task.targets(batch), self.task.feature_weights(batch), batch["attention_mask"])
+
+
+def split_state_dict(state_dict: dict) -> tuple[dict, dict]:
+    """A :class:`Distillee` state dict as (the student's, the objective's), prefixes removed."""
+    parts = ({}, {})
+    for key, value in state_dict.items():
+        prefix, _, rest = key.partition(".")
+        parts[prefix == "objective"][rest] = value
+    return parts
+
+
+def save_objective(objective: Objective, state_dict: dict, path) -> None:
+    """Writes the objective's parameters (``model.safetensors``) and what they belong to (``terms.json``) into ``path``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(path / "model.safetensors"))
+    terms = [{"name": t.name, "kind": type(t).__name__, "weight": t.weight, **({"pairs": t.pairs} if hasattr(t, "pairs") else {})}
+             for t in objective.terms]
+    (path / "terms.json").write_text(json.dumps(terms, indent=2) + "\n")

@@ -33,7 +33,7 @@ HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0
 MIN_FREE_BYTES = 16 * 2**20
 # What a run writes; --overwrite removes exactly these.
-RUN_OUTPUTS = ("config.yaml", "checkpoints", "student", "adapter", "quantized", "eval.json", "report.md", "initial_eval.json",
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "student", "adapter", "objective", "quantized", "eval.json", "report.md", "initial_eval.json",
                "metrics.jsonl", "PREEMPTED", "tensorboard", "wandb", "mlflow.db", ".wandb_id")
 RUN_MARKERS = ("config.yaml", "checkpoints", "student")
 

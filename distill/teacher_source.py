@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import torch
 
-from distill.objective import LOGITS, TeacherOutputs
+from distill.objective import TeacherOutputs
 
 
 class ModelSource:
-    """The frozen teacher model, forwarded in this process under inference mode."""
+    """The frozen teacher model, forwarded in this process without autograd."""
 
     kind = "model"
 
-    def __init__(self, model, task, vocab: int):
-        self.model, self.task, self.vocab = model, task, vocab
+    def __init__(self, model, task, vocab: int, qkv_layers: set[int] = frozenset()):
+        self.model, self.task, self.vocab, self.qkv_layers = model, task, vocab, qkv_layers
 
     def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
-        if LOGITS not in wants:
+        if not wants:
             return TeacherOutputs()
-        with torch.inference_mode():
-            logits = self.task.logits(self.model, batch, self.vocab)
-        # Cloned outside inference mode: autograd must be able to save it for the student's backward.
-        return TeacherOutputs(logits=logits.clone())
+        # no_grad rather than inference_mode: autograd may save these tensors for the student's
+        # backward, which inference tensors forbid (and cloning them would copy the logits).
+        with torch.no_grad():
+            return self.task.outputs(self.model, batch, wants, self.vocab, self.qkv_layers)
 
 
 SOURCES = {ModelSource.kind: ModelSource}
 
 
-def build_source(kind: str, model, task, vocab: int):
-    return SOURCES[kind](model, task, vocab)
+def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset()):
+    return SOURCES[kind](model, task, vocab, qkv_layers)

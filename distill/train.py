@@ -87,26 +87,27 @@ def _all_finite(value: torch.Tensor, accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
-def train_step(student, source, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective) -> StepResult:
+def train_step(model, source, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective) -> StepResult:
     """One optimizer step over ``len(batches)`` accumulated micro-batches.
 
     Args:
+        model: the prepared :class:`distill.objective.Distillee` (student and objective).
         source: the teacher source (``signal(batch, wants) -> TeacherOutputs``).
-        task: the task (targets, logits at the target positions, target counts).
-        objective: the named, weighted terms (:mod:`distill.objective`).
+        task: the task (targets and their counts).
+        objective: the named, weighted terms (:mod:`distill.objective`), the same as ``model``'s.
     """
     tokens = global_target_count(batches, accelerator, task)
     sums = torch.zeros(len(objective.terms), dtype=torch.float64, device=accelerator.device)
     teacher_seconds, finite, grad_norm = 0.0, True, None
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.accumulate(student):
+        with accelerator.accumulate(model):
             teacher = None
             if objective.wants:
                 start = time.perf_counter()
                 teacher = source.signal(batch, objective.wants)
                 teacher_seconds += time.perf_counter() - start
-            term_sums = objective.sums(task.logits(student, batch, source.vocab), teacher, task.targets(batch))
+            term_sums = model(batch, teacher)
             loss_sum = objective.total(term_sums)
             finite = finite and _all_finite(loss_sum, accelerator)
             if finite:
@@ -118,7 +119,7 @@ def train_step(student, source, batches: list[dict], *, accelerator, optimizer, 
             if accelerator.sync_gradients:
                 if finite:
                     max_norm = cfg.train.max_grad_norm or float("inf")
-                    grad_norm = float(accelerator.clip_grad_norm_(student.parameters(), max_norm))
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -144,9 +145,9 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def fit(student, source, stream: TrainStream, *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective,
+def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective,
         state: checkpoint.TrainState, run_dir: Path, tracker=None, evaluate=None) -> checkpoint.TrainState:
-    """Trains ``student`` from ``state.step`` to ``train.max_steps``.
+    """Trains ``model`` (the prepared student and objective) from ``state.step`` to ``train.max_steps``.
 
     Args:
         source, task, objective: the step's parts (see :func:`train_step`).
@@ -160,7 +161,7 @@ def fit(student, source, stream: TrainStream, *, accelerator, optimizer, schedul
     # Redrawn often on a terminal, every 10 s in a log file.
     progress = tqdm(total=tr.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    student.train()
+    model.train()
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
     fault = os.environ.get("DISTILL_FAULT")
     saver = _Saver(accelerator, run_dir / "checkpoints", scheduler=scheduler, keep=tr.keep_checkpoints)
@@ -170,7 +171,7 @@ def fit(student, source, stream: TrainStream, *, accelerator, optimizer, schedul
             start = time.perf_counter()
             _injected_fault(fault, state.step + 1, accelerator.process_index)
             batches = [stream.next_batch() for _ in range(tr.grad_accum)]
-            result = train_step(student, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+            result = train_step(model, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                 task=task, objective=objective)
             state.step += 1
             state.samples_consumed = stream.samples_consumed

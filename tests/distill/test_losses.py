@@ -8,7 +8,7 @@ import torch
 from distill import losses
 from distill.config import LossConfig
 from distill.losses import IGNORE_INDEX
-from distill.objective import TeacherOutputs, build_objective
+from distill.objective import Outputs, build_objective
 
 
 def softmax64(logits, temperature):
@@ -119,7 +119,7 @@ def masked_reference(s, t, labels, kind):
 def kd_and_ce(s, t, labels, kind="forward_kl", chunk_size=1024):
     """The KD and CE sums of the shorthand objective (``loss.kind=KIND``), as the trainer computes them."""
     objective = build_objective(LossConfig(kind=kind, chunk_size=chunk_size))
-    kd, ce = objective.sums(s, None if t is None else TeacherOutputs(logits=t), labels)
+    kd, ce = objective.sums(Outputs(logits=s), None if t is None else Outputs(logits=t), labels)
     return kd, ce
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import read_metrics, run_job, reset_accelerate
 from distill.config import ConfigError, LossConfig, load_config
 from distill.losses import IGNORE_INDEX
-from distill.objective import build_objective
+from distill.objective import Outputs, build_objective
 
 BASE = ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]"]
 
@@ -27,9 +27,7 @@ def test_term_sums_and_total_match_a_float64_reference():
                             {"kind": "logits", "name": "rkl", "divergence": "reverse_kl", "weight": 0.3},
                             {"kind": "ce", "weight": 0.1}], chunk_size=5)
     objective = build_objective(cfg)
-    from distill.objective import TeacherOutputs
-
-    sums = objective.sums(s, TeacherOutputs(logits=t), labels).double()
+    sums = objective.sums(Outputs(logits=s), Outputs(logits=t), labels).double()
     mask = (labels != IGNORE_INDEX).double()
     p_t2, p_s2 = log_softmax64(t, 2.0), log_softmax64(s, 2.0)
     fkl = ((p_t2.exp() * (p_t2 - p_s2)).sum(-1) * mask).sum()
@@ -68,7 +66,12 @@ def test_without_a_weighted_teacher_term_the_teacher_does_not_run(tiny, corpus, 
 
 
 @pytest.mark.parametrize("terms, message", [
-    ("[{kind: hidden}]", "loss.terms[0].kind: must be one of logits, ce (got 'hidden')"),
+    ("[{kind: features}]", "loss.terms[0].kind: must be one of logits, ce, hidden, attention (got 'features')"),
+    ("[{kind: hidden, distance: l1}]", "loss.terms[0].distance: must be mse or cosine"),
+    ("[{kind: hidden, layers: last}]", "loss.terms[0].layers: expected 'uniform' or a list"),
+    ("[{kind: hidden, temperature: 2}]", "unknown config key: loss.terms[0].temperature"),
+    ("[{kind: attention, mode: heads}]", "loss.terms[0].mode: must be auto, maps or relations"),
+    ("[{kind: attention, relation_heads: 0}]", "loss.terms[0].relation_heads must be an integer > 0"),
     ("[{kind: ce, temperature: 2}]", "unknown config key: loss.terms[0].temperature"),
     ("[{kind: logits, divergence: kl}]", "loss.terms[0].divergence: must be one of forward_kl"),
     ("[{kind: logits, weight: -1}]", "loss.terms[0].weight must be a number >= 0"),

@@ -9,7 +9,7 @@ from conftest import job_overrides, read_metrics, run_job
 from distill import data
 from distill.config import load_config
 from distill.job import Setup, make_accelerator
-from distill.objective import build_objective
+from distill.objective import Distillee, build_objective
 from distill.tasks import CausalLM
 from distill.teacher_source import ModelSource
 from distill.train import build_optimizer, build_scheduler, train_step
@@ -50,18 +50,19 @@ def test_teacher_stays_frozen(tiny, corpus, tmp_path):
     setup = Setup(cfg, accelerator.device)
     teacher, student = setup.teacher, setup.student
     before = _digest(teacher)
-    optimizer = build_optimizer(student, cfg.train)
+    task = CausalLM()
+    model = Distillee(student, build_objective(cfg.loss), task, setup.vocab)
+    optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
     teacher_params = {id(p) for p in teacher.parameters()}
     assert not any(id(p) in teacher_params for group in optimizer.param_groups for p in group["params"])
     stream = data.TrainStream(setup.train_sequences, micro_batch_size=4, seed=0, pad_id=setup.tokenizer.pad_token_id)
     student_before = _digest(student)
-    task = CausalLM()
     source = ModelSource(teacher, task, setup.vocab)
     for _ in range(3):
-        train_step(student, source, [stream.next_batch()], accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                   cfg=cfg, task=task, objective=build_objective(cfg.loss))
+        train_step(model, source, [stream.next_batch()], accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
+                   cfg=cfg, task=task, objective=accelerator.unwrap_model(model).objective)
     assert _digest(teacher) == before
     assert _digest(student) != student_before
     assert not teacher.training
