@@ -77,6 +77,8 @@ class DataConfig:
     validation_split: float = option(0.05, "Fraction of the training data held out for validation when no validation data is given.")
     text_unit: Literal["line", "paragraph", "document"] = option("paragraph", "How .txt files are split into documents: per line, per blank-line-separated paragraph, or one per file.")
     text_field: str = option("text", "Column holding the text (the completion, when data.prompt_field is set).")
+    text_pair_field: Optional[str] = option(None, "Column holding the second text of a pair (task.kind=sequence_classification).")
+    label_field: str = option("label", "Column holding the class (task.kind=sequence_classification): an id, or a name in the teacher's label2id.")
     prompt_field: Optional[str] = option(None, "Column holding a prompt that is fed to the models but masked out of the loss.")
     seq_len: int = option(512, "Tokens per training sequence.")
     packing: bool = option(True, "Concatenate documents (separated by EOS) into full seq_len blocks instead of padding each one.")
@@ -162,7 +164,7 @@ class TrackingConfig:
 
 @dataclass
 class TaskConfig:
-    kind: Literal["causal_lm"] = option("causal_lm", "What is distilled: causal_lm (next-token prediction).")
+    kind: Literal["causal_lm", "sequence_classification"] = option("causal_lm", "What is distilled: causal_lm (next-token prediction) or sequence_classification (a classifier's class distribution; never packed).")
 
 
 @dataclass
@@ -338,6 +340,10 @@ def validate(cfg: DistillConfig) -> None:
     _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
     _check(lo.chunk_size > 0, f"loss.chunk_size must be > 0 (got {lo.chunk_size})")
     check_terms(lo)
+    if cfg.task.kind == "sequence_classification":
+        _check(not s.prune, "student.prune supports task.kind=causal_lm only; build the classifier student with student.architecture or student.path")
+        _check(d.prompt_field is None, "data.prompt_field is for causal_lm; a classifier's second text goes in data.text_pair_field")
+        _check(ev.lm_eval is None and not ev.speculative, "eval.lm_eval and eval.speculative measure language models; unset them for task.kind=sequence_classification")
     _check(tr.lr > 0 and math.isfinite(tr.lr), f"train.lr must be > 0 (got {tr.lr})")
     _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {tr.weight_decay})")
     _check(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.betas), f"train.betas must be two numbers in [0, 1) (got {tr.betas})")

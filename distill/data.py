@@ -151,8 +151,46 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
     return sequences.with_format("python")
 
 
+def tokenize_labelled(dataset, tokenizer, cfg: DataConfig, split_name: str, label2id: dict[str, int]):
+    """Tokenizes labelled rows (``data.text_field``, optional ``data.text_pair_field``, ``data.label_field``)
+    into ``{input_ids, label}`` with the tokenizer's own special tokens, cut to ``data.seq_len``.
+
+    Labels are class ids, or names mapped through the teacher's ``label2id``.
+    """
+    key = "data.label_field"
+    if cfg.label_field not in dataset.column_names:
+        raise ConfigError(f"{key}: column {cfg.label_field!r} not in the {split_name} data (columns: {', '.join(dataset.column_names)})")
+    if cfg.text_pair_field and cfg.text_pair_field not in dataset.column_names:
+        raise ConfigError(f"data.text_pair_field: column {cfg.text_pair_field!r} not in the {split_name} data "
+                          f"(columns: {', '.join(dataset.column_names)})")
+    classes = len(label2id)
+
+    def label_id(value):
+        if isinstance(value, str) and value in label2id:
+            return label2id[value]
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < classes:
+            return value
+        raise ConfigError(f"{key}: label {value!r} in the {split_name} data is neither a class id 0..{classes - 1} nor one of the "
+                          f"teacher's labels ({', '.join(map(str, label2id))})")
+
+    def encode(batch):
+        pairs = batch[cfg.text_pair_field] if cfg.text_pair_field else None
+        encoded = tokenizer(batch[cfg.text_field], pairs, truncation=True, max_length=cfg.seq_len)
+        return {"input_ids": encoded["input_ids"], "label": [label_id(v) for v in batch[cfg.label_field]]}
+
+    sequences = dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=f"tokenizing {split_name}")
+    if len(sequences) == 0:
+        raise ConfigError(f"the {split_name} data has no labelled rows; check data.train_files and data.label_field")
+    return sequences.with_format("python")
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads rows to the longest; padding is masked in ``attention_mask`` and ``labels``."""
+    """Right-pads rows to the longest; padding is masked in ``attention_mask`` and ``labels``.
+
+    Rows of a classification task carry one ``label`` each: ``labels`` is then ``[B]``.
+    """
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -160,8 +198,11 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
+        if "label" not in row:
+            labels[i, :n] = torch.tensor(row["labels"])
         attention_mask[i, :n] = 1
+    if "label" in rows[0]:
+        labels = torch.tensor([row["label"] for row in rows], dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

@@ -32,47 +32,84 @@ def forward_logits(model, batch: dict, vocab: int, device) -> torch.Tensor:
     return logits[:, :-1, :vocab]
 
 
+def _on(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _task(task):
+    from distill.tasks import CausalLM
+
+    return task or CausalLM()
+
+
 @torch.inference_mode()
-def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_is_model: bool = False) -> dict:
-    """Per-token CE, perplexity, KL(teacher || model) and top-1 agreement on ``batches``.
+def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_is_model: bool = False, task=None) -> dict:
+    """Per-target CE, KL(teacher || model) and top-1 agreement on ``batches``; perplexity for a
+    language model, accuracy and macro-F1 for a classifier (``vocab`` is then the class count).
 
     ``teacher`` may be None (no comparison). ``teacher_is_model`` skips the duplicate forward
-    when the teacher itself is evaluated.
+    when the teacher itself is evaluated. Counts are summed over processes before dividing (the
+    classifier's as a confusion matrix), so no figure depends on the world size.
     """
+    task = _task(task)
+    classifier = not task.causal
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, agree, tokens
+    sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, agree, targets
+    confusion = torch.zeros(vocab, vocab, dtype=torch.float64)  # [gold, predicted]
     for batch in batches:
-        labels = batch["labels"][:, 1:].to(device)
-        mask = labels != IGNORE_INDEX
-        logits = forward_logits(model, batch, vocab, device).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        batch = _on(batch, device)
+        logits, labels = task.eval_logits(model, batch, vocab)
+        logits, mask = logits.float(), labels != IGNORE_INDEX
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         sums[0] += ce[mask].sum().item()
         sums[3] += mask.sum().item()
+        if classifier:
+            index = labels[mask] * vocab + logits.argmax(-1)[mask]
+            confusion += torch.bincount(index.cpu(), minlength=vocab * vocab).view(vocab, vocab).double()
         if teacher is not None and not teacher_is_model:
-            teacher_logits = forward_logits(teacher, batch, vocab, device).float()
+            teacher_logits = task.eval_logits(teacher, batch, vocab)[0].float()
             sums[1] += forward_kl(logits, teacher_logits)[mask].sum().item()
             sums[2] += (logits.argmax(-1) == teacher_logits.argmax(-1))[mask].sum().item()
     model.train(was_training)
     sums = _sum_across_processes(sums)
-    tokens = max(sums[3].item(), 1.0)
-    result = {"ce": sums[0].item() / tokens, "tokens": int(sums[3].item())}
-    result["perplexity"] = math.exp(min(result["ce"], 80.0))
+    targets = max(sums[3].item(), 1.0)
+    result = {"ce": sums[0].item() / targets, "tokens": int(sums[3].item())}
+    if classifier:
+        result.update(classification_metrics(_sum_across_processes(confusion)))
+    else:
+        result["perplexity"] = math.exp(min(result["ce"], 80.0))
     if teacher is not None and not teacher_is_model:
-        result["kl_to_teacher"] = sums[1].item() / tokens
-        result["top1_agreement"] = sums[2].item() / tokens
+        result["kl_to_teacher"] = sums[1].item() / targets
+        result["top1_agreement"] = sums[2].item() / targets
     return result
 
 
+def classification_metrics(confusion: torch.Tensor) -> dict:
+    """Accuracy and macro-F1 from a ``[gold, predicted]`` confusion matrix.
+
+    Macro-F1 averages the per-class F1 over the classes that occur (as gold or predicted), as
+    scikit-learn does with ``zero_division=0`` over the labels present.
+    """
+    true_positive = confusion.diag()
+    gold, predicted = confusion.sum(1), confusion.sum(0)
+    present = (gold + predicted) > 0
+    f1 = torch.where(present, 2 * true_positive / (gold + predicted).clamp(min=1), torch.zeros_like(true_positive))
+    return {"accuracy": (true_positive.sum() / confusion.sum().clamp(min=1)).item(),
+            "macro_f1": (f1[present].mean() if bool(present.any()) else torch.tensor(0.0)).item()}
+
+
 @torch.inference_mode()
-def teacher_fidelity(full_teacher, quantized_teacher, batches: list[dict], *, vocab: int, device) -> float:
-    """KL(full-precision teacher || quantized teacher) per target token."""
-    total = torch.zeros(2, dtype=torch.float64)  # KL sum, tokens
+def teacher_fidelity(full_teacher, quantized_teacher, batches: list[dict], *, vocab: int, device, task=None) -> float:
+    """KL(full-precision teacher || quantized teacher) per target."""
+    task = _task(task)
+    total = torch.zeros(2, dtype=torch.float64)  # KL sum, targets
     for batch in batches:
-        mask = batch["labels"][:, 1:].to(device) != IGNORE_INDEX
-        full = forward_logits(full_teacher, batch, vocab, device).float()
-        quant = forward_logits(quantized_teacher, batch, vocab, device).float()
-        total[0] += forward_kl(quant, full)[mask].sum().item()
+        batch = _on(batch, device)
+        full, labels = task.eval_logits(full_teacher, batch, vocab)
+        quant = task.eval_logits(quantized_teacher, batch, vocab)[0]
+        mask = labels != IGNORE_INDEX
+        total[0] += forward_kl(quant.float(), full.float())[mask].sum().item()
         total[1] += mask.sum().item()
     total = _sum_across_processes(total)
     return total[0].item() / max(total[1].item(), 1.0)
@@ -120,6 +157,27 @@ def speed(model, batches: list[dict], *, device, new_tokens: int, batch_size: in
     }
 
 
+@torch.inference_mode()
+def classifier_speed(model, batches: list[dict], *, device, batch_size: int, repeats: int, **_) -> dict:
+    """Latency of one sequence's forward at batch 1 and forward throughput at ``batch_size``."""
+    model.eval()
+    rows, mask = batches[0]["input_ids"], batches[0]["attention_mask"]  # one batch: their padded widths differ
+    one = {"input_ids": rows[:1].to(device), "attention_mask": mask[:1].to(device)}
+    latency = _timed(lambda: model(**one), device, repeats)
+    pick = torch.arange(batch_size) % rows.shape[0]
+    block = {"input_ids": rows[pick].to(device), "attention_mask": mask[pick].to(device)}
+    throughput_time = _timed(lambda: model(**block), device, repeats)
+    return {"latency_ms_per_sequence": 1000.0 * latency, "throughput_tokens_per_s": int(block["attention_mask"].sum()) / throughput_time,
+            "throughput_sequences_per_s": batch_size / throughput_time}
+
+
+def measure_speed(model, batches: list[dict], *, task, device, eval_cfg, pad_id: int) -> dict:
+    """The task's speed figures: generation latency for a language model, forward latency for a classifier."""
+    measure = speed if _task(task).causal else classifier_speed
+    return measure(model, batches, device=device, new_tokens=eval_cfg.latency_new_tokens, batch_size=eval_cfg.throughput_batch_size,
+                   repeats=eval_cfg.speed_repeats, pad_id=pad_id)
+
+
 def parameter_count(model) -> int:
     """Parameters as the unquantized model would count them (4-bit packing undone)."""
     return model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
@@ -134,9 +192,12 @@ COLUMNS = [
     ("memory_bytes", "memory MB", "{:.2f}", 1e-6),
     ("quantization", "quant", "{}"),
     ("perplexity", "ppl", "{:.2f}"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("macro_f1", "macro-F1", "{:.3f}"),
     ("kl_to_teacher", "KL(T||S)", "{:.4f}"),
     ("top1_agreement", "top-1 agree", "{:.1%}"),
     ("latency_ms_per_token", "latency ms/tok", "{:.2f}"),
+    ("latency_ms_per_sequence", "latency ms/seq", "{:.2f}"),
     ("throughput_tokens_per_s", "tokens/s", "{:,.0f}"),
 ]
 
@@ -152,9 +213,10 @@ def _cell(row: dict, column: tuple) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table, one row per model; readable on a terminal too."""
-    header = [c[1] for c in COLUMNS]
-    body = [[_cell(r, c) for c in COLUMNS] for r in rows]
+    """A Markdown table, one row per model, of the columns some model has; readable on a terminal too."""
+    columns = [c for c in COLUMNS if c[0] in ("model", "params") or any(r.get(c[0]) is not None for r in rows)]
+    header = [c[1] for c in columns]
+    body = [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
@@ -166,13 +228,18 @@ def summary_lines(result: dict) -> list[str]:
     rows = {r["model"]: r for r in result["rows"]}
     teacher, student = rows.get("teacher"), rows.get("student")
     if teacher and student:
-        if student.get("throughput_tokens_per_s") and teacher.get("throughput_tokens_per_s"):
+        if student.get("latency_ms_per_sequence") and teacher.get("latency_ms_per_sequence"):
+            lines.append(f"student speedup over teacher: {student['throughput_tokens_per_s'] / teacher['throughput_tokens_per_s']:.2f}x throughput, "
+                         f"{teacher['latency_ms_per_sequence'] / student['latency_ms_per_sequence']:.2f}x latency")
+        elif student.get("throughput_tokens_per_s") and teacher.get("throughput_tokens_per_s"):
             lines.append(f"student speedup over teacher: {student['throughput_tokens_per_s'] / teacher['throughput_tokens_per_s']:.2f}x throughput, "
                          f"{teacher['latency_ms_per_token'] / student['latency_ms_per_token']:.2f}x latency")
         if student.get("disk_bytes") and teacher.get("disk_bytes"):
             lines.append(f"student compression: {teacher['params'] / student['params']:.2f}x fewer parameters, "
                          f"{teacher['disk_bytes'] / student['disk_bytes']:.2f}x fewer bytes on disk")
-    if "initial_student" in rows and student:
+    if "initial_student" in rows and student and student.get("accuracy") is not None:
+        lines.append(f"accuracy: {rows['initial_student']['accuracy']:.1%} before training -> {student['accuracy']:.1%} distilled (teacher {teacher['accuracy']:.1%})")
+    elif "initial_student" in rows and student:
         lines.append(f"perplexity: {rows['initial_student']['perplexity']:.2f} before training -> {student['perplexity']:.2f} distilled (teacher {teacher['perplexity']:.2f})")
     trainable, total = result.get("student_trainable_params"), result.get("student_total_params")
     if trainable and total and trainable < total:
@@ -186,11 +253,15 @@ def summary_lines(result: dict) -> list[str]:
 def markdown_report(result: dict) -> str:
     from distill.downstream import report_tables
 
+    if result.get("task", "causal_lm") == "causal_lm":
+        about = (f"Validation: {result['validation_tokens']:,} target tokens. Perplexity and KL are per token; "
+                 "KL(T||S) is the forward KL from the teacher at temperature 1; latency is greedy decoding at batch 1, ")
+    else:
+        about = (f"Validation: {result['validation_tokens']:,} labelled sequences. KL(T||S) is the forward KL of the class distributions "
+                 "at temperature 1, per sequence; latency is one sequence's forward pass at batch 1, ")
     lines = [
         "# Distillation report", "",
-        f"Validation: {result['validation_tokens']:,} target tokens. Perplexity and KL are per token; "
-        "KL(T||S) is the forward KL from the teacher at temperature 1; latency is greedy decoding at batch 1, "
-        f"throughput is forward passes at batch {result['throughput_batch_size']}.", "",
+        about + f"throughput is forward passes at batch {result['throughput_batch_size']}.", "",
         table(result["rows"]), "",
         *[f"- {line}" for line in summary_lines(result)], "",
         *report_tables(result["rows"]),

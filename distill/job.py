@@ -115,6 +115,7 @@ class Setup:
     """Everything the job loads before training, checked in the order that fails cheapest."""
 
     def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True):
+        self.task = task = build_task(cfg.task.kind)
         self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
@@ -126,19 +127,20 @@ class Setup:
             check_target(config, PruneTarget(**cfg.student.prune))  # before any model is loaded
             models.check_seq_len(config, cfg.data.seq_len, "teacher")
         else:
-            self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed, device=device)
+            self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed, device=device, model_class=task.auto_class,
+                                                peft_task_type=task.peft_task_type)
             models.check_seq_len(self.student.config, cfg.data.seq_len, "student")
-        self.teacher = models.load_teacher(cfg.teacher, device) if load_teacher else None
+        self.teacher = models.load_teacher(cfg.teacher, device, model_class=task.auto_class) if load_teacher else None
         if self.teacher is not None:
             models.check_seq_len(self.teacher.config, cfg.data.seq_len, "teacher")
-        self.train_sequences = data.tokenize(raw_train, self.tokenizer, cfg.data, "training")
-        self.validation_sequences = data.tokenize(raw_validation, self.tokenizer, cfg.data, "validation")
+        if self.teacher is not None and not cfg.student.prune:  # a label-set mismatch fails before tokenizing
+            task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
+        teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
+        self.train_sequences = task.tokenize(raw_train, self.tokenizer, cfg.data, "training", teacher_config)
+        self.validation_sequences = task.tokenize(raw_validation, self.tokenizer, cfg.data, "validation", teacher_config)
         if cfg.student.prune:
             self.student = self._pruned_student(cfg, device)
-        if self.teacher is not None:
-            self.vocab = models.shared_vocab_size(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
-        else:
-            self.vocab = models.output_vocab(self.student)
+        self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
 
     def _pruned_student(self, cfg: DistillConfig, device):
         """The full-precision teacher pruned to student.prune, ranked on the first training batches."""
@@ -229,9 +231,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-    task = build_task(cfg.task.kind)
     setup = Setup(cfg, accelerator.device, load_teacher=teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0)
-    student, teacher, vocab = setup.student, setup.teacher, setup.vocab
+    task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal)
     if ATTENTIONS in objective.student_wants:
         models.use_eager_attention(student, teacher, quiet=not accelerator.is_main_process)
@@ -239,7 +240,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         from distill.quantize import check_method_fits
 
         for method in cfg.eval.quantize:
-            check_method_fits(student.config, method, key="eval.quantize:")
+            check_method_fits(student.config, method, key="eval.quantize:", model_class=task.auto_class)
     trainable, total = models.trainable_parameters(student)
     facts = {"student_trainable_params": trainable, "student_total_params": total}
     if accelerator.is_main_process:
@@ -251,7 +252,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if cfg.eval.at_end and cfg.eval.initial and latest is None:
         if cfg.student.quantization == "none":  # a bitsandbytes base is placed when loaded, never moved
             student.to(accelerator.device)
-        initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
+        initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
         if accelerator.is_main_process:
             (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
 
@@ -278,7 +279,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
 
         tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)
     try:
-        evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device)
+        evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
         try:
             source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1])
             fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
@@ -289,12 +290,13 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             return None
         lora = cfg.student.lora
         save_student(accelerator, model, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge,
-                     base_quantization=cfg.student.quantization)
+                     base_quantization=cfg.student.quantization, model_class=task.auto_class)
         result = None
         if cfg.eval.at_end:
             del optimizer, student, model  # free optimizer state (and ZeRO shards) before evaluation
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
-            final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization)
+            final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization,
+                                                       model_class=task.auto_class)
             result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
             if tracker is not None:
                 from distill.downstream import summary_metrics
@@ -323,7 +325,8 @@ def _save_atomically(path: Path, write, *, needed: int = 0) -> None:
     os.rename(tmp, path)
 
 
-def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool = False, base_quantization: str = "none") -> None:
+def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool = False, base_quantization: str = "none",
+                 model_class: str = "AutoModelForCausalLM") -> None:
     """Saves the (consolidated) student of the prepared ``model`` with save_pretrained, under a temporary name first.
 
     The objective's own parameters (projections), if any, go to ``objective/`` beside ``path``,
@@ -349,7 +352,8 @@ def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool 
         needed = sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))
         _save_atomically(target, write, needed=needed)
         if target != path:
-            merged = models.load_for_evaluation(target, torch.device("cpu"), base_quantization=base_quantization).merge_and_unload()
+            merged = models.load_for_evaluation(target, torch.device("cpu"), base_quantization=base_quantization,
+                                                model_class=model_class).merge_and_unload()
 
             def write_merged(tmp):
                 merged.save_pretrained(tmp, safe_serialization=True)

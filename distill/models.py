@@ -117,9 +117,15 @@ def whole_models():
         hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = True):
+def auto_class(name: str = "AutoModelForCausalLM"):
+    """The transformers auto class a task's models load with (``task.auto_class``)."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = True, model_class: str = "AutoModelForCausalLM"):
     """Loads the frozen teacher on ``device``; ``quantized=False`` ignores teacher.quantization."""
-    from transformers import AutoModelForCausalLM
 
     quant = quantization_config(cfg) if quantized else None
     kwargs = {"dtype": DTYPES[cfg.dtype], "revision": cfg.revision}
@@ -127,15 +133,15 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = 
         # bitsandbytes weights are quantized as they are placed; they must never be .to()-ed after.
         kwargs.update(quantization_config=quant, device_map={"": device} if device.type != "cpu" else None)
     with whole_models():
-        model = _pretrained(AutoModelForCausalLM, cfg.path, "teacher.path", **kwargs)
+        model = _pretrained(auto_class(model_class), cfg.path, "teacher.path", **kwargs)
     if quant is None:
         model.to(device)
     return freeze(model)
 
 
-def load_for_evaluation(path: str | os.PathLike, device: torch.device, *, base_quantization: str = "none"):
+def load_for_evaluation(path: str | os.PathLike, device: torch.device, *, base_quantization: str = "none", model_class: str = "AutoModelForCausalLM"):
     """A saved model (or a LoRA adapter on its base), whole, frozen, on ``device``."""
-    from transformers import AutoModelForCausalLM
+    AutoModel = auto_class(model_class)
 
     path = Path(path)
     with whole_models():
@@ -144,10 +150,10 @@ def load_for_evaluation(path: str | os.PathLike, device: torch.device, *, base_q
 
             base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
             quant = quantization_config(TeacherConfig(path=base_path, dtype="float32", quantization=base_quantization), key="student.quantization")
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **({"quantization_config": quant} if quant else {}))
+            base = AutoModel.from_pretrained(base_path, dtype=torch.float32, **({"quantization_config": quant} if quant else {}))
             model = PeftModel.from_pretrained(base, path)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32)
     if base_quantization == "none":
         model.to(device)
     return freeze(model)
@@ -175,15 +181,15 @@ def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str
     return config
 
 
-def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, device: torch.device | None = None):
+def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, device: torch.device | None = None,
+                  model_class: str = "AutoModelForCausalLM", peft_task_type: str = "CAUSAL_LM"):
     """The student: a pretrained model from student.path, or a new one from student.architecture.
 
     A new student copies the teacher's config with the architecture overrides, so it shares the
     teacher's model type, vocabulary and tokenizer; its weights are initialized from ``seed``.
     Weights are float32: mixed precision is applied by the training loop, not stored.
     """
-    from transformers import AutoModelForCausalLM
-
+    AutoModel = auto_class(model_class)
     # Built whole even under ZeRO-3: DeepSpeed partitions it when the job prepares it.
     with whole_models():
         if cfg.path:
@@ -193,14 +199,14 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, 
                 placed["quantization_config"] = quant
                 if device is not None and device.type != "cpu":
                     placed["device_map"] = {"": device}
-            model = _pretrained(AutoModelForCausalLM, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision, **placed)
-            return apply_lora(model, cfg.lora) if cfg.lora is not None else model
+            model = _pretrained(AutoModel, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision, **placed)
+            return apply_lora(model, cfg.lora, task_type=peft_task_type) if cfg.lora is not None else model
         config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModel.from_config(config, dtype=torch.float32)
 
 
-def apply_lora(model, lora):
+def apply_lora(model, lora, *, task_type: str = "CAUSAL_LM"):
     """Wraps ``model`` with peft LoRA adapters; only they (and lora.modules_to_save) train."""
     try:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -217,7 +223,7 @@ def apply_lora(model, lora):
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-                        modules_to_save=list(lora.modules_to_save) or None, task_type="CAUSAL_LM")
+                        modules_to_save=list(lora.modules_to_save) or None, task_type=task_type)
     return get_peft_model(model, config)
 
 

@@ -54,7 +54,7 @@ def quantization_config(method: str):
 BNB_CPU_BLOCK = 64  # bitsandbytes' 4-bit CPU kernels pack absmax per 64 inputs of each row
 
 
-def check_method_fits(model_config, method: str, *, key: str = "--method") -> None:
+def check_method_fits(model_config, method: str, *, key: str = "--method", model_class: str = "AutoModelForCausalLM") -> None:
     """Fails before any work when ``method`` cannot run this model here.
 
     bitsandbytes' 4-bit CPU path reshapes each weight's absmax to ``[out, in / 64]``, so every
@@ -63,13 +63,15 @@ def check_method_fits(model_config, method: str, *, key: str = "--method") -> No
     """
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from distill.models import auto_class
 
     if method != "bnb_4bit" or torch.cuda.is_available():
         return
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config)
-    head = model.get_output_embeddings()
+        model = auto_class(model_class).from_config(model_config)
+    # The output layer stays unquantized: the LM head, or a classifier's last Linear.
+    head = model.get_output_embeddings() or [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head and module.in_features % BNB_CPU_BLOCK:
             raise ConfigError(f"{key} bnb_4bit: bitsandbytes' 4-bit CPU kernels need every quantized layer's input width to be a multiple of "
@@ -77,13 +79,15 @@ def check_method_fits(model_config, method: str, *, key: str = "--method") -> No
                               "(or quantize on a GPU)")
 
 
-def quantize_model(source: str | os.PathLike, output: str | os.PathLike, method: str):
+def quantize_model(source: str | os.PathLike, output: str | os.PathLike, method: str, *, model_class: str = "AutoModelForCausalLM"):
     """Loads ``source`` quantized with ``method``, saves it to ``output`` (atomically), returns it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distill.models import auto_class
 
     config = quantization_config(method)
-    check_method_fits(AutoConfig.from_pretrained(source), method)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, quantization_config=config)
+    check_method_fits(AutoConfig.from_pretrained(source), method, model_class=model_class)
+    model = auto_class(model_class).from_pretrained(source, dtype=torch.float32, quantization_config=config)
     output = Path(output)
     tmp = output.with_name(f".tmp-{output.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +123,7 @@ def _quant_state_tensors(state):
 
 
 def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int,
-                   measure=None) -> list[dict]:
+                   measure=None, task=None) -> list[dict]:
     """Quantizes RUN_DIR/student with each method and measures it like the other rows.
 
     Args:
@@ -130,7 +134,7 @@ def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vo
         out = run_dir / "quantized" / method
         try:
             rows.append(_quantized_row(run_dir, out, method, teacher=teacher, validation=validation, vocab=vocab, device=device,
-                                       eval_cfg=eval_cfg, pad_id=pad_id, measure=measure))
+                                       eval_cfg=eval_cfg, pad_id=pad_id, measure=measure, task=task))
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)  # no quantized model that was never evaluated
             raise
@@ -138,16 +142,17 @@ def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vo
 
 
 def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int,
-                   measure=None) -> dict:
+                   measure=None, task=None) -> dict:
     from distill import evaluation, models
+    from distill.tasks import CausalLM
 
-    quantized = quantize_model(run_dir / "student", out, method)
+    task = task or CausalLM()
+    quantized = quantize_model(run_dir / "student", out, method, model_class=task.auto_class)
     row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
            "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
-           **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device)}
+           **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device, task=task)}
     if eval_cfg.speed:
-        row.update(evaluation.speed(quantized, validation, device=device, new_tokens=eval_cfg.latency_new_tokens,
-                                    batch_size=eval_cfg.throughput_batch_size, repeats=eval_cfg.speed_repeats, pad_id=pad_id))
+        row.update(evaluation.measure_speed(quantized, validation, task=task, device=device, eval_cfg=eval_cfg, pad_id=pad_id))
     if measure is not None:
         row.update(measure(quantized, row["model"]))
     return row
@@ -160,6 +165,7 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     from distill import report
     from distill.finished_run import FinishedRun
     from distill.models import _pretrained
+    from distill.tasks import build_task
 
     for method in methods:  # every method checked before any work
         quantization_config(method)
@@ -169,13 +175,14 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     with run.lock():  # it writes quantized/, eval.json and report.md: one writer
         student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
         for method in methods:
-            check_method_fits(student_config, method)
+            check_method_fits(student_config, method, model_class=build_task(run.cfg.task.kind).auto_class)
         loaded = run.load()
         s = loaded.setup
         result = dict(run.previous)
         result["rows"] = [r for r in result.get("rows", []) if r["model"] not in {f"student+{m}" for m in methods}]
         measure = report.downstream_measure(run.cfg, s.teacher, s.tokenizer, loaded.validation, loaded.device)
         result["rows"] += quantized_rows(run.dir, methods, teacher=s.teacher, validation=loaded.validation, vocab=s.vocab,
-                                         device=loaded.device, eval_cfg=run.cfg.eval, pad_id=s.tokenizer.pad_token_id, measure=measure)
+                                         device=loaded.device, eval_cfg=run.cfg.eval, pad_id=s.tokenizer.pad_token_id, measure=measure,
+                                         task=s.task)
         report.write_report(result, run.dir)
         return result

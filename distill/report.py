@@ -15,17 +15,20 @@ from distill.config import DistillConfig, loss_terms
 def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
                      facts: dict | None = None) -> dict | None:
     """Evaluates teacher and student with the same code; writes eval.json and report.md."""
+    from distill.tasks import build_task
+
     device = accelerator.device
     ev = cfg.eval
+    task = build_task(cfg.task.kind)
     rows = []
-    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True)
-    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device)
+    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task)
+    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task)
     if initial is None and (run_dir / "initial_eval.json").exists():
         initial = json.loads((run_dir / "initial_eval.json").read_text())
     fidelity, full_memory = None, None
     if cfg.teacher.quantization != "none" and ev.teacher_fidelity:
-        full_teacher = models.load_teacher(cfg.teacher, device, quantized=False)
-        fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device)
+        full_teacher = models.load_teacher(cfg.teacher, device, quantized=False, model_class=task.auto_class)
+        fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device, task=task)
         full_memory = full_teacher.get_memory_footprint()
         del full_teacher
     if not accelerator.is_main_process:
@@ -38,8 +41,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
                "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
                **q}
         if ev.speed:
-            row.update(evaluation.speed(model, validation, device=device, new_tokens=ev.latency_new_tokens,
-                                        batch_size=ev.throughput_batch_size, repeats=ev.speed_repeats, pad_id=pad_id))
+            row.update(evaluation.measure_speed(model, validation, task=task, device=device, eval_cfg=ev, pad_id=pad_id))
         row.update(measure(model, name))
         rows.append(row)
     if initial is not None:
@@ -50,9 +52,10 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         from distill.quantize import quantized_rows
 
         rows += quantized_rows(run_dir, ev.quantize, teacher=teacher, validation=validation, vocab=vocab, device=device,
-                               eval_cfg=ev, pad_id=pad_id, measure=measure)
+                               eval_cfg=ev, pad_id=pad_id, measure=measure, task=task)
     result = {
         "rows": rows,
+        "task": cfg.task.kind,
         "validation_tokens": student_quality["tokens"],
         "throughput_batch_size": ev.throughput_batch_size,
         "teacher_fidelity_kl": fidelity,

@@ -11,6 +11,7 @@ import contextlib
 import torch
 
 from distill.config import LOGITS
+from distill.errors import ConfigError
 from distill.feature_terms import ATTENTIONS, HIDDEN, QKV, captured_qkv
 from distill.losses import IGNORE_INDEX
 from distill.objective import Outputs
@@ -21,6 +22,8 @@ class CausalLM:
 
     kind = "causal_lm"
     causal = True
+    auto_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
 
     @staticmethod
     def targets(batch: dict) -> torch.Tensor:
@@ -57,8 +60,98 @@ class CausalLM:
     def target_count(cls, batch: dict) -> int:
         return int((cls.targets(batch) != IGNORE_INDEX).sum())
 
+    @classmethod
+    def eval_logits(cls, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[N, vocab]`` logits, ``[N]`` targets) of every target position, masked ones included."""
+        logits = cls.logits(model, batch, vocab)
+        return logits.reshape(-1, logits.shape[-1]), cls.targets(batch).reshape(-1)
 
-TASKS = {CausalLM.kind: CausalLM}
+    @staticmethod
+    def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
+        from distill import data
+
+        return data.tokenize(raw, tokenizer, cfg, split_name)
+
+    @staticmethod
+    def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:
+        """The width of the distributions the two models are compared over (the shared vocabulary)."""
+        from distill import models
+
+        if teacher is None:
+            return models.output_vocab(student)
+        return models.shared_vocab_size(teacher, student, tokenizer, truncate_vocab=truncate_vocab)
+
+
+class SequenceClassification:
+    """A class per sequence (or text pair): the teacher's class distribution is the target.
+
+    Feature terms weigh each sequence's tokens equally and each sequence as one target, so a
+    hidden-state term is a per-sequence mean over its tokens, averaged over sequences.
+    """
+
+    kind = "sequence_classification"
+    causal = False
+    auto_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+
+    @staticmethod
+    def targets(batch: dict) -> torch.Tensor:
+        """``[B]`` class ids."""
+        return batch["labels"]
+
+    @staticmethod
+    def logits(model, batch: dict, vocab: int) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :vocab]
+
+    @classmethod
+    def feature_weights(cls, batch: dict) -> torch.Tensor:
+        mask = batch["attention_mask"].float() * (cls.targets(batch) != IGNORE_INDEX).float()[:, None]
+        return mask / batch["attention_mask"].float().sum(-1, keepdim=True).clamp(min=1)
+
+    @classmethod
+    def outputs(cls, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
+        capture = captured_qkv(model, qkv_layers) if QKV in wants and qkv_layers else contextlib.nullcontext({})
+        with capture as qkv:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
+        return Outputs(logits=out.logits[:, :vocab] if LOGITS in wants else None,
+                       hidden_states=out.hidden_states if HIDDEN in wants else None,
+                       attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
+
+    @classmethod
+    def target_count(cls, batch: dict) -> int:
+        return int((cls.targets(batch) != IGNORE_INDEX).sum())
+
+    @classmethod
+    def eval_logits(cls, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cls.logits(model, batch, vocab), cls.targets(batch)
+
+    @staticmethod
+    def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
+        from distill import data
+
+        return data.tokenize_labelled(raw, tokenizer, cfg, split_name, _label2id(model_config))
+
+    @staticmethod
+    def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:
+        """The number of classes, after checking that the student's label set is the teacher's."""
+        if teacher is not None:
+            t, s = _labels(teacher.config), _labels(student.config)
+            if t != s:
+                raise ConfigError(f"the student's labels {s} differ from the teacher's {t}; a classifier student needs the teacher's label set "
+                                  "(build it from student.architecture, or fine-tune a student with the same id2label)")
+        return student.config.num_labels
+
+
+def _labels(config) -> list[str]:
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def _label2id(config) -> dict[str, int]:
+    return {name: i for i, name in enumerate(_labels(config))}
+
+
+TASKS = {CausalLM.kind: CausalLM, SequenceClassification.kind: SequenceClassification}
 
 
 def build_task(kind: str):

@@ -214,15 +214,18 @@ def test_disk_full_during_the_final_save(tiny, tmp_path):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
+    from distill.config import LossConfig
     from distill.errors import DiskFull
     from distill.job import save_student
+    from distill.objective import Distillee, build_objective
+    from distill.tasks import CausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
     with tmpfs(tmp_path / "disk", "256k") as disk:
         (disk / "student").mkdir()
         (disk / "student" / "kept.txt").write_text("the previous student")
         with pytest.raises(DiskFull, match="no space left on device writing the student") as err:
-            save_student(Accelerator(cpu=True), model, tiny["tokenizer"], disk / "student")
+            save_student(Accelerator(cpu=True), Distillee(model, build_objective(LossConfig()), CausalLM(), 320), tiny["tokenizer"], disk / "student")
         assert "MiB needed" in str(err.value)
         assert sorted(p.name for p in disk.iterdir()) == ["student"]  # no partial .tmp-student
         assert (disk / "student" / "kept.txt").read_text() == "the previous student"
