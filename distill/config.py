@@ -60,6 +60,8 @@ class StudentConfig:
     path: Optional[str] = option(None, "Local directory or hub id of a pretrained student; leave empty to build a new one from student.architecture.")
     architecture: dict = option({}, "Config fields (e.g. num_hidden_layers, hidden_size) overriding the teacher's config for a new, randomly initialized student that uses the teacher's tokenizer.")
     revision: Optional[str] = option(None, "Hub revision of the pretrained student; ignored for local paths.")
+    init: Literal["random", "teacher_layers"] = option("random", "How a new student (student.architecture) starts: random, or teacher_layers (a copy of the teacher keeping only student.init_layers, with its embeddings and head; DistilBERT).")
+    init_layers: list = option([], "Teacher layers (1-based) a teacher_layers student keeps, in order; default: student.architecture.num_hidden_layers evenly spaced from the first (every other layer for half the depth).")
     prune: dict = option({}, "Or: build the student by structurally pruning the (full-precision) teacher to these sizes, ranked on training batches: num_hidden_layers, num_attention_heads, intermediate_size, hidden_size.")
     prune_calibration_batches: int = option(8, "Training micro-batches used to rank what student.prune removes.")
     lora: Optional[LoraConfig] = option(None, "Train LoRA adapters (peft) on a pretrained student (student.path) instead of all its weights; the base stays frozen.")
@@ -313,7 +315,17 @@ def validate(cfg: DistillConfig) -> None:
     """Checks values that types alone do not; messages name the option to change."""
     t, s, d, lo, tr, ev = cfg.teacher, cfg.student, cfg.data, cfg.loss, cfg.train, cfg.eval
     _check(bool(t.path), "teacher.path is required (a local model directory or a hub id)")
-    _check(sum(map(bool, (s.path, s.architecture, s.prune))) == 1, "set exactly one of student.path, student.architecture and student.prune")
+    if s.init == "teacher_layers":
+        _check(bool(s.architecture) or bool(s.init_layers), "student.init=teacher_layers needs student.init_layers or student.architecture.num_hidden_layers")
+        _check(set(s.architecture) <= {"num_hidden_layers"}, "student.init=teacher_layers keeps the teacher's widths; student.architecture may set "
+               f"only num_hidden_layers (got {', '.join(sorted(s.architecture))})")
+        _check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in s.init_layers),
+               f"student.init_layers must list teacher layers as integers >= 1 (got {s.init_layers!r})")
+        if s.init_layers and "num_hidden_layers" in s.architecture:
+            _check(len(s.init_layers) == s.architecture["num_hidden_layers"], "student.init_layers and student.architecture.num_hidden_layers disagree; set one")
+    else:
+        _check(not s.init_layers, "student.init_layers needs student.init=teacher_layers")
+    _check(sum(map(bool, (s.path, s.architecture or s.init_layers, s.prune))) == 1, "set exactly one of student.path, student.architecture and student.prune")
     prunable = {"num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_size"}
     for key, value in s.prune.items():
         _check(key in prunable, f"student.prune.{key}: not prunable; use {', '.join(sorted(prunable))}")

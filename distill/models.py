@@ -201,9 +201,25 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, 
                     placed["device_map"] = {"": device}
             model = _pretrained(AutoModel, cfg.path, "student.path", dtype=torch.float32, revision=cfg.revision, **placed)
             return apply_lora(model, cfg.lora, task_type=peft_task_type) if cfg.lora is not None else model
+        if cfg.init == "teacher_layers":
+            return _from_teacher_layers(cfg, teacher_cfg, model_class)
         config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
         torch.manual_seed(seed)
         return AutoModel.from_config(config, dtype=torch.float32)
+
+
+def _from_teacher_layers(cfg: StudentConfig, teacher_cfg: TeacherConfig, model_class: str):
+    """The full-precision teacher keeping only ``student.init_layers`` (embeddings and head copied with it)."""
+    from distill.prune import keep_layers
+
+    depth = teacher_config(teacher_cfg).num_hidden_layers
+    layers = list(cfg.init_layers) or [round(i * depth / cfg.architecture["num_hidden_layers"]) + 1
+                                       for i in range(cfg.architecture["num_hidden_layers"])]
+    if any(layer > depth for layer in layers) or len(layers) > depth:
+        raise ConfigError(f"student.init_layers: the teacher has layers 1..{depth} (got {layers})")
+    model = _pretrained(auto_class(model_class), teacher_cfg.path, "teacher.path", dtype=torch.float32, revision=teacher_cfg.revision)
+    keep_layers(model, [layer - 1 for layer in layers])
+    return model.requires_grad_(True).train()
 
 
 def apply_lora(model, lora, *, task_type: str = "CAUSAL_LM"):

@@ -136,3 +136,27 @@ def test_an_unknown_label_names_it(labelled, tmp_path):
     bad.write_text(json.dumps({"text": "import os", "label": "xml"}) + "\n" + open(labelled["train"]).read())
     with pytest.raises(ConfigError, match=re.escape("data.label_field: label 'xml' in the training data is neither a class id 0..2 nor one of the teacher's labels (json, email, asyncio)")):
         _run(labelled, tmp_path / "run", f"data.train_files=[{bad}]")
+
+
+def test_lora_on_a_pretrained_classifier_student(labelled, tmp_path):
+    """peft's task type follows the task (SEQ_CLS): the classifier head trains in full beside the
+    adapters, and distill eval loads the adapter onto its base as a classifier."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(labelled["teacher"])
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 32, 64
+    config.num_attention_heads = config.num_key_value_heads = 2
+    torch.manual_seed(3)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(labelled["teacher"]).save_pretrained(tmp_path / "base")
+    result = _run(labelled, tmp_path / "run", f"student.path={tmp_path / 'base'}", "student.architecture={}",
+                  "student.lora={r: 4, target_modules: [q_proj, v_proj]}", "train.lr=1e-2", "eval.speed=false")
+    adapter = json.loads((tmp_path / "run" / "student" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["student"]["kl_to_teacher"] < rows["initial_student"]["kl_to_teacher"]
+    reset_accelerate()
+    from distill.finished_run import evaluate_run
+
+    again = {r["model"]: r for r in evaluate_run(tmp_path / "run")["rows"]}
+    assert again["student"]["accuracy"] == pytest.approx(rows["student"]["accuracy"], abs=1e-6)

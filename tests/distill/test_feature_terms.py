@@ -162,3 +162,13 @@ def test_a_bad_layer_index_fails_before_training_naming_the_key(tiny, corpus, tm
     with pytest.raises(ConfigError, match=re.escape("loss.terms[1].layers: teacher layer 9 is out of range; the teacher has layers 0..2")):
         run_job(tiny, corpus, tmp_path / "run", "loss.terms=[{kind: logits}, {kind: hidden, layers: [[1, 9]]}]")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_feature_terms_with_a_4bit_teacher(tiny, corpus, tmp_path):
+    """bitsandbytes' Linear4bit teacher gives hidden states and q/k/v like a full-precision one."""
+    terms = "loss.terms=[{kind: logits}, {kind: hidden, weight: 1.0}, {kind: attention, name: att, mode: relations, relation_heads: 2}]"
+    run_dir, result = run_job(tiny, corpus, tmp_path / "run", terms, "teacher.quantization=4bit", "eval.speed=false", "eval.initial=false")
+    metrics = [m for m in read_metrics(run_dir) if "train/loss" in m]
+    assert all(m["train/hidden_loss"] > 0 and m["train/att_loss"] > 0 for m in metrics)
+    assert result["rows"][0]["quantization"] == "4bit"
+    assert (run_dir / "objective" / "model.safetensors").is_file()
