@@ -166,7 +166,9 @@ class TrackingConfig:
 
 @dataclass
 class TaskConfig:
-    kind: Literal["causal_lm", "sequence_classification"] = option("causal_lm", "What is distilled: causal_lm (next-token prediction) or sequence_classification (a classifier's class distribution; never packed).")
+    kind: Literal["causal_lm", "masked_lm", "sequence_classification"] = option("causal_lm", "What is distilled: causal_lm (next-token prediction), masked_lm (the distribution at masked tokens, DistilBERT) or sequence_classification (a classifier's class distribution). masked_lm and sequence_classification never pack: one text per sequence.")
+    mask_rate: float = option(0.15, "task.kind=masked_lm: fraction of tokens masked (80% [MASK], 10% a random token, 10% kept), fixed per sequence.")
+    mask_seed: int = option(0, "task.kind=masked_lm: seed of the masking; each sequence's mask depends only on it, the split and the row.")
 
 
 @dataclass
@@ -352,10 +354,12 @@ def validate(cfg: DistillConfig) -> None:
     _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
     _check(lo.chunk_size > 0, f"loss.chunk_size must be > 0 (got {lo.chunk_size})")
     check_terms(lo)
+    _check(0.0 < cfg.task.mask_rate < 1.0, f"task.mask_rate must be in (0, 1) (got {cfg.task.mask_rate})")
+    if cfg.task.kind != "causal_lm":
+        _check(not s.prune, f"student.prune supports task.kind=causal_lm only; build the {cfg.task.kind} student with student.architecture or student.path")
+        _check(ev.lm_eval is None and not ev.speculative, f"eval.lm_eval and eval.speculative measure generative language models; unset them for task.kind={cfg.task.kind}")
     if cfg.task.kind == "sequence_classification":
-        _check(not s.prune, "student.prune supports task.kind=causal_lm only; build the classifier student with student.architecture or student.path")
         _check(d.prompt_field is None, "data.prompt_field is for causal_lm; a classifier's second text goes in data.text_pair_field")
-        _check(ev.lm_eval is None and not ev.speculative, "eval.lm_eval and eval.speculative measure language models; unset them for task.kind=sequence_classification")
     _check(tr.lr > 0 and math.isfinite(tr.lr), f"train.lr must be > 0 (got {tr.lr})")
     _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {tr.weight_decay})")
     _check(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.betas), f"train.betas must be two numbers in [0, 1) (got {tr.betas})")

@@ -186,6 +186,46 @@ def tokenize_labelled(dataset, tokenizer, cfg: DataConfig, split_name: str, labe
     return sequences.with_format("python")
 
 
+def tokenize_masked(dataset, tokenizer, cfg: DataConfig, split_name: str, *, rate: float, seed: int):
+    """Tokenizes one text per sequence (with the tokenizer's special tokens, cut to ``data.seq_len``)
+    and masks it: each non-special token is chosen with probability ``rate`` (at least one per
+    sequence), then becomes the mask token (80%), a random non-special token (10%) or stays (10%).
+
+    The choices for a row come from ``random.Random("seed:split:row")``: deterministic per
+    sequence, independent of batching, world size and resume.
+    """
+    import random
+
+    if tokenizer.mask_token_id is None:
+        raise ConfigError("task.kind=masked_lm needs a tokenizer with a mask token; the teacher's tokenizer has none (is it a masked LM?)")
+    special = set(tokenizer.all_special_ids)
+    ordinary = [i for i in range(len(tokenizer)) if i not in special]
+
+    def encode(batch, indices):
+        input_ids, labels = [], []
+        encoded = tokenizer([t or "" for t in batch[cfg.text_field]], truncation=True, max_length=cfg.seq_len)["input_ids"]
+        for ids, row in zip(encoded, indices):
+            candidates = [i for i, t in enumerate(ids) if t not in special]
+            if not candidates:
+                continue
+            rng = random.Random(f"{seed}:{split_name}:{row}")
+            chosen = [i for i in candidates if rng.random() < rate] or [rng.choice(candidates)]
+            masked, targets = list(ids), [IGNORE_INDEX] * len(ids)
+            for i in chosen:
+                targets[i] = ids[i]
+                draw = rng.random()
+                masked[i] = tokenizer.mask_token_id if draw < 0.8 else rng.choice(ordinary) if draw < 0.9 else ids[i]
+            input_ids.append(masked)
+            labels.append(targets)
+        return {"input_ids": input_ids, "labels": labels}
+
+    sequences = dataset.map(encode, batched=True, with_indices=True, batch_size=1000, remove_columns=dataset.column_names,
+                            desc=f"tokenizing and masking {split_name}")
+    if len(sequences) == 0:
+        raise ConfigError(f"the {split_name} data gives no sequences to mask; add data or check data.text_field")
+    return sequences.with_format("python")
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pads rows to the longest; padding is masked in ``attention_mask`` and ``labels``.
 

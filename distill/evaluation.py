@@ -45,17 +45,18 @@ def _task(task):
 @torch.inference_mode()
 def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_is_model: bool = False, task=None) -> dict:
     """Per-target CE, KL(teacher || model) and top-1 agreement on ``batches``; perplexity for a
-    language model, accuracy and macro-F1 for a classifier (``vocab`` is then the class count).
+    language model, and masked-token accuracy for a masked one; accuracy and macro-F1 for a
+    classifier (``vocab`` is then the class count).
 
     ``teacher`` may be None (no comparison). ``teacher_is_model`` skips the duplicate forward
     when the teacher itself is evaluated. Counts are summed over processes before dividing (the
     classifier's as a confusion matrix), so no figure depends on the world size.
     """
     task = _task(task)
-    classifier = not task.causal
+    classifier = task.metrics == "classes"
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # ce, kl, agree, targets
+    sums = torch.zeros(5, dtype=torch.float64)  # ce, kl, agree, targets, correct
     confusion = torch.zeros(vocab, vocab, dtype=torch.float64)  # [gold, predicted]
     for batch in batches:
         batch = _on(batch, device)
@@ -64,6 +65,7 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
         ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         sums[0] += ce[mask].sum().item()
         sums[3] += mask.sum().item()
+        sums[4] += (logits.argmax(-1) == labels)[mask].sum().item()
         if classifier:
             index = labels[mask] * vocab + logits.argmax(-1)[mask]
             confusion += torch.bincount(index.cpu(), minlength=vocab * vocab).view(vocab, vocab).double()
@@ -79,6 +81,8 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
         result.update(classification_metrics(_sum_across_processes(confusion)))
     else:
         result["perplexity"] = math.exp(min(result["ce"], 80.0))
+    if task.metrics == "masked":
+        result["accuracy"] = sums[4].item() / targets  # of the masked tokens
     if teacher is not None and not teacher_is_model:
         result["kl_to_teacher"] = sums[1].item() / targets
         result["top1_agreement"] = sums[2].item() / targets
@@ -173,7 +177,7 @@ def classifier_speed(model, batches: list[dict], *, device, batch_size: int, rep
 
 def measure_speed(model, batches: list[dict], *, task, device, eval_cfg, pad_id: int) -> dict:
     """The task's speed figures: generation latency for a language model, forward latency for a classifier."""
-    measure = speed if _task(task).causal else classifier_speed
+    measure = speed if _task(task).metrics == "lm" else classifier_speed
     return measure(model, batches, device=device, new_tokens=eval_cfg.latency_new_tokens, batch_size=eval_cfg.throughput_batch_size,
                    repeats=eval_cfg.speed_repeats, pad_id=pad_id)
 
@@ -256,6 +260,9 @@ def markdown_report(result: dict) -> str:
     if result.get("task", "causal_lm") == "causal_lm":
         about = (f"Validation: {result['validation_tokens']:,} target tokens. Perplexity and KL are per token; "
                  "KL(T||S) is the forward KL from the teacher at temperature 1; latency is greedy decoding at batch 1, ")
+    elif result["task"] == "masked_lm":
+        about = (f"Validation: {result['validation_tokens']:,} masked tokens. Perplexity, accuracy and KL are per masked token; "
+                 "KL(T||S) is the forward KL from the teacher at temperature 1; latency is one sequence's forward pass at batch 1, ")
     else:
         about = (f"Validation: {result['validation_tokens']:,} labelled sequences. KL(T||S) is the forward KL of the class distributions "
                  "at temperature 1, per sequence; latency is one sequence's forward pass at batch 1, ")

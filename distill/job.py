@@ -115,7 +115,7 @@ class Setup:
     """Everything the job loads before training, checked in the order that fails cheapest."""
 
     def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True):
-        self.task = task = build_task(cfg.task.kind)
+        self.task = task = build_task(cfg.task)
         self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
@@ -336,8 +336,9 @@ def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool 
     as ``adapter/`` beside ``path``, which then holds the merged full model. The merge reloads
     base and adapter on the main process, so it works whatever the sharding or quantization.
     """
-    state_dict, objective_state = split_state_dict(accelerator.get_state_dict(model))  # gathers ZeRO-3 shards; collective
+    gathered = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards (onto the main process only); collective
     if accelerator.is_main_process:
+        state_dict, objective_state = split_state_dict(gathered)
         objective = accelerator.unwrap_model(model).objective
         model = accelerator.unwrap_model(model).student
         if objective_state:

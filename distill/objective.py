@@ -191,6 +191,8 @@ class Distillee(nn.Module):
         super().__init__()
         self.student, self.objective = student, objective
         self.task, self.vocab = task, vocab
+        # accelerate sizes ZeRO-3's "auto" buckets from the model's config (hidden_size).
+        self.config = student.config
         # accelerate places a bitsandbytes model by these attributes instead of moving it.
         for name in ("is_loaded_in_8bit", "is_loaded_in_4bit", "hf_device_map"):
             if getattr(student, name, None):

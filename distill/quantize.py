@@ -175,7 +175,7 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
     with run.lock():  # it writes quantized/, eval.json and report.md: one writer
         student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
         for method in methods:
-            check_method_fits(student_config, method, model_class=build_task(run.cfg.task.kind).auto_class)
+            check_method_fits(student_config, method, model_class=build_task(run.cfg.task).auto_class)
         loaded = run.load()
         s = loaded.setup
         result = dict(run.previous)

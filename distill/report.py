@@ -19,7 +19,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
 
     device = accelerator.device
     ev = cfg.eval
-    task = build_task(cfg.task.kind)
+    task = build_task(cfg.task)
     rows = []
     teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task)
     student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task)

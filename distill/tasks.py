@@ -22,6 +22,7 @@ class CausalLM:
 
     kind = "causal_lm"
     causal = True
+    metrics = "lm"
     auto_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
 
@@ -91,6 +92,7 @@ class SequenceClassification:
 
     kind = "sequence_classification"
     causal = False
+    metrics = "classes"
     auto_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
 
@@ -143,6 +145,67 @@ class SequenceClassification:
         return student.config.num_labels
 
 
+class MaskedLM:
+    """Masked-token prediction (BERT, DistilBERT): the student learns the teacher's distribution
+    at the masked positions.
+
+    Masking happens when the data is tokenized, per sequence, from (``task.mask_seed``, split,
+    row): the same positions and replacements whatever the world size, the resume point or the
+    order the stream visits them.
+    """
+
+    kind = "masked_lm"
+    causal = False
+    metrics = "masked"
+    auto_class = "AutoModelForMaskedLM"
+    peft_task_type = None  # peft has no masked-LM task type; a plain PeftModel
+
+    def __init__(self, mask_rate: float = 0.15, mask_seed: int = 0):
+        self.mask_rate, self.mask_seed = mask_rate, mask_seed
+
+    @staticmethod
+    def targets(batch: dict) -> torch.Tensor:
+        """``[B, L]`` original ids at masked positions, ``IGNORE_INDEX`` elsewhere."""
+        return batch["labels"]
+
+    @staticmethod
+    def logits(model, batch: dict, vocab: int) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
+
+    @classmethod
+    def feature_weights(cls, batch: dict) -> torch.Tensor:
+        """Every token of a sequence weighs alike, and a sequence as much as its masked targets."""
+        mask = batch["attention_mask"].float()
+        targets = (cls.targets(batch) != IGNORE_INDEX).float().sum(-1, keepdim=True)
+        return mask * targets / mask.sum(-1, keepdim=True).clamp(min=1)
+
+    @classmethod
+    def outputs(cls, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
+        capture = captured_qkv(model, qkv_layers) if QKV in wants and qkv_layers else contextlib.nullcontext({})
+        with capture as qkv:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
+        return Outputs(logits=out.logits[..., :vocab] if LOGITS in wants else None,
+                       hidden_states=out.hidden_states if HIDDEN in wants else None,
+                       attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
+
+    @classmethod
+    def target_count(cls, batch: dict) -> int:
+        return int((cls.targets(batch) != IGNORE_INDEX).sum())
+
+    @classmethod
+    def eval_logits(cls, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = cls.logits(model, batch, vocab)
+        return logits.reshape(-1, logits.shape[-1]), cls.targets(batch).reshape(-1)
+
+    def tokenize(self, raw, tokenizer, cfg, split_name: str, model_config):
+        from distill import data
+
+        return data.tokenize_masked(raw, tokenizer, cfg, split_name, rate=self.mask_rate, seed=self.mask_seed)
+
+    shared_outputs = CausalLM.shared_outputs
+
+
 def _labels(config) -> list[str]:
     return [str(config.id2label[i]) for i in range(config.num_labels)]
 
@@ -151,8 +214,13 @@ def _label2id(config) -> dict[str, int]:
     return {name: i for i, name in enumerate(_labels(config))}
 
 
-TASKS = {CausalLM.kind: CausalLM, SequenceClassification.kind: SequenceClassification}
+TASKS = {CausalLM.kind: CausalLM, SequenceClassification.kind: SequenceClassification, MaskedLM.kind: MaskedLM}
 
 
-def build_task(kind: str):
-    return TASKS[kind]()
+def build_task(cfg):
+    """The task of ``task.*`` (a TaskConfig, or just its kind)."""
+    if isinstance(cfg, str):
+        return TASKS[cfg]()
+    if cfg.kind == MaskedLM.kind:
+        return MaskedLM(cfg.mask_rate, cfg.mask_seed)
+    return TASKS[cfg.kind]()

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import read_metrics, reset_accelerate, run_job, stdlib_text
+from conftest import read_metrics, reset_accelerate, stdlib_text
 from distill.config import ConfigError
 
 MODULES = ["json/decoder.py", "email/utils.py", "asyncio/locks.py"]
