@@ -119,6 +119,7 @@ class Setup:
         self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
+        models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
         raw_train, raw_validation = data.load_raw(cfg.data)
         if cfg.student.prune:
             from distill.prune import PruneTarget, check_target

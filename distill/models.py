@@ -124,6 +124,16 @@ def auto_class(name: str = "AutoModelForCausalLM"):
     return getattr(transformers, name)
 
 
+def check_task_fits(config, model_class: str, task_kind: str, key: str = "teacher.path") -> None:
+    """Fails, naming ``task.kind``, when ``model_class`` cannot build a model of ``config``'s type."""
+    mapping = auto_class(model_class)._model_mapping
+    try:
+        mapping[type(config)]
+    except KeyError:
+        raise ConfigError(f"task.kind={task_kind} needs a model that {model_class} can load; {key} is a {config.model_type} model "
+                          f"({type(config).__name__}); choose the task.kind that matches it") from None
+
+
 def load_teacher(cfg: TeacherConfig, device: torch.device, *, quantized: bool = True, model_class: str = "AutoModelForCausalLM"):
     """Loads the frozen teacher on ``device``; ``quantized=False`` ignores teacher.quantization."""
 
@@ -165,6 +175,10 @@ def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str
     for key, value in cfg.architecture.items():
         if key not in known and not hasattr(config, key):
             raise ConfigError(f"student.architecture.{key}: not a field of {type(config).__name__}")
+        if key == "num_hidden_layers" and getattr(config, "layer_types", None) and "layer_types" not in cfg.architecture:
+            # One attention type per layer (Qwen2, Gemma): the student keeps the teacher's pattern.
+            pattern = config.layer_types
+            config.layer_types = [pattern[i % len(pattern)] for i in range(value)]
         setattr(config, key, value)
     arch = cfg.architecture
     heads = getattr(config, "num_attention_heads", None)

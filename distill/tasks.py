@@ -203,7 +203,7 @@ class MaskedLM:
 
         return data.tokenize_masked(raw, tokenizer, cfg, split_name, rate=self.mask_rate, seed=self.mask_seed)
 
-    shared_outputs = CausalLM.shared_outputs
+    shared_outputs = staticmethod(CausalLM.shared_outputs)
 
 
 def _labels(config) -> list[str]:
