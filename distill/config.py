@@ -149,6 +149,7 @@ class EvalConfig:
     latency_new_tokens: int = option(32, "Tokens generated (greedy, batch 1) when measuring latency.")
     throughput_batch_size: int = option(8, "Batch size of the forward passes that measure throughput.")
     speed_repeats: int = option(3, "Timed repetitions of each speed measurement (after one warm-up).")
+    metrics: list = option([], "Further metrics for the report, computed on the same predictions and references as accuracy: paths of evaluate metric modules (offline) or hub names (online), e.g. [./my_f1.py].")
     quantize: list = option([], "Post-training quantization of the final student, one report row each: bnb_8bit, bnb_4bit, int8_weight_only, int8_dynamic.")
     lm_eval: Optional[LmEvalConfig] = option(None, "Downstream benchmarks through lm-evaluation-harness (needs pip install lm-eval), e.g. {tasks: [hellaswag], limit: 200}.")
     speculative: bool = option(False, "Measure each student as the teacher's draft model (assisted generation, greedy, batch 1): accepted tokens per step, acceptance rate, speedup.")

@@ -197,13 +197,18 @@ def speculative(teacher, draft, reference: dict, *, device, new_tokens: int) -> 
 
 
 def report_tables(rows: list[dict]) -> list[str]:
-    """Markdown tables of the benchmark scores and the draft-model figures (empty when neither ran)."""
+    """Markdown tables of the benchmark scores, further metrics and draft-model figures (empty when none ran)."""
     lines = []
     scores = sorted({k for r in rows for k in r if k.startswith("lm_eval/") and not k.endswith("_stderr")})
     if scores:
         header = ["model", *(k.removeprefix("lm_eval/") for k in scores)]
         body = [[r["model"], *(_score(r, k) for k in scores)] for r in rows if any(k in r for k in scores)]
         lines += ["Downstream benchmarks (lm-evaluation-harness; ± standard error):", "", *_markdown(header, body), ""]
+    extra = sorted({k for r in rows for k in r if k.startswith("metric/")})
+    if extra:
+        header = ["model", *(k.removeprefix("metric/") for k in extra)]
+        body = [[r["model"], *(f"{r[k]:.4f}" if k in r else "-" for k in extra)] for r in rows if any(k in r for k in extra)]
+        lines += ["Further metrics (eval.metrics):", "", *_markdown(header, body), ""]
     drafts = [r for r in rows if any(k.startswith("spec_") for k in r)]
     if drafts:
         header = ["draft for the teacher", "accepted/step", "acceptance", "teacher tok/s", "with draft tok/s", "speedup", "same outputs"]
@@ -232,10 +237,10 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def summary_metrics(rows: list[dict]) -> dict:
-    """Numeric per-model figures for the trackers: ``MODEL/lm_eval/TASK/METRIC``, ``MODEL/spec_*``."""
+    """Numeric per-model figures for the trackers: ``MODEL/lm_eval/TASK/METRIC``, ``MODEL/spec_*``, ``MODEL/metric/NAME/KEY``."""
     flat = {}
     for row in rows:
         for key, value in row.items():
-            if (key.startswith(("lm_eval/", "spec_"))) and isinstance(value, (int, float)):
+            if (key.startswith(("lm_eval/", "spec_", "metric/"))) and isinstance(value, (int, float)):
                 flat[f"{row['model']}/{key}"] = float(value)
     return flat

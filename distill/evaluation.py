@@ -2,9 +2,9 @@
 
 Quality is measured on validation batches: cross-entropy and perplexity against the data, and
 KL(teacher || model) and top-1 agreement against the teacher, all per unmasked target token.
-Sums are all-reduced across processes before dividing, so the figures do not depend on the
-world size. The core metrics are computed here rather than with ``evaluate.load``, which needs
-the hub to fetch metric code.
+Sums and predictions are combined across processes first, so the figures do not depend on the
+world size. The metrics are ``evaluate`` modules shipped in :mod:`distill.metrics` and loaded by
+path: ``evaluate.load("accuracy")`` would fetch the metric's code from the hub.
 """
 
 from __future__ import annotations
@@ -42,65 +42,71 @@ def _task(task):
     return task or CausalLM()
 
 
+def _gather(values: list) -> list:
+    """``values`` of every process, concatenated in rank order."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, values)
+        return [v for part in parts for v in part]
+    return values
+
+
 @torch.inference_mode()
-def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_is_model: bool = False, task=None) -> dict:
+def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_is_model: bool = False, task=None,
+            extra_metrics: list[str] = ()) -> dict:
     """Per-target CE, KL(teacher || model) and top-1 agreement on ``batches``; perplexity for a
     language model, and masked-token accuracy for a masked one; accuracy and macro-F1 for a
     classifier (``vocab`` is then the class count).
 
-    ``teacher`` may be None (no comparison). ``teacher_is_model`` skips the duplicate forward
-    when the teacher itself is evaluated. Counts are summed over processes before dividing (the
-    classifier's as a confusion matrix), so no figure depends on the world size.
+    The metrics other than CE and perplexity are ``evaluate`` modules (:mod:`distill.metrics`),
+    computed on the targets of every process gathered, so no figure depends on the world size;
+    ``extra_metrics`` (``eval.metrics``) are computed on the same predictions and references.
+    ``teacher`` may be None (no comparison); ``teacher_is_model`` skips the duplicate forward
+    when the teacher itself is evaluated.
     """
+    from distill import metrics
+
     task = _task(task)
-    classifier = task.metrics == "classes"
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # ce, kl, agree, targets, correct
-    confusion = torch.zeros(vocab, vocab, dtype=torch.float64)  # [gold, predicted]
+    sums = torch.zeros(2, dtype=torch.float64)  # ce, targets
+    predictions, references, teacher_predictions, kl = [], [], [], []
     for batch in batches:
         batch = _on(batch, device)
         logits, labels = task.eval_logits(model, batch, vocab)
         logits, mask = logits.float(), labels != IGNORE_INDEX
-        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-        sums[0] += ce[mask].sum().item()
-        sums[3] += mask.sum().item()
-        sums[4] += (logits.argmax(-1) == labels)[mask].sum().item()
-        if classifier:
-            index = labels[mask] * vocab + logits.argmax(-1)[mask]
-            confusion += torch.bincount(index.cpu(), minlength=vocab * vocab).view(vocab, vocab).double()
+        sums[0] += F.cross_entropy(logits, labels.clamp(min=0), reduction="none")[mask].sum().item()
+        sums[1] += mask.sum().item()
+        predictions += logits.argmax(-1)[mask].tolist()
+        references += labels[mask].tolist()
         if teacher is not None and not teacher_is_model:
             teacher_logits = task.eval_logits(teacher, batch, vocab)[0].float()
-            sums[1] += forward_kl(logits, teacher_logits)[mask].sum().item()
-            sums[2] += (logits.argmax(-1) == teacher_logits.argmax(-1))[mask].sum().item()
+            teacher_predictions += teacher_logits.argmax(-1)[mask].tolist()
+            kl += forward_kl(logits, teacher_logits)[mask].tolist()
     model.train(was_training)
     sums = _sum_across_processes(sums)
-    targets = max(sums[3].item(), 1.0)
-    result = {"ce": sums[0].item() / targets, "tokens": int(sums[3].item())}
-    if classifier:
-        result.update(classification_metrics(_sum_across_processes(confusion)))
-    else:
+    predictions, references = _gather(predictions), _gather(references)
+    result = {"ce": sums[0].item() / max(sums[1].item(), 1.0), "tokens": int(sums[1].item())}
+    if task.metrics in ("lm", "masked"):
         result["perplexity"] = math.exp(min(result["ce"], 80.0))
-    if task.metrics == "masked":
-        result["accuracy"] = sums[4].item() / targets  # of the masked tokens
+    if task.metrics in ("masked", "classes"):
+        result.update(metrics.compute("accuracy", predictions=predictions, references=references))
+    if task.metrics == "classes":
+        result.update(metrics.compute("macro_f1", predictions=predictions, references=references))
     if teacher is not None and not teacher_is_model:
-        result["kl_to_teacher"] = sums[1].item() / targets
-        result["top1_agreement"] = sums[2].item() / targets
+        result.update(metrics.compute("kl_to_teacher", predictions=_gather(kl)))
+        result.update(metrics.compute("top1_agreement", predictions=predictions, references=_gather(teacher_predictions)))
+    for name in extra_metrics:
+        values = metrics.compute(name, predictions=predictions, references=references)
+        result.update({f"metric/{metric_name(name)}/{key}": value for key, value in values.items() if isinstance(value, (int, float))})
     return result
 
 
-def classification_metrics(confusion: torch.Tensor) -> dict:
-    """Accuracy and macro-F1 from a ``[gold, predicted]`` confusion matrix.
+def metric_name(name: str) -> str:
+    """A metric's short name: a hub name as given, a path by its file or folder name."""
+    from pathlib import Path
 
-    Macro-F1 averages the per-class F1 over the classes that occur (as gold or predicted), as
-    scikit-learn does with ``zero_division=0`` over the labels present.
-    """
-    true_positive = confusion.diag()
-    gold, predicted = confusion.sum(1), confusion.sum(0)
-    present = (gold + predicted) > 0
-    f1 = torch.where(present, 2 * true_positive / (gold + predicted).clamp(min=1), torch.zeros_like(true_positive))
-    return {"accuracy": (true_positive.sum() / confusion.sum().clamp(min=1)).item(),
-            "macro_f1": (f1[present].mean() if bool(present.any()) else torch.tensor(0.0)).item()}
+    return Path(name).stem if ("/" in name or name.endswith(".py")) else name
 
 
 @torch.inference_mode()

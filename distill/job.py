@@ -223,6 +223,11 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         from distill import downstream
 
         downstream.check_tasks(cfg.eval.lm_eval)  # a missing harness, task or dataset fails now, not after training
+    if cfg.eval.metrics:
+        from distill import metrics
+
+        for name in cfg.eval.metrics:  # a metric that cannot load fails now, not after training
+            metrics.load(name)
     accelerator = make_accelerator(cfg, ds_config)
     set_seed(cfg.train.seed)
     latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
@@ -253,7 +258,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if cfg.eval.at_end and cfg.eval.initial and latest is None:
         if cfg.student.quantization == "none":  # a bitsandbytes base is placed when loaded, never moved
             student.to(accelerator.device)
-        initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
+        initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task,
+                                     extra_metrics=cfg.eval.metrics)
         if accelerator.is_main_process:
             (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
 

@@ -150,7 +150,7 @@ def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation
     quantized = quantize_model(run_dir / "student", out, method, model_class=task.auto_class)
     row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
            "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
-           **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device, task=task)}
+           **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device, task=task, extra_metrics=eval_cfg.metrics)}
     if eval_cfg.speed:
         row.update(evaluation.measure_speed(quantized, validation, task=task, device=device, eval_cfg=eval_cfg, pad_id=pad_id))
     if measure is not None:

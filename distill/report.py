@@ -21,8 +21,9 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     ev = cfg.eval
     task = build_task(cfg.task)
     rows = []
-    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task)
-    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task)
+    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task,
+                                         extra_metrics=ev.metrics)
+    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task, extra_metrics=ev.metrics)
     if initial is None and (run_dir / "initial_eval.json").exists():
         initial = json.loads((run_dir / "initial_eval.json").read_text())
     fidelity, full_memory = None, None

