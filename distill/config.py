@@ -79,6 +79,8 @@ class DataConfig:
     validation_split: float = option(0.05, "Fraction of the training data held out for validation when no validation data is given.")
     text_unit: Literal["line", "paragraph", "document"] = option("paragraph", "How .txt files are split into documents: per line, per blank-line-separated paragraph, or one per file.")
     text_field: str = option("text", "Column holding the text (the completion, when data.prompt_field is set).")
+    messages_field: Optional[str] = option(None, "Column holding conversations (lists of {role, content}, as TRL's messages) instead of text: rendered with the chat template, targets on the assistant turns only.")
+    chat_template: Optional[str] = option(None, "Jinja chat template (or a file holding one) for data.messages_field, for tokenizers without their own.")
     text_pair_field: Optional[str] = option(None, "Column holding the second text of a pair (task.kind=sequence_classification).")
     label_field: str = option("label", "Column holding the class (task.kind=sequence_classification): an id, or a name in the teacher's label2id.")
     prompt_field: Optional[str] = option(None, "Column holding a prompt that is fed to the models but masked out of the loss.")
@@ -359,6 +361,8 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.task.kind != "causal_lm":
         _check(not s.prune, f"student.prune supports task.kind=causal_lm only; build the {cfg.task.kind} student with student.architecture or student.path")
         _check(ev.lm_eval is None and not ev.speculative, f"eval.lm_eval and eval.speculative measure generative language models; unset them for task.kind={cfg.task.kind}")
+    _check(not (d.messages_field and d.prompt_field), "set data.messages_field or data.prompt_field, not both: a conversation's prompt is its non-assistant turns")
+    _check(not d.messages_field or cfg.task.kind == "causal_lm", "data.messages_field is for task.kind=causal_lm")
     if cfg.task.kind == "sequence_classification":
         _check(d.prompt_field is None, "data.prompt_field is for causal_lm; a classifier's second text goes in data.text_pair_field")
     _check(tr.lr > 0 and math.isfinite(tr.lr), f"train.lr must be > 0 (got {tr.lr})")

@@ -86,13 +86,15 @@ def load_raw(cfg: DataConfig):
     else:
         train = _load_files(cfg.train_files, "data.train_files", cfg.text_unit)
         validation = _load_files(cfg.validation_files, "data.validation_files", cfg.text_unit) if cfg.validation_files else None
-    for column in filter(None, (cfg.text_field, cfg.prompt_field)):
-        key = "data.text_field" if column == cfg.text_field else "data.prompt_field"
+    columns = {"data.messages_field": cfg.messages_field} if cfg.messages_field else {"data.text_field": cfg.text_field, "data.prompt_field": cfg.prompt_field}
+    for key, column in ((k, c) for k, c in columns.items() if c):
         for name, part in (("training", train), ("validation", validation)):
             if part is None:
                 continue
             if column not in part.column_names:
                 raise ConfigError(f"{key}: column {column!r} not in the {name} data (columns: {', '.join(part.column_names)})")
+            if key == "data.messages_field":
+                continue
             dtype = getattr(part.features[column], "dtype", None)
             if dtype not in ("string", "large_string"):
                 raise ConfigError(f"{key}: column {column!r} of the {name} data holds {dtype or type(part.features[column]).__name__}, "
@@ -118,17 +120,69 @@ def _document_ids(tokenizer, text: str, prompt: str | None) -> tuple[list[int], 
     return ids, labels
 
 
-def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
-    """Tokenizes raw rows into sequences of at most ``seq_len`` tokens (exactly, when packing)."""
-    seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
+def chat_template(tokenizer, cfg: DataConfig) -> str:
+    """``data.chat_template`` (a Jinja string, or the path of a file holding one), else the tokenizer's own."""
+    template = cfg.chat_template
+    if template and os.path.isfile(os.path.expanduser(template)):
+        template = Path(os.path.expanduser(template)).read_text()
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ConfigError("data.messages_field: the tokenizer has no chat template; set data.chat_template to a Jinja template (or a file holding one)")
+    return template
 
-    def encode(batch):
-        input_ids, labels = [], []
+
+def _conversation_ids(tokenizer, messages: list[dict], template: str, row: int) -> tuple[list[int], list[int]]:
+    """Token ids of one rendered conversation, with labels only on the assistant turns.
+
+    Each assistant turn's characters are found by rendering the conversation before it (with the
+    generation prompt) and through it: the turn is what the second adds to the first, its closing
+    tokens included, so the student learns to end its turn. Tokens are then mapped to those
+    character spans through the tokenizer's offsets, which holds in multi-turn conversations.
+    """
+    render = lambda upto, prompt: tokenizer.apply_chat_template(messages[:upto], chat_template=template, tokenize=False,
+                                                                add_generation_prompt=prompt)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise ConfigError(f"data.messages_field: row {row} is not a list of {{role, content}} messages")
+    text, spans = render(len(messages), False), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ConfigError("data.chat_template: rendering a conversation turn by turn does not give the whole conversation's prefix; "
+                              "targets cannot be placed on the assistant turns with this template")
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [t if any(a <= start and end <= b and end > start for a, b in spans) else IGNORE_INDEX
+              for t, (start, end) in zip(ids, encoded["offset_mapping"])]
+    return ids, labels
+
+
+def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
+    """Tokenizes raw rows into sequences of at most ``seq_len`` tokens (exactly, when packing).
+
+    Rows are text (``data.text_field``, with an optional masked ``data.prompt_field``) or
+    conversations (``data.messages_field``: lists of ``{role, content}`` rendered with the chat
+    template, targets on the assistant turns only).
+    """
+    seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
+    template = chat_template(tokenizer, cfg) if cfg.messages_field else None
+
+    def documents(batch, indices):
+        if cfg.messages_field:
+            for messages, row in zip(batch[cfg.messages_field], indices):
+                if messages:
+                    yield _conversation_ids(tokenizer, messages, template, row)
+            return
         prompts = batch[prompt_field] if prompt_field else [None] * len(batch[text_field])
         for text, prompt in zip(batch[text_field], prompts):
-            if not text:
-                continue
-            ids, labs = _document_ids(tokenizer, text, prompt)
+            if text:
+                yield _document_ids(tokenizer, text, prompt)
+
+    def encode(batch, indices):
+        input_ids, labels = [], []
+        for ids, labs in documents(batch, indices):
             input_ids.append(ids[:seq_len])
             labels.append(labs[:seq_len])
             if cfg.packing:  # keep the whole document; blocks are cut below
@@ -143,7 +197,8 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
 
     # Packing concatenates within each map batch of 1000 rows and drops that batch's remainder
     # (as transformers' run_clm does), which keeps memory flat on large corpora.
-    sequences = dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=f"tokenizing {split_name}")
+    sequences = dataset.map(encode, batched=True, with_indices=True, batch_size=1000, remove_columns=dataset.column_names,
+                            desc=f"tokenizing {split_name}")
     sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
     if len(sequences) == 0:
         hint = "lower data.seq_len or add data" if cfg.packing else "add data or check data.text_field"
