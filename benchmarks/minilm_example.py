@@ -46,7 +46,7 @@ def main() -> None:
     results = {name: run(name, args.steps, args.out / "minilm_runs") for name in STUDENTS}
     rows = []
     teacher = {r["model"]: r for r in results["distilled"]["rows"]}["teacher"]
-    rows.append({"model": "teacher (MiniLM-L6, fine-tuned)", **teacher})
+    rows.append({**teacher, "model": "teacher (MiniLM-L6, fine-tuned)"})
     for name, result in results.items():
         rows.append({**{r["model"]: r for r in result["rows"]}["student"], "model": f"3-layer student, {name}"})
     header = f"{'model':<34} {'params':>11} {'disk MB':>8} {'accuracy':>9} {'macro-F1':>9} {'latency ms':>11} {'seq/s':>8}"

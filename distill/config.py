@@ -87,7 +87,8 @@ class DataConfig:
     seq_len: int = option(512, "Tokens per training sequence.")
     packing: bool = option(True, "Concatenate documents (separated by EOS) into full seq_len blocks instead of padding each one.")
     seed: int = option(0, "Seed of the deterministic shuffle of training data.")
-    max_validation_sequences: int = option(256, "Evaluate on at most this many validation sequences.")
+    max_validation_sequences: int = option(256, "Evaluate on at most this many validation sequences (per source of a mixture).")
+    mixture: list = option([], "Several named sources sampled by weight, instead of data.train_files/data.dataset: [{name: code, weight: 0.7, train_files: [...], validation_files: [...]}, ...]; each source may also set its own dataset, splits, text_unit and fields. Validation is reported per source.")
 
 
 LOGITS = "logits"  # the teacher output a logit term asks for, and that term's kind
@@ -346,7 +347,11 @@ def validate(cfg: DistillConfig) -> None:
         _check(isinstance(key, str), f"student.architecture: keys must be config field names, got {key!r}")
         if isinstance(value, int) and not isinstance(value, bool) and key.startswith("num_"):
             _check(value > 0, f"student.architecture.{key} must be > 0 (got {value})")
-    _check(bool(d.train_files) != bool(d.dataset), "set exactly one of data.train_files and data.dataset")
+    if d.mixture:
+        _check(not d.train_files and not d.dataset, "set data.mixture or data.train_files/data.dataset, not both (each source names its own files)")
+        check_mixture(d)
+    else:
+        _check(bool(d.train_files) != bool(d.dataset), "set exactly one of data.train_files and data.dataset")
     _check(all(isinstance(f, str) for f in d.train_files + d.validation_files), "data.train_files and data.validation_files must list file paths")
     _check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
     _check(0.0 <= d.validation_split < 1.0, f"data.validation_split must be in [0, 1) (got {d.validation_split})")
@@ -411,6 +416,27 @@ def loss_terms(cfg: LossConfig) -> list[dict]:
         return [{"kind": LOGITS, "name": "kd", "divergence": cfg.kind, "weight": 1.0 - cfg.alpha}, {"kind": "ce", "name": "ce", "weight": cfg.alpha}]
     return [{**spec, "name": spec.get("name", "kd" if spec.get("kind") == LOGITS else spec.get("kind"))} if isinstance(spec, dict) else spec
             for spec in cfg.terms]
+
+
+MIXTURE_SOURCE_KEYS = {"name", "weight", "train_files", "validation_files", "dataset", "dataset_config", "train_split", "validation_split_name",
+                       "validation_split", "text_unit", "text_field", "prompt_field", "messages_field", "chat_template", "label_field",
+                       "text_pair_field"}
+
+
+def check_mixture(cfg: DataConfig) -> None:
+    """Fails at load time, naming ``data.mixture[i].key``, on a source that cannot be read."""
+    names = set()
+    for i, source in enumerate(cfg.mixture):
+        key = f"data.mixture[{i}]"
+        _check(isinstance(source, dict), f"{key}: expected a mapping such as {{name: code, weight: 1, train_files: [a.txt]}}, got {source!r}")
+        for name in source:
+            _check(name in MIXTURE_SOURCE_KEYS, f"unknown config key: {key}.{name} (a source takes {', '.join(sorted(MIXTURE_SOURCE_KEYS))})")
+        _check(isinstance(source.get("name"), str) and source["name"], f"{key}.name: each source needs a name")
+        _check(source["name"] not in names, f"{key}.name: {source['name']!r} is used twice")
+        names.add(source["name"])
+        weight = source.get("weight", 1.0)
+        _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight > 0, f"{key}.weight must be a number > 0 (got {weight!r})")
+        _check(bool(source.get("train_files")) != bool(source.get("dataset")), f"{key}: set exactly one of train_files and dataset")
 
 
 def teacher_needed(cfg: LossConfig) -> bool:

@@ -346,3 +346,59 @@ def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, r
         raise ConfigError(f"fewer validation sequences ({len(sequences)}) than processes ({world_size}); add validation data")
     indices = list(range(count))[rank::world_size]
     return [collate([sequences[i] for i in indices[j : j + batch_size]], pad_id) for j in range(0, len(indices), batch_size)]
+
+
+def sources(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:
+    """``(name, weight, its DataConfig)`` of each source: the mixture's, or the one data.* describes."""
+    import dataclasses
+
+    if not cfg.mixture:
+        return [("data", 1.0, cfg)]
+    return [(s["name"], float(s.get("weight", 1.0)), dataclasses.replace(cfg, mixture=[], **{k: v for k, v in s.items() if k not in ("name", "weight")}))
+            for s in cfg.mixture]
+
+
+class MixtureStream:
+    """Deterministic, resumable micro-batches drawn from several sources by weight.
+
+    Global position p belongs to a source drawn from the weights by a generator seeded with
+    (seed, p // BLOCK); within a source, its k-th draw is its k-th sample in that source's own
+    seeded order (a fresh permutation per epoch, as :class:`TrainStream`). So the stream is a
+    function of (seed, samples consumed), and ranks split each micro-step as in TrainStream.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, sequences: list, weights: list[float], *, micro_batch_size: int, seed: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1, samples_consumed: int = 0):
+        self.orders = [TrainStream(seqs, micro_batch_size=1, seed=seed + 7919 * (i + 1), pad_id=pad_id) for i, seqs in enumerate(sequences)]
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.micro_batch_size, self.seed, self.pad_id = micro_batch_size, seed, pad_id
+        self.rank, self.world_size, self.samples_consumed = rank, world_size, samples_consumed
+        self._starts = [torch.zeros(len(sequences), dtype=torch.long)]  # draws of each source before each block
+        self._block, self._draws = -1, None
+
+    def _block_draws(self, block: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
+        return torch.multinomial(self.weights, self.BLOCK, replacement=True, generator=generator)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(source, its draw number) of global sample ``position``."""
+        block, offset = divmod(position, self.BLOCK)
+        while len(self._starts) <= block:
+            done = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + torch.bincount(self._block_draws(done), minlength=len(self.orders)))
+        if block != self._block:
+            self._block, self._draws = block, self._block_draws(block)
+        source = int(self._draws[offset])
+        return source, int(self._starts[block][source]) + int((self._draws[:offset] == source).sum())
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        start = self.samples_consumed + self.rank * self.micro_batch_size
+        rows = []
+        for position in range(start, start + self.micro_batch_size):
+            source, draw = self.locate(position)
+            order = self.orders[source]
+            rows.append(order.sequences[order._index(draw)])
+        self.samples_consumed += self.micro_batch_size * self.world_size
+        return collate(rows, self.pad_id)

@@ -277,6 +277,22 @@ def markdown_report(result: dict) -> str:
         about + f"throughput is forward passes at batch {result['throughput_batch_size']}.", "",
         table(result["rows"]), "",
         *[f"- {line}" for line in summary_lines(result)], "",
+        *source_table(result.get("sources")),
         *report_tables(result["rows"]),
     ]
     return "\n".join(lines)
+
+
+def source_table(rows: list[dict] | None) -> list[str]:
+    """The per-source rows of a mixture as Markdown (empty without one)."""
+    if not rows:
+        return []
+    columns = [("source", "source", "{}"), ("weight", "weight", "{:g}"), ("model", "model", "{}"), ("targets", "targets", "{:,}"),
+               *[c for c in COLUMNS if c[0] in ("perplexity", "accuracy", "macro_f1", "kl_to_teacher", "top1_agreement")]]
+    columns = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    body = [[_cell(r, c) for c in columns] for r in rows]
+    header = [c[1] for c in columns]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return ["Per source of the mixture (the total weighs each source by its weight):", "", line(header),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body), ""]

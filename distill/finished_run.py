@@ -42,18 +42,20 @@ class FinishedRun:
 
     def load(self) -> "Loaded":
         """Teacher, the saved student, tokenizer and validation batches, as the job loads them."""
-        from distill.job import Setup, make_accelerator, validation_set
+        from distill.job import Setup, make_accelerator, validation_sets
 
         saved_student(self.cfg, self.dir)
         accelerator = make_accelerator(self.cfg)
         setup = Setup(self.cfg, accelerator.device)
         setup.student.to(accelerator.device)
-        return Loaded(accelerator, setup, validation_set(setup, self.cfg, accelerator))
+        return Loaded(accelerator, setup, validation_sets(setup, self.cfg, accelerator))
 
 
 class Loaded:
-    def __init__(self, accelerator, setup, validation):
-        self.accelerator, self.setup, self.validation = accelerator, setup, validation
+    def __init__(self, accelerator, setup, by_source: dict):
+        self.accelerator, self.setup = accelerator, setup
+        self.validation = [batch for batches in by_source.values() for batch in batches]
+        self.by_source = by_source if len(by_source) > 1 or setup.sources[0][0] != "data" else None
         self.device = accelerator.device
 
 
@@ -81,7 +83,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None 
         loaded = run.load()
         s = loaded.setup
         return report.final_evaluation(cfg, loaded.accelerator, s.student, s.teacher, loaded.validation, s.vocab, run.dir, s.tokenizer,
-                                       None, run.facts())
+                                       None, run.facts(), by_source=loaded.by_source)
 
 
 def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool) -> None:

@@ -120,7 +120,7 @@ class Setup:
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
-        raw_train, raw_validation = data.load_raw(cfg.data)
+        raw = [(name, weight, source, data.load_raw(source)) for name, weight, source in data.sources(cfg.data)]
         if cfg.student.prune:
             from distill.prune import PruneTarget, check_target
 
@@ -137,8 +137,11 @@ class Setup:
         if self.teacher is not None and not cfg.student.prune:  # a label-set mismatch fails before tokenizing
             task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
-        self.train_sequences = task.tokenize(raw_train, self.tokenizer, cfg.data, "training", teacher_config)
-        self.validation_sequences = task.tokenize(raw_validation, self.tokenizer, cfg.data, "validation", teacher_config)
+        # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
+        self.sources = [(name, weight, task.tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
+                         task.tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
+                        for name, weight, source, (train, validation) in raw]
+        self.train_sequences = self.sources[0][2]  # the stream draws from every source (train_stream)
         if cfg.student.prune:
             self.student = self._pruned_student(cfg, device)
         self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
@@ -157,12 +160,30 @@ class Setup:
         return student.float().requires_grad_(True).train()
 
 
+def _split(split: str, source: str, cfg: DistillConfig) -> str:
+    return f"{split} ({source})" if cfg.data.mixture else split
+
+
+def validation_sets(setup: Setup, cfg: DistillConfig, accelerator) -> dict[str, list[dict]]:
+    """This process's share of each source's validation batches (every rank gets as many)."""
+    return {name: data.validation_batches(validation, batch_size=cfg.train.micro_batch_size, limit=cfg.data.max_validation_sequences,
+                                          pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index,
+                                          world_size=accelerator.num_processes)
+            for name, _, _, validation in setup.sources}
+
+
 def validation_set(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
-    """This process's share of the validation batches (every rank gets as many)."""
-    return data.validation_batches(
-        setup.validation_sequences, batch_size=cfg.train.micro_batch_size, limit=cfg.data.max_validation_sequences,
-        pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )
+    """This process's validation batches: every source's, together."""
+    return [batch for batches in validation_sets(setup, cfg, accelerator).values() for batch in batches]
+
+
+def train_stream(setup: Setup, cfg: DistillConfig, accelerator, samples_consumed: int):
+    """The rank's micro-batch stream, positioned at ``samples_consumed`` (a mixture draws from its sources by weight)."""
+    common = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed, pad_id=setup.tokenizer.pad_token_id,
+                  rank=accelerator.process_index, world_size=accelerator.num_processes, samples_consumed=samples_consumed)
+    if cfg.data.mixture:
+        return data.MixtureStream([train for _, _, train, _ in setup.sources], [weight for _, weight, _, _ in setup.sources], **common)
+    return data.TrainStream(setup.train_sequences, **common)
 
 
 def _global_rank() -> int:
@@ -252,7 +273,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if accelerator.is_main_process:
         print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
-    validation = validation_set(setup, cfg, accelerator)
+    by_source = validation_sets(setup, cfg, accelerator)
+    validation = [batch for batches in by_source.values() for batch in batches]
 
     initial = None
     if cfg.eval.at_end and cfg.eval.initial and latest is None:
@@ -276,10 +298,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         if accelerator.is_main_process:
             print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
             truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    stream = data.TrainStream(
-        setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed, pad_id=setup.tokenizer.pad_token_id,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, samples_consumed=state.samples_consumed,
-    )
+    stream = train_stream(setup, cfg, accelerator, state.samples_consumed)
     tracker = None
     if accelerator.is_main_process:
         from distill.tracking import Tracker
@@ -304,7 +323,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
             final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization,
                                                        model_class=task.auto_class)
-            result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts)
+            result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts,
+                                             by_source=by_source if cfg.data.mixture else None)
             if tracker is not None:
                 from distill.downstream import summary_metrics
 

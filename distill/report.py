@@ -13,8 +13,12 @@ from distill.config import DistillConfig, loss_terms
 
 
 def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
-                     facts: dict | None = None) -> dict | None:
-    """Evaluates teacher and student with the same code; writes eval.json and report.md."""
+                     facts: dict | None = None, by_source: dict | None = None) -> dict | None:
+    """Evaluates teacher and student with the same code; writes eval.json and report.md.
+
+    ``by_source`` (a mixture's validation batches per source) adds one row per source and model,
+    and the total weighted by the sources' weights.
+    """
     from distill.tasks import build_task
 
     device = accelerator.device
@@ -32,6 +36,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device, task=task)
         full_memory = full_teacher.get_memory_footprint()
         del full_teacher
+    sources = source_rows(cfg, task, student, teacher, by_source, vocab, device) if by_source else None
     if not accelerator.is_main_process:
         return None
     student_dir = run_dir / "student"
@@ -56,6 +61,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
                                eval_cfg=ev, pad_id=pad_id, measure=measure, task=task)
     result = {
         "rows": rows,
+        **({"sources": sources} if sources else {}),
         "task": cfg.task.kind,
         "validation_tokens": student_quality["tokens"],
         "throughput_batch_size": ev.throughput_batch_size,
@@ -68,6 +74,26 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     }
     write_report(result, run_dir)
     return result
+
+
+SOURCE_METRICS = ("perplexity", "accuracy", "macro_f1", "kl_to_teacher", "top1_agreement")
+
+
+def source_rows(cfg: DistillConfig, task, student, teacher, by_source: dict, vocab: int, device) -> list[dict]:
+    """One row per source and model (teacher, student), then each model's total weighted by the sources' weights."""
+    weights = {s["name"]: float(s.get("weight", 1.0)) for s in cfg.data.mixture}
+    rows = []
+    for name, batches in by_source.items():
+        for model_name, model in (("teacher", teacher), ("student", student)):
+            q = evaluation.quality(model, teacher, batches, vocab=vocab, device=device, task=task, teacher_is_model=model is teacher)
+            rows.append({"source": name, "weight": weights[name], "model": model_name, "targets": q["tokens"],
+                         **{k: q[k] for k in SOURCE_METRICS if k in q}})
+    total = sum(weights.values())
+    for model_name in ("teacher", "student"):
+        mine = [r for r in rows if r["model"] == model_name and r["source"] in weights]
+        rows.append({"source": "weighted total", "weight": total, "model": model_name, "targets": sum(r["targets"] for r in mine),
+                     **{k: sum(r[k] * r["weight"] for r in mine) / total for k in SOURCE_METRICS if all(k in r for r in mine)}})
+    return rows
 
 
 def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, device):
