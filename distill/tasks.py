@@ -1,7 +1,9 @@
 """Tasks (``task.kind``): what a batch's targets are and how a model's outputs for them are taken.
 
 The training step asks the task rather than assuming a next-token shift, so a masked LM or a
-classifier is a new task here, not a branch in the loop (DESIGN.md).
+classifier is a new task here, not a branch in the loop (DESIGN.md). A task says which model
+class it loads, how rows are tokenized, which logits are compared at which targets, how feature
+terms weigh positions, and which metrics its evaluation reports.
 """
 
 from __future__ import annotations
@@ -17,61 +19,44 @@ from distill.losses import IGNORE_INDEX
 from distill.objective import Outputs
 
 
-class CausalLM:
-    """Next-token prediction: the logits at position t predict the token at t + 1."""
+class Task:
+    """What every task shares; a task defines ``targets``, ``cut``, ``feature_weights`` and ``tokenize``."""
 
-    kind = "causal_lm"
-    causal = True
-    metrics = "lm"
-    auto_class = "AutoModelForCausalLM"
-    peft_task_type = "CAUSAL_LM"
+    kind: str
+    causal: bool  # attention relations are masked causally
+    metrics: str  # "lm", "masked" or "classes": which figures evaluation reports
+    auto_class: str  # the transformers auto class teacher and student load with
+    peft_task_type: str | None
 
     @staticmethod
     def targets(batch: dict) -> torch.Tensor:
-        """``[B, L-1]`` target ids, ``IGNORE_INDEX`` where masked (prompt, padding)."""
-        return batch["labels"][:, 1:]
+        return batch["labels"]
 
     @staticmethod
-    def logits(model, batch: dict, vocab: int) -> torch.Tensor:
-        """``[B, L-1, vocab]`` logits at the target positions, cut to the shared vocabulary."""
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
+    def cut(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+        """The logits at the target positions, cut to the shared vocabulary (or class count)."""
+        return logits[..., :vocab]
 
-    @classmethod
-    def feature_weights(cls, batch: dict) -> torch.Tensor:
-        """``[B, L]``: 1 at each position whose output predicts a target, else 0 (sums to the target count).
+    def logits(self, model, batch: dict, vocab: int) -> torch.Tensor:
+        return self.cut(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, vocab)
 
-        A feature term is then a mean over the same positions the logit terms average over.
-        """
-        weights = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=batch["labels"].device)
-        weights[:, :-1] = (cls.targets(batch) != IGNORE_INDEX).float()
-        return weights
-
-    @classmethod
-    def outputs(cls, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
+    def outputs(self, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
         """The model's outputs that ``wants`` names, for the objective."""
         capture = captured_qkv(model, qkv_layers) if QKV in wants and qkv_layers else contextlib.nullcontext({})
         with capture as qkv:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
-        return Outputs(logits=out.logits[:, :-1, :vocab] if LOGITS in wants else None,
+        return Outputs(logits=self.cut(out.logits, vocab) if LOGITS in wants else None,
                        hidden_states=out.hidden_states if HIDDEN in wants else None,
                        attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
 
-    @classmethod
-    def target_count(cls, batch: dict) -> int:
-        return int((cls.targets(batch) != IGNORE_INDEX).sum())
+    def target_count(self, batch: dict) -> int:
+        return int((self.targets(batch) != IGNORE_INDEX).sum())
 
-    @classmethod
-    def eval_logits(cls, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_logits(self, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[N, vocab]`` logits, ``[N]`` targets) of every target position, masked ones included."""
-        logits = cls.logits(model, batch, vocab)
-        return logits.reshape(-1, logits.shape[-1]), cls.targets(batch).reshape(-1)
-
-    @staticmethod
-    def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
-        from distill import data
-
-        return data.tokenize(raw, tokenizer, cfg, split_name)
+        logits = self.logits(model, batch, vocab)
+        return logits.reshape(-1, logits.shape[-1]), self.targets(batch).reshape(-1)
 
     @staticmethod
     def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:
@@ -83,50 +68,77 @@ class CausalLM:
         return models.shared_vocab_size(teacher, student, tokenizer, truncate_vocab=truncate_vocab)
 
 
-class SequenceClassification:
+class CausalLM(Task):
+    """Next-token prediction: the logits at position t predict the token at t + 1."""
+
+    kind, causal, metrics = "causal_lm", True, "lm"
+    auto_class, peft_task_type = "AutoModelForCausalLM", "CAUSAL_LM"
+
+    @staticmethod
+    def targets(batch: dict) -> torch.Tensor:
+        """``[B, L-1]`` target ids, ``IGNORE_INDEX`` where masked (prompt, padding)."""
+        return batch["labels"][:, 1:]
+
+    @staticmethod
+    def cut(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+        return logits[:, :-1, :vocab]
+
+    def feature_weights(self, batch: dict) -> torch.Tensor:
+        """``[B, L]``: 1 at each position whose output predicts a target, else 0 (sums to the target count).
+
+        A feature term is then a mean over the same positions the logit terms average over.
+        """
+        weights = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=batch["labels"].device)
+        weights[:, :-1] = (self.targets(batch) != IGNORE_INDEX).float()
+        return weights
+
+    @staticmethod
+    def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
+        from distill import data
+
+        return data.tokenize(raw, tokenizer, cfg, split_name)
+
+
+class MaskedLM(Task):
+    """Masked-token prediction (BERT, DistilBERT): the student learns the teacher's distribution
+    at the masked positions.
+
+    Masking happens when the data is tokenized, per sequence, from (``task.mask_seed``, split,
+    row): the same positions and replacements whatever the world size, the resume point or the
+    order the stream visits them.
+    """
+
+    kind, causal, metrics = "masked_lm", False, "masked"
+    auto_class, peft_task_type = "AutoModelForMaskedLM", None  # peft has no masked-LM task type: a plain PeftModel
+
+    def __init__(self, mask_rate: float = 0.15, mask_seed: int = 0):
+        self.mask_rate, self.mask_seed = mask_rate, mask_seed
+
+    def feature_weights(self, batch: dict) -> torch.Tensor:
+        """Every token of a sequence weighs alike, and a sequence as much as its masked targets."""
+        mask = batch["attention_mask"].float()
+        targets = (self.targets(batch) != IGNORE_INDEX).float().sum(-1, keepdim=True)
+        return mask * targets / mask.sum(-1, keepdim=True).clamp(min=1)
+
+    def tokenize(self, raw, tokenizer, cfg, split_name: str, model_config):
+        from distill import data
+
+        return data.tokenize_masked(raw, tokenizer, cfg, split_name, rate=self.mask_rate, seed=self.mask_seed)
+
+
+class SequenceClassification(Task):
     """A class per sequence (or text pair): the teacher's class distribution is the target.
 
     Feature terms weigh each sequence's tokens equally and each sequence as one target, so a
     hidden-state term is a per-sequence mean over its tokens, averaged over sequences.
     """
 
-    kind = "sequence_classification"
-    causal = False
-    metrics = "classes"
-    auto_class = "AutoModelForSequenceClassification"
-    peft_task_type = "SEQ_CLS"
+    kind, causal, metrics = "sequence_classification", False, "classes"
+    auto_class, peft_task_type = "AutoModelForSequenceClassification", "SEQ_CLS"
 
-    @staticmethod
-    def targets(batch: dict) -> torch.Tensor:
-        """``[B]`` class ids."""
-        return batch["labels"]
-
-    @staticmethod
-    def logits(model, batch: dict, vocab: int) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :vocab]
-
-    @classmethod
-    def feature_weights(cls, batch: dict) -> torch.Tensor:
-        mask = batch["attention_mask"].float() * (cls.targets(batch) != IGNORE_INDEX).float()[:, None]
+    def feature_weights(self, batch: dict) -> torch.Tensor:
+        mask = batch["attention_mask"].float() * (self.targets(batch) != IGNORE_INDEX).float()[:, None]
         return mask / batch["attention_mask"].float().sum(-1, keepdim=True).clamp(min=1)
-
-    @classmethod
-    def outputs(cls, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
-        capture = captured_qkv(model, qkv_layers) if QKV in wants and qkv_layers else contextlib.nullcontext({})
-        with capture as qkv:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
-        return Outputs(logits=out.logits[:, :vocab] if LOGITS in wants else None,
-                       hidden_states=out.hidden_states if HIDDEN in wants else None,
-                       attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
-
-    @classmethod
-    def target_count(cls, batch: dict) -> int:
-        return int((cls.targets(batch) != IGNORE_INDEX).sum())
-
-    @classmethod
-    def eval_logits(cls, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return cls.logits(model, batch, vocab), cls.targets(batch)
 
     @staticmethod
     def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
@@ -145,67 +157,6 @@ class SequenceClassification:
         return student.config.num_labels
 
 
-class MaskedLM:
-    """Masked-token prediction (BERT, DistilBERT): the student learns the teacher's distribution
-    at the masked positions.
-
-    Masking happens when the data is tokenized, per sequence, from (``task.mask_seed``, split,
-    row): the same positions and replacements whatever the world size, the resume point or the
-    order the stream visits them.
-    """
-
-    kind = "masked_lm"
-    causal = False
-    metrics = "masked"
-    auto_class = "AutoModelForMaskedLM"
-    peft_task_type = None  # peft has no masked-LM task type; a plain PeftModel
-
-    def __init__(self, mask_rate: float = 0.15, mask_seed: int = 0):
-        self.mask_rate, self.mask_seed = mask_rate, mask_seed
-
-    @staticmethod
-    def targets(batch: dict) -> torch.Tensor:
-        """``[B, L]`` original ids at masked positions, ``IGNORE_INDEX`` elsewhere."""
-        return batch["labels"]
-
-    @staticmethod
-    def logits(model, batch: dict, vocab: int) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
-
-    @classmethod
-    def feature_weights(cls, batch: dict) -> torch.Tensor:
-        """Every token of a sequence weighs alike, and a sequence as much as its masked targets."""
-        mask = batch["attention_mask"].float()
-        targets = (cls.targets(batch) != IGNORE_INDEX).float().sum(-1, keepdim=True)
-        return mask * targets / mask.sum(-1, keepdim=True).clamp(min=1)
-
-    @classmethod
-    def outputs(cls, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
-        capture = captured_qkv(model, qkv_layers) if QKV in wants and qkv_layers else contextlib.nullcontext({})
-        with capture as qkv:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
-        return Outputs(logits=out.logits[..., :vocab] if LOGITS in wants else None,
-                       hidden_states=out.hidden_states if HIDDEN in wants else None,
-                       attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
-
-    @classmethod
-    def target_count(cls, batch: dict) -> int:
-        return int((cls.targets(batch) != IGNORE_INDEX).sum())
-
-    @classmethod
-    def eval_logits(cls, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = cls.logits(model, batch, vocab)
-        return logits.reshape(-1, logits.shape[-1]), cls.targets(batch).reshape(-1)
-
-    def tokenize(self, raw, tokenizer, cfg, split_name: str, model_config):
-        from distill import data
-
-        return data.tokenize_masked(raw, tokenizer, cfg, split_name, rate=self.mask_rate, seed=self.mask_seed)
-
-    shared_outputs = staticmethod(CausalLM.shared_outputs)
-
-
 def _labels(config) -> list[str]:
     return [str(config.id2label[i]) for i in range(config.num_labels)]
 
@@ -214,10 +165,10 @@ def _label2id(config) -> dict[str, int]:
     return {name: i for i, name in enumerate(_labels(config))}
 
 
-TASKS = {CausalLM.kind: CausalLM, SequenceClassification.kind: SequenceClassification, MaskedLM.kind: MaskedLM}
+TASKS = {task.kind: task for task in (CausalLM, MaskedLM, SequenceClassification)}
 
 
-def build_task(cfg):
+def build_task(cfg) -> Task:
     """The task of ``task.*`` (a TaskConfig, or just its kind)."""
     if isinstance(cfg, str):
         return TASKS[cfg]()

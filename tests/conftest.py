@@ -114,3 +114,49 @@ def reset_accelerate() -> None:
 def _fresh_accelerate_state():
     yield
     reset_accelerate()
+
+
+MODULES = ["json/decoder.py", "email/utils.py", "asyncio/locks.py"]
+LABELS = ["json", "email", "asyncio"]
+
+
+def _lines(module: str) -> list[str]:
+    return [line.strip() for line in stdlib_text([module]).splitlines() if len(line.strip()) > 12]
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory, tiny) -> dict:
+    """Source lines labelled by their module (3 classes, by name), and a Llama classifier teacher
+    fine-tuned on them for a few seconds with a plain loop."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("labelled")
+    rows = {"train": [], "validation": []}
+    for label, module in zip(LABELS, MODULES):
+        lines = _lines(module)[:240]
+        rows["train"] += [{"text": t, "label": label} for t in lines[:200]]
+        rows["validation"] += [{"text": t, "label": label} for t in lines[200:]]
+    for split, items in rows.items():
+        with open(root / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in items)
+
+    tokenizer = tiny["tokenizer"]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, num_labels=3,
+                         id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    torch.manual_seed(0)
+    teacher = LlamaForSequenceClassification(config)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    texts, labels = [r["text"] for r in rows["train"]], torch.tensor([LABELS.index(r["label"]) for r in rows["train"]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        pick = torch.randint(0, len(texts), (32,), generator=g)
+        batch = tokenizer([texts[i] for i in pick], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        loss = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels[pick]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    return {"root": root, "teacher": str(root / "teacher"), "train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}

@@ -7,53 +7,8 @@ import re
 import pytest
 import torch
 
-from conftest import read_metrics, reset_accelerate, stdlib_text
+from conftest import LABELS, read_metrics, reset_accelerate
 from distill.config import ConfigError
-
-MODULES = ["json/decoder.py", "email/utils.py", "asyncio/locks.py"]
-LABELS = ["json", "email", "asyncio"]
-
-
-def _lines(module: str) -> list[str]:
-    return [line.strip() for line in stdlib_text([module]).splitlines() if len(line.strip()) > 12]
-
-
-@pytest.fixture(scope="session")
-def labelled(tmp_path_factory, tiny) -> dict:
-    """Source lines labelled by their module (3 classes, by name), and a Llama classifier teacher
-    fine-tuned on them for a few seconds with a plain loop."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    root = tmp_path_factory.mktemp("labelled")
-    rows = {"train": [], "validation": []}
-    for label, module in zip(LABELS, MODULES):
-        lines = _lines(module)[:240]
-        rows["train"] += [{"text": t, "label": label} for t in lines[:200]]
-        rows["validation"] += [{"text": t, "label": label} for t in lines[200:]]
-    for split, items in rows.items():
-        with open(root / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in items)
-
-    tokenizer = tiny["tokenizer"]
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, num_labels=3,
-                         id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
-    torch.manual_seed(0)
-    teacher = LlamaForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    texts, labels = [r["text"] for r in rows["train"]], torch.tensor([LABELS.index(r["label"]) for r in rows["train"]])
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        pick = torch.randint(0, len(texts), (32,), generator=g)
-        batch = tokenizer([texts[i] for i in pick], padding=True, truncation=True, max_length=48, return_tensors="pt")
-        loss = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels[pick]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    return {"root": root, "teacher": str(root / "teacher"), "train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
-
 
 def classifier_job(labelled, out, *extra):
     return ["task.kind=sequence_classification", f"teacher.path={labelled['teacher']}", "teacher.dtype=float32",
@@ -105,8 +60,10 @@ def test_integer_labels_and_attention_relations(labelled, tmp_path):
     ids.write_text("".join(json.dumps({"text": r["text"], "label": LABELS.index(r["label"])}) + "\n"
                            for r in map(json.loads, open(labelled["train"]))))
     result = _run(labelled, tmp_path / "run", f"data.train_files=[{ids}]", "train.max_steps=6", "eval.initial=false", "eval.speed=false",
-                  "loss.terms=[{kind: logits}, {kind: attention, name: att}]")
-    assert result["rows"][1]["accuracy"] is not None
+                  "loss.terms=[{kind: logits}, {kind: attention, name: att}]", "eval.quantize=[int8_dynamic]")
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["student"]["accuracy"] is not None
+    assert rows["student+int8_dynamic"]["accuracy"] == pytest.approx(rows["student"]["accuracy"], abs=0.05)
     assert all(m["train/att_loss"] > 0 for m in read_metrics(tmp_path / "run") if "train/loss" in m)
 
 
@@ -160,3 +117,24 @@ def test_lora_on_a_pretrained_classifier_student(labelled, tmp_path):
 
     again = {r["model"]: r for r in evaluate_run(tmp_path / "run")["rows"]}
     assert again["student"]["accuracy"] == pytest.approx(rows["student"]["accuracy"], abs=1e-6)
+
+
+def test_text_pairs(labelled, tmp_path):
+    """data.text_pair_field: both texts reach the model, through the tokenizer's pair encoding."""
+    from transformers import AutoTokenizer
+
+    from distill import data
+    from distill.config import DataConfig
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in open(labelled["train"])]
+    pairs.write_text("".join(json.dumps({"first": r["text"], "second": rows[(i + 1) % len(rows)]["text"], "label": r["label"]}) + "\n"
+                             for i, r in enumerate(rows)))
+    result = _run(labelled, tmp_path / "run", f"data.train_files=[{pairs}]", "data.text_field=first", "data.text_pair_field=second",
+                  f"data.validation_files=[{pairs}]", "data.max_validation_sequences=32", "train.max_steps=4", "eval.speed=false")
+    assert result["rows"][0]["accuracy"] is not None
+    tokenizer = AutoTokenizer.from_pretrained(labelled["teacher"])
+    raw = data.load_raw(DataConfig(train_files=[str(pairs)], validation_files=[str(pairs)], text_field="first"))[0]
+    one = data.tokenize_labelled(raw.select([0]), tokenizer, DataConfig(text_field="first", text_pair_field="second", seq_len=512), "training",
+                                 dict(zip(LABELS, range(3))))
+    assert one[0]["input_ids"] == tokenizer(rows[0]["text"], rows[1]["text"], truncation=True, max_length=512)["input_ids"]

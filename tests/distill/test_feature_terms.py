@@ -172,3 +172,18 @@ def test_feature_terms_with_a_4bit_teacher(tiny, corpus, tmp_path):
     assert all(m["train/hidden_loss"] > 0 and m["train/att_loss"] > 0 for m in metrics)
     assert result["rows"][0]["quantization"] == "4bit"
     assert (run_dir / "objective" / "model.safetensors").is_file()
+
+
+def test_feature_terms_are_invariant_to_accumulation(tiny, corpus, tmp_path):
+    """Micro-batch 8 x 1 and 1 x 8 accumulation (and loss chunks of 7 tokens): the same term values and the same projections."""
+    terms = "loss.terms=[{kind: logits}, {kind: hidden, name: hid}, {kind: attention, name: att, mode: relations, relation_heads: 2}]"
+    common = (terms, "data.packing=false", "data.seq_len=48", "train.max_steps=2", "train.max_grad_norm=0", "eval.at_end=false")
+    big, _ = run_job(tiny, corpus, tmp_path / "big", *common, "train.micro_batch_size=8", "train.grad_accum=1")
+    reset_accelerate()
+    small, _ = run_job(tiny, corpus, tmp_path / "small", *common, "train.micro_batch_size=1", "train.grad_accum=8", "loss.chunk_size=7")
+    for a, b in zip(read_metrics(big), read_metrics(small)):
+        for key in ("train/loss", "train/hid_loss", "train/att_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    a, b = load_file(big / "objective" / "model.safetensors"), load_file(small / "objective" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
