@@ -62,6 +62,7 @@ class StudentConfig:
     revision: Optional[str] = option(None, "Hub revision of the pretrained student; ignored for local paths.")
     init: Literal["random", "teacher_layers"] = option("random", "How a new student (student.architecture) starts: random, or teacher_layers (a copy of the teacher keeping only student.init_layers, with its embeddings and head; DistilBERT).")
     init_layers: list = option([], "Teacher layers (1-based) a teacher_layers student keeps, in order; default: student.architecture.num_hidden_layers evenly spaced from the first (every other layer for half the depth).")
+    init_from: Optional[str] = option(None, "The model whose layers a teacher_layers student keeps, when not the teacher itself: e.g. the teacher's pretrained checkpoint before fine-tuning (DistilBERT starts from the pretrained BERT). It must share the teacher's tokenizer and labels.")
     prune: dict = option({}, "Or: build the student by structurally pruning the (full-precision) teacher to these sizes, ranked on training batches: num_hidden_layers, num_attention_heads, intermediate_size, hidden_size.")
     prune_calibration_batches: int = option(8, "Training micro-batches used to rank what student.prune removes.")
     lora: Optional[LoraConfig] = option(None, "Train LoRA adapters (peft) on a pretrained student (student.path) instead of all its weights; the base stays frozen.")
@@ -331,6 +332,7 @@ def validate(cfg: DistillConfig) -> None:
             _check(len(s.init_layers) == s.architecture["num_hidden_layers"], "student.init_layers and student.architecture.num_hidden_layers disagree; set one")
     else:
         _check(not s.init_layers, "student.init_layers needs student.init=teacher_layers")
+        _check(not s.init_from, "student.init_from needs student.init=teacher_layers")
     _check(sum(map(bool, (s.path, s.architecture or s.init_layers, s.prune))) == 1, "set exactly one of student.path, student.architecture and student.prune")
     prunable = {"num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_size"}
     for key, value in s.prune.items():

@@ -62,7 +62,7 @@ class Loaded:
 def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
     """Points ``cfg`` at the run's saved student (a LoRA adapter loads with its base)."""
     cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
-    cfg.student.init, cfg.student.init_layers = "random", []
+    cfg.student.init, cfg.student.init_layers, cfg.student.init_from = "random", [], None
     cfg.student.lora, cfg.student.quantization = None, "none"
 
 

@@ -24,7 +24,7 @@ from distill.config import ConfigError
 
 PACKAGES = ["asyncio", "email", "importlib", "logging", "multiprocessing", "xml"]
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "packages": PACKAGES,
     "min_chars": 40,
     "finetune": {"steps": 240, "lr": 1e-4, "micro_batch_size": 16, "seq_len": 64, "warmup_steps": 24},
@@ -82,10 +82,12 @@ def _fingerprint() -> str:
 
 
 def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: bool = False, steps: int | None = None) -> Path:
-    """Builds (or reuses) ``DIR/{train,validation}.jsonl`` and the fine-tuned ``DIR/teacher``.
+    """Builds (or reuses) ``DIR/{train,validation}.jsonl``, the fine-tuned ``DIR/teacher`` and
+    ``DIR/pretrained`` (MiniLM before fine-tuning, with the task's fresh classifier head).
 
     ``steps`` overrides the recipe's fine-tuning steps (tests); such a build is not cached as the recipe's.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from distill.config import load_config
@@ -93,13 +95,15 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: 
 
     out = Path(os.path.expanduser(str(directory)))
     stamp, fingerprint = out / "fingerprint.txt", _fingerprint() + (f"-steps{steps}" if steps else "")
-    if not force and stamp.is_file() and stamp.read_text().strip() == fingerprint and (out / "teacher" / "config.json").is_file():
+    built = all((out / name / "config.json").is_file() for name in ("teacher", "pretrained"))
+    if not force and stamp.is_file() and stamp.read_text().strip() == fingerprint and built:
         print(f"MiniLM teacher and docstring task ready in {out} (cached)")
         return out
     shutil.rmtree(out, ignore_errors=True)
     train_file, validation_file = write_task(out)
     init_dir = out / "teacher-init"
     labels = dict(enumerate(PACKAGES))
+    torch.manual_seed(0)  # the classifier head is new
     model = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=len(PACKAGES), id2label=labels,
                                                                label2id={name: i for i, name in labels.items()})
     model.save_pretrained(init_dir)
@@ -116,7 +120,7 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: 
     run(load_config(None, overrides))
     os.rename(out / "finetune-run" / "student", out / "teacher")
     shutil.rmtree(out / "finetune-run")
-    shutil.rmtree(init_dir)
+    os.rename(init_dir, out / "pretrained")  # the students start from its layers, as DistilBERT from the pretrained BERT
     stamp.write_text(fingerprint)
     print(f"MiniLM teacher and docstring task ready in {out}")
     return out

@@ -223,15 +223,18 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, 
 
 
 def _from_teacher_layers(cfg: StudentConfig, teacher_cfg: TeacherConfig, model_class: str):
-    """The full-precision teacher keeping only ``student.init_layers`` (embeddings and head copied with it)."""
+    """The full-precision teacher (or ``student.init_from``) keeping only ``student.init_layers``,
+    embeddings and head copied with it."""
     from distill.prune import keep_layers
 
-    depth = teacher_config(teacher_cfg).num_hidden_layers
+    source = TeacherConfig(path=cfg.init_from, revision=None) if cfg.init_from else teacher_cfg
+    key = "student.init_from" if cfg.init_from else "teacher.path"
+    depth = _pretrained(auto_class("AutoConfig"), source.path, key, revision=source.revision).num_hidden_layers
     layers = list(cfg.init_layers) or [round(i * depth / cfg.architecture["num_hidden_layers"]) + 1
                                        for i in range(cfg.architecture["num_hidden_layers"])]
     if any(layer > depth for layer in layers) or len(layers) > depth:
-        raise ConfigError(f"student.init_layers: the teacher has layers 1..{depth} (got {layers})")
-    model = _pretrained(auto_class(model_class), teacher_cfg.path, "teacher.path", dtype=torch.float32, revision=teacher_cfg.revision)
+        raise ConfigError(f"student.init_layers: the {'student.init_from model' if cfg.init_from else 'teacher'} has layers 1..{depth} (got {layers})")
+    model = _pretrained(auto_class(model_class), source.path, key, dtype=torch.float32, revision=source.revision)
     keep_layers(model, [layer - 1 for layer in layers])
     return model.requires_grad_(True).train()
 

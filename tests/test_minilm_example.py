@@ -25,7 +25,7 @@ def test_minilm_example_runs_end_to_end(tmp_path):
 
     cache = minilm.prepare(tmp_path / "minilm", steps=30)  # the recipe fine-tunes longer; this checks the path
     sets = [f"teacher.path={cache / 'teacher'}", f"data.train_files=[{cache / 'train.jsonl'}]", f"data.validation_files=[{cache / 'validation.jsonl'}]",
-            "train.max_steps=12", "data.max_validation_sequences=64", "eval.speed_repeats=1", f"output_dir={tmp_path / 'run'}"]
+            "train.max_steps=12", "train.warmup_steps=2", "data.max_validation_sequences=64", "eval.speed_repeats=1", f"output_dir={tmp_path / 'run'}"]
     result = distill_cli("run", str(REPO / "configs" / "minilm_docstrings.yaml"), *[a for s in sets for a in ("--set", s)], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["model"]: r for r in json.loads((tmp_path / "run" / "eval.json").read_text())["rows"]}

@@ -36,6 +36,16 @@ def test_default_layers_are_evenly_spaced_from_the_first(tiny, corpus, tmp_path)
     torch.testing.assert_close(student["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"], atol=1e-6, rtol=0)
 
 
+def test_layers_from_another_checkpoint(tiny, corpus, tmp_path):
+    """student.init_from: the layers come from another model of the family (a pretrained checkpoint)."""
+    run_job(tiny, corpus, tmp_path / "run", "student.init=teacher_layers", f"student.init_from={tiny['student']}", "student.init_layers=[1]",
+            "student.architecture={}", "train.max_steps=1", "train.lr=1e-9", "eval.at_end=false")
+    source = load_file(f"{tiny['student']}/model.safetensors")
+    student = load_file(tmp_path / "run" / "student" / "model.safetensors")
+    assert sorted(student) == sorted(source)
+    torch.testing.assert_close(student["model.layers.0.self_attn.v_proj.weight"], source["model.layers.0.self_attn.v_proj.weight"], atol=1e-6, rtol=0)
+
+
 BASE = ["teacher.path=t", "data.train_files=[a.txt]", "student.init=teacher_layers"]
 
 
@@ -43,6 +53,7 @@ BASE = ["teacher.path=t", "data.train_files=[a.txt]", "student.init=teacher_laye
     (["student.architecture={num_hidden_layers: 1, hidden_size: 32}"], "student.architecture may set only num_hidden_layers (got hidden_size, num_hidden_layers)"),
     (["student.init_layers=[0]"], "student.init_layers must list teacher layers as integers >= 1"),
     ([], "student.init=teacher_layers needs student.init_layers or student.architecture.num_hidden_layers"),
+    (["student.init=random", "student.init_from=x", "student.architecture={num_hidden_layers: 1}"], "student.init_from needs student.init=teacher_layers"),
 ])
 def test_bad_init_fails_at_load(extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -65,3 +65,14 @@ def test_zero_on_one_gpu_over_nccl(tiny, corpus, tmp_path, ds_config):
     assert torch.isfinite(student(torch.tensor([[1, 2, 3]], device="cuda")).logits).all()
     rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     assert rows["student"]["kl_to_teacher"] < rows["initial_student"]["kl_to_teacher"]
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_feature_terms_with_a_quantized_teacher_in_bf16(tiny, corpus, tmp_path, bits):
+    """Hidden states and q/k/v of a bitsandbytes teacher on CUDA, against a bf16 student with a projection."""
+    terms = "loss.terms=[{kind: logits}, {kind: hidden, weight: 1.0}, {kind: attention, name: att, mode: relations, relation_heads: 2}]"
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "run", terms, f"teacher.quantization={bits}", "teacher.dtype=bfloat16",
+                         "train.precision=bf16", "train.max_steps=12", "eval.speed=false")
+    assert finite_and_decreasing(run_dir)
+    assert all(m["train/hidden_loss"] > 0 and m["train/att_loss"] > 0 for m in read_metrics(run_dir) if "train/loss" in m)
+    assert (run_dir / "objective" / "model.safetensors").is_file()
