@@ -187,3 +187,20 @@ def test_feature_terms_are_invariant_to_accumulation(tiny, corpus, tmp_path):
     a, b = load_file(big / "objective" / "model.safetensors"), load_file(small / "objective" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_projections_join_the_optimizer_and_the_teacher_does_not(tiny, corpus, tmp_path):
+    from conftest import job_overrides
+    from distill.config import load_config
+    from distill.job import Setup, make_accelerator
+    from distill.objective import Distillee, build_objective
+    from distill.train import build_optimizer
+
+    cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "run", HIDDEN_TERMS))
+    setup = Setup(cfg, make_accelerator(cfg).device)
+    objective = build_objective(cfg.loss, student=setup.student, teacher=setup.teacher)
+    optimized = {id(p) for group in build_optimizer(Distillee(setup.student, objective, setup.task, setup.vocab), cfg.train).param_groups
+                 for p in group["params"]}
+    assert len(list(objective.parameters())) == 2 and all(id(p) in optimized for p in objective.parameters())
+    assert all(id(p) in optimized for p in setup.student.parameters())
+    assert not any(id(p) in optimized for p in setup.teacher.parameters())
