@@ -77,7 +77,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
-    assert cfg.teacher.path and (cfg.student.path or cfg.student.architecture or cfg.student.prune)
+    assert cfg.teacher.path and (cfg.student.path or cfg.student.architecture or cfg.student.init_layers or cfg.student.prune)
 
 
 def test_every_option_has_help():
