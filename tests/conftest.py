@@ -160,3 +160,40 @@ def labelled(tmp_path_factory, tiny) -> dict:
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     return {"root": root, "teacher": str(root / "teacher"), "train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
+
+
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory, corpus) -> dict:
+    """A WordPiece tokenizer trained on the corpus and a 2-layer BERT masked-LM teacher trained on it
+    for a few seconds with a plain loop."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("bert")
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.train([corpus["train"]], trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                                            show_progress=False))
+    raw.post_processor = processors.BertProcessing(("[SEP]", raw.token_to_id("[SEP]")), ("[CLS]", raw.token_to_id("[CLS]")))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                        mask_token="[MASK]")
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(config)
+    paragraphs = [p for p in open(corpus["train"]).read().split("\n\n") if p.strip()]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        pick = torch.randint(0, len(paragraphs), (16,), generator=g).tolist()
+        encoded = tokenizer([paragraphs[i] for i in pick], truncation=True, max_length=64)
+        batch = collator([{"input_ids": ids} for ids in encoded["input_ids"]])
+        teacher(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    return {"teacher": str(root / "teacher"), "tokenizer": tokenizer}

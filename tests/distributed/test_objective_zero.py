@@ -65,3 +65,17 @@ def test_a_classifier_with_a_projection_under_ddp(labelled, tiny, corpus, tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     assert {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["student"]["macro_f1"] >= 0
     assert (out / "objective" / "model.safetensors").is_file()
+
+
+def test_masked_lm_under_zero2(bert, tiny, corpus, tmp_path):
+    """masked_lm with a cosine hidden term on 2 ZeRO-2 ranks: the masks are the data's, whatever the ranks."""
+    import json
+
+    out = tmp_path / "run"
+    sets = ("task.kind=masked_lm", f"teacher.path={bert['teacher']}", "data.max_validation_sequences=32",
+            "loss.terms=[{kind: logits, temperature: 2.0}, {kind: ce, weight: 0.5}, {kind: hidden, distance: cosine}]")
+    result = launch(tiny, corpus, out, "--launcher", "deepspeed", "--nproc-per-node", "2", "--ds-config", "zero2", sets=sets)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert rows["student"]["kl_to_teacher"] < rows["initial_student"]["kl_to_teacher"]
+    assert 0 < rows["student"]["accuracy"] < 1
