@@ -291,6 +291,20 @@ def to_universal(accelerator, path: Path) -> Path:
     return target
 
 
+def _weights_mismatch(err: Exception) -> str | None:
+    """What torch's multi-line "Missing key(s) / Unexpected key(s)" error means, in one line."""
+    found = {kind: re.findall(r'"([^"]+)"', line) for line in str(err).splitlines()
+             for kind in ("Missing", "Unexpected") if line.strip().startswith(f"{kind} key(s)")}
+    if not found:
+        return None
+    missing, unexpected = found.get("Missing", []), found.get("Unexpected", [])
+    parts = [f"{len(names)} {kind.lower()} weights (e.g. {names[0]})" for kind, names in (("Missing", missing), ("Unexpected", unexpected)) if names]
+    reason = "its weights do not fit this job's model: " + ", ".join(parts)
+    if unexpected and all(not name.startswith(("student.", "objective.")) for name in unexpected) and any(n.startswith("student.") for n in missing):
+        reason += " (it was saved by an earlier distill, which checkpointed the student alone; this one saves the student and the objective together)"
+    return reason
+
+
 def load(accelerator, path: Path, scheduler=None) -> TrainState:
     """Checks, then restores what :func:`save` wrote; returns the trainer state."""
     verify(path)
@@ -298,7 +312,8 @@ def load(accelerator, path: Path, scheduler=None) -> TrainState:
     try:
         accelerator.load_state(str(path))
     except Exception as err:
-        raise CheckpointError(f"cannot restore the model or optimizer from {path}: {first_line(err)}; "
+        reason = _weights_mismatch(err) or first_line(err)
+        raise CheckpointError(f"cannot restore the model or optimizer from {path}: {reason}; "
                               "resume from another checkpoint or start over with --overwrite") from None
     if scheduler is not None:
         file = path / SCHEDULER_FILE

@@ -3,6 +3,7 @@ error that names its file. Every planted payload writes a marker file if it is e
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,15 @@ def test_deepspeed_checkpoint_payload_is_refused_through_the_launcher(tiny, corp
     with pytest.raises(checkpoint.CheckpointError, match="model_states.pt"):
         checkpoint.verify(latest)
     assert not marker.exists()
+
+
+def test_weights_of_another_layout_are_named_in_one_line(finished_run, tiny, corpus, tmp_path, capsys):
+    """A checkpoint of an earlier distill (the student alone, names without "student.") fails with what differs."""
+    from safetensors.torch import load_file, save_file
+
+    out, latest = copy_run(finished_run, tmp_path)
+    weights = latest / "model.safetensors"
+    save_file({k.removeprefix("student."): v for k, v in load_file(weights).items()}, str(weights), metadata={"format": "pt"})
+    line = expect_refused(capsys, resume_argv(tiny, corpus, out), tmp_path / "none", str(latest), "missing weights (e.g. student.",
+                          "saved by an earlier distill", code=4)
+    assert re.search(r"\d+ unexpected weights \(e.g. (?!student\.)", line), line
