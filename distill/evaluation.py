@@ -26,12 +26,6 @@ def _sum_across_processes(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def forward_logits(model, batch: dict, vocab: int, device) -> torch.Tensor:
-    """``[B, L-1, vocab]`` logits predicting tokens 1..L-1, cut to the shared vocabulary."""
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return logits[:, :-1, :vocab]
-
-
 def _on(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -222,14 +216,19 @@ def _cell(row: dict, column: tuple) -> str:
     return fmt.format(value)
 
 
-def table(rows: list[dict]) -> str:
-    """A Markdown table, one row per model, of the columns some model has; readable on a terminal too."""
-    columns = [c for c in COLUMNS if c[0] in ("model", "params") or any(r.get(c[0]) is not None for r in rows)]
+def _markdown(columns: list[tuple], rows: list[dict], keep: tuple = ()) -> list[str]:
+    """Lines of a Markdown table of ``rows``: the ``columns`` some row has (``keep`` always); readable on a terminal too."""
+    columns = [c for c in columns if c[0] in keep or any(r.get(c[0]) is not None for r in rows)]
     header = [c[1] for c in columns]
     body = [[_cell(r, c) for c in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)]
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table, one row per model, of the columns some model has."""
+    return "\n".join(_markdown(COLUMNS, rows, keep=("model", "params")))
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -289,10 +288,4 @@ def source_table(rows: list[dict] | None) -> list[str]:
         return []
     columns = [("source", "source", "{}"), ("weight", "weight", "{:g}"), ("model", "model", "{}"), ("targets", "targets", "{:,}"),
                *[c for c in COLUMNS if c[0] in ("perplexity", "accuracy", "macro_f1", "kl_to_teacher", "top1_agreement")]]
-    columns = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
-    body = [[_cell(r, c) for c in columns] for r in rows]
-    header = [c[1] for c in columns]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return ["Per source of the mixture (the total weighs each source by its weight):", "", line(header),
-            "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body), ""]
+    return ["Per source of the mixture (the total weighs each source by its weight):", "", *_markdown(columns, rows), ""]

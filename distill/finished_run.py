@@ -55,7 +55,7 @@ class Loaded:
     def __init__(self, accelerator, setup, by_source: dict):
         self.accelerator, self.setup = accelerator, setup
         self.validation = [batch for batches in by_source.values() for batch in batches]
-        self.by_source = by_source if len(by_source) > 1 or setup.sources[0][0] != "data" else None
+        self.by_source = by_source
         self.device = accelerator.device
 
 
@@ -83,7 +83,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None 
         loaded = run.load()
         s = loaded.setup
         return report.final_evaluation(cfg, loaded.accelerator, s.student, s.teacher, loaded.validation, s.vocab, run.dir, s.tokenizer,
-                                       None, run.facts(), by_source=loaded.by_source)
+                                       None, run.facts(), by_source=loaded.by_source if cfg.data.mixture else None)
 
 
 def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool) -> None:

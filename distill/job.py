@@ -134,8 +134,8 @@ class Setup:
         self.teacher = models.load_teacher(cfg.teacher, device, model_class=task.auto_class) if load_teacher else None
         if self.teacher is not None:
             models.check_seq_len(self.teacher.config, cfg.data.seq_len, "teacher")
-        if self.teacher is not None and not cfg.student.prune:  # a label-set mismatch fails before tokenizing
-            task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
+        if not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
+            self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
         # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
         self.sources = [(name, weight, task.tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
@@ -144,7 +144,7 @@ class Setup:
         self.train_sequences = self.sources[0][2]  # the stream draws from every source (train_stream)
         if cfg.student.prune:
             self.student = self._pruned_student(cfg, device)
-        self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
+            self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
 
     def _pruned_student(self, cfg: DistillConfig, device):
         """The full-precision teacher pruned to student.prune, ranked on the first training batches."""
@@ -170,11 +170,6 @@ def validation_sets(setup: Setup, cfg: DistillConfig, accelerator) -> dict[str, 
                                           pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index,
                                           world_size=accelerator.num_processes)
             for name, _, _, validation in setup.sources}
-
-
-def validation_set(setup: Setup, cfg: DistillConfig, accelerator) -> list[dict]:
-    """This process's validation batches: every source's, together."""
-    return [batch for batches in validation_sets(setup, cfg, accelerator).values() for batch in batches]
 
 
 def train_stream(setup: Setup, cfg: DistillConfig, accelerator, samples_consumed: int):

@@ -122,19 +122,16 @@ class Objective(nn.Module):
         weights = torch.tensor([t.weight * t.scale for t in self.terms], dtype=sums.dtype, device=sums.device)
         return (sums * weights).sum()
 
-    def has_parameters(self) -> bool:
-        return any(True for _ in self.parameters())
 
-
-def _dims(model, who: str) -> dict:
+def _dims(model) -> dict:
     config = model.config
-    return {"layers": config.num_hidden_layers, "width": config.hidden_size, "heads": config.num_attention_heads, "who": who}
+    return {"layers": config.num_hidden_layers, "width": config.hidden_size, "heads": config.num_attention_heads}
 
 
 def _feature_term(spec: dict, key: str, student, teacher, causal: bool):
     if student is None or teacher is None:
         raise ConfigError(f"{key}: a {spec['kind']} term needs both the student and the teacher model")
-    s, t = _dims(student, "student"), _dims(teacher, "teacher")
+    s, t = _dims(student), _dims(teacher)
     name, weight = spec["name"], float(spec.get("weight", 1.0))
     if spec["kind"] == "hidden":
         pairs = layer_pairs(spec.get("layers", "uniform"), s["layers"], t["layers"], embeddings=bool(spec.get("embeddings", False)),
