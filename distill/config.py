@@ -42,7 +42,8 @@ class TeacherConfig:
     double_quant: bool = option(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     truncate_vocab: bool = option(True, "Allow a teacher whose embedding matrix is padded beyond the student's vocabulary to be cut to the shared length (only when the token maps agree).")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher; ignored for local paths.")
-    source: Literal["model"] = option("model", "Where the teacher's signal comes from: model (the teacher runs in every training process).")
+    source: Literal["model", "cache"] = option("model", "Where the teacher's signal comes from: model (the teacher runs in every training process) or cache (its top-k targets from a store built by distill cache-teacher; the teacher is not loaded for training).")
+    cache: str = option("", "The teacher store of teacher.source=cache (a directory written by distill cache-teacher); empty: the store built for this job's teacher and data under $DISTILL_CACHE_DIR/teacher (default ~/.cache/distill/teacher).")
 
 
 @dataclass
@@ -110,6 +111,7 @@ class LossConfig:
     jsd_beta: float = option(0.5, "Teacher weight beta of the mixture in the generalized JSD (loss.kind=jsd); 0 = forward KL, 1 = reverse KL.")
     skew_alpha: float = option(0.1, "Skew alpha of the skewed KLs (loss.kind=skew_*), as in DistiLLM.")
     chunk_size: int = option(1024, "Tokens per chunk when computing the loss, bounding the float32 memory of the logits.")
+    fused: Literal["auto", "always", "never"] = option("auto", "Compute logit terms chunk by chunk from the output layers' inputs and weights, never holding [tokens, vocab] logits: auto (for language-model tasks whose student output layer is a plain Linear), always (an error otherwise) or never (full logits).")
 
 
 @dataclass
@@ -364,6 +366,11 @@ def validate(cfg: DistillConfig) -> None:
     _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
     _check(lo.chunk_size > 0, f"loss.chunk_size must be > 0 (got {lo.chunk_size})")
     check_terms(lo)
+    if cfg.teacher.source == "cache":
+        _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source=cache holds token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
+        for i, spec in enumerate(loss_terms(lo)):
+            _check(spec.get("kind") in (LOGITS, "ce") or not float(spec.get("weight", 1.0)),
+                   f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which the store does not hold; use teacher.source=model")
     _check(0.0 < cfg.task.mask_rate < 1.0, f"task.mask_rate must be in (0, 1) (got {cfg.task.mask_rate})")
     if cfg.task.kind != "causal_lm":
         _check(not s.prune, f"student.prune supports task.kind=causal_lm only; build the {cfg.task.kind} student with student.architecture or student.path")

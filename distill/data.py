@@ -281,10 +281,12 @@ def tokenize_masked(dataset, tokenizer, cfg: DataConfig, split_name: str, *, rat
     return sequences.with_format("python")
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict], pad_id: int, ids: list[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Right-pads rows to the longest; padding is masked in ``attention_mask`` and ``labels``.
 
-    Rows of a classification task carry one ``label`` each: ``labels`` is then ``[B]``.
+    Rows of a classification task carry one ``label`` each: ``labels`` is then ``[B]``. ``ids``,
+    each row's (source, index) in its tokenized sequences, becomes ``rows`` ``[B, 2]``: where a
+    teacher store finds the row's targets.
     """
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -298,7 +300,10 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[i, :n] = 1
     if "label" in rows[0]:
         labels = torch.tensor([row["label"] for row in rows], dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if ids is not None:
+        batch["rows"] = torch.tensor(ids, dtype=torch.long).reshape(-1, 2)
+    return batch
 
 
 class TrainStream:
@@ -329,9 +334,9 @@ class TrainStream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         start = self.samples_consumed + self.rank * self.micro_batch_size
-        rows = [self.sequences[self._index(start + i)] for i in range(self.micro_batch_size)]
+        indices = [self._index(start + i) for i in range(self.micro_batch_size)]
         self.samples_consumed += self.micro_batch_size * self.world_size
-        return collate(rows, self.pad_id)
+        return collate([self.sequences[i] for i in indices], self.pad_id, [(0, i) for i in indices])
 
 
 def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -395,10 +400,12 @@ class MixtureStream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         start = self.samples_consumed + self.rank * self.micro_batch_size
-        rows = []
+        rows, ids = [], []
         for position in range(start, start + self.micro_batch_size):
             source, draw = self.locate(position)
             order = self.orders[source]
-            rows.append(order.sequences[order._index(draw)])
+            index = order._index(draw)
+            rows.append(order.sequences[index])
+            ids.append((source, index))
         self.samples_consumed += self.micro_batch_size * self.world_size
-        return collate(rows, self.pad_id)
+        return collate(rows, self.pad_id, ids)

@@ -26,7 +26,7 @@ from distill.config import ConfigError, DistillConfig, load_config, read_ds_conf
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.config import teacher_needed  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
-from distill.objective import Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
+from distill.objective import FEATURE_TERMS, Distillee, build_objective, fused_path, save_objective, split_state_dict  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.teacher_source import build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
@@ -114,14 +114,17 @@ def make_accelerator(cfg: DistillConfig, ds_config: str | None = None):
 class Setup:
     """Everything the job loads before training, checked in the order that fails cheapest."""
 
-    def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True):
+    def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True, load_student: bool = True):
         self.task = task = build_task(cfg.task)
         self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
         raw = [(name, weight, source, data.load_raw(source)) for name, weight, source in data.sources(cfg.data)]
-        if cfg.student.prune:
+        self.student = self.vocab = None
+        if not load_student:  # distill cache-teacher: the teacher and the data only
+            pass
+        elif cfg.student.prune:
             from distill.prune import PruneTarget, check_target
 
             config = models.teacher_config(cfg.teacher)
@@ -134,7 +137,7 @@ class Setup:
         self.teacher = models.load_teacher(cfg.teacher, device, model_class=task.auto_class) if load_teacher else None
         if self.teacher is not None:
             models.check_seq_len(self.teacher.config, cfg.data.seq_len, "teacher")
-        if not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
+        if load_student and not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
             self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
         # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
@@ -142,7 +145,7 @@ class Setup:
                          task.tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
                         for name, weight, source, (train, validation) in raw]
         self.train_sequences = self.sources[0][2]  # the stream draws from every source (train_stream)
-        if cfg.student.prune:
+        if load_student and cfg.student.prune:
             self.student = self._pruned_student(cfg, device)
             self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
 
@@ -158,6 +161,24 @@ class Setup:
         student = prune(full, importance(full, calibration), PruneTarget(**cfg.student.prune))
         del full
         return student.float().requires_grad_(True).train()
+
+
+def open_store(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
+    """The teacher store of ``teacher.cache`` (or the one built for this job), checked against the job before step 0."""
+    from distill import store as stores
+
+    ident = stores.identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None)
+    path = cfg.teacher.cache or stores.find(ident)
+    if not path:
+        raise ConfigError(f"teacher.source=cache: no teacher store for this job's teacher and data under {stores.cache_root()}; "
+                          "build one with distill cache-teacher CONFIG, or set teacher.cache")
+    store = stores.Store(Path(os.path.expanduser(str(path))), ident)
+    if models.output_vocab(setup.student) < store.vocab:
+        raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
+    setup.vocab = store.vocab
+    if not quiet:
+        print(f"teacher: store {store.path} (top-{store.k} of {store.vocab} ids); the teacher model is not loaded for training", file=sys.stderr)
+    return store
 
 
 def _split(split: str, source: str, cfg: DistillConfig) -> str:
@@ -253,9 +274,13 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-    setup = Setup(cfg, accelerator.device, load_teacher=teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0)
+    cached = cfg.teacher.source == "cache"
+    setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
+    store = open_store(cfg, setup, quiet=not accelerator.is_main_process) if cached else None
     task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
-    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal)
+    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
+    if accelerator.is_main_process and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
+        print(f"loss: {fused_path(cfg.loss.fused, task, student)[1]}", file=sys.stderr)
     if ATTENTIONS in objective.student_wants:
         models.use_eager_attention(student, teacher, quiet=not accelerator.is_main_process)
     if cfg.eval.quantize:
@@ -302,7 +327,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     try:
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
         try:
-            source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1])
+            source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1], store=store,
+                                  source_names=[name for name, *_ in setup.sources])
             fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
                 objective=objective, state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
         except Preempted as stop:
@@ -318,6 +344,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
             final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization,
                                                        model_class=task.auto_class)
+            if cached and teacher is None:  # the comparison in the report needs the teacher itself, after training
+                teacher = models.load_teacher(cfg.teacher, accelerator.device, model_class=task.auto_class)
             result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts,
                                              by_source=by_source if cfg.data.mixture else None)
             if tracker is not None:

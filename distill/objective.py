@@ -23,7 +23,9 @@ from torch import nn
 from distill.config import LOGITS, LossConfig, loss_terms
 from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
-from distill.losses import cross_entropy, divergence, term_sums
+from distill.fused import HEAD_INPUTS, head_sums, plain_linear, teacher_chunks
+from distill.losses import IGNORE_INDEX, cross_entropy, divergence, term_sums
+from distill.store import SparseTargets, buckets
 
 
 class Term(nn.Module):
@@ -46,11 +48,16 @@ class LogitsTerm(Term):
 
     def __init__(self, name: str, weight: float, *, divergence_kind: str, temperature: float, jsd_beta: float, skew_alpha: float):
         super().__init__(name, weight, scale=temperature**2)
+        self.temperature = temperature
         self.fn = divergence(divergence_kind, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+        # On a store's sparse targets: the same divergence between k + 1 buckets already at temperature T.
+        self.bucket_fn = divergence(divergence_kind, temperature=1.0, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
 
     def per_token(self, student_logits, teacher_logits, labels):
         if teacher_logits is None:  # weight 0: the teacher is not run; the term is reported as 0
             return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
+        if isinstance(teacher_logits, SparseTargets):
+            return self.bucket_fn(*buckets(student_logits, teacher_logits, self.temperature))
         return self.fn(student_logits, teacher_logits)
 
 
@@ -69,6 +76,9 @@ class Outputs:
     """
 
     logits: torch.Tensor | None = None  # [B, T, V] at the task's target positions
+    sparse: SparseTargets | None = None  # a store's top-k targets of the unmasked targets, in order (instead of logits)
+    features: torch.Tensor | None = None  # [B, T, H] the output layer's inputs there (instead of logits: distill.fused)
+    head: object = None  # the output layer, with features
     hidden_states: tuple | None = None  # (L + 1) x [B, S, H]: embeddings, then each layer
     attentions: tuple | None = None  # L x [B, heads, S, S]
     qkv: dict | None = None  # {layer: [q, k, v]}, each [B, S, width]
@@ -79,13 +89,18 @@ FEATURE_TERMS = (HiddenTerm, AttentionTerm)
 
 
 class Objective(nn.Module):
-    def __init__(self, terms: list[nn.Module], chunk_size: int):
+    """The named, weighted terms. ``fused``: logit terms are computed from the output layers'
+    inputs (:mod:`distill.fused`), and neither model computes logits in training."""
+
+    def __init__(self, terms: list[nn.Module], chunk_size: int, fused: bool = False):
         super().__init__()
         self.terms = nn.ModuleList(terms)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.fused = chunk_size, fused
         # Zero-weight terms are still reported, but never make the teacher run.
         self.wants = frozenset().union(*(t.wants for t in terms if t.weight > 0))
-        self.student_wants = frozenset({LOGITS}).union(self.wants)
+        if fused and LOGITS in self.wants:
+            self.wants = (self.wants - {LOGITS}) | {HEAD_INPUTS}
+        self.student_wants = frozenset({HEAD_INPUTS if fused else LOGITS}).union(self.wants - {LOGITS, HEAD_INPUTS})
         self.qkv_layers = ({s for t in terms if QKV in t.wants for s, _ in t.pairs}, {t_ for t in terms if QKV in t.wants for _, t_ in t.pairs})
 
     @property
@@ -93,24 +108,33 @@ class Objective(nn.Module):
         return [t.name for t in self.terms]
 
     def sums(self, student: Outputs, teacher: Outputs | None, labels: torch.Tensor, feature_weights: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, vocab: int | None = None) -> torch.Tensor:
         """``[n_terms]`` float32 sums over the unmasked targets of one micro-batch.
 
         Args:
             labels: ``[B, T]`` targets of the logit terms, ``IGNORE_INDEX`` where masked.
             feature_weights: ``[B, S]`` per-position weights of the feature terms (the task's).
             attention_mask: ``[B, S]`` the batch's key mask (relation terms).
+            vocab: the shared vocabulary the logits are cut to (fused: the student's whole output layer when None).
         """
         token_terms = [t for t in self.terms if not isinstance(t, FEATURE_TERMS)]
-        teacher_logits = teacher.logits if teacher is not None else None
-        token_sums = iter(term_sums(student.logits, teacher_logits, labels, [t.per_token for t in token_terms], chunk_size=self.chunk_size))
+        fns = [t.per_token for t in token_terms]
+        if student.features is not None:
+            vocab = vocab or student.head.out_features
+            token_sums = head_sums(student.features, student.head, teacher_chunks(teacher, labels, vocab), labels, fns,
+                                   [t.weight * t.scale for t in token_terms], vocab=vocab, chunk_size=self.chunk_size)
+        else:
+            teacher_logits = None if teacher is None else teacher.logits if teacher.sparse is None else _at_every_position(teacher.sparse, labels)
+            token_sums = term_sums(student.logits, teacher_logits, labels, fns, chunk_size=self.chunk_size)
+        token_sums = iter(token_sums)
+        anchor = student.features if student.features is not None else student.logits
         sums = []
         for term in self.terms:
             if not isinstance(term, FEATURE_TERMS):
                 sums.append(next(token_sums))
             elif teacher is None or term.weight == 0:
                 # Not computed, reported as 0; its parameters still join the graph (DDP/ZeRO expect their gradients).
-                sums.append(sum((p.sum() for p in term.parameters()), student.logits.new_zeros((), dtype=torch.float32)) * 0.0)
+                sums.append(sum((p.sum() for p in term.parameters()), anchor.new_zeros((), dtype=torch.float32)) * 0.0)
             elif isinstance(term, HiddenTerm):
                 sums.append(term(student, teacher, feature_weights))
             else:
@@ -121,6 +145,17 @@ class Objective(nn.Module):
         """The step loss (a sum over targets) from :meth:`sums`."""
         weights = torch.tensor([t.weight * t.scale for t in self.terms], dtype=sums.dtype, device=sums.device)
         return (sums * weights).sum()
+
+
+def _at_every_position(sparse: SparseTargets, labels: torch.Tensor) -> SparseTargets:
+    """Sparse targets of the unmasked targets spread over every position of ``labels`` (masked ones: uniform, never counted)."""
+    n, k = labels.numel(), sparse.ids.shape[-1]
+    mask = labels.reshape(-1) != IGNORE_INDEX
+    uniform = -torch.log(torch.tensor(float(k + 1)))
+    full = SparseTargets(torch.zeros(n, k, dtype=sparse.ids.dtype, device=labels.device).copy_(torch.arange(k, device=labels.device)),
+                         torch.full((n, k), float(uniform), device=labels.device), torch.full((n,), float(uniform), device=labels.device))
+    full.ids[mask], full.logprobs[mask], full.tail[mask] = sparse.ids, sparse.logprobs.float(), sparse.tail.float()
+    return full
 
 
 def _dims(model) -> dict:
@@ -155,11 +190,28 @@ def _feature_term(spec: dict, key: str, student, teacher, causal: bool):
     return AttentionTerm(name, weight, pairs=pairs, mode=mode, relation_heads=heads, causal=causal)
 
 
-def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True) -> Objective:
+def fused_path(setting: str, task, student) -> tuple[bool, str]:
+    """(whether logit terms run fused, a line saying which path and why) for ``loss.fused``."""
+    if setting == "never":
+        return False, "full logits (loss.fused=never)"
+    why = None
+    if task is None or student is None or not task.fused_head:
+        why = f"the task {getattr(task, 'kind', None)} has no vocabulary-sized output layer"
+    elif not plain_linear(student.get_output_embeddings()):
+        why = f"the student's output layer is a {type(student.get_output_embeddings()).__name__}, not a plain Linear"
+    if why is None:
+        return True, "fused output layer (plain PyTorch: no [tokens, vocab] logits are held)"
+    if setting == "always":
+        raise ConfigError(f"loss.fused=always: {why}; set loss.fused=auto or never")
+    return False, f"full logits ({why})"
+
+
+def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True, task=None) -> Objective:
     """The objective of ``loss.terms`` (or its shorthand), as checked when the config loaded.
 
     ``student`` and ``teacher`` (their configs: depth, width, heads) are needed by feature terms,
-    whose layer maps and projections are checked and built here, before training.
+    whose layer maps and projections are checked and built here, before training. With ``task``
+    and ``student``, ``loss.fused`` decides whether logit terms run from the output layers' inputs.
     """
     terms = []
     for i, spec in enumerate(loss_terms(cfg)):
@@ -172,7 +224,7 @@ def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool
             terms.append(CrossEntropyTerm(name, weight))
         else:
             terms.append(_feature_term(spec, f"loss.terms[{i}]", student, teacher, causal))
-    return Objective(terms, chunk_size=cfg.chunk_size)
+    return Objective(terms, chunk_size=cfg.chunk_size, fused=fused_path(cfg.fused, task, student)[0])
 
 
 class Distillee(nn.Module):
@@ -198,7 +250,8 @@ class Distillee(nn.Module):
     def forward(self, batch: dict, teacher: Outputs | None) -> torch.Tensor:
         """``[n_terms]`` sums of the objective's terms over the batch's targets (see :meth:`Objective.sums`)."""
         outputs = self.task.outputs(self.student, batch, self.objective.student_wants, self.vocab, self.objective.qkv_layers[0])
-        return self.objective.sums(outputs, teacher, self.task.targets(batch), self.task.feature_weights(batch), batch["attention_mask"])
+        return self.objective.sums(outputs, teacher, self.task.targets(batch), self.task.feature_weights(batch), batch["attention_mask"],
+                                   vocab=self.vocab)
 
 
 def split_state_dict(state_dict: dict) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ import torch
 from distill.config import LOGITS
 from distill.errors import ConfigError
 from distill.feature_terms import ATTENTIONS, HIDDEN, QKV, captured_qkv
+from distill.fused import HEAD_INPUTS, head_bypassed
 from distill.losses import IGNORE_INDEX
 from distill.objective import Outputs
 
@@ -32,10 +33,16 @@ class Task:
     def targets(batch: dict) -> torch.Tensor:
         return batch["labels"]
 
+    fused_head = False  # whether its logit terms may be computed from the output layer's inputs (distill.fused)
+
     @staticmethod
-    def cut(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    def at_targets(outputs: torch.Tensor) -> torch.Tensor:
+        """``outputs`` (``[B, S, ...]``) at the positions whose outputs are compared with the targets."""
+        return outputs
+
+    def cut(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         """The logits at the target positions, cut to the shared vocabulary (or class count)."""
-        return logits[..., :vocab]
+        return self.at_targets(logits)[..., :vocab]
 
     def logits(self, model, batch: dict, vocab: int) -> torch.Tensor:
         return self.cut(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, vocab)
@@ -43,9 +50,13 @@ class Task:
     def outputs(self, model, batch: dict, wants: frozenset, vocab: int, qkv_layers: set[int] = frozenset()) -> Outputs:
         """The model's outputs that ``wants`` names, for the objective."""
         capture = captured_qkv(model, qkv_layers) if QKV in wants and qkv_layers else contextlib.nullcontext({})
-        with capture as qkv:
+        bypass = head_bypassed(model) if HEAD_INPUTS in wants else contextlib.nullcontext(None)
+        with capture as qkv, bypass as head:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
+        if head is not None:  # out.logits holds the output layer's inputs
+            return Outputs(features=self.at_targets(out.logits), head=head, hidden_states=out.hidden_states if HIDDEN in wants else None,
+                           attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
         return Outputs(logits=self.cut(out.logits, vocab) if LOGITS in wants else None,
                        hidden_states=out.hidden_states if HIDDEN in wants else None,
                        attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
@@ -79,9 +90,11 @@ class CausalLM(Task):
         """``[B, L-1]`` target ids, ``IGNORE_INDEX`` where masked (prompt, padding)."""
         return batch["labels"][:, 1:]
 
+    fused_head = True
+
     @staticmethod
-    def cut(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-        return logits[:, :-1, :vocab]
+    def at_targets(outputs: torch.Tensor) -> torch.Tensor:
+        return outputs[:, :-1]
 
     def feature_weights(self, batch: dict) -> torch.Tensor:
         """``[B, L]``: 1 at each position whose output predicts a target, else 0 (sums to the target count).
@@ -109,6 +122,7 @@ class MaskedLM(Task):
     """
 
     kind, causal, metrics = "masked_lm", False, "masked"
+    fused_head = True
     auto_class, peft_task_type = "AutoModelForMaskedLM", None  # peft has no masked-LM task type: a plain PeftModel
 
     def __init__(self, mask_rate: float = 0.15, mask_seed: int = 0):

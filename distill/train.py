@@ -104,8 +104,10 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
         with accelerator.accumulate(model):
             teacher = None
             if objective.wants:
+                _synchronize(accelerator.device)  # CUDA runs asynchronously: time the teacher's work, not its launches
                 start = time.perf_counter()
                 teacher = source.signal(batch, objective.wants)
+                _synchronize(accelerator.device)
                 teacher_seconds += time.perf_counter() - start
             term_sums = model(batch, teacher)
             loss_sum = objective.total(term_sums)
@@ -127,6 +129,11 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
     loss = float(objective.total(means)) if finite else float("nan")
     return StepResult(loss=loss, terms=dict(zip(objective.names, means.tolist())), tokens=tokens, grad_norm=grad_norm,
                       teacher_seconds=teacher_seconds, skipped=not finite)
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _injected_fault(fault: str | None, step: int, rank: int) -> None:

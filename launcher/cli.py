@@ -128,6 +128,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from distill.config import load_config
+
+    load_config(args.config, _overrides(args))  # a bad config fails here, once
+    argv = [args.config, "--top-k", str(args.top_k), "--shard-rows", str(args.shard_rows), *[a for o in _overrides(args) for a in ("--set", o)],
+            *(["--out", args.out] if args.out else [])]
+    if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
+        from distill_launcher.launch import executable
+
+        command = [executable("torchrun"), "--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "distill.store", *argv]
+        print(" ".join(command), file=sys.stderr)
+        return subprocess.run(command).returncode
+    from distill.store import main as store_main
+
+    return store_main(argv)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from distill.prune import PruneTarget, prune_directory
 
@@ -212,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reuse_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)
+
+    cache = commands.add_parser("cache-teacher", help="run the teacher once over a job's data and store its top-k targets (teacher.source=cache)",
+                                description="Write a content-addressed teacher store: per target token, the teacher's top-k ids and log-probabilities "
+                                            "and the log of the remaining mass, for the job's training and validation sequences. Interrupted, it "
+                                            "continues where it stopped. Jobs with teacher.source=cache then train without loading the teacher.",
+                                epilog=_options_epilog(), formatter_class=formatter)
+    _add_config_arguments(cache)
+    cache.add_argument("--top-k", type=int, default=64, help="targets kept per token (default: 64)")
+    cache.add_argument("--out", help="store directory (default: teacher.cache, else $DISTILL_CACHE_DIR/teacher/KEY, found by jobs automatically)")
+    cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
+    cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")
+    cache.set_defaults(func=cmd_cache_teacher)
 
     pr = commands.add_parser("prune", help="structurally prune a model (layers, heads, MLP neurons, hidden channels) to a directory",
                              description="Rank layers, attention heads, MLP neurons and hidden channels by their activations on calibration "

@@ -1,0 +1,168 @@
+"""Logit terms from the output layer's inputs: never a ``[tokens, vocab]`` tensor, forward or backward.
+
+The student's forward stops before its output layer (:func:`head_bypassed`), and the objective
+computes its logit terms chunk by chunk from the final hidden states and the output layer's weight:
+per chunk, the student's and teacher's logits, the per-token losses of :mod:`distill.losses`
+(unchanged: the same float32 divergences, temperature and masking), and at once the gradient of
+the weighted total with respect to the chunk's logits, which two matmuls turn into the gradients
+of the hidden states and of the weight. Backward then only scales those by the incoming
+gradient, so no logits are kept or recomputed (Liger's fused linear losses do the same on GPU).
+
+Only target rows (labels != IGNORE_INDEX) are computed at all: a masked prompt costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.losses import IGNORE_INDEX
+
+HEAD_INPUTS = "head_inputs"  # what a fused objective asks a model for instead of logits
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+@contextlib.contextmanager
+def head_bypassed(model):
+    """Within the context, ``model(...)`` returns the output layer's *inputs* as its ``logits``.
+
+    Works for any model whose output layer is ``get_output_embeddings()`` (Llama, GPT-2, Qwen2,
+    BERT's MLM decoder after its transform), wrapped by peft or not. Yields that layer.
+    """
+    head = model.get_output_embeddings()
+    head.forward = _identity  # an instance attribute shadows the class's forward; hooks still run
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def plain_linear(head) -> bool:
+    """Whether ``head`` is a plain ``nn.Linear`` whose weight the fused path may use directly
+    (not a LoRA-wrapped or quantized layer, whose effective weight is not ``head.weight``)."""
+    return type(head) is nn.Linear
+
+
+def target_rows(labels: torch.Tensor) -> torch.Tensor:
+    """``[N]`` flat indices of the unmasked targets of ``labels`` (any shape)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+TeacherChunk = Callable[[int, int], "torch.Tensor | None"]
+
+
+class _HeadSums(torch.autograd.Function):
+    """``[n_terms]`` float32 sums over rows of ``fn(hidden @ weight[:vocab].T + bias, teacher, labels)``.
+
+    The gradients are those of ``sum_i term_weights[i] * sums[i]`` (the objective's total), computed
+    in forward; backward accepts only an incoming gradient proportional to ``term_weights``
+    (``Objective.total(sums) * c``, which is what the training step backpropagates).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher: TeacherChunk, fns, term_weights, vocab: int, chunk_size: int):
+        w = weight[:vocab].detach()
+        b = None if bias is None else bias[:vocab].detach()
+        need_h, need_w, need_b = hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        tw = term_weights.to(hidden.device, torch.float32)
+        sums = torch.zeros(len(fns), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:stop].detach()
+            with torch.enable_grad():
+                logits = F.linear(h, w, b).requires_grad_(need_h or need_w or need_b)
+                per_term = torch.stack([fn(logits, teacher(start, stop), labels[start:stop]).sum() for fn in fns])
+                total = (per_term * tw).sum()
+                grad_logits = torch.autograd.grad(total, logits)[0].float() if total.requires_grad else None
+            sums += per_term.detach()
+            if grad_logits is None:
+                continue
+            if need_h:
+                grad_h[start:stop] = grad_logits @ w.float()
+            if need_w:
+                grad_w.addmm_(grad_logits.T, h.float())
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        ctx.save_for_backward(tw, *(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
+        ctx.present = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.full = (weight.shape[0], None if bias is None else bias.shape[0])
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        tw, *grads = ctx.saved_tensors
+        norm = (tw * tw).sum()
+        scale = (grad_sums.float() * tw).sum() / norm if norm > 0 else grad_sums.new_zeros((), dtype=torch.float32)
+        if not torch.allclose(grad_sums.float(), scale * tw, rtol=1e-4, atol=1e-6 * float(grad_sums.abs().max())):
+            raise RuntimeError("the fused loss's gradient is that of the objective's weighted total: backpropagate Objective.total(sums)")
+        out = []
+        for g, present, dtype, full in zip(grads, ctx.present, ctx.dtypes, (None, *ctx.full)):
+            if not present:
+                out.append(None)
+                continue
+            g = (g * scale).to(dtype)
+            if full is not None and full > g.shape[0]:  # the weight beyond the shared vocabulary gets no gradient
+                g = torch.cat([g, g.new_zeros((full - g.shape[0], *g.shape[1:]))])
+            out.append(g)
+        return out[0], out[1], out[2], None, None, None, None, None, None
+
+
+def head_sums(features: torch.Tensor, head: nn.Linear, teacher: TeacherChunk, labels: torch.Tensor, fns: list,
+              term_weights: list[float], *, vocab: int, chunk_size: int) -> torch.Tensor:
+    """``[len(fns)]`` sums of per-token losses over the unmasked targets, from the student's output-layer inputs.
+
+    Args:
+        features: ``[..., H]`` the student's output-layer inputs at the target positions.
+        head: the student's output layer (a plain ``nn.Linear``; under ZeRO-3 its weight is
+            partitioned: reading ``head.weight`` inside the prepared module's forward makes
+            DeepSpeed gather it and register it as an external parameter of that module, so it
+            stays gathered through the module's backward and its gradient is reduced and
+            partitioned like any other).
+        teacher: ``fn(start, stop)`` the teacher's ``[stop - start, vocab]`` logits of those target rows, or None.
+        labels: ``[...]`` targets, ``IGNORE_INDEX`` where masked; only unmasked rows are computed.
+        fns: per-token functions as in :func:`distill.losses.term_sums`.
+        term_weights: each term's weight in the total that will be backpropagated.
+    """
+    rows = target_rows(labels)
+    hidden = features.reshape(-1, features.shape[-1]).index_select(0, rows)
+    weight, bias = head.weight, head.bias
+    zero = (hidden.sum() + weight[:0].sum()) * 0.0  # keeps every input in the graph when there are no rows (DDP, ZeRO)
+    if rows.numel() == 0:
+        return zero * torch.zeros(len(fns), device=features.device)
+    sums = _HeadSums.apply(hidden, weight, bias, labels.reshape(-1).index_select(0, rows), teacher, tuple(fns),
+                           torch.tensor(term_weights, dtype=torch.float32), vocab, chunk_size)
+    return sums + zero
+
+
+def teacher_chunks(teacher, labels: torch.Tensor, vocab: int) -> TeacherChunk:
+    """``fn(start, stop)`` giving the teacher's logits for target rows ``start:stop`` (see :func:`head_sums`).
+
+    From dense logits, a slice; from output-layer inputs, the teacher's own output layer applied to
+    those rows only (quantized or not: it is called as a module, without autograd).
+    """
+    if teacher is None:
+        return lambda start, stop: None
+    if teacher.sparse is not None:  # a store's targets: already one row per unmasked target
+        return lambda start, stop: teacher.sparse[start:stop]
+    rows = target_rows(labels)
+    if teacher.logits is not None:
+        flat = teacher.logits.reshape(-1, teacher.logits.shape[-1]).index_select(0, rows)
+        return lambda start, stop: flat[start:stop]
+    features = teacher.features.reshape(-1, teacher.features.shape[-1]).index_select(0, rows)
+
+    def chunk(start, stop):
+        with torch.no_grad():
+            return teacher.head(features[start:stop])[..., :vocab]
+
+    return chunk

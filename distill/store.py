@@ -1,0 +1,446 @@
+"""The teacher store: the teacher's top-k targets of a job's data, computed once (``distill cache-teacher``).
+
+A store is a directory::
+
+    identity.json            what decides the contents, in clear (written first; a resumed build must match it)
+    manifest.json            identity, key and every shard's size and sha256 (written last: the store is complete)
+    training/data/shard-00000000.safetensors   rows [0, shard_rows) of the tokenized training sequences
+    validation/data/...
+
+Each shard holds, for its rows' targets in order (the task's targets, row by row, position by
+position): ``ids`` ``[T, k]`` (int16 when the vocabulary fits, else int32), ``logprobs`` ``[T, k]``
+float16 (log-probabilities at temperature 1, descending), ``tail`` ``[T]`` float32 (the log of the
+mass outside the top k) and ``offsets`` ``[rows + 1]`` (where each row's targets start).
+
+Shards are a fixed partition of the rows, written atomically (a temporary file renamed), each by
+process ``shard % world_size``: a killed build resumes by skipping the shards that exist, any world
+size writes the same files, and the finished store reads the same at any world size. The key is a
+sha256 of the identity: the teacher's weights and quantization, the tokenizer's vocabulary, the
+data (file contents and the tokenized sequences), seq_len, packing, text unit, masking and k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.errors import ConfigError
+
+FORMAT = 1
+SPLITS = ("training", "validation")
+TAIL_FLOOR = -1e4  # log-probability standing for 0: exp() is 0 and 0 * (floor - x) stays finite
+
+
+@dataclass
+class SparseTargets:
+    """The teacher's top-k targets of some target rows: ``ids``/``logprobs`` ``[N, k]``, ``tail`` ``[N]``."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+
+    def __getitem__(self, rows) -> "SparseTargets":
+        return SparseTargets(self.ids[rows], self.logprobs[rows], self.tail[rows])
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def to(self, device) -> "SparseTargets":
+        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
+
+
+def top_k(logits: torch.Tensor, k: int) -> SparseTargets:
+    """The top-k of ``logits`` ``[N, V]`` at temperature 1, with the log of the remaining mass."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    rest = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1) if k < logits.shape[-1] else log_probs.new_full(ids.shape[:1], float("-inf"))
+    return SparseTargets(ids, values, rest)
+
+
+def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) log-probabilities ``[N, k + 1]`` over the stored ids and one bucket for the rest.
+
+    The student's are exact at temperature T: log softmax(z / T) at each stored id, and the log of
+    its remaining mass. The teacher's stored log-probabilities are at T = 1; at another T the stored
+    ids are softened among themselves and keep their total mass: ``p_T(i) = (1 - tail) *
+    softmax(logp / T)_i``, and the rest keeps ``tail``. At T = 1 both are the dense distributions
+    restricted to the same k + 1 buckets, so every divergence of :mod:`distill.losses` applies.
+    """
+    ids = teacher.ids.long()
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_top = log_s.gather(-1, ids)
+    s_rest = log_s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    t_log = teacher.logprobs.float()
+    tail = teacher.tail.float().unsqueeze(-1)
+    if temperature != 1.0:
+        kept = torch.log1p(-tail.clamp(max=0).exp().clamp(max=1 - 1e-7))
+        t_log = kept + torch.log_softmax(t_log / temperature, dim=-1)
+    student = torch.cat([s_top, s_rest], dim=-1).clamp(min=TAIL_FLOOR)
+    teacher_buckets = torch.cat([t_log, tail], dim=-1).clamp(min=TAIL_FLOOR)
+    return student, teacher_buckets
+
+
+# ----- identity ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where stores are found and built by default: ``$DISTILL_CACHE_DIR/teacher``, else ``~/.cache/distill/teacher``."""
+    return Path(os.environ.get("DISTILL_CACHE_DIR") or Path.home() / ".cache" / "distill") / "teacher"
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file, remembered by (real path, size, mtime) so a 14 GB teacher is read once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo = cache_root().parent / "file_hashes.json"
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = _sha256_file(path)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, memo)
+    return known[key]
+
+
+def _teacher_weights(cfg) -> dict:
+    path = Path(os.path.expanduser(cfg.path))
+    if not path.is_dir():
+        return {"hub_id": cfg.path, "revision": cfg.revision}
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") or p.name == "config.json")
+    return {name.name: file_hash(name) for name in files}
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
+def sequences_hash(sequences) -> str:
+    """sha256 of every row's input ids and targets, in order: what the store's rows are."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for row in sequences:
+        for field in ("input_ids", "labels"):
+            digest.update(np.asarray(row.get(field, []), dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _data_identity(source_cfg) -> dict:
+    from dataclasses import asdict
+
+    fields = {k: v for k, v in asdict(source_cfg).items() if k not in ("seed", "max_validation_sequences", "mixture", "train_files", "validation_files")}
+    for key in ("train_files", "validation_files"):
+        fields[key] = {name: file_hash(Path(os.path.expanduser(name))) for name in getattr(source_cfg, key)}
+    return fields
+
+
+def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None) -> dict:
+    """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``job.Setup``."""
+    from distill import data
+
+    t = cfg.teacher
+    teacher = {"path": t.path, "weights": _teacher_weights(t), "dtype": t.dtype, "quantization": t.quantization}
+    if t.quantization == "4bit":
+        teacher.update(quant_type=t.quant_type, double_quant=t.double_quant)
+    task = {"kind": cfg.task.kind, **({"mask_rate": cfg.task.mask_rate, "mask_seed": cfg.task.mask_seed} if cfg.task.kind == "masked_lm" else {})}
+    configs = {name: source for name, _, source in data.sources(cfg.data)}
+    return {
+        "format": FORMAT, "teacher": teacher, "tokenizer": _tokenizer_hash(tokenizer), "task": task,
+        "data": _data_identity(configs["data"]) if cfg.data.mixture == [] else {"mixture": {name: _data_identity(configs[name]) for name in configs}},
+        "sequences": {name: {"training": sequences_hash(train), "validation": sequences_hash(validation)} for name, _, train, validation in sources},
+        "targets": {"method": "top_k", "k": k, "vocab": vocab},
+    }
+
+
+def key_of(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(value, prefix="") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def differences(store: dict, job: dict) -> list[str]:
+    """The dotted fields in which two identities differ (the sequence hashes only when nothing in clear explains them)."""
+    a, b = _flat(store), _flat(job)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    clear = [k for k in keys if not k.startswith("sequences.")]
+    return clear or keys
+
+
+def _describe(keys: list[str], store: dict, job: dict) -> str:
+    a, b = _flat(store), _flat(job)
+    shown = [f"{k} (store {_short(a.get(k, '<absent>'))}, job {_short(b.get(k, '<absent>'))})" for k in keys[:3]]
+    return "; ".join(shown) + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+# ----- building ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:08d}.safetensors"
+
+
+def shard_count(rows: int, shard_rows: int) -> int:
+    return max(1, -(-rows // shard_rows))
+
+
+def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device) -> tuple[SparseTargets, list[int]]:
+    from distill import data
+    from distill.fused import HEAD_INPUTS, teacher_chunks
+    from distill.losses import IGNORE_INDEX
+
+    batch = {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}
+    labels = task.targets(batch)
+    counts = (labels != IGNORE_INDEX).sum(-1).tolist()
+    outputs = source.signal(batch, frozenset({HEAD_INPUTS}))
+    chunk = teacher_chunks(outputs, labels, vocab)
+    total = sum(counts)
+    parts = [top_k(chunk(start, min(start + 1024, total)), k) for start in range(0, total, 1024)]
+    if not parts:
+        return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0)), counts
+    return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("ids", "logprobs", "tail"))), counts
+
+
+def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: int) -> None:
+    from safetensors.torch import save
+
+    offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    tensors = {"ids": targets.ids.to(torch.int16 if vocab <= 32767 else torch.int32), "logprobs": targets.logprobs.half(),
+               "tail": targets.tail.float(), "offsets": offsets}
+    _write_atomic(path, save({name: t.contiguous() for name, t in tensors.items()}))
+
+
+def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print) -> Path:
+    """Runs the teacher over the job's training and validation sequences and writes (or completes) the store.
+
+    Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
+    ``i % world_size == rank``; rank 0 writes the manifest once every shard exists.
+    """
+    from distill import job, models
+    from distill.teacher_source import ModelSource
+
+    device = device or torch.device("cpu")
+    setup = job.Setup(cfg, device, load_teacher=True, load_student=False)
+    vocab = min(models.output_vocab(setup.teacher), len(setup.tokenizer))
+    if not 0 < k <= vocab:
+        raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
+    if setup.task.kind not in ("causal_lm", "masked_lm"):
+        raise ConfigError(f"task.kind={setup.task.kind}: the teacher store holds token targets of language models (causal_lm, masked_lm)")
+    ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab)
+    key = key_of(ident)
+    path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))
+    _claim(path, ident, rank)
+    source = ModelSource(setup.teacher, setup.task, vocab)
+    pad_id = setup.tokenizer.pad_token_id
+    batch = cfg.train.micro_batch_size
+    plan = [(split, name, sequences) for name, _, train, validation in setup.sources for split, sequences in (("training", train), ("validation", validation))]
+    for split, name, sequences in plan:
+        folder = path / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        count = shard_count(len(sequences), shard_rows)
+        start_time, done = time.perf_counter(), 0
+        for index in range(rank, count, world_size):
+            target = folder / _shard_name(index)
+            if target.exists():
+                continue
+            first, last = index * shard_rows, min((index + 1) * shard_rows, len(sequences))
+            rows = [sequences[i] for i in range(first, last)]
+            parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device) for j in range(0, len(rows), batch)]
+            targets = SparseTargets(*(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("ids", "logprobs", "tail")))
+            write_shard(target, targets, [c for _, counts in parts for c in counts], vocab)
+            done += 1
+        if done:
+            log(f"cache-teacher: {split} ({name}): {done} shard(s) written in {time.perf_counter() - start_time:.1f} s")
+    if rank == 0:
+        _finish(path, ident, key, {(split, name): shard_count(len(seqs), shard_rows) for split, name, seqs in plan}, shard_rows)
+    return path
+
+
+def _claim(path: Path, ident: dict, rank: int) -> None:
+    """Starts a store at ``path``, or checks that the one there was started for the same contents."""
+    marker = path / "identity.json"
+    if path.exists() and any(path.iterdir()) and not marker.is_file():
+        raise ConfigError(f"{path} exists and is not a teacher store (no identity.json); choose another --out or teacher.cache")
+    if marker.is_file():
+        existing = json.loads(marker.read_text())
+        if existing != ident:
+            raise ConfigError(f"the store at {path} holds other targets: {_describe(differences(existing, ident), existing, ident)}; "
+                              "choose another --out or teacher.cache")
+        return
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(marker, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode())
+    else:
+        _wait_for(lambda: marker.is_file(), f"{marker} (written by rank 0)")
+
+
+def _wait_for(condition, what: str, timeout: float = 3600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"cache-teacher: gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _finish(path: Path, ident: dict, key: str, counts: dict, shard_rows: int) -> None:
+    files = [(split, name, path / split / name / _shard_name(i)) for (split, name), n in counts.items() for i in range(n)]
+    _wait_for(lambda: all(f.exists() for _, _, f in files), "the other processes' shards")
+    splits: dict = {}
+    for split, name, f in files:
+        entry = splits.setdefault(split, {}).setdefault(name, {"shards": []})
+        entry["shards"].append({"file": f.name, "bytes": f.stat().st_size, "sha256": _sha256_file(f)})
+    manifest = {"key": key, "identity": ident, "shard_rows": shard_rows, "splits": splits}
+    _write_atomic(path / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ----- reading ----------------------------------------------------------------------------------------------------------------------
+
+
+class Store:
+    """A complete store, checked against the job before step 0; reads the targets of any row."""
+
+    def __init__(self, path: Path, job_identity: dict | None = None):
+        self.path = path = Path(path)
+        manifest = path / "manifest.json"
+        if not path.is_dir():
+            raise ConfigError(f"teacher.cache: {path} does not exist; build it with distill cache-teacher")
+        if not manifest.is_file():
+            if (path / "identity.json").is_file():
+                raise ConfigError(f"teacher.cache: the store at {path} is incomplete (distill cache-teacher did not finish); run it again to complete it")
+            raise ConfigError(f"teacher.cache: {path} is not a teacher store (no manifest.json); build one with distill cache-teacher")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self.identity, self.shard_rows = self.manifest["identity"], int(self.manifest["shard_rows"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"teacher.cache: {manifest} is not a readable manifest; rebuild the store with distill cache-teacher") from None
+        self.k, self.vocab = int(self.identity["targets"]["k"]), int(self.identity["targets"]["vocab"])
+        if job_identity is not None:
+            job = {**job_identity, "targets": self.identity["targets"]}
+            diff = differences(self.identity, job)
+            if diff:
+                raise ConfigError(f"teacher.cache: the store at {path} was built for another job: {_describe(diff, self.identity, job)}; "
+                                  "run distill cache-teacher with this config")
+        for split, sources in self.manifest["splits"].items():
+            for name, entry in sources.items():
+                for shard in entry["shards"]:
+                    f = path / split / name / shard["file"]
+                    size = f.stat().st_size if f.is_file() else None
+                    if size != shard["bytes"]:
+                        state = "missing" if size is None else f"truncated ({size} of {shard['bytes']} bytes)"
+                        raise ConfigError(f"teacher.cache: shard {f} is {state}; rebuild the store with distill cache-teacher")
+        self._cache: dict = {}
+
+    def _shard(self, split: str, name: str, index: int) -> dict:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        key = (split, name, index)
+        if key not in self._cache:
+            f = self.path / split / name / _shard_name(index)
+            try:
+                self._cache[key] = load_file(str(f))
+            except (SafetensorError, OSError) as err:
+                raise ConfigError(f"teacher.cache: shard {f} cannot be read ({err}); rebuild the store with distill cache-teacher") from None
+            if len(self._cache) > 64:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
+        """The targets of ``rows`` of one source's split, concatenated in order."""
+        parts = []
+        for row in rows:
+            shard = self._shard(split, name, row // self.shard_rows)
+            offsets, i = shard["offsets"], row % self.shard_rows
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            parts.append((shard["ids"][a:b], shard["logprobs"][a:b], shard["tail"][a:b]))
+        return SparseTargets(*(torch.cat([p[j] for p in parts]) for j in range(3)))
+
+
+def find(ident: dict) -> Path | None:
+    """A complete store under :func:`cache_root` built for this job (any k), the largest k first."""
+    root = cache_root()
+    found = []
+    for manifest in root.glob("*/manifest.json") if root.is_dir() else ():
+        try:
+            stored = json.loads(manifest.read_text())["identity"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not differences(stored, {**ident, "targets": stored.get("targets")}):
+            found.append((stored["targets"]["k"], manifest.parent))
+    return max(found)[1] if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distill.store CONFIG --top-k K [--set ...]``: one process of ``distill cache-teacher`` (RANK/WORLD_SIZE from the launcher)."""
+    import argparse
+
+    from distill.config import load_config
+    from distill.errors import main_guard
+
+    parser = argparse.ArgumentParser(prog="distill cache-teacher")
+    parser.add_argument("config")
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out")
+    parser.add_argument("--shard-rows", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.shard_rows < 1:
+        parser.error("--top-k and --shard-rows must be >= 1")
+
+    def go(args):
+        cfg = load_config(args.config, args.overrides)
+        env = os.environ  # torchrun's variables, else srun's
+        rank, world = int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world,
+                     device=device, log=lambda line: print(line, file=sys.stderr))
+        if rank == 0:
+            print(f"teacher store: {path}")
+        return 0
+
+    return main_guard(go, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

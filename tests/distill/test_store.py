@@ -1,0 +1,217 @@
+"""The teacher store (distill cache-teacher, teacher.source=cache): sparse losses against dense
+ones restricted the same way, a content address that names what differs, atomic resumable builds
+identical at any world size and after a kill, and training from it without the teacher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, job_overrides, read_metrics, reset_accelerate, run_job
+from distill.config import ConfigError, LossConfig, load_config
+from distill.losses import DIVERGENCES, IGNORE_INDEX
+from distill.objective import Outputs, build_objective
+from distill.store import SparseTargets, Store, buckets, top_k
+
+K = 8
+
+
+def _dense_buckets(student_logits, teacher_logits, k, temperature):
+    """The k + 1 bucket distributions computed densely, in float64: the reference."""
+    log_t = torch.log_softmax(teacher_logits.double(), -1)
+    top, ids = log_t.topk(k, -1)
+    tail = torch.log1p(-top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))
+    if temperature != 1.0:
+        top = torch.log1p(-tail.exp()) + torch.log_softmax(top / temperature, -1)
+    log_s = torch.log_softmax(student_logits.double() / temperature, -1)
+    s_top = log_s.gather(-1, ids)
+    s_rest = torch.log1p(-s_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))
+    return torch.cat([s_top, s_rest], -1), torch.cat([top, tail], -1)
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_terms_equal_dense_ones_restricted_to_the_same_buckets(divergence, temperature):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 9, 40, generator=g) * 2, torch.randn(2, 9, 40, generator=g) * 3
+    labels = torch.randint(0, 40, (2, 9), generator=g)
+    labels[1, 6:] = IGNORE_INDEX
+    mask = labels != IGNORE_INDEX
+    sparse = top_k(teacher[mask], K)
+    cfg = LossConfig(terms=[{"kind": "logits", "divergence": divergence, "temperature": temperature}, {"kind": "ce", "weight": 0.5}], chunk_size=4)
+    fused_head = torch.nn.Linear(5, 40, bias=False)
+    features = torch.randn(2, 9, 5, generator=g)
+    student = fused_head(features).detach()  # the same logits through both paths
+    dense_s, dense_t = _dense_buckets(student[mask], teacher[mask], K, temperature)
+    reference = DIVERGENCES[divergence](dense_s, dense_t, **({"beta": 0.5} if divergence == "jsd" else {"alpha": 0.1} if "skew" in divergence else {})).sum()
+    for outputs in (Outputs(logits=student), Outputs(features=features, head=fused_head)):
+        sums = build_objective(cfg).sums(outputs, Outputs(sparse=sparse), labels, vocab=40)
+        torch.testing.assert_close(sums[0].double(), reference.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_keeps_the_rest_as_tail_mass():
+    logits = torch.randn(5, 30)
+    sparse = top_k(logits, 30)
+    assert torch.isinf(sparse.tail).all() and sparse.tail.lt(0).all()
+    sparse = top_k(logits, 4)
+    total = sparse.logprobs.exp().sum(-1) + sparse.tail.exp()
+    torch.testing.assert_close(total, torch.ones(5))
+    student, teacher = buckets(logits, sparse, 1.0)
+    torch.testing.assert_close(student.exp().sum(-1), torch.ones(5))
+    torch.testing.assert_close(student, teacher)  # the same model: zero divergence
+
+
+# ----- building and reading real stores ---------------------------------------------------------------------------------------------
+
+
+def _cache_cli(tiny, corpus, out, *extra, k=K, env=None, wait=True):
+    args = [sys.executable, "-m", "distill_launcher.cli", "cache-teacher", "-", "--top-k", str(k), "--out", str(out), "--shard-rows", "16",
+            *[a for o in job_overrides(tiny, corpus, out.parent / "unused") for a in ("--set", o)], *extra]
+    empty = out.parent / "empty.yaml"  # everything comes from --set, as in run_job
+    empty.parent.mkdir(parents=True, exist_ok=True)
+    empty.write_text("{}\n")
+    args[args.index("-")] = str(empty)
+    full_env = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
+    return subprocess.run(args, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=900)
+
+
+def _files(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def store(tiny, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "whole"
+    proc = _cache_cli(tiny, corpus, out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"teacher store: {out}" in proc.stdout
+    return out
+
+
+def test_the_store_holds_the_teachers_top_k_of_every_target(store, tiny, corpus, tmp_path):
+    from distill.job import Setup
+    from distill.teacher_source import ModelSource
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320}
+    cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "x"))
+    setup = Setup(cfg, torch.device("cpu"))
+    train = setup.sources[0][2]
+    from distill import data
+
+    rows = [5, 17, 40]
+    batch = data.collate([train[i] for i in rows], setup.tokenizer.pad_token_id)
+    labels = setup.task.targets(batch)
+    with torch.no_grad():
+        logits = ModelSource(setup.teacher, setup.task, 320).signal(batch, frozenset({"logits"})).logits
+    expected = top_k(logits[labels != IGNORE_INDEX], K)
+    got = Store(store).rows("training", "data", rows)
+    assert torch.equal(got.ids.long(), expected.ids)
+    torch.testing.assert_close(got.logprobs.float(), expected.logprobs, rtol=2e-3, atol=2e-3)  # stored as float16
+    torch.testing.assert_close(got.tail, expected.tail, rtol=1e-5, atol=1e-5)
+    assert got.ids.dtype == torch.int16 and got.logprobs.dtype == torch.float16
+
+
+def test_two_processes_and_a_killed_build_give_the_same_store(store, tiny, corpus, tmp_path):
+    two = _cache_cli(tiny, corpus, tmp_path / "two", "--nproc-per-node", "2")
+    assert two.returncode == 0, two.stderr
+    assert _files(tmp_path / "two") == _files(store)
+
+    killed = tmp_path / "killed"
+    proc = _cache_cli(tiny, corpus, killed, wait=False)
+    deadline = time.monotonic() + 600
+    while len(list(killed.glob("training/data/shard-*"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists()
+    with pytest.raises(ConfigError, match="is incomplete .distill cache-teacher did not finish"):
+        Store(killed)
+    resumed = _cache_cli(tiny, corpus, killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "training (data): " in resumed.stderr
+    assert _files(killed) == _files(store)
+
+
+def _train(tiny, corpus, out, *extra):
+    return run_job(tiny, corpus, out, "teacher.source=cache", "eval.at_end=false", *extra)
+
+
+def test_training_from_the_store_matches_the_dense_restricted_loss_and_resumes_exactly(store, tiny, corpus, tmp_path, capfd):
+    reset_accelerate()
+    whole, _ = _train(tiny, corpus, tmp_path / "whole", f"teacher.cache={store}", "loss.alpha=0.2", "train.save_every=3")
+    err = capfd.readouterr().err
+    assert f"teacher: store {store} (top-{K} of 320 ids); the teacher model is not loaded for training" in err
+    metrics = [m for m in read_metrics(whole) if "train/loss" in m]
+    assert len(metrics) == 6 and all(m["train/kd_loss"] > 0 for m in metrics)
+    # A second student from the same store: another alpha and temperature, an unfused loss.
+    reset_accelerate()
+    other, _ = _train(tiny, corpus, tmp_path / "other", f"teacher.cache={store}", "loss.temperature=2.0", "loss.fused=never")
+    assert all(m["train/kd_loss"] > 0 for m in read_metrics(other) if "train/loss" in m)
+    # Resumed at step 3, the run continues on the very same curve (the store is read by row, not by position).
+    import shutil
+
+    shutil.rmtree(whole / "checkpoints" / "step_00000006")
+    reset_accelerate()
+    run_job(tiny, corpus, whole, "teacher.source=cache", "eval.at_end=false", f"teacher.cache={store}", "loss.alpha=0.2", "train.save_every=3",
+            resume=True)
+    again = [m for m in read_metrics(whole) if "train/loss" in m]
+    assert [m["step"] for m in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(metrics[3:], again[3:]):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
+
+
+def test_a_store_for_other_data_or_teacher_is_named(store, tiny, corpus, tmp_path):
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"built for another job: data\.seq_len \(store 64, job 32\)"):
+        _train(tiny, corpus, tmp_path / "a", f"teacher.cache={store}", "data.seq_len=32")
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"teacher\.path .* teacher\.weights"):
+        _train(tiny, corpus, tmp_path / "b", f"teacher.cache={store}", f"teacher.path={tiny['student']}", "student.architecture={}",
+               f"student.path={tiny['student']}")
+
+
+def test_missing_incomplete_truncated_and_foreign_stores_are_named(store, tiny, corpus, tmp_path):
+    import shutil
+
+    with pytest.raises(ConfigError, match="does not exist; build it with distill cache-teacher"):
+        Store(tmp_path / "nowhere")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("hi")
+    with pytest.raises(ConfigError, match="is not a teacher store .no manifest.json."):
+        Store(tmp_path / "foreign")
+    broken = tmp_path / "broken"
+    shutil.copytree(store, broken)
+    shard = broken / "training" / "data" / "shard-00000002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"shard-00000002.safetensors is truncated \(100 of \d+ bytes\)"):
+        Store(broken)
+    # cache-teacher refuses to write into a directory that is not a store, or a store of other targets.
+    proc = _cache_cli(tiny, corpus, tmp_path / "foreign")
+    assert proc.returncode != 0 and "is not a teacher store (no identity.json)" in proc.stderr.strip().splitlines()[-1]
+    proc = _cache_cli(tiny, corpus, store, k=4)
+    assert proc.returncode != 0 and "holds other targets: targets.k (store 8, job 4)" in proc.stderr
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "hi"
+    proc = _cache_cli(tiny, corpus, tmp_path / "big", k=100000)
+    assert proc.returncode != 0 and "--top-k 100000 must be between 1 and the vocabulary size (320)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_store_is_found_by_the_jobs_identity(tiny, corpus, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(root))
+    reset_accelerate()
+    with pytest.raises(ConfigError, match="no teacher store for this job's teacher and data under"):
+        _train(tiny, corpus, tmp_path / "none", "train.max_steps=1")
+    proc = _cache_cli(tiny, corpus, root / "teacher" / "mine", env={"DISTILL_CACHE_DIR": str(root)}, k=4)
+    assert proc.returncode == 0, proc.stderr
+    reset_accelerate()
+    run_dir, _ = _train(tiny, corpus, tmp_path / "found", "train.max_steps=2")
+    assert len([m for m in read_metrics(run_dir) if "train/loss" in m]) == 2
