@@ -47,7 +47,7 @@ def child(path: str, vocab: int, tokens: int, student_width: int, teacher_width:
     s_head = nn.Linear(student_width, vocab, bias=False, device=device)
     t_head = nn.Linear(teacher_width, vocab, bias=False, device=device).requires_grad_(False)
     labels = torch.randint(0, vocab, (tokens,), device=device)
-    objective = build_objective(LossConfig(chunk_size=chunk))
+    objective = build_objective(LossConfig(terms=[{"kind": "logits", "name": "kd"}], chunk_size=chunk))
 
     def step():
         if path == "plain":
@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["32000x2048", "128256x4096"], help="VOCABxTOKENS")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk", type=int, default=1024, help="loss.chunk_size of the project's paths")
+    parser.add_argument("--chunk", type=int, default=0, help="loss.chunk_size of the project's paths (0: by the vocabulary, as the default)")
     parser.add_argument("--student-width", type=int, default=2048)
     parser.add_argument("--teacher-width", type=int, default=4096)
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)

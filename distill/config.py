@@ -110,7 +110,7 @@ class LossConfig:
     terms: list = option([], "The objective as named, weighted terms, e.g. [{kind: logits, divergence: jsd, weight: 0.7, temperature: 2}, {kind: ce, weight: 0.3}]; loss.kind/loss.alpha are its shorthand. Kinds: logits (a divergence, with temperature), ce (hard labels), hidden (hidden states of mapped layers: layers uniform or [[s, t], ...], distance mse or cosine, a learned projection when widths differ), attention (attention maps, or MiniLMv2 relations when head counts differ).")
     jsd_beta: float = option(0.5, "Teacher weight beta of the mixture in the generalized JSD (loss.kind=jsd); 0 = forward KL, 1 = reverse KL.")
     skew_alpha: float = option(0.1, "Skew alpha of the skewed KLs (loss.kind=skew_*), as in DistiLLM.")
-    chunk_size: int = option(1024, "Tokens per chunk when computing the loss, bounding the float32 memory of the logits.")
+    chunk_size: int = option(0, "Tokens per chunk when computing logit terms, bounding the float32 memory of their logits; 0: about 4M logits per chunk (2^22 // vocabulary tokens).")
     fused: Literal["auto", "always", "never"] = option("auto", "Compute logit terms chunk by chunk from the output layers' inputs and weights, never holding [tokens, vocab] logits: auto (for language-model tasks whose student output layer is a plain Linear), always (an error otherwise) or never (full logits).")
 
 
@@ -364,7 +364,7 @@ def validate(cfg: DistillConfig) -> None:
     _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1] (got {lo.alpha})")
     _check(0.0 <= lo.jsd_beta <= 1.0, f"loss.jsd_beta must be in [0, 1] (got {lo.jsd_beta})")
     _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
-    _check(lo.chunk_size > 0, f"loss.chunk_size must be > 0 (got {lo.chunk_size})")
+    _check(lo.chunk_size >= 0, f"loss.chunk_size must be >= 0 (got {lo.chunk_size}; 0 sizes chunks by the vocabulary)")
     check_terms(lo)
     if cfg.teacher.source == "cache":
         _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source=cache holds token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")

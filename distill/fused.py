@@ -81,7 +81,8 @@ class _HeadSums(torch.autograd.Function):
             h = hidden[start:stop].detach()
             with torch.enable_grad():
                 logits = F.linear(h, w, b).requires_grad_(need_h or need_w or need_b)
-                per_term = torch.stack([fn(logits, teacher(start, stop), labels[start:stop]).sum() for fn in fns])
+                teacher_logits = teacher(start, stop)
+                per_term = torch.stack([fn(logits, teacher_logits, labels[start:stop]).sum() for fn in fns])
                 total = (per_term * tw).sum()
                 grad_logits = torch.autograd.grad(total, logits)[0].float() if total.requires_grad else None
             sums += per_term.detach()
@@ -111,7 +112,7 @@ class _HeadSums(torch.autograd.Function):
             if not present:
                 out.append(None)
                 continue
-            g = (g * scale).to(dtype)
+            g = g.mul_(scale).to(dtype)  # in place: the float32 buffer itself becomes the gradient
             if full is not None and full > g.shape[0]:  # the weight beyond the shared vocabulary gets no gradient
                 g = torch.cat([g, g.new_zeros((full - g.shape[0], *g.shape[1:]))])
             out.append(g)

@@ -14,6 +14,8 @@ if __name__ == "__main__":  # before the heavy imports below: a signal during th
     SIGNALS.install()
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -80,9 +82,22 @@ def _register_cpu_deepspeed_ranks() -> None:
     from accelerate.state import PartialState
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    atexit.register(_unlink_shm_buffer, dist.get_rank())
     PartialState(cpu=False)
     PartialState._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
                                       local_process_index=int(os.environ.get("LOCAL_RANK", "0")), backend="gloo")
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Removes the name of this rank's shared-memory all-reduce buffer (DeepSpeed's CPU comm).
+
+    DeepSpeed creates ``/dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK`` (66 MB) on every CPU
+    rank and never unlinks it, so each CPU job leaked that much RAM until reboot. The mapping
+    stays valid for the processes that hold it; only the name goes.
+    """
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    with contextlib.suppress(OSError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def make_accelerator(cfg: DistillConfig, ds_config: str | None = None):

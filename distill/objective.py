@@ -103,12 +103,16 @@ class Objective(nn.Module):
         self.student_wants = frozenset({HEAD_INPUTS if fused else LOGITS}).union(self.wants - {LOGITS, HEAD_INPUTS})
         self.qkv_layers = ({s for t in terms if QKV in t.wants for s, _ in t.pairs}, {t_ for t in terms if QKV in t.wants for _, t_ in t.pairs})
 
+    def chunk(self, vocab: int) -> int:
+        """Tokens per chunk of the logit terms: ``loss.chunk_size``, or about 4M logits (16 MB in float32)."""
+        return self.chunk_size or max(16, 2**22 // vocab)
+
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
     def sums(self, student: Outputs, teacher: Outputs | None, labels: torch.Tensor, feature_weights: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None, vocab: int | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, vocab: int | None = None, report: bool = True) -> torch.Tensor:
         """``[n_terms]`` float32 sums over the unmasked targets of one micro-batch.
 
         Args:
@@ -116,16 +120,17 @@ class Objective(nn.Module):
             feature_weights: ``[B, S]`` per-position weights of the feature terms (the task's).
             attention_mask: ``[B, S]`` the batch's key mask (relation terms).
             vocab: the shared vocabulary the logits are cut to (fused: the student's whole output layer when None).
+            report: compute zero-weight terms too (they only inform the log); otherwise they are 0.
         """
         token_terms = [t for t in self.terms if not isinstance(t, FEATURE_TERMS)]
-        fns = [t.per_token for t in token_terms]
+        fns = [t.per_token if report or t.weight > 0 else _unreported for t in token_terms]
         if student.features is not None:
             vocab = vocab or student.head.out_features
             token_sums = head_sums(student.features, student.head, teacher_chunks(teacher, labels, vocab), labels, fns,
-                                   [t.weight * t.scale for t in token_terms], vocab=vocab, chunk_size=self.chunk_size)
+                                   [t.weight * t.scale for t in token_terms], vocab=vocab, chunk_size=self.chunk(vocab))
         else:
             teacher_logits = None if teacher is None else teacher.logits if teacher.sparse is None else _at_every_position(teacher.sparse, labels)
-            token_sums = term_sums(student.logits, teacher_logits, labels, fns, chunk_size=self.chunk_size)
+            token_sums = term_sums(student.logits, teacher_logits, labels, fns, chunk_size=self.chunk(student.logits.shape[-1]))
         token_sums = iter(token_sums)
         anchor = student.features if student.features is not None else student.logits
         sums = []
@@ -145,6 +150,10 @@ class Objective(nn.Module):
         """The step loss (a sum over targets) from :meth:`sums`."""
         weights = torch.tensor([t.weight * t.scale for t in self.terms], dtype=sums.dtype, device=sums.device)
         return (sums * weights).sum()
+
+
+def _unreported(student_logits, _teacher, _labels) -> torch.Tensor:
+    return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
 
 
 def _at_every_position(sparse: SparseTargets, labels: torch.Tensor) -> SparseTargets:
@@ -247,11 +256,11 @@ class Distillee(nn.Module):
             if getattr(student, name, None):
                 setattr(self, name, getattr(student, name))
 
-    def forward(self, batch: dict, teacher: Outputs | None) -> torch.Tensor:
+    def forward(self, batch: dict, teacher: Outputs | None, report: bool = True) -> torch.Tensor:
         """``[n_terms]`` sums of the objective's terms over the batch's targets (see :meth:`Objective.sums`)."""
         outputs = self.task.outputs(self.student, batch, self.objective.student_wants, self.vocab, self.objective.qkv_layers[0])
         return self.objective.sums(outputs, teacher, self.task.targets(batch), self.task.feature_weights(batch), batch["attention_mask"],
-                                   vocab=self.vocab)
+                                   vocab=self.vocab, report=report)
 
 
 def split_state_dict(state_dict: dict) -> tuple[dict, dict]:

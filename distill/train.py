@@ -87,7 +87,8 @@ def _all_finite(value: torch.Tensor, accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
-def train_step(model, source, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective) -> StepResult:
+def train_step(model, source, batches: list[dict], *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective,
+               report: bool = True) -> StepResult:
     """One optimizer step over ``len(batches)`` accumulated micro-batches.
 
     Args:
@@ -95,6 +96,7 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
         source: the teacher source (``signal(batch, wants) -> TeacherOutputs``).
         task: the task (targets and their counts).
         objective: the named, weighted terms (:mod:`distill.objective`), the same as ``model``'s.
+        report: whether the step is logged; zero-weight terms (reported, not trained on) are computed only then.
     """
     tokens = global_target_count(batches, accelerator, task)
     sums = torch.zeros(len(objective.terms), dtype=torch.float64, device=accelerator.device)
@@ -109,7 +111,7 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
                 teacher = source.signal(batch, objective.wants)
                 _synchronize(accelerator.device)
                 teacher_seconds += time.perf_counter() - start
-            term_sums = model(batch, teacher)
+            term_sums = model(batch, teacher, report)
             loss_sum = objective.total(term_sums)
             finite = finite and _all_finite(loss_sum, accelerator)
             if finite:
@@ -178,8 +180,9 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             start = time.perf_counter()
             _injected_fault(fault, state.step + 1, accelerator.process_index)
             batches = [stream.next_batch() for _ in range(tr.grad_accum)]
+            logged = (state.step + 1) % tr.log_every == 0 or state.step + 1 == tr.max_steps
             result = train_step(model, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                                task=task, objective=objective)
+                                task=task, objective=objective, report=logged)
             state.step += 1
             state.samples_consumed = stream.samples_consumed
             window["tokens"] += result.tokens
@@ -191,7 +194,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
                 if accelerator.is_main_process:
                     progress.write(f"step {state.step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
             progress.update(1)
-            if state.step % tr.log_every == 0 or state.step == tr.max_steps:
+            if logged:
                 metrics = {
                     "train/loss": result.loss, **{f"train/{name}_loss": value for name, value in result.terms.items()},
                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,

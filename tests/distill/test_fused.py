@@ -168,3 +168,12 @@ def test_training_fused_follows_full_logits(case, tiny, bert, corpus, tmp_path, 
     for (loss_on, norm_on), (loss_off, norm_off) in zip(curves["always"], curves["never"]):
         assert loss_on == pytest.approx(loss_off, rel=1e-4)
         assert norm_on == pytest.approx(norm_off, rel=1e-3)
+
+
+def test_zero_weight_terms_are_computed_only_when_reported():
+    hs, ht, s_head, t_head, labels, vocab = _problem(seed=6)
+    objective = build_objective(LossConfig(alpha=0.0, chunk_size=8))  # kd at weight 1, ce at weight 0
+    full = objective.sums(Outputs(features=hs, head=s_head), Outputs(features=ht, head=t_head), labels, vocab=vocab)
+    quiet = objective.sums(Outputs(features=hs, head=s_head), Outputs(features=ht, head=t_head), labels, vocab=vocab, report=False)
+    assert full[1] > 0 and quiet[1] == 0
+    torch.testing.assert_close(quiet[0], full[0])

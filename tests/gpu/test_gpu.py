@@ -76,3 +76,18 @@ def test_feature_terms_with_a_quantized_teacher_in_bf16(tiny, corpus, tmp_path, 
     assert finite_and_decreasing(run_dir)
     assert all(m["train/hidden_loss"] > 0 and m["train/att_loss"] > 0 for m in read_metrics(run_dir) if "train/loss" in m)
     assert (run_dir / "objective" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bits", ["none", "4bit"])
+def test_fused_loss_in_bf16_follows_full_logits(tiny, corpus, tmp_path, bits):
+    from conftest import reset_accelerate
+
+    curves = {}
+    for fused in ("always", "never"):
+        reset_accelerate()
+        run_dir, _ = run_job(tiny, corpus, tmp_path / fused, "train.precision=bf16", "teacher.dtype=bfloat16", f"teacher.quantization={bits}",
+                             f"loss.fused={fused}", "loss.alpha=0.2", "train.max_steps=8", "eval.at_end=false")
+        metrics = [m for m in read_metrics(run_dir) if "train/loss" in m]
+        assert all(m["train/teacher_time_share"] > 0 for m in metrics)  # synchronized: the teacher's CUDA work is timed
+        curves[fused] = [m["train/loss"] for m in metrics]
+    assert curves["always"] == pytest.approx(curves["never"], rel=2e-2)

@@ -1,0 +1,242 @@
+"""Step time of the whole training step on the tiny default, side by side in one run, each in a
+fresh process: a plain PyTorch loop (CE), this project's CE-only step, its online KD step, its KD
+step from a teacher store, and TRL's GKDTrainer (lmbda=0, beta=0: forward KL, no generation).
+
+Same teacher (configs/tiny.yaml: 4 layers, width 192), same new student (2 layers, width 96, the
+same seed), micro-batch 16 x 128 tokens, AdamW at the same learning rate and schedule. Step time
+is the mean over the steps after the first fifth; peak memory is the process's peak RSS; quality
+is the student's validation perplexity after the run (the same 64 sequences for every row).
+
+The FLOP floor of the KD step is CE step x (1 + teacher forward FLOPs / (3 x student forward
+FLOPs)), with forward FLOPs = 2 x (parameters outside the input embedding) x tokens + the
+attention scores (4 x layers x seq_len x width per token).
+
+Needs `distill prepare-tiny` and, for the TRL row, `pip install -e '.[bench]'`.
+
+    python benchmarks/step_time.py [--steps 300] [--top-k 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.yaml"
+ROWS = ("plain_loop_ce", "distill_ce_only", "distill_kd", "distill_kd_store", "trl_gkd")
+TARGETS_PER_STEP = 16 * 127
+
+
+def _config(steps: int, out: Path, *extra: str):
+    from distill.config import load_config
+
+    return load_config(str(CONFIG), [f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+                                     "eval.at_end=false", "tracking.backend=none", f"output_dir={out}", *extra])
+
+
+def _quality(student, cfg) -> dict:
+    """The student's validation perplexity and KL to the teacher (the same sequences for every row)."""
+    import torch
+
+    from distill import evaluation, models
+    from distill.job import Setup, validation_sets
+
+    class One:
+        process_index, num_processes = 0, 1
+
+    setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)
+    batches = [b for bs in validation_sets(setup, cfg, One()).values() for b in bs]
+    teacher = models.load_teacher(cfg.teacher, torch.device("cpu"))
+    result = evaluation.quality(student, teacher, batches, vocab=min(len(setup.tokenizer), models.output_vocab(teacher)), device=torch.device("cpu"))
+    return {"perplexity": result["perplexity"], "kl_to_teacher": result["kl_to_teacher"]}
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mean_after_warmup(times: list[float]) -> float:
+    kept = times[len(times) // 5:]
+    return sum(kept) / len(kept)
+
+
+def child_distill(name: str, steps: int, out: Path, store: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from distill.job import run
+
+    extra = {"distill_ce_only": ["loss.alpha=1.0"], "distill_kd": [],
+             "distill_kd_store": ["teacher.source=cache", f"teacher.cache={store}"]}[name]
+    cfg = _config(steps, out, *extra)
+    run(cfg, overwrite=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "train/tokens_per_s" in r]
+    times = [TARGETS_PER_STEP / r["train/tokens_per_s"] for r in records]
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    return {"seconds_per_step": _mean_after_warmup(times), "peak_rss_bytes": max(r["train/peak_memory_bytes"] for r in records),
+            **_quality(student, cfg), "wall_seconds": sum(times), "teacher_time_share": _mean_after_warmup([r["train/teacher_time_share"] for r in records])}
+
+
+def _student_and_batches(cfg, steps: int):
+    import torch
+
+    from distill import data
+    from distill.job import Setup
+
+    setup = Setup(cfg, torch.device("cpu"), load_teacher=False)
+    stream = data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
+                              pad_id=setup.tokenizer.pad_token_id)
+    batches = [stream.next_batch() for _ in range(steps)]
+    return setup, batches
+
+
+def child_plain(steps: int, out: Path) -> dict:
+    import torch
+
+    from distill.train import build_optimizer, build_scheduler
+
+    cfg = _config(steps, out)
+    setup, batches = _student_and_batches(cfg, steps)
+    model = setup.student.train()
+    optimizer, times = build_optimizer(model, cfg.train), []
+    scheduler = build_scheduler(optimizer, cfg.train)
+    for batch in batches:
+        start = time.perf_counter()
+        x = batch["input_ids"]
+        model(x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return {"seconds_per_step": _mean_after_warmup(times), "peak_rss_bytes": _peak(), **_quality(model.eval(), cfg)}
+
+
+def child_trl(steps: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from distill import data, models
+
+    cfg = _config(steps, out)
+    setup, batches = _student_and_batches(cfg, steps)
+    teacher = models.load_teacher(cfg.teacher, torch.device("cpu"))
+    rows = [{"input_ids": b["input_ids"][i].tolist(), "labels": b["labels"][i].tolist()} for b in batches for i in range(len(b["input_ids"]))]
+    times, marks = [], {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            marks["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - marks["start"])
+
+    args = GKDConfig(output_dir=str(out / "trl"), per_device_train_batch_size=cfg.train.micro_batch_size, max_steps=steps,
+                     learning_rate=cfg.train.lr, lr_scheduler_type="cosine", warmup_steps=cfg.train.warmup_steps, adam_beta1=cfg.train.betas[0],
+                     adam_beta2=cfg.train.betas[1], weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm, lmbda=0.0, beta=0.0, temperature=1.0,
+                     seq_kd=False, report_to=[], save_strategy="no", logging_steps=50, use_cpu=True, dataloader_num_workers=0,
+                     max_length=cfg.data.seq_len, seed=cfg.train.seed, data_seed=cfg.data.seed, disable_dropout=True)
+    trainer = GKDTrainer(model=setup.student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                         data_collator=lambda r: data.collate(r, setup.tokenizer.pad_token_id), processing_class=setup.tokenizer,
+                         callbacks=[Clock()])
+    trainer.train()
+    return {"seconds_per_step": _mean_after_warmup(times), "peak_rss_bytes": _peak(), **_quality(trainer.model.eval(), cfg)}
+
+
+def flop_floor_ratio() -> float:
+    """1 + teacher forward FLOPs / (3 x student forward FLOPs) per token, from the two configs."""
+    import torch
+
+    from distill import models
+
+    cfg = _config(1, Path("/tmp/unused"))
+
+    def forward_flops(config, params: int) -> float:
+        embed = config.vocab_size * config.hidden_size
+        return 2 * (params - embed) + 4 * config.num_hidden_layers * cfg.data.seq_len * config.hidden_size
+
+    teacher = models.load_teacher(cfg.teacher, torch.device("cpu"))
+    student = models.build_student(cfg.student, cfg.teacher, seed=0, device=torch.device("cpu"))
+    t = forward_flops(teacher.config, sum(p.numel() for p in teacher.parameters()))
+    s = forward_flops(student.config, sum(p.numel() for p in student.parameters()))
+    return 1 + t / (3 * s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    work = args.out / "step_time_runs"
+    if args.child:
+        out = work / (args.name or args.child)
+        if args.child == "plain_loop_ce":
+            result = child_plain(args.steps, out)
+        elif args.child == "trl_gkd":
+            result = child_trl(args.steps, out)
+        else:
+            result = child_distill(args.child, args.steps, out, args.store)
+        print(json.dumps(result))
+        return
+    store = work / f"store_k{args.top_k}"
+    if "distill_kd_store" in args.rows and not (store / "manifest.json").is_file():
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "distill_launcher.cli", "cache-teacher", str(CONFIG), "--top-k", str(args.top_k), "--out", str(store)],
+                       check=True, cwd=REPO, capture_output=True)
+        print(f"teacher store (k={args.top_k}) built in {time.perf_counter() - start:.0f} s")
+    results = {}
+    for row in args.rows:
+        proc = subprocess.run([sys.executable, __file__, "--child", row, "--steps", str(args.steps), "--store", str(store), "--out", str(args.out)],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+        if proc.returncode != 0:
+            results[row] = {"failed": proc.stderr.strip().splitlines()[-1][:300]}
+            print(f"{row}: failed: {results[row]['failed']}")
+            continue
+        results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
+    floor = flop_floor_ratio()
+    ce = results.get("distill_ce_only", {}).get("seconds_per_step")
+    trl = results.get("trl_gkd", {}).get("seconds_per_step")
+    print(f"{'step':<18} {'ms/step':>8} {'x TRL':>6} {'x CE-only':>9} {'steps/s':>8} {'peak RSS MB':>11} {'val ppl':>8}")
+    for row, r in results.items():
+        if "failed" in r:
+            continue
+        s = r["seconds_per_step"]
+        vs_trl = f"{s / trl:.2f}" if trl else "-"
+        vs_ce = f"{s / ce:.2f}" if ce else "-"
+        print(f"{row:<18} {1000 * s:>8.1f} {vs_trl:>6} {vs_ce:>9} {1 / s:>8.2f} {r['peak_rss_bytes'] / 2**20:>11.0f} {r['perplexity']:>8.2f}")
+    kd = results.get("distill_kd", {}).get("seconds_per_step")
+    plain = results.get("plain_loop_ce", {}).get("seconds_per_step")
+    summary = {"flop_floor_kd_over_ce": floor}
+    if kd and ce:
+        summary["kd_over_flop_floor"] = kd / (ce * floor)
+    if ce and plain:
+        summary["ce_only_over_plain_loop"] = ce / plain
+    if kd and trl:
+        summary["kd_over_trl"] = kd / trl
+    store_s = results.get("distill_kd_store", {}).get("seconds_per_step")
+    if store_s and trl:
+        summary["store_steps_per_s_over_trl"] = trl / store_s
+    for key, value in summary.items():
+        print(f"{key}: {value:.2f}")
+    print(f"{args.steps} steps each (the first fifth not timed), tiny default, micro-batch 16 x 128, CPU ({os.cpu_count()} cores)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "step_time.json"
+    path.write_text(json.dumps({"steps": args.steps, "top_k": args.top_k, "results": results, "summary": summary}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

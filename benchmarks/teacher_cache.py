@@ -1,0 +1,91 @@
+"""The teacher store on the tiny default: what it costs to build, its size per token, the step time
+it gives, and the student it trains, against the online teacher (dense logits) and CE only.
+
+Each training row is a fresh `distill run` of configs/tiny.yaml for the same steps (forward KL,
+T=1); the store rows train from `distill cache-teacher --top-k K` stores. The build time is set
+against the teacher's share of a dense-KD run (train/teacher_time_share x its wall time).
+Bytes per token are the store's training shards over their targets, against dense float16
+logits (2 x vocabulary bytes), here and as they would be at V=32,000 (int16 ids) and V=128,256 (int32 ids).
+
+    python benchmarks/teacher_cache.py [--steps 300] [--top-k 8 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.yaml"
+STEP_TIME = Path(__file__).with_name("step_time.py")
+
+
+def build_store(k: int, out: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    if not (out / "manifest.json").is_file():
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "distill_launcher.cli", "cache-teacher", str(CONFIG), "--top-k", str(k), "--out", str(out)],
+                       check=True, cwd=REPO, capture_output=True)
+        (out / "build_seconds.txt").write_text(f"{time.perf_counter() - start}\n")
+    shards = sorted((out / "training").rglob("shard-*.safetensors"))
+    targets = sum(int(load_file(str(f))["offsets"][-1]) for f in shards)
+    size = sum(f.stat().st_size for f in shards)
+    vocab = json.loads((out / "manifest.json").read_text())["identity"]["targets"]["vocab"]
+    del torch
+    return {"k": k, "build_seconds": float((out / "build_seconds.txt").read_text()), "bytes": size, "targets": targets,
+            "bytes_per_token": size / targets, "dense_fp16_bytes_per_token": 2 * vocab, "vocab": vocab}
+
+
+def train(row: str, name: str, steps: int, store: Path | None, out: Path) -> dict:
+    argv = [sys.executable, str(STEP_TIME), "--child", row, "--name", name, "--steps", str(steps), "--out", str(out)]
+    if store is not None:
+        argv += ["--store", str(store)]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--top-k", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    work = args.out / "teacher_cache_runs"
+    stores = {k: build_store(k, work / f"store_k{k}") for k in args.top_k}
+    rows = {"CE only": train("distill_ce_only", "ce_only", args.steps, None, args.out),
+            "online teacher (dense)": train("distill_kd", "dense", args.steps, None, args.out)}
+    for k in args.top_k:
+        rows[f"store, top-{k}"] = train("distill_kd_store", f"store_k{k}", args.steps, work / f"store_k{k}", args.out)
+    ce, dense = rows["CE only"], rows["online teacher (dense)"]
+    print(f"{'training':<24} {'ms/step':>8} {'x CE-only':>9} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}")
+    for name, r in rows.items():
+        print(f"{name:<24} {1000 * r['seconds_per_step']:>8.1f} {r['seconds_per_step'] / ce['seconds_per_step']:>9.2f} "
+              f"{r['perplexity']:>8.2f} {r['perplexity'] / dense['perplexity']:>8.3f} {r['kl_to_teacher']:>8.4f} {r['kl_to_teacher'] / dense['kl_to_teacher']:>8.3f}")
+    teacher_seconds = dense["teacher_time_share"] * dense["wall_seconds"]
+    print()
+    print(f"{'store':<10} {'bytes/token':>11} {'dense fp16':>10} {'ratio':>8} {'@32k':>8} {'@128k':>8} {'build s':>8} {'x dense teacher s':>17}")
+    for k, s in stores.items():
+        at = lambda vocab: (k * (2 if vocab <= 32767 else 4) + k * 2 + 4) / (2 * vocab)
+        s.update(ratio=s["bytes_per_token"] / s["dense_fp16_bytes_per_token"], ratio_at_32000=at(32000), ratio_at_128256=at(128256),
+                 build_over_dense_teacher_seconds=s["build_seconds"] / max(teacher_seconds, 1e-9))
+        print(f"top-{k:<6} {s['bytes_per_token']:>11.1f} {s['dense_fp16_bytes_per_token']:>10} {s['ratio']:>8.4f} "
+              f"{s['ratio_at_32000']:>8.5f} {s['ratio_at_128256']:>8.5f} {s['build_seconds']:>8.0f} {s['build_over_dense_teacher_seconds']:>17.2f}")
+    print(f"{args.steps} steps each, tiny default (V={stores[args.top_k[0]]['vocab']}), CPU; the dense run's teacher time: {teacher_seconds:.0f} s "
+          f"(it sees {args.steps * 16} sequences; the store covers all training and validation sequences)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "teacher_cache.json"
+    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
