@@ -1,6 +1,11 @@
 """Step time of the whole training step on the tiny default, side by side in one run, each in a
 fresh process: a plain PyTorch loop (CE), this project's CE-only step, its online KD step, its KD
-step from a teacher store, and TRL's GKDTrainer (lmbda=0, beta=0: forward KL, no generation).
+step from a teacher store, and TRL's GKDTrainer (lmbda=0, beta=0: forward KL, no generation); all
+in float32, plus both KD steps in bf16 autocast (TRL's default, even on CPU).
+
+This project's step time is its own clock (train/tokens_per_s): the whole loop iteration,
+collating the batch included; the plain loop and TRL (a callback from step begin to end) are
+timed on batches already collated.
 
 Same teacher (configs/tiny.yaml: 4 layers, width 192), same new student (2 layers, width 96, the
 same seed), micro-batch 16 x 128 tokens, AdamW at the same learning rate and schedule. Step time
@@ -29,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
-ROWS = ("plain_loop_ce", "distill_ce_only", "distill_kd", "distill_kd_store", "trl_gkd")
+ROWS = ("plain_loop_ce", "distill_ce_only", "distill_kd", "distill_kd_store", "trl_gkd", "distill_kd_bf16", "trl_gkd_bf16")
 TARGETS_PER_STEP = 16 * 127
 
 
@@ -71,8 +76,8 @@ def child_distill(name: str, steps: int, out: Path, store: str) -> dict:
 
     from distill.job import run
 
-    extra = {"distill_ce_only": ["loss.alpha=1.0"], "distill_kd": [],
-             "distill_kd_store": ["teacher.source=cache", f"teacher.cache={store}"]}[name]
+    extra = {"distill_ce_only": ["loss.alpha=1.0"], "distill_kd": [], "distill_kd_bf16": ["train.precision=bf16", "teacher.dtype=bfloat16"],
+             "distill_kd_store": ["teacher.source=cache", f"teacher.cache={store}", f"teacher.cache_tail={os.environ.get('CACHE_TAIL', 'bucket')}"]}[name]
     cfg = _config(steps, out, *extra)
     run(cfg, overwrite=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +123,7 @@ def child_plain(steps: int, out: Path) -> dict:
     return {"seconds_per_step": _mean_after_warmup(times), "peak_rss_bytes": _peak(), **_quality(model.eval(), cfg)}
 
 
-def child_trl(steps: int, out: Path) -> dict:
+def child_trl(steps: int, out: Path, bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -143,7 +148,8 @@ def child_trl(steps: int, out: Path) -> dict:
                      learning_rate=cfg.train.lr, lr_scheduler_type="cosine", warmup_steps=cfg.train.warmup_steps, adam_beta1=cfg.train.betas[0],
                      adam_beta2=cfg.train.betas[1], weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm, lmbda=0.0, beta=0.0, temperature=1.0,
                      seq_kd=False, report_to=[], save_strategy="no", logging_steps=50, use_cpu=True, dataloader_num_workers=0,
-                     max_length=cfg.data.seq_len, seed=cfg.train.seed, data_seed=cfg.data.seed, disable_dropout=True)
+                     max_length=cfg.data.seq_len, seed=cfg.train.seed, data_seed=cfg.data.seed, disable_dropout=True,
+                     bf16=bf16)  # TRL defaults to bf16 autocast, also on CPU: the fp32 row compares like with like
     trainer = GKDTrainer(model=setup.student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
                          data_collator=lambda r: data.collate(r, setup.tokenizer.pad_token_id), processing_class=setup.tokenizer,
                          callbacks=[Clock()])
@@ -157,7 +163,7 @@ def flop_floor_ratio() -> float:
 
     from distill import models
 
-    cfg = _config(1, Path("/tmp/unused"))
+    cfg = _config(100, Path("/tmp/unused"))
 
     def forward_flops(config, params: int) -> float:
         embed = config.vocab_size * config.hidden_size
@@ -185,8 +191,8 @@ def main() -> None:
         out = work / (args.name or args.child)
         if args.child == "plain_loop_ce":
             result = child_plain(args.steps, out)
-        elif args.child == "trl_gkd":
-            result = child_trl(args.steps, out)
+        elif args.child.startswith("trl_gkd"):
+            result = child_trl(args.steps, out, bf16=args.child.endswith("bf16"))
         else:
             result = child_distill(args.child, args.steps, out, args.store)
         print(json.dumps(result))
@@ -197,7 +203,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "distill_launcher.cli", "cache-teacher", str(CONFIG), "--top-k", str(args.top_k), "--out", str(store)],
                        check=True, cwd=REPO, capture_output=True)
         print(f"teacher store (k={args.top_k}) built in {time.perf_counter() - start:.0f} s")
-    results = {}
+    path = args.out / "step_time.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    results = earlier.get("results", {}) if earlier.get("steps") == args.steps else {}  # rows not rerun are kept
     for row in args.rows:
         proc = subprocess.run([sys.executable, __file__, "--child", row, "--steps", str(args.steps), "--store", str(store), "--out", str(args.out)],
                               capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
@@ -209,6 +217,7 @@ def main() -> None:
     floor = flop_floor_ratio()
     ce = results.get("distill_ce_only", {}).get("seconds_per_step")
     trl = results.get("trl_gkd", {}).get("seconds_per_step")
+    results = {row: results[row] for row in ROWS if row in results}
     print(f"{'step':<18} {'ms/step':>8} {'x TRL':>6} {'x CE-only':>9} {'steps/s':>8} {'peak RSS MB':>11} {'val ppl':>8}")
     for row, r in results.items():
         if "failed" in r:
@@ -233,7 +242,6 @@ def main() -> None:
         print(f"{key}: {value:.2f}")
     print(f"{args.steps} steps each (the first fifth not timed), tiny default, micro-batch 16 x 128, CPU ({os.cpu_count()} cores)")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "step_time.json"
     path.write_text(json.dumps({"steps": args.steps, "top_k": args.top_k, "results": results, "summary": summary}, indent=2))
     print(f"wrote {path}")
 

@@ -2,7 +2,8 @@
 it gives, and the student it trains, against the online teacher (dense logits) and CE only.
 
 Each training row is a fresh `distill run` of configs/tiny.yaml for the same steps (forward KL,
-T=1); the store rows train from `distill cache-teacher --top-k K` stores. The build time is set
+T=1); the store rows train from `distill cache-teacher --top-k K` stores, with the tail mass as
+one bucket or spread evenly (`teacher.cache_tail`). The build time is set
 against the teacher's share of a dense-KD run (train/teacher_time_share x its wall time).
 Bytes per token are the store's training shards over their targets, against dense float16
 logits (2 x vocabulary bytes), here and as they would be at V=32,000 (int16 ids) and V=128,256 (int32 ids).
@@ -43,11 +44,11 @@ def build_store(k: int, out: Path) -> dict:
             "bytes_per_token": size / targets, "dense_fp16_bytes_per_token": 2 * vocab, "vocab": vocab}
 
 
-def train(row: str, name: str, steps: int, store: Path | None, out: Path) -> dict:
+def train(row: str, name: str, steps: int, store: Path | None, out: Path, tail: str = "bucket") -> dict:
     argv = [sys.executable, str(STEP_TIME), "--child", row, "--name", name, "--steps", str(steps), "--out", str(out)]
     if store is not None:
         argv += ["--store", str(store)]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled", "CACHE_TAIL": tail})
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed: {proc.stderr.strip().splitlines()[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -64,11 +65,12 @@ def main() -> None:
     rows = {"CE only": train("distill_ce_only", "ce_only", args.steps, None, args.out),
             "online teacher (dense)": train("distill_kd", "dense", args.steps, None, args.out)}
     for k in args.top_k:
-        rows[f"store, top-{k}"] = train("distill_kd_store", f"store_k{k}", args.steps, work / f"store_k{k}", args.out)
+        for tail in ("bucket", "uniform"):
+            rows[f"store, top-{k}, {tail} tail"] = train("distill_kd_store", f"store_k{k}_{tail}", args.steps, work / f"store_k{k}", args.out, tail)
     ce, dense = rows["CE only"], rows["online teacher (dense)"]
-    print(f"{'training':<24} {'ms/step':>8} {'x CE-only':>9} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}")
+    print(f"{'training':<30} {'ms/step':>8} {'x CE-only':>9} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}")
     for name, r in rows.items():
-        print(f"{name:<24} {1000 * r['seconds_per_step']:>8.1f} {r['seconds_per_step'] / ce['seconds_per_step']:>9.2f} "
+        print(f"{name:<30} {1000 * r['seconds_per_step']:>8.1f} {r['seconds_per_step'] / ce['seconds_per_step']:>9.2f} "
               f"{r['perplexity']:>8.2f} {r['perplexity'] / dense['perplexity']:>8.3f} {r['kl_to_teacher']:>8.4f} {r['kl_to_teacher'] / dense['kl_to_teacher']:>8.3f}")
     teacher_seconds = dense["teacher_time_share"] * dense["wall_seconds"]
     print()

@@ -43,6 +43,7 @@ class TeacherConfig:
     truncate_vocab: bool = option(True, "Allow a teacher whose embedding matrix is padded beyond the student's vocabulary to be cut to the shared length (only when the token maps agree).")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher; ignored for local paths.")
     source: Literal["model", "cache"] = option("model", "Where the teacher's signal comes from: model (the teacher runs in every training process) or cache (its top-k targets from a store built by distill cache-teacher; the teacher is not loaded for training).")
+    cache_tail: Literal["bucket", "uniform"] = option("bucket", "teacher.source=cache: how the loss treats the teacher's mass outside the stored top k: bucket (one bucket against the student's remaining mass; exact on the k + 1 buckets) or uniform (spread evenly over the other ids, a dense target).")
     cache: str = option("", "The teacher store of teacher.source=cache (a directory written by distill cache-teacher); empty: the store built for this job's teacher and data under $DISTILL_CACHE_DIR/teacher (default ~/.cache/distill/teacher).")
 
 

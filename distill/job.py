@@ -343,7 +343,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
         try:
             source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1], store=store,
-                                  source_names=[name for name, *_ in setup.sources])
+                                  source_names=[name for name, *_ in setup.sources], tail=cfg.teacher.cache_tail)
             fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
                 objective=objective, state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
         except Preempted as stop:

@@ -25,7 +25,7 @@ from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
 from distill.fused import HEAD_INPUTS, head_sums, plain_linear, teacher_chunks
 from distill.losses import IGNORE_INDEX, cross_entropy, divergence, term_sums
-from distill.store import SparseTargets, buckets
+from distill.store import SparseTargets, buckets, spread
 
 
 class Term(nn.Module):
@@ -57,6 +57,8 @@ class LogitsTerm(Term):
         if teacher_logits is None:  # weight 0: the teacher is not run; the term is reported as 0
             return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
         if isinstance(teacher_logits, SparseTargets):
+            if teacher_logits.tail_mode == "uniform":
+                return self.fn(student_logits, spread(teacher_logits, student_logits.shape[-1]))
             return self.bucket_fn(*buckets(student_logits, teacher_logits, self.temperature))
         return self.fn(student_logits, teacher_logits)
 
@@ -162,7 +164,8 @@ def _at_every_position(sparse: SparseTargets, labels: torch.Tensor) -> SparseTar
     mask = labels.reshape(-1) != IGNORE_INDEX
     uniform = -torch.log(torch.tensor(float(k + 1)))
     full = SparseTargets(torch.zeros(n, k, dtype=sparse.ids.dtype, device=labels.device).copy_(torch.arange(k, device=labels.device)),
-                         torch.full((n, k), float(uniform), device=labels.device), torch.full((n,), float(uniform), device=labels.device))
+                         torch.full((n, k), float(uniform), device=labels.device), torch.full((n,), float(uniform), device=labels.device),
+                         sparse.tail_mode)
     full.ids[mask], full.logprobs[mask], full.tail[mask] = sparse.ids, sparse.logprobs.float(), sparse.tail.float()
     return full
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -45,15 +46,16 @@ class SparseTargets:
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail: torch.Tensor
+    tail_mode: str = "bucket"  # how the loss treats the mass outside the top k (teacher.cache_tail)
 
     def __getitem__(self, rows) -> "SparseTargets":
-        return SparseTargets(self.ids[rows], self.logprobs[rows], self.tail[rows])
+        return SparseTargets(self.ids[rows], self.logprobs[rows], self.tail[rows], self.tail_mode)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def to(self, device) -> "SparseTargets":
-        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
+        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device), self.tail_mode)
 
 
 def top_k(logits: torch.Tensor, k: int) -> SparseTargets:
@@ -76,7 +78,9 @@ def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: f
     ids = teacher.ids.long()
     log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     s_top = log_s.gather(-1, ids)
-    s_rest = log_s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    # The rest from the top's mass (k values, not another pass over the vocabulary); its float32
+    # resolution ends where the student puts all but ~1e-6 of its mass on the stored ids.
+    s_rest = torch.log1p(-s_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
     t_log = teacher.logprobs.float()
     tail = teacher.tail.float().unsqueeze(-1)
     if temperature != 1.0:
@@ -85,6 +89,16 @@ def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: f
     student = torch.cat([s_top, s_rest], dim=-1).clamp(min=TAIL_FLOOR)
     teacher_buckets = torch.cat([t_log, tail], dim=-1).clamp(min=TAIL_FLOOR)
     return student, teacher_buckets
+
+
+def spread(teacher: SparseTargets, vocab: int) -> torch.Tensor:
+    """``[N, vocab]`` teacher log-probabilities: the stored ones at their ids, the tail mass spread
+    evenly over the other ``vocab - k`` ids (``teacher.cache_tail: uniform``). A dense distribution,
+    so a divergence applies its temperature to it exactly as to full teacher logits."""
+    ids, k = teacher.ids.long(), teacher.ids.shape[-1]
+    each = teacher.tail.float() - math.log(max(vocab - k, 1))
+    dense = each.clamp(min=TAIL_FLOOR).unsqueeze(-1).expand(-1, vocab).contiguous()
+    return dense.scatter_(-1, ids, teacher.logprobs.float())
 
 
 # ----- identity ---------------------------------------------------------------------------------------------------------------------
@@ -283,6 +297,8 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
             target = folder / _shard_name(index)
             if target.exists():
                 continue
+            for stale in folder.glob(f".tmp-{target.name}-*"):  # left by a killed build; this process owns the shard now
+                stale.unlink(missing_ok=True)
             first, last = index * shard_rows, min((index + 1) * shard_rows, len(sequences))
             rows = [sequences[i] for i in range(first, last)]
             parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device) for j in range(0, len(rows), batch)]
@@ -325,6 +341,8 @@ def _wait_for(condition, what: str, timeout: float = 3600.0) -> None:
 def _finish(path: Path, ident: dict, key: str, counts: dict, shard_rows: int) -> None:
     files = [(split, name, path / split / name / _shard_name(i)) for (split, name), n in counts.items() for i in range(n)]
     _wait_for(lambda: all(f.exists() for _, _, f in files), "the other processes' shards")
+    for stale in path.rglob(".tmp-*"):  # every shard exists, so nothing is being written: these are a killed build's
+        stale.unlink(missing_ok=True)
     splits: dict = {}
     for split, name, f in files:
         entry = splits.setdefault(split, {}).setdefault(name, {"shards": []})

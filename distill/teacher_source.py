@@ -37,15 +37,15 @@ class CacheSource:
 
     kind = "cache"
 
-    def __init__(self, store, task, source_names: list[str], split: str = "training"):
-        self.store, self.task, self.names, self.split = store, task, source_names, split
+    def __init__(self, store, task, source_names: list[str], split: str = "training", tail: str = "bucket"):
+        self.store, self.task, self.names, self.split, self.tail = store, task, source_names, split, tail
 
     def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
         if not wants:
             return TeacherOutputs()
         rows = batch["rows"].tolist()
         parts = [self.store.rows(self.split, self.names[source], [index]) for source, index in rows]
-        sparse = SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")))
+        sparse = SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")), self.tail)
         expected = self.task.target_count(batch)
         if len(sparse) != expected:
             raise ConfigError(f"teacher.cache: the store holds {len(sparse)} targets for a batch that has {expected}; "
@@ -56,7 +56,7 @@ class CacheSource:
 SOURCES = {ModelSource.kind: ModelSource, CacheSource.kind: CacheSource}
 
 
-def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, store=None, source_names=()):
+def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, store=None, source_names=(), tail: str = "bucket"):
     if kind == CacheSource.kind:
-        return CacheSource(store, task, list(source_names))
+        return CacheSource(store, task, list(source_names), tail=tail)
     return ModelSource(model, task, vocab, qkv_layers)

@@ -17,7 +17,7 @@ from conftest import REPO, job_overrides, read_metrics, reset_accelerate, run_jo
 from distill.config import ConfigError, LossConfig, load_config
 from distill.losses import DIVERGENCES, IGNORE_INDEX
 from distill.objective import Outputs, build_objective
-from distill.store import SparseTargets, Store, buckets, top_k
+from distill.store import Store, buckets, top_k
 
 K = 8
 
@@ -215,3 +215,29 @@ def test_a_store_is_found_by_the_jobs_identity(tiny, corpus, tmp_path, monkeypat
     reset_accelerate()
     run_dir, _ = _train(tiny, corpus, tmp_path / "found", "train.max_steps=2")
     assert len([m for m in read_metrics(run_dir) if "train/loss" in m]) == 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_uniform_tail_is_the_dense_teacher_with_its_tail_spread_evenly(temperature):
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(6, 30, generator=g), torch.randn(6, 30, generator=g) * 2
+    labels = torch.randint(0, 30, (1, 6), generator=g)
+    sparse = top_k(teacher, 5)
+    sparse.tail_mode = "uniform"
+    p = torch.softmax(teacher.double(), -1)
+    top = p.topk(5, -1)
+    rebuilt = ((1 - top.values.sum(-1, keepdim=True)) / 25).expand(-1, 30).clone().scatter_(-1, top.indices, top.values)
+    reference = DIVERGENCES["forward_kl"](student.double(), rebuilt.log(), temperature=temperature).sum()
+    cfg = LossConfig(terms=[{"kind": "logits", "temperature": temperature}])
+    sums = build_objective(cfg).sums(Outputs(logits=student.unsqueeze(0)), Outputs(sparse=sparse), labels, vocab=30)
+    torch.testing.assert_close(sums[0].double(), reference.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["loss.terms=[{kind: logits}, {kind: hidden}]"], "loss.terms[1]: a hidden term needs the teacher's features, which the store does not hold"),
+    (["task.kind=sequence_classification"], "teacher.source=cache holds token targets of language models"),
+    (["loss.chunk_size=-1"], "loss.chunk_size must be >= 0"),
+])
+def test_what_a_store_cannot_serve_fails_when_the_config_loads(sets, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]", "teacher.source=cache", *sets])
