@@ -386,31 +386,32 @@ class Store:
                     if size != shard["bytes"]:
                         state = "missing" if size is None else f"truncated ({size} of {shard['bytes']} bytes)"
                         raise ConfigError(f"teacher.cache: shard {f} is {state}; rebuild the store with distill cache-teacher")
-        self._cache: dict = {}
+        self._open: dict = {}
 
-    def _shard(self, split: str, name: str, index: int) -> dict:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def _shard(self, split: str, name: str, index: int):
+        """(an open, memory-mapped shard, its row offsets): rows are read by slice, never the whole shard."""
+        from safetensors import SafetensorError, safe_open
 
         key = (split, name, index)
-        if key not in self._cache:
+        if key not in self._open:
             f = self.path / split / name / _shard_name(index)
             try:
-                self._cache[key] = load_file(str(f))
+                handle = safe_open(str(f), framework="pt")
+                self._open[key] = (handle, handle.get_tensor("offsets").tolist())
             except (SafetensorError, OSError) as err:
                 raise ConfigError(f"teacher.cache: shard {f} cannot be read ({err}); rebuild the store with distill cache-teacher") from None
-            if len(self._cache) > 64:
-                self._cache.pop(next(iter(self._cache)))
-        return self._cache[key]
+            if len(self._open) > 256:
+                self._open.pop(next(iter(self._open)))
+        return self._open[key]
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
         """The targets of ``rows`` of one source's split, concatenated in order."""
         parts = []
         for row in rows:
-            shard = self._shard(split, name, row // self.shard_rows)
-            offsets, i = shard["offsets"], row % self.shard_rows
-            a, b = int(offsets[i]), int(offsets[i + 1])
-            parts.append((shard["ids"][a:b], shard["logprobs"][a:b], shard["tail"][a:b]))
+            handle, offsets = self._shard(split, name, row // self.shard_rows)
+            i = row % self.shard_rows
+            a, b = offsets[i], offsets[i + 1]
+            parts.append(tuple(handle.get_slice(field)[a:b] for field in ("ids", "logprobs", "tail")))
         return SparseTargets(*(torch.cat([p[j] for p in parts]) for j in range(3)))
 
 
