@@ -119,7 +119,7 @@ def teacher_fidelity(full_teacher, quantized_teacher, batches: list[dict], *, vo
     return total[0].item() / max(total[1].item(), 1.0)
 
 
-def _sync(device) -> None:
+def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -128,10 +128,10 @@ def _timed(fn, device, repeats: int) -> float:
     fn()  # warm-up: allocator, kernels, caches
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

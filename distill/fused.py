@@ -50,6 +50,11 @@ def plain_linear(head) -> bool:
     return type(head) is nn.Linear
 
 
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk that keep one chunk of logits near 4M values (16 MB in float32)."""
+    return max(16, 2**22 // vocab)
+
+
 def target_rows(labels: torch.Tensor) -> torch.Tensor:
     """``[N]`` flat indices of the unmasked targets of ``labels`` (any shape)."""
     return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)

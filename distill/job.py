@@ -28,7 +28,7 @@ from distill.config import ConfigError, DistillConfig, load_config, read_ds_conf
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.config import teacher_needed  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
-from distill.objective import FEATURE_TERMS, Distillee, build_objective, fused_path, save_objective, split_state_dict  # noqa: E402
+from distill.objective import FEATURE_TERMS, Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.teacher_source import build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
@@ -295,7 +295,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
     if accelerator.is_main_process and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
-        print(f"loss: {fused_path(cfg.loss.fused, task, student)[1]}", file=sys.stderr)
+        print(f"loss: {objective.path}", file=sys.stderr)
     if ATTENTIONS in objective.student_wants:
         models.use_eager_attention(student, teacher, quiet=not accelerator.is_main_process)
     if cfg.eval.quantize:

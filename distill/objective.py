@@ -23,7 +23,7 @@ from torch import nn
 from distill.config import LOGITS, LossConfig, loss_terms
 from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
-from distill.fused import HEAD_INPUTS, head_sums, plain_linear, teacher_chunks
+from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
 from distill.losses import IGNORE_INDEX, cross_entropy, divergence, term_sums
 from distill.store import SparseTargets, buckets, spread
 
@@ -55,7 +55,7 @@ class LogitsTerm(Term):
 
     def per_token(self, student_logits, teacher_logits, labels):
         if teacher_logits is None:  # weight 0: the teacher is not run; the term is reported as 0
-            return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
+            return _unreported(student_logits, None, labels)
         if isinstance(teacher_logits, SparseTargets):
             if teacher_logits.tail_mode == "uniform":
                 return self.fn(student_logits, spread(teacher_logits, student_logits.shape[-1]))
@@ -94,10 +94,10 @@ class Objective(nn.Module):
     """The named, weighted terms. ``fused``: logit terms are computed from the output layers'
     inputs (:mod:`distill.fused`), and neither model computes logits in training."""
 
-    def __init__(self, terms: list[nn.Module], chunk_size: int, fused: bool = False):
+    def __init__(self, terms: list[nn.Module], chunk_size: int, fused: bool = False, path: str = ""):
         super().__init__()
         self.terms = nn.ModuleList(terms)
-        self.chunk_size, self.fused = chunk_size, fused
+        self.chunk_size, self.path = chunk_size, path  # path: which logit path runs, and why (the log's line)
         # Zero-weight terms are still reported, but never make the teacher run.
         self.wants = frozenset().union(*(t.wants for t in terms if t.weight > 0))
         if fused and LOGITS in self.wants:
@@ -107,7 +107,7 @@ class Objective(nn.Module):
 
     def chunk(self, vocab: int) -> int:
         """Tokens per chunk of the logit terms: ``loss.chunk_size``, or about 4M logits (16 MB in float32)."""
-        return self.chunk_size or max(16, 2**22 // vocab)
+        return self.chunk_size or chunk_rows(vocab)
 
     @property
     def names(self) -> list[str]:
@@ -236,7 +236,8 @@ def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool
             terms.append(CrossEntropyTerm(name, weight))
         else:
             terms.append(_feature_term(spec, f"loss.terms[{i}]", student, teacher, causal))
-    return Objective(terms, chunk_size=cfg.chunk_size, fused=fused_path(cfg.fused, task, student)[0])
+    fused, path = fused_path(cfg.fused, task, student)
+    return Objective(terms, chunk_size=cfg.chunk_size, fused=fused, path=path)
 
 
 class Distillee(nn.Module):

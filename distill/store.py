@@ -35,7 +35,6 @@ import torch
 from distill.errors import ConfigError
 
 FORMAT = 1
-SPLITS = ("training", "validation")
 TAIL_FLOOR = -1e4  # log-probability standing for 0: exp() is 0 and 0 * (floor - x) stays finite
 
 
@@ -53,6 +52,10 @@ class SparseTargets:
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    @staticmethod
+    def cat(parts: list["SparseTargets"], tail_mode: str = "bucket") -> "SparseTargets":
+        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")), tail_mode)
 
     def to(self, device) -> "SparseTargets":
         return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device), self.tail_mode)
@@ -240,7 +243,7 @@ def shard_count(rows: int, shard_rows: int) -> int:
 
 def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device) -> tuple[SparseTargets, list[int]]:
     from distill import data
-    from distill.fused import HEAD_INPUTS, teacher_chunks
+    from distill.fused import HEAD_INPUTS, chunk_rows, teacher_chunks
     from distill.losses import IGNORE_INDEX
 
     batch = {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}
@@ -249,10 +252,11 @@ def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k:
     outputs = source.signal(batch, frozenset({HEAD_INPUTS}))
     chunk = teacher_chunks(outputs, labels, vocab)
     total = sum(counts)
-    parts = [top_k(chunk(start, min(start + 1024, total)), k) for start in range(0, total, 1024)]
+    rows = chunk_rows(vocab)
+    parts = [top_k(chunk(start, min(start + rows, total)), k) for start in range(0, total, rows)]
     if not parts:
         return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0)), counts
-    return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in ("ids", "logprobs", "tail"))), counts
+    return SparseTargets.cat(parts).to("cpu"), counts
 
 
 def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: int) -> None:
@@ -302,7 +306,7 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
             first, last = index * shard_rows, min((index + 1) * shard_rows, len(sequences))
             rows = [sequences[i] for i in range(first, last)]
             parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device) for j in range(0, len(rows), batch)]
-            targets = SparseTargets(*(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("ids", "logprobs", "tail")))
+            targets = SparseTargets.cat([p for p, _ in parts])
             write_shard(target, targets, [c for _, counts in parts for c in counts], vocab)
             done += 1
         if done:
@@ -411,8 +415,8 @@ class Store:
             handle, offsets = self._shard(split, name, row // self.shard_rows)
             i = row % self.shard_rows
             a, b = offsets[i], offsets[i + 1]
-            parts.append(tuple(handle.get_slice(field)[a:b] for field in ("ids", "logprobs", "tail")))
-        return SparseTargets(*(torch.cat([p[j] for p in parts]) for j in range(3)))
+            parts.append(SparseTargets(*(handle.get_slice(field)[a:b] for field in ("ids", "logprobs", "tail"))))
+        return SparseTargets.cat(parts)
 
 
 def find(ident: dict) -> Path | None:

@@ -54,12 +54,11 @@ class Task:
         with capture as qkv, bypass as head:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=HIDDEN in wants, output_attentions=ATTENTIONS in wants)
+        features = dict(hidden_states=out.hidden_states if HIDDEN in wants else None, attentions=out.attentions if ATTENTIONS in wants else None,
+                        qkv=qkv if QKV in wants else None)
         if head is not None:  # out.logits holds the output layer's inputs
-            return Outputs(features=self.at_targets(out.logits), head=head, hidden_states=out.hidden_states if HIDDEN in wants else None,
-                           attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
-        return Outputs(logits=self.cut(out.logits, vocab) if LOGITS in wants else None,
-                       hidden_states=out.hidden_states if HIDDEN in wants else None,
-                       attentions=out.attentions if ATTENTIONS in wants else None, qkv=qkv if QKV in wants else None)
+            return Outputs(features=self.at_targets(out.logits), head=head, **features)
+        return Outputs(logits=self.cut(out.logits, vocab) if LOGITS in wants else None, **features)
 
     def target_count(self, batch: dict) -> int:
         return int((self.targets(batch) != IGNORE_INDEX).sum())

@@ -45,7 +45,7 @@ class CacheSource:
             return TeacherOutputs()
         rows = batch["rows"].tolist()
         parts = [self.store.rows(self.split, self.names[source], [index]) for source, index in rows]
-        sparse = SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")), self.tail)
+        sparse = SparseTargets.cat(parts, self.tail)
         expected = self.task.target_count(batch)
         if len(sparse) != expected:
             raise ConfigError(f"teacher.cache: the store holds {len(sparse)} targets for a batch that has {expected}; "

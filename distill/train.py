@@ -23,6 +23,7 @@ from distill import checkpoint
 from distill.config import DistillConfig, TrainConfig
 from distill.data import TrainStream
 from distill.errors import NonFiniteLoss, Terminated
+from distill.evaluation import synchronize
 from distill.signals import SIGNALS
 
 
@@ -106,10 +107,10 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
         with accelerator.accumulate(model):
             teacher = None
             if objective.wants:
-                _synchronize(accelerator.device)  # CUDA runs asynchronously: time the teacher's work, not its launches
+                synchronize(accelerator.device)  # CUDA runs asynchronously: time the teacher's work, not its launches
                 start = time.perf_counter()
                 teacher = source.signal(batch, objective.wants)
-                _synchronize(accelerator.device)
+                synchronize(accelerator.device)
                 teacher_seconds += time.perf_counter() - start
             term_sums = model(batch, teacher, report)
             loss_sum = objective.total(term_sums)
@@ -131,11 +132,6 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
     loss = float(objective.total(means)) if finite else float("nan")
     return StepResult(loss=loss, terms=dict(zip(objective.names, means.tolist())), tokens=tokens, grad_norm=grad_norm,
                       teacher_seconds=teacher_seconds, skipped=not finite)
-
-
-def _synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _injected_fault(fault: str | None, step: int, rank: int) -> None:
