@@ -366,6 +366,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             if tracker is not None:
                 from distill.downstream import summary_metrics
 
+                # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
+                tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
                 tracker.summary({**result, **summary_metrics(result["rows"])})
     finally:
         if tracker is not None:

@@ -76,6 +76,12 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     return result
 
 
+def final_metrics(rows: list[dict]) -> dict:
+    """The report's numbers as tracker metrics, one per model row and figure: ``final/student/perplexity``, ..."""
+    return {f"final/{row['model']}/{key}": float(value) for row in rows for key, value in row.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 SOURCE_METRICS = ("perplexity", "accuracy", "macro_f1", "kl_to_teacher", "top1_agreement")
 
 
@@ -122,8 +128,12 @@ def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, devic
 def write_report(result: dict, run_dir: Path) -> None:
     from distill.downstream import report_tables
 
+    from distill import plots
+
+    drawn = plots.draw_run(run_dir, result)
+    result["plots"] = [p.relative_to(run_dir).as_posix() for p in drawn]
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "report.md").write_text(evaluation.markdown_report(result))
+    (run_dir / "report.md").write_text(evaluation.markdown_report(result) + "\n".join(["", *plots.markdown(drawn, run_dir)]))
     print("\n" + evaluation.table(result["rows"]))
     for line in evaluation.summary_lines(result):
         print(line)

@@ -167,7 +167,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
     progress = tqdm(total=tr.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     model.train()
-    window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
+    window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0, "steps": 0}
     fault = os.environ.get("DISTILL_FAULT")
     saver = _Saver(accelerator, run_dir / "checkpoints", scheduler=scheduler, keep=tr.keep_checkpoints)
     SIGNALS.enter("training")
@@ -184,6 +184,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             window["tokens"] += result.tokens
             window["seconds"] += time.perf_counter() - start
             window["teacher_seconds"] += result.teacher_seconds
+            window["steps"] += 1
             if result.skipped:
                 if tr.on_nonfinite == "stop":
                     raise NonFiniteLoss(f"non-finite loss at step {state.step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
@@ -196,10 +197,12 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
                     "train/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                     "train/teacher_time_share": window["teacher_seconds"] / max(window["seconds"], 1e-9),
+                    # The mean step time of the window: summed over the records, the run's training time.
+                    "train/step_seconds": window["seconds"] / max(window["steps"], 1),
                     "train/peak_memory_bytes": peak_memory_bytes(accelerator.device),
                     "train/skipped": result.skipped,
                 }
-                window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0}
+                window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0, "steps": 0}
                 progress.set_postfix(loss=f"{result.loss:.4f}", **{name: f"{value:.4f}" for name, value in result.terms.items()}, refresh=False)
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
