@@ -147,6 +147,13 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return store_main(argv)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from distill.compare import compare
+
+    compare(args.runs, out=args.out, sort=args.sort)
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from distill.prune import PruneTarget, prune_directory
 
@@ -276,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lm-eval-limit", type=float, metavar="N", help="at most N examples per task (a fraction when below 1)")
     ev.add_argument("--speculative", action="store_true", help="also measure each student as the teacher's draft model (assisted generation)")
     ev.set_defaults(func=cmd_eval)
+
+    cmp = commands.add_parser("compare", help="put many runs (or a sweep) side by side: table, CSV and plots",
+                              description="One table over the runs: the settings that differ between them and the student's figures "
+                                          "(quality against the teacher, size, latency, throughput, trainable parameters, steps, training "
+                                          "time), sorted; written to OUT/comparison.md and comparison.csv with the runs' curves overlaid and "
+                                          "quality against latency and size (Pareto front marked). Runs with different teachers or "
+                                          "validation data are grouped and flagged.")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (output_dir of runs) or sweep directories")
+    cmp.add_argument("-o", "--out", help="output directory (default: the sweep directory when one sweep is given, else ./comparison)")
+    cmp.add_argument("--sort", default="perplexity", help="figure to sort by, best first (default: perplexity; e.g. kl_to_teacher, "
+                                                          "top1_agreement, accuracy, latency_ms_per_token, params, train_seconds)")
+    cmp.set_defaults(func=cmd_compare)
 
     builds = (
         ("prepare-tiny", "build the bundled tiny corpus, tokenizer and trained teacher (no download)",
