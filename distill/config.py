@@ -170,6 +170,10 @@ class TrackingConfig:
     project: str = option("distill", "Tracker project (W&B project, MLflow experiment).")
     run_name: Optional[str] = option(None, "Run name; defaults to the run directory's name.")
     mlflow_tracking_uri: Optional[str] = option(None, "MLflow tracking URI; defaults to a local store in the run directory.")
+    group: Optional[str] = option(None, "Run group (W&B group, MLflow tag distill.group); distill sweep sets it to the sweep's name. WANDB_RUN_GROUP wins.")
+    tags: list = option([], "Tags of the run (W&B tags, MLflow tags). WANDB_TAGS (comma-separated) wins.")
+    job_type: Optional[str] = option(None, "W&B job type (e.g. distill, baseline). WANDB_JOB_TYPE wins.")
+    notes: Optional[str] = option(None, "A sentence about the run (W&B notes, MLflow description). WANDB_NOTES wins.")
 
 
 @dataclass

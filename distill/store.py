@@ -433,6 +433,15 @@ def find(ident: dict) -> Path | None:
     return max(found)[1] if found else None
 
 
+def store_for(cfg) -> Path | None:
+    """The complete store under :func:`cache_root` built for ``cfg``'s teacher and data, if any
+    (the tokenizer and data are read to compute the identity; no model is loaded)."""
+    from distill.job import Setup
+
+    setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)
+    return find(identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m distill.store CONFIG --top-k K [--set ...]``: one process of ``distill cache-teacher`` (RANK/WORLD_SIZE from the launcher)."""
     import argparse

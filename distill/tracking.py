@@ -108,7 +108,12 @@ def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
     # synced later with `wandb sync`. An explicit WANDB_MODE wins.
     mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_key() else "offline")
     settings = wandb.Settings(save_code=False, x_disable_meta=True, x_disable_stats=True, console="off")
-    return wandb.init(project=redact(cfg.project), name=name, dir=str(run_dir), mode=mode, config=config, settings=settings, resume="allow", id=_run_id(run_dir))
+    # wandb.init's arguments beat its environment variables; the variables users set by hand win here.
+    env = os.environ
+    described = {"group": None if env.get("WANDB_RUN_GROUP") else cfg.group, "job_type": None if env.get("WANDB_JOB_TYPE") else cfg.job_type,
+                 "notes": None if env.get("WANDB_NOTES") else cfg.notes, "tags": None if env.get("WANDB_TAGS") else (cfg.tags or None)}
+    return wandb.init(project=redact(cfg.project), name=name, dir=str(run_dir), mode=mode, config=config, settings=settings, resume="allow",
+                      id=_run_id(run_dir), **redact(described))
 
 
 def _run_id(run_dir: Path) -> str:
@@ -129,6 +134,8 @@ def _start_mlflow(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
     uri = cfg.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(redact(cfg.project))
-    mlflow.start_run(run_name=name)
+    tags = {**{t: "true" for t in cfg.tags}, **({"distill.group": cfg.group} if cfg.group else {}),
+            **({"mlflow.note.content": cfg.notes} if cfg.notes else {})}
+    mlflow.start_run(run_name=name, tags=redact(tags) or None)
     mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
     return mlflow

@@ -154,6 +154,52 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from distill_launcher import sweep as sweeps
+
+    if args.executor == "local" and args.parallel is None:
+        args.parallel = 1
+    plan = sweeps.plan(args.config, args.overrides, args.grid, sweep_dir=args.sweep_dir, draws=args.random, seed=args.seed)
+    use_store = args.teacher_store == "auto"
+    print(f"[sweep] {plan.dir}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})")
+    if args.executor == "local":
+        if args.dry_run:
+            known: dict = {}
+            for run in plan.runs:
+                state = run.state()
+                print(f"{run.name} ({state})" if state == "finished" else
+                      shlex.join(sweeps.run_command(plan, run, sweeps.teacher_store(plan, run, known) if use_store else None)))
+            return 0
+        failed = sweeps.run_local(plan, parallel=args.parallel, use_store=use_store)
+        from distill.compare import compare
+
+        compare([str(plan.dir)])
+        if failed:
+            print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
+                  file=sys.stderr)
+        return 1 if failed else 0
+    from distill_launcher.launch import resolve_ds_config
+    from distill_launcher.slurm import SlurmRequest, submit
+
+    request = SlurmRequest(gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
+                           partition=args.partition, account=args.account, time=args.time, launcher=args.launcher,
+                           ds_config=resolve_ds_config(args.ds_config), signal_seconds=args.signal_seconds, master_port=args.master_port,
+                           job_name=args.job_name or plan.name)
+    script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs), use_store=use_store)
+    if not pending:
+        print("[sweep] every run is finished; nothing to submit")
+    elif args.dry_run:
+        print(script)
+    else:
+        sweeps.record(plan, "slurm")
+        job_id, path = submit(script, plan.dir)
+        print(f"submitted job array {job_id} ({len(pending)} tasks): script {path}")
+        print(f"logs: {plan.dir / 'slurm'}/slurm-{job_id}_<task>.out; when it is done: distill compare {plan.dir}")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from distill.prune import PruneTarget, prune_directory
 
@@ -295,6 +341,36 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--sort", default="perplexity", help="figure to sort by, best first (default: perplexity; e.g. kl_to_teacher, "
                                                           "top1_agreement, accuracy, latency_ms_per_token, params, train_seconds)")
     cmp.set_defaults(func=cmd_compare)
+
+    sw = commands.add_parser("sweep", help="run a grid (or random draws) of settings as runs, locally or as one SLURM job array",
+                             description="Expand --grid KEY=V1,V2 (repeatable) into one run per combination (or --random N of them) "
+                                         "under SWEEP_DIR/<name>/, each a normal run directory, listed in SWEEP_DIR/sweep.json. Running the "
+                                         "same sweep again skips finished runs and resumes interrupted ones. Runs use the teacher store built "
+                                         "for their teacher and data when one exists (distill cache-teacher). Ends with distill compare.",
+                             epilog=_options_epilog(), formatter_class=formatter)
+    _add_config_arguments(sw)
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a config option and its values (repeatable; values are YAML)")
+    sw.add_argument("--random", type=int, metavar="N", help="run N points drawn at random from the grid instead of all of them")
+    sw.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    sw.add_argument("--sweep-dir", help="where the runs go (default: the config's output_dir + '-sweep')")
+    sw.add_argument("--executor", choices=["local", "slurm"], default="local", help="run here one after another (local) or as one SLURM job array")
+    sw.add_argument("--parallel", type=int, help="runs at once (local: default 1; slurm: the array's %%P limit, default all)")
+    sw.add_argument("--teacher-store", choices=["auto", "never"], default="auto",
+                    help="auto: runs train from the teacher store built for their teacher and data when one exists; never: each run loads the teacher")
+    sw.add_argument("--dry-run", action="store_true", help="print each run's command (local) or the sbatch script (slurm) and exit")
+    slurm_options = sw.add_argument_group("with --executor slurm (as distill submit, per task)")
+    slurm_options.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="torchrun", help="launcher of each task")
+    slurm_options.add_argument("--ds-config", help="DeepSpeed config for the students: a shipped name or a path")
+    slurm_options.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per task (0: CPU processes)")
+    slurm_options.add_argument("--nproc-per-node", type=int, help="processes per task (default: --gpus-per-node; required on CPU)")
+    slurm_options.add_argument("--cpus-per-task", type=int, help="CPU cores per task (default: 4 per process)")
+    slurm_options.add_argument("--partition", help="SLURM partition")
+    slurm_options.add_argument("--account", help="SLURM account")
+    slurm_options.add_argument("--time", default="01:00:00", help="time limit of each task (default: 01:00:00)")
+    slurm_options.add_argument("--signal-seconds", type=int, default=120, help="seconds before the limit at which a task checkpoints and requeues")
+    slurm_options.add_argument("--master-port", type=int, default=29500, help="rendezvous port of task 0 (task i uses this + i)")
+    slurm_options.add_argument("--job-name", help="SLURM job name (default: the sweep directory's name)")
+    sw.set_defaults(func=cmd_sweep)
 
     builds = (
         ("prepare-tiny", "build the bundled tiny corpus, tokenizer and trained teacher (no download)",

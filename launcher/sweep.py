@@ -1,0 +1,309 @@
+"""``distill sweep``: a grid (or random draws) of config overrides, run as normal run directories.
+
+A sweep directory holds one run directory per point (``SWEEP_DIR/<name>/``, named by what
+differs), ``sweep.json`` listing them with their overrides, and ``logs/`` (local executor) or
+``slurm/`` (one job array). Running the same sweep again skips finished runs and resumes
+interrupted ones; the sweep's base config is recorded, and a sweep directory is never reused
+for another.
+
+Every point is checked (keys, types, values) before anything is written or started.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.config import ConfigError, _lookup_field, load_config, to_dict
+
+SWEEP_FILE = "sweep.json"
+# The settings a run's own directory and name decide; they never make two sweeps different.
+OWN_SETTINGS = ("output_dir", "tracking.run_name", "tracking.group")
+
+
+@dataclass
+class Run:
+    name: str
+    overrides: list  # the grid point's own overrides (the base's come first)
+    dir: Path
+
+    def state(self) -> str:
+        """finished (student saved and evaluated), started (resume it) or new."""
+        from distill import rundir
+
+        if (self.dir / "student").is_dir() and (self.dir / "eval.json").is_file() and not (self.dir / "PREEMPTED").exists():
+            return "finished"
+        return "started" if rundir.holds_run(self.dir) else "new"
+
+
+def split_values(raw: str) -> list[str]:
+    """``0.1,0.5`` -> ["0.1", "0.5"]; commas inside [...] or {...} belong to the value."""
+    values, depth, current = [], 0, ""
+    for char in raw:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return [v.strip() for v in [*values, current]]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["loss.alpha=0,0.5", ...]`` -> {"loss.alpha": ["0", "0.5"]}, each key checked against the config's options."""
+    if not items:
+        raise ConfigError("the grid is empty: give at least one --grid KEY=V1,V2 (e.g. --grid loss.alpha=0,0.5)")
+    grid = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        values = split_values(raw) if sep else []
+        if not key or not values or any(v == "" for v in values):
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... with no empty value (e.g. --grid loss.temperature=1,2)")
+        try:
+            _lookup_field(key.split("."))
+        except ConfigError as err:
+            raise ConfigError(f"--grid {item!r}: {err}") from None
+        if key in grid:
+            raise ConfigError(f"--grid names {key} twice; give all its values in one --grid {key}=V1,V2")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--grid {item!r} repeats a value; list each once")
+        grid[key] = values
+    return grid
+
+
+def points(grid: dict[str, list[str]], *, draws: int | None, seed: int) -> list[dict[str, str]]:
+    """Every combination, in grid order; or ``draws`` of them drawn without replacement (``--random N --seed S``)."""
+    every = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    if draws is None:
+        return every
+    if not 1 <= draws <= len(every):
+        raise ConfigError(f"--random {draws}: the grid has {len(every)} points; draw between 1 and {len(every)}")
+    chosen = sorted(random.Random(seed).sample(range(len(every)), draws))
+    return [every[i] for i in chosen]
+
+
+def run_name(point: dict[str, str]) -> str:
+    """``alpha=0.5,temperature=2``: the last part of each key (the whole key where two share it), file-name safe."""
+    last = [key.rsplit(".", 1)[-1] for key in point]
+    parts = [f"{short if last.count(short) == 1 else key}={value}" for (key, value), short in zip(point.items(), last)]
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))[:120]
+
+
+def base_settings(config: str, overrides: list[str]) -> dict:
+    """The resolved base config as flat settings (what makes two sweeps the same sweep)."""
+    from distill.compare import flat_settings
+
+    flat = flat_settings(to_dict(load_config(config, overrides)))
+    return {k: v for k, v in flat.items() if k not in OWN_SETTINGS}
+
+
+@dataclass
+class Sweep:
+    dir: Path
+    config: str
+    base: list  # the --set overrides every run shares
+    runs: list
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def run_overrides(self, run: Run, store: str | None) -> list[str]:
+        extra = ["teacher.source=cache", f"teacher.cache={store}"] if store else []
+        return [*self.base, *run.overrides, *extra, f"output_dir={run.dir}", f"tracking.run_name={run.name}", f"tracking.group={self.name}"]
+
+
+def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str | None, draws: int | None, seed: int) -> Sweep:
+    """Checks every point and the sweep directory; writes nothing."""
+    grid = parse_grid(grid_items)
+    base_cfg = load_config(config, base)
+    root = Path(os.path.expanduser(sweep_dir or f"{base_cfg.output_dir.rstrip('/')}-sweep")).resolve()
+    runs = []
+    for point in points(grid, draws=draws, seed=seed):
+        overrides = [f"{k}={v}" for k, v in point.items()]
+        try:
+            load_config(config, [*base, *overrides])
+        except ConfigError as err:
+            raise ConfigError(f"--grid point {', '.join(overrides)}: {err}") from None
+        runs.append(Run(run_name(point), overrides, root / run_name(point)))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points get the same run name; make the --grid values differ in more than punctuation")
+    _check_reuse(root, config, base)
+    return Sweep(root, str(Path(config).resolve()), list(base), runs)
+
+
+def _check_reuse(root: Path, config: str, base: list[str]) -> None:
+    """A sweep directory holds one sweep: the same base config (after --set), or it is refused untouched."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"sweep directory {root} exists and is not a directory; choose another --sweep-dir")
+    if not (root / SWEEP_FILE).is_file():
+        if root.is_dir() and any(root.iterdir()):
+            raise ConfigError(f"sweep directory {root} is not empty and holds no {SWEEP_FILE}; choose another --sweep-dir")
+        return
+    recorded = json.loads((root / SWEEP_FILE).read_text()).get("base_settings", {})
+    now = base_settings(config, base)
+    differ = sorted(k for k in set(recorded) | set(now) if recorded.get(k, "<absent>") != now.get(k, "<absent>"))
+    if differ:
+        shown = ", ".join(differ[:6]) + (" ..." if len(differ) > 6 else "")
+        raise ConfigError(f"sweep directory {root} holds a sweep of another base config (differs in {shown}); "
+                          "use the same config and --set values, or choose another --sweep-dir")
+
+
+def record(sweep: Sweep, executor: str) -> None:
+    """Writes (or extends) sweep.json: the base config and every run with its overrides."""
+    path = sweep.dir / SWEEP_FILE
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    runs = {r["name"]: r for r in previous.get("runs", [])}
+    runs.update({r.name: {"name": r.name, "overrides": r.overrides} for r in sweep.runs})
+    value = {"config": sweep.config, "base_overrides": sweep.base, "base_settings": base_settings(sweep.config, sweep.base),
+             "executor": executor, "runs": list(runs.values())}
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{SWEEP_FILE}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def teacher_store(sweep: Sweep, run: Run, known: dict) -> str | None:
+    """The teacher store built for this run's teacher and data, when the run can train from one.
+
+    Only the teacher, task and data decide which store fits, so one lookup (which tokenizes the
+    data) serves every run that shares them.
+    """
+    cfg = load_config(sweep.config, [*sweep.base, *run.overrides])
+    if cfg.teacher.source == "cache":
+        return None  # chosen by the config itself
+    settings = to_dict(cfg)
+    key = json.dumps({k: settings[k] for k in ("teacher", "data", "task")}, sort_keys=True)
+    if key not in known:
+        from distill.store import store_for
+
+        known[key] = store_for(cfg)
+    path = known[key]
+    if path is None:
+        return None
+    try:  # an objective that needs the teacher itself (feature terms) keeps loading it
+        load_config(sweep.config, [*sweep.base, *run.overrides, "teacher.source=cache", f"teacher.cache={path}"])
+    except ConfigError:
+        return None
+    return str(path)
+
+
+def run_command(sweep: Sweep, run: Run, store: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "distill_launcher.cli", "run", sweep.config]
+    for item in sweep.run_overrides(run, store):
+        argv += ["--set", item]
+    return argv + (["--resume"] if run.state() == "started" else [])
+
+
+def run_local(sweep: Sweep, *, parallel: int = 1, use_store: bool = True) -> int:
+    """Runs the unfinished runs, ``parallel`` at a time, each ``distill run`` in its own process
+    (output in SWEEP_DIR/logs/NAME.log); returns the number that failed."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1 (got {parallel})")
+    record(sweep, "local")
+    logs = sweep.dir / "logs"
+    logs.mkdir(exist_ok=True)
+    known: dict = {}
+    todo = []
+    for run in sweep.runs:
+        state = run.state()
+        if state == "finished":
+            print(f"[sweep] {run.name}: finished, skipped")
+            continue
+        store = teacher_store(sweep, run, known) if use_store else None
+        how = f"from the teacher store {store}" if store else "loading the teacher"
+        todo.append((run, run_command(sweep, run, store), f"{'resuming' if state == 'started' else 'starting'}, {how}"))
+    # Runs side by side share the cores rather than each taking them all.
+    env = {**os.environ}
+    if parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    failed, running = [], []
+    # Stopped (Ctrl-C, SIGTERM, scancel of a local sweep): the runs get SIGTERM, save a checkpoint
+    # and stop; the same command later resumes them.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while todo or running:
+            while todo and len(running) < parallel:
+                run, argv, what = todo.pop(0)
+                print(f"[sweep] {run.name}: {what}", flush=True)
+                log = open(logs / f"{run.name}.log", "a")
+                running.append((run, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log))
+            for item in list(running):
+                run, proc, log = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                if proc.returncode == 0:
+                    print(f"[sweep] {run.name}: finished", flush=True)
+                else:
+                    failed.append(run.name)
+                    print(f"[sweep] {run.name}: failed with exit code {proc.returncode}: {_last_line(logs / f'{run.name}.log')} "
+                          f"(log: {logs / (run.name + '.log')})", flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for run, proc, log in running:
+            proc.terminate()
+        for run, proc, log in running:
+            proc.wait()
+            print(f"[sweep] {run.name}: stopped (exit code {proc.returncode}); run the sweep again to resume it", flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return len(failed)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in re.split(r"[\r\n]", path.read_text(errors="replace")) if line.strip()]  # \r: progress bars
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def render_array(sweep: Sweep, request, *, parallel: int, use_store: bool = True, python: str = sys.executable) -> tuple[str, list[Run]]:
+    """One SLURM job array over the unfinished runs: task i runs ``distill launch ... --resume`` for run i."""
+    from distill_launcher.slurm import TEMPLATES, _directive_value, _directives, launch_command
+
+    request.check()
+    pending = [run for run in sweep.runs if run.state() != "finished"]
+    if not pending:
+        return "", []
+    known: dict = {}
+    cases = []
+    for index, run in enumerate(pending):
+        store = teacher_store(sweep, run, known) if use_store else None
+        command = launch_command(sweep.config, sweep.run_overrides(run, store), request, python=python)
+        # Tasks may share a node: each rendezvous on its own port.
+        command[4:4] = ["--master-port", str(request.master_port + index)]
+        cases.append(f"    {index}) RUN_DIR={shlex.quote(str(run.dir))}; set -- {shlex.join(command)} ;;")
+    gpus, extra = _directives(request)
+    values = {
+        "job_name": _directive_value(request.job_name, "--job-name"),
+        "cpus_per_task": str(request.cpus_per_task or max(2, 4 * request.processes_per_node())),
+        "gpus_directive": gpus, "extra_directives": extra, "time": request.time,
+        "array": f"0-{len(pending) - 1}%{parallel}",
+        "log": _directive_value(str(sweep.dir / "slurm").replace("%", "%%") + "/slurm-%A_%a.out", "the sweep directory"),
+        "signal_seconds": str(request.signal_seconds),
+        "cases": "\n".join(cases),
+    }
+    template = (TEMPLATES / "sweep_array.sbatch").read_text()
+    script = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+    check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    if check.returncode != 0:  # a bug in the template, not user input
+        raise RuntimeError(f"rendered sbatch script does not parse: {check.stderr.strip()}")
+    return script, pending
