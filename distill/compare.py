@@ -139,6 +139,8 @@ def table(runs: list[dict], sort: str):
         frame.insert(2, "validation_group", [validations[r["validation"]] for r in runs])
     frame = frame.dropna(axis=1, how="all")
     if sort not in frame.columns:
+        if all(run["status"] != "finished" for run in runs):
+            return frame  # nothing evaluated yet: nothing to sort by
         raise ConfigError(f"--sort {sort}: no run has it; choose one of {', '.join(c for c in METRICS if c in frame.columns)}")
     return frame.sort_values(sort, ascending=sort not in HIGHER_IS_BETTER, na_position="last", kind="stable").reset_index(drop=True)
 
@@ -227,7 +229,7 @@ def compare(paths: list[str], out: str | None = None, sort: str = "perplexity") 
     frame = table(runs, sort)
     warnings = flags(runs)
     group = "teacher_group" if "teacher_group" in frame.columns else "validation_group" if "validation_group" in frame.columns else None
-    quality = "perplexity" if frame["perplexity"].notna().any() else "accuracy" if "accuracy" in frame.columns else None
+    quality = next((q for q in ("perplexity", "accuracy") if q in frame.columns), None)
     drawn = [curves_plot(runs, out_dir / "curves.png")]
     if quality is not None:
         for cost, name in (("latency_ms_per_token", "quality_vs_latency.png"), ("params", "quality_vs_size.png")):

@@ -64,10 +64,7 @@ class Tracker:
         if self.backend == "wandb":
             self._client.summary.update(values)
         elif self.backend == "tensorboard":
-            self._client.add_text("eval", "```\n" + json.dumps(values, indent=2) + "\n```")
-            for key, value in values.items():  # per-model figures (MODEL/lm_eval/TASK/METRIC, ...) as scalars too
-                if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._client.add_scalar(f"final/{key}", value, 0)
+            self._client.add_text("eval", "```\n" + json.dumps(values, indent=2) + "\n```")  # the figures went to log() as final/...
         elif self.backend == "mlflow":
             numeric = {_mlflow_name(k): v for k, v in _flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self._client.log_metrics(numeric)

@@ -193,8 +193,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif args.dry_run:
         print(script)
     else:
-        sweeps.record(plan, "slurm")
+        sweeps.check_no_array_running(plan)
         job_id, path = submit(script, plan.dir)
+        sweeps.record(plan, "slurm", slurm_job=job_id)
         print(f"submitted job array {job_id} ({len(pending)} tasks): script {path}")
         print(f"logs: {plan.dir / 'slurm'}/slurm-{job_id}_<task>.out; when it is done: distill compare {plan.dir}")
     return 0

@@ -162,14 +162,28 @@ def _check_reuse(root: Path, config: str, base: list[str]) -> None:
                           "use the same config and --set values, or choose another --sweep-dir")
 
 
-def record(sweep: Sweep, executor: str) -> None:
+def check_no_array_running(sweep: Sweep) -> None:
+    """Refuses to submit while an array this sweep submitted is still queued or running (its tasks would meet their own runs' locks)."""
+    path = sweep.dir / SWEEP_FILE
+    jobs = json.loads(path.read_text()).get("slurm_jobs", []) if path.is_file() else []
+    if not jobs:
+        return
+    queued = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i"], capture_output=True, text=True)
+    alive = sorted({line.split("_")[0] for line in queued.stdout.split()})
+    if alive:
+        raise ConfigError(f"sweep {sweep.dir} has job array {', '.join(alive)} still queued or running; wait for it "
+                          f"(squeue -j {','.join(alive)}) or cancel it (scancel {' '.join(alive)}), then run the sweep again")
+
+
+def record(sweep: Sweep, executor: str, *, slurm_job: str | None = None) -> None:
     """Writes (or extends) sweep.json: the base config and every run with its overrides."""
     path = sweep.dir / SWEEP_FILE
     previous = json.loads(path.read_text()) if path.is_file() else {}
     runs = {r["name"]: r for r in previous.get("runs", [])}
     runs.update({r.name: {"name": r.name, "overrides": r.overrides} for r in sweep.runs})
     value = {"config": sweep.config, "base_overrides": sweep.base, "base_settings": base_settings(sweep.config, sweep.base),
-             "executor": executor, "runs": list(runs.values())}
+             "executor": executor, "runs": list(runs.values()),
+             "slurm_jobs": [*previous.get("slurm_jobs", []), *([slurm_job] if slurm_job else [])]}
     sweep.dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{SWEEP_FILE}")
     tmp.write_text(json.dumps(value, indent=2))

@@ -87,6 +87,15 @@ def run_job(tiny: dict, corpus: dict, out: Path, *extra: str, resume: bool = Fal
     return out, result
 
 
+def sweep_args(tiny, corpus, sweep_dir, *args, base=()):
+    """`distill sweep` on the test's tiny models: an empty config file, everything from --set."""
+    config = sweep_dir.parent / f"{sweep_dir.name}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("{}\n")
+    sets = [a for o in job_overrides(tiny, corpus, sweep_dir.parent / "unused", *base) for a in ("--set", o) if not o.startswith("output_dir=")]
+    return ["sweep", str(config), *sets, "--sweep-dir", str(sweep_dir), *args]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     from distill.train import read_metrics as read
 

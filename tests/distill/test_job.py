@@ -90,13 +90,19 @@ def test_tensorboard_records_readable(tiny, corpus, tmp_path):
 def test_mlflow_records_readable(tiny, corpus, tmp_path):
     import mlflow
 
-    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", "tracking.backend=mlflow", "eval.speed=false", "tracking.project=tiny-exp")
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", "tracking.backend=mlflow", "eval.speed=false", "tracking.project=tiny-exp",
+                         "tracking.group=sweep-1", "tracking.tags=[kd, tiny]", "tracking.notes=a first try")
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny-exp")
     (run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(history) == 6
     assert run.data.params["loss.kind"] == "forward_kl"
+    tags = run.data.tags
+    assert tags["distill.group"] == "sweep-1" and "kd" in tags and "tiny" in tags and tags["mlflow.note.content"] == "a first try"
+    # The final evaluation is in the history, as the report has it.
+    (final,) = client.get_metric_history(run.info.run_id, "final_student_perplexity")
+    assert final.step == 6 and final.value == pytest.approx(json.loads((run_dir / "eval.json").read_text())["rows"][-1]["perplexity"])
 
 
 def test_wandb_offline_run_and_no_secrets_anywhere(tiny, corpus, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, job_overrides, read_metrics, reset_accelerate, run_job
+from conftest import REPO, job_overrides, read_metrics, reset_accelerate, run_job, sweep_args
 from distill.config import ConfigError, LossConfig, load_config
 from distill.losses import DIVERGENCES, IGNORE_INDEX
 from distill.objective import Outputs, build_objective
@@ -204,7 +204,7 @@ def test_missing_incomplete_truncated_and_foreign_stores_are_named(store, tiny, 
     assert proc.returncode != 0 and "--top-k 100000 must be between 1 and the vocabulary size (320)" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_a_store_is_found_by_the_jobs_identity(tiny, corpus, tmp_path, monkeypatch):
+def test_a_store_is_found_by_the_jobs_identity(tiny, corpus, tmp_path, monkeypatch, capsys):
     root = tmp_path / "root"
     monkeypatch.setenv("DISTILL_CACHE_DIR", str(root))
     reset_accelerate()
@@ -215,6 +215,16 @@ def test_a_store_is_found_by_the_jobs_identity(tiny, corpus, tmp_path, monkeypat
     reset_accelerate()
     run_dir, _ = _train(tiny, corpus, tmp_path / "found", "train.max_steps=2")
     assert len([m for m in read_metrics(run_dir) if "train/loss" in m]) == 2
+    # A sweep's runs train from the store found for their teacher and data (unless told not to).
+    from distill_launcher.cli import main
+
+    for store_option, uses in (("auto", True), ("never", False)):
+        capsys.readouterr()
+        assert main(sweep_args(tiny, corpus, tmp_path / f"sweep-{store_option}", "--grid", "loss.temperature=1,2", "--dry-run",
+                               "--teacher-store", store_option)) == 0
+        commands = capsys.readouterr().out.splitlines()[1:]
+        assert len(commands) == 2
+        assert all((f"--set teacher.source=cache --set teacher.cache={root / 'teacher' / 'mine'}" in c) == uses for c in commands)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

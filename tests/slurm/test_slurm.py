@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, distill_cli, job_overrides, read_metrics
+from conftest import REPO, distill_cli, job_overrides, read_metrics, sweep_args
 from distill_launcher.launch import LaunchError
 from distill_launcher.slurm import SlurmRequest, render_script
 
@@ -171,3 +171,29 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny, corpus, t
     steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
     assert steps == list(range(1, 1501))  # continued, not restarted
     assert not (out / "PREEMPTED").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_as_one_job_array(cluster, tiny, corpus, tmp_path):
+    sweep_dir = tmp_path / "array sweep"
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    args = sweep_args(tiny, corpus, sweep_dir, "--grid", "loss.temperature=1,2", "--executor", "slurm", "--nproc-per-node", "1",
+                      "--cpus-per-task", "1", "--parallel", "2", "--time", "10", "--master-port", str(free_port()), base=("eval.speed=false",))
+    result = distill_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    array = result.stdout.split("submitted job array ")[1].split()[0]
+    # Submitting again while the array runs would race its own tasks: refused.
+    again = distill_cli(*args, env=env)
+    assert again.returncode == 2 and f"has job array {array} still queued or running" in again.stderr
+    done = lambda: all(job_state(f"{array}_{i}") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE") for i in (0, 1))
+    wait_for(done, 600, "the array's tasks")
+    for i, name in enumerate(("temperature=1", "temperature=2")):
+        log = (sweep_dir / "slurm" / f"slurm-{array}_{i}.out").read_text()
+        assert f"sweep task {i}" in log and "[distill] finished with status 0" in log, log[-3000:]
+        assert json.loads((sweep_dir / name / "eval.json").read_text())["rows"][-1]["model"] == "student"
+    assert json.loads((sweep_dir / "sweep.json").read_text())["slurm_jobs"] == [array]
+    wait_for(lambda: "still queued" not in distill_cli(*args, env=env).stderr, 120, "the array to leave the queue")
+    result = distill_cli(*args, env=env)
+    assert result.returncode == 0 and "every run is finished; nothing to submit" in result.stdout
+    compared = distill_cli("compare", str(sweep_dir))
+    assert compared.returncode == 0 and (sweep_dir / "comparison.csv").is_file()
