@@ -62,20 +62,9 @@ def flat_settings(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def train_seconds(records: list[dict]) -> float:
-    """Training time: each logged window's mean step time times the steps it covers."""
-    total, previous = 0.0, 0
-    for record in sorted((r for r in records if "train/loss" in r), key=lambda r: r["step"]):
-        if not isinstance(record.get("train/step_seconds"), (int, float)):
-            return math.nan  # a run logged before step times were recorded
-        total += record["train/step_seconds"] * (record["step"] - previous)
-        previous = record["step"]
-    return total
-
-
 def read_run(run_dir: Path) -> dict:
     """One run's settings, figures and the identities of its teacher and validation data."""
-    from distill.train import read_metrics
+    from distill.train import read_metrics, train_seconds
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     records = read_metrics(run_dir / "metrics.jsonl")

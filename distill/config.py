@@ -174,6 +174,8 @@ class TrackingConfig:
     tags: list = option([], "Tags of the run (W&B tags, MLflow tags). WANDB_TAGS (comma-separated) wins.")
     job_type: Optional[str] = option(None, "W&B job type (e.g. distill, baseline). WANDB_JOB_TYPE wins.")
     notes: Optional[str] = option(None, "A sentence about the run (W&B notes, MLflow description). WANDB_NOTES wins.")
+    system_metrics: bool = option(True, "Record system metrics (CPU, GPU, memory) in W&B.")
+    log_model: Literal["false", "end", "checkpoints"] = option("false", "Upload the model to the tracker (W&B artifact, MLflow artifacts): false, end (the final student or adapter) or checkpoints (each checkpoint as it is saved).")
 
 
 @dataclass
@@ -280,6 +282,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, key)
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in args:  # YAML reads a bare false as a bool
+            value = str(value).lower()
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")
         return value

@@ -109,6 +109,9 @@ def main_guard(fn, *args, **kwargs) -> int:
     Under ``distill launch`` (which sets DISTILL_EXIT_DIR) each job process also records its code,
     because torchrun and the deepspeed launcher replace a failed process's code by their own.
     """
+    from distill import noise
+
+    noise.install()
     code = _guarded(fn, *args, **kwargs)
     exit_dir = os.environ.get(EXIT_DIR_ENV)
     if exit_dir and code:

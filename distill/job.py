@@ -12,6 +12,9 @@ from distill.signals import SIGNALS, TERM, SetupInterrupted
 
 if __name__ == "__main__":  # before the heavy imports below: a signal during them is handled too
     SIGNALS.install()
+    from distill import noise
+
+    noise.install()  # before torch: torchao and bitsandbytes log as they are imported
 
 import argparse  # noqa: E402
 import atexit  # noqa: E402
@@ -31,7 +34,7 @@ from distill.feature_terms import ATTENTIONS  # noqa: E402
 from distill.objective import FEATURE_TERMS, Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.teacher_source import build_source  # noqa: E402
-from distill.train import Preempted, build_optimizer, build_scheduler, fit, truncate_metrics  # noqa: E402
+from distill.train import Preempted, build_optimizer, build_scheduler, fit, read_metrics, train_seconds, truncate_metrics  # noqa: E402
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -338,7 +341,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if accelerator.is_main_process:
         from distill.tracking import Tracker
 
-        tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)
+        tracker = Tracker(cfg.tracking, run_dir, {**to_dict(cfg), "models": model_facts(cfg, student, teacher, trainable, total)},
+                          resume=latest is not None)
     try:
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
         try:
@@ -368,12 +372,24 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
 
                 # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
                 tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
-                tracker.summary({**result, **summary_metrics(result["rows"])})
+                seconds = train_seconds(read_metrics(run_dir / "metrics.jsonl"))
+                samples = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+                tracker.summary({**result, **summary_metrics(result["rows"]), "train/runtime_seconds": seconds,
+                                 "train/samples_per_second": samples / seconds if seconds else None})
+        if tracker is not None:
+            tracker.log_model(run_dir / "student", kind="student", step=cfg.train.max_steps)
     finally:
         if tracker is not None:
             tracker.close()
     accelerator.wait_for_everyone()
     return result
+
+
+def model_facts(cfg: DistillConfig, student, teacher, trainable: int, total: int) -> dict:
+    """The models' sizes and configs, for the trackers' run config."""
+    teacher_config = teacher.config if teacher is not None else models.teacher_config(cfg.teacher)
+    return {"student": {"params": total, "trainable_params": trainable, "config": student.config.to_diff_dict()},
+            "teacher": {"params": teacher.num_parameters() if teacher is not None else None, "config": teacher_config.to_diff_dict()}}
 
 
 def _save_atomically(path: Path, write, *, needed: int = 0) -> None:

@@ -73,7 +73,57 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         **(facts or {}),
     }
     write_report(result, run_dir)
+    write_model_card(cfg, result, student_dir)
     return result
+
+
+def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path) -> None:
+    """student/README.md: what the student is, how it was made and how it compares, ready for ``push_to_hub``."""
+    if not student_dir.is_dir():
+        return
+    import os
+
+    import yaml
+
+    lora = cfg.student.lora is not None and not cfg.student.lora.merge
+    data = cfg.data.dataset or ", ".join(str(f) for f in cfg.data.train_files) or "a data mixture"
+    front = {"library_name": "peft" if lora else "transformers", "tags": ["distillation", "knowledge-distillation", cfg.task.kind],
+             "pipeline_tag": {"causal_lm": "text-generation", "masked_lm": "fill-mask", "sequence_classification": "text-classification"}[cfg.task.kind]}
+    objective = "; ".join(f"{t['name']}: {t['kind']}" + (f" {t['divergence']}" if "divergence" in t else "") + f", weight {t['weight']:g}"
+                          for t in result["objective"])
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {student_dir.parent.name}: a student distilled from {cfg.teacher.path}", "",
+        f"This {'LoRA adapter' if lora else 'model'} was trained by knowledge distillation with distill: "
+        f"it learned to match the teacher `{cfg.teacher.path}`"
+        + (f" (loaded in {cfg.teacher.quantization})" if cfg.teacher.quantization != "none" else "") + ".", "",
+        "## Training", "",
+        f"- data: {data} (sequences of {cfg.data.seq_len} tokens)",
+        f"- objective: {objective}; temperature {cfg.loss.temperature:g}",
+        f"- {result['steps']} optimizer steps of {cfg.train.micro_batch_size} x {cfg.train.grad_accum} sequences per process, "
+        f"learning rate {cfg.train.lr:g} ({cfg.train.scheduler}), precision {cfg.train.precision}",
+        f"- student: {result.get('student_total_params', 0):,} parameters ({result.get('student_trainable_params', 0):,} trained)", "",
+        "## Evaluation", "",
+        f"On the run's validation data ({result['validation_tokens']:,} targets), every model measured by the same code:", "",
+        evaluation.table(result["rows"]), "",
+        "## Intended use", "",
+        f"A smaller, faster stand-in for `{cfg.teacher.path}` on text like its training data, or a draft model for the teacher's "
+        "speculative decoding. It inherits the teacher's limitations and biases and has not been evaluated beyond the table above.", "",
+        "## Loading", "",
+        "```python",
+        ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)" if lora else
+         f"from transformers import {_auto_class(cfg)}\nmodel = {_auto_class(cfg)}.from_pretrained(PATH)"),
+        "```", "",
+    ]
+    tmp = student_dir / ".tmp-README.md"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, student_dir / "README.md")
+
+
+def _auto_class(cfg: DistillConfig) -> str:
+    from distill.tasks import build_task
+
+    return build_task(cfg.task).auto_class
 
 
 def final_metrics(rows: list[dict]) -> dict:

@@ -34,7 +34,7 @@ STALE_AFTER_SECONDS = 300.0
 MIN_FREE_BYTES = 16 * 2**20
 # What a run writes; --overwrite removes exactly these.
 RUN_OUTPUTS = ("config.yaml", "checkpoints", "student", "adapter", "objective", "quantized", "eval.json", "report.md", "initial_eval.json",
-               "metrics.jsonl", "plots", "PREEMPTED", "tensorboard", "wandb", "mlflow.db", ".wandb_id")
+               "metrics.jsonl", "plots", "PREEMPTED", "tensorboard", "wandb", "mlflow.db", "mlflow-artifacts", ".wandb_id", ".mlflow_run_id")
 RUN_MARKERS = ("config.yaml", "checkpoints", "student")
 
 

@@ -10,6 +10,7 @@ where ``N`` is the number of unmasked targets in the whole step: every micro-bat
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -212,7 +213,9 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
                     tracker.log(metrics, step=state.step)
             saved = tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps)
             if saved:
-                saver.save(state)
+                path = saver.save(state)
+                if tracker is not None:
+                    tracker.log_model(path, kind="checkpoint", step=state.step)
             if state.step < tr.max_steps:
                 _stop_if_signalled(accelerator, saver, state, saved=bool(saved), grace=tr.stop_grace_seconds, run_dir=run_dir)
     finally:
@@ -269,6 +272,17 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def train_seconds(records: list[dict]) -> float:
+    """Training time: each logged window's mean step time times the steps it covers."""
+    total, previous = 0.0, 0
+    for record in sorted((r for r in records if "train/loss" in r), key=lambda r: r["step"]):
+        if not isinstance(record.get("train/step_seconds"), (int, float)):
+            return math.nan  # a run logged before step times were recorded
+        total += record["train/step_seconds"] * (record["step"] - previous)
+        previous = record["step"]
+    return total
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -206,3 +206,35 @@ def bert(tmp_path_factory, corpus) -> dict:
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     return {"teacher": str(root / "teacher"), "tokenizer": tokenizer}
+
+
+def read_wandb_records(run_dir: Path) -> list:
+    """The records of a run's offline .wandb file (W&B's log format: a 7-byte header, then 32 KiB
+    blocks of records, each a 7-byte header (crc32, length, type) and a piece of a protobuf Record)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    (path,) = list(offline.glob("*.wandb"))
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, pending = [], 7, b""
+    block = 32768
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # the block's tail is padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -120,3 +120,74 @@ def test_wandb_offline_run_and_no_secrets_anywhere(tiny, corpus, tmp_path, monke
             blob = path.read_bytes()
             assert secret.encode() not in blob and b"sk-another-secret-42" not in blob, path
     assert "leaky-***" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_wandb_run_is_ready_for_a_report(tiny, corpus, tmp_path, monkeypatch):
+    """Read back from the offline .wandb file: what a W&B report is built from."""
+    from conftest import read_wandb_records
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_JOB_TYPE", "WANDB_NOTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "from-the-environment")
+    monkeypatch.setenv("WANDB_X_STATS_SAMPLING_INTERVAL", "0.5")
+    run_dir, result = run_job(tiny, corpus, tmp_path / "wb", "tracking.backend=wandb", "eval.speed=false", "tracking.group=sweep-7",
+                              "tracking.tags=[kd, tiny]", "tracking.job_type=distill", "tracking.notes=first try", "tracking.log_model=end")
+    records = read_wandb_records(run_dir)
+    kinds = lambda kind: [r for r in records if r.WhichOneof("record_type") == kind]
+    (run,) = [r.run for r in kinds("run")]
+    assert (run.project, run.run_group, run.job_type, run.notes, list(run.tags)) == ("from-the-environment", "sweep-7", "distill", "first try", ["kd", "tiny"])
+    config = {item.key: json.loads(item.value_json) for r in kinds("config") for item in r.config.update} | \
+             {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["models"]["student"]["params"] == result["rows"][-1]["params"] and config["loss"]["kind"] == "forward_kl"
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in kinds("history")]
+    assert all(h["train/global_step"] == h["_step"] for h in history if "train/global_step" in h)
+    final = next(h for h in history if "final/student/perplexity" in h)
+    assert final["final/student/perplexity"] == pytest.approx(result["rows"][-1]["perplexity"])  # the history agrees with the report
+    # The report's rows as a table, the plots as images (W&B flattens their descriptions into nested keys).
+    assert (final["final/report/_type"], final["final/report/nrows"]) == ("table-file", 3)
+    assert final["plots/loss/_type"] == final["plots/validation/_type"] == "image-file"
+    assert any(m.metric.glob_name == "*" and m.metric.step_metric == "train/global_step" for m in kinds("metric"))
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in kinds("summary") for item in r.summary.update}
+    assert summary["train/runtime_seconds"] > 0 and summary["train/samples_per_second"] > 0 and "rows" not in summary
+    assert kinds("stats"), "no system metrics were recorded"
+    (artifact,) = [a.artifact for a in kinds("artifact") if a.artifact.type == "model"]
+    assert artifact.type == "model" and {f.path for f in artifact.manifest.contents} >= {"model.safetensors", "config.json", "README.md"}
+    card = (run_dir / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "| student " in card and "forward_kl" in card
+
+
+def test_wandb_finds_the_key_wandb_login_wrote_for_its_host(tmp_path, monkeypatch):
+    from distill.tracking import wandb_mode
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nbase_url = https://wandb.example.com\n")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    mode, why = wandb_mode()  # a key for the default host is not one for the host `wandb login --host` chose
+    assert mode == "offline" and "no API key for https://wandb.example.com" in why
+    netrc.write_text("machine wandb.example.com\n  login user\n  password " + "b" * 40 + "\n")
+    assert wandb_mode() == ("online", f"an API key for https://wandb.example.com from {netrc}")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode() == ("offline", "WANDB_MODE is set")
+
+
+def test_resume_continues_the_same_tracker_runs(tiny, corpus, tmp_path):
+    import mlflow
+
+
+    sets = ("tracking.backend=mlflow", "eval.speed=false", "train.save_every=2", "tracking.project=resumed")
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", *sets, "train.max_steps=4")
+    reset_accelerate()
+    run_job(tiny, corpus, tmp_path / "ml", *sets, "train.max_steps=6", resume=True)
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 7))
+    artifacts = client.get_experiment_by_name("resumed").artifact_location
+    assert artifacts == (run_dir / "mlflow-artifacts").resolve().as_uri()
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"report.md", "eval.json", "config.yaml", "plots"}
+
