@@ -1,8 +1,6 @@
 """Third-party noise is kept off the console; real warnings, and the first of a repeated one, are not."""
 
 import logging
-import subprocess
-import sys
 
 
 def test_known_noise_is_dropped_and_real_warnings_pass(caplog):
