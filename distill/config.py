@@ -150,6 +150,7 @@ class LmEvalConfig:
 @dataclass
 class EvalConfig:
     at_end: bool = option(True, "Evaluate and write eval.json/report.md after training.")
+    baseline: str = option("", "A finished run directory whose student is shown as the report's baseline row: typically the same student trained on the same data for the same steps without the teacher (loss.alpha=1). Shown only when its student, data and steps match this job's.")
     initial: bool = option(True, "Also evaluate the student before training (the 'untrained' row of the report).")
     teacher_fidelity: bool = option(True, "For a quantized teacher, also load it in full precision and report KL(full || quantized).")
     speed: bool = option(True, "Measure latency and throughput of teacher and student.")

@@ -250,6 +250,14 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"accuracy: {rows['initial_student']['accuracy']:.1%} before training -> {student['accuracy']:.1%} distilled (teacher {teacher['accuracy']:.1%})")
     elif "initial_student" in rows and student:
         lines.append(f"perplexity: {rows['initial_student']['perplexity']:.2f} before training -> {student['perplexity']:.2f} distilled (teacher {teacher['perplexity']:.2f})")
+    baseline = rows.get("baseline")
+    if baseline and student:
+        metric = "accuracy" if student.get("accuracy") is not None else "perplexity"
+        better = student[metric] > baseline[metric] if metric == "accuracy" else student[metric] < baseline[metric]
+        change = (student[metric] - baseline[metric]) / baseline[metric]
+        shown = (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:.2f}")
+        lines.append(f"against the baseline (the same student, data and steps, without the teacher): {metric} {shown(baseline[metric])} -> "
+                     f"{shown(student[metric])} distilled ({abs(change):.1%} {'better' if better else 'worse'})")
     trainable, total = result.get("student_trainable_params"), result.get("student_total_params")
     if trainable and total and trainable < total:
         lines.append(f"trained parameters: {trainable:,} of {total:,} ({trainable / total:.2%}; LoRA adapters)")

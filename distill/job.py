@@ -31,6 +31,7 @@ from distill.config import ConfigError, DistillConfig, load_config, read_ds_conf
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.config import teacher_needed  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
+from distill.progress import phase  # noqa: E402
 from distill.objective import FEATURE_TERMS, Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.teacher_source import build_source  # noqa: E402
@@ -176,7 +177,8 @@ class Setup:
         calibration = data.validation_batches(self.train_sequences, batch_size=cfg.train.micro_batch_size,
                                               limit=cfg.student.prune_calibration_batches * cfg.train.micro_batch_size,
                                               pad_id=self.tokenizer.pad_token_id)
-        student = prune(full, importance(full, calibration), PruneTarget(**cfg.student.prune))
+        with phase(f"building the student by pruning the teacher to {cfg.student.prune} ({len(calibration)} calibration batches)"):
+            student = prune(full, importance(full, calibration), PruneTarget(**cfg.student.prune))
         del full
         return student.float().requires_grad_(True).train()
 
@@ -318,8 +320,9 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if cfg.eval.at_end and cfg.eval.initial and latest is None:
         if cfg.student.quantization == "none":  # a bitsandbytes base is placed when loaded, never moved
             student.to(accelerator.device)
-        initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task,
-                                     extra_metrics=cfg.eval.metrics)
+        with phase(f"evaluating the untrained student on {len(validation)} validation batches", quiet=not accelerator.is_main_process):
+            initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task,
+                                         extra_metrics=cfg.eval.metrics)
         if accelerator.is_main_process:
             (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
 

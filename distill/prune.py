@@ -278,7 +278,10 @@ def prune_directory(model_path: str, output: str, target: PruneTarget, calibrati
     pruned = model
     if structured:
         calibration = calibration_batches(calibration_files, tokenizer, seq_len=seq_len, batches=batches, batch_size=batch_size)
-        pruned = prune(model, importance(model, calibration), target)
+        from distill.progress import phase
+
+        with phase(f"ranking {len(calibration)} calibration batches and pruning"):
+            pruned = prune(model, importance(model, calibration), target)
     result = {"params_before": model.num_parameters(), "params_after": pruned.num_parameters()}
     if sparsity is not None:
         result.update(magnitude_prune(pruned, sparsity, scope=sparsity_scope))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from distill.config import ConfigError
+from distill.progress import phase
 
 METHODS = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
 
@@ -133,8 +134,9 @@ def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vo
     for method in methods:
         out = run_dir / "quantized" / method
         try:
-            rows.append(_quantized_row(run_dir, out, method, teacher=teacher, validation=validation, vocab=vocab, device=device,
-                                       eval_cfg=eval_cfg, pad_id=pad_id, measure=measure, task=task))
+            with phase(f"quantizing the student ({method}) and evaluating it"):
+                rows.append(_quantized_row(run_dir, out, method, teacher=teacher, validation=validation, vocab=vocab, device=device,
+                                           eval_cfg=eval_cfg, pad_id=pad_id, measure=measure, task=task))
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)  # no quantized model that was never evaluated
             raise

@@ -21,19 +21,24 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     """
     from distill.tasks import build_task
 
+    from distill.progress import phase
+
     device = accelerator.device
     ev = cfg.eval
     task = build_task(cfg.task)
+    quiet = not accelerator.is_main_process
     rows = []
-    teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task,
-                                         extra_metrics=ev.metrics)
-    student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task, extra_metrics=ev.metrics)
+    with phase(f"final evaluation of the teacher and the student on {len(validation)} validation batches", quiet=quiet):
+        teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task,
+                                             extra_metrics=ev.metrics)
+        student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task, extra_metrics=ev.metrics)
     if initial is None and (run_dir / "initial_eval.json").exists():
         initial = json.loads((run_dir / "initial_eval.json").read_text())
     fidelity, full_memory = None, None
     if cfg.teacher.quantization != "none" and ev.teacher_fidelity:
-        full_teacher = models.load_teacher(cfg.teacher, device, quantized=False, model_class=task.auto_class)
-        fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device, task=task)
+        with phase("teacher fidelity: the full-precision teacher against the quantized one", quiet=quiet):
+            full_teacher = models.load_teacher(cfg.teacher, device, quantized=False, model_class=task.auto_class)
+            fidelity = evaluation.teacher_fidelity(full_teacher, teacher, validation, vocab=vocab, device=device, task=task)
         full_memory = full_teacher.get_memory_footprint()
         del full_teacher
     sources = source_rows(cfg, task, student, teacher, by_source, vocab, device) if by_source else None
@@ -47,13 +52,17 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
                "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
                **q}
         if ev.speed:
-            row.update(evaluation.measure_speed(model, validation, task=task, device=device, eval_cfg=ev, pad_id=pad_id))
+            with phase(f"speed of the {name} (latency, throughput; {ev.speed_repeats} repeats)"):
+                row.update(evaluation.measure_speed(model, validation, task=task, device=device, eval_cfg=ev, pad_id=pad_id))
         row.update(measure(model, name))
         rows.append(row)
     if initial is not None:
         student_row = rows[-1]
         rows.insert(1, {"model": "initial_student", "params": student_row["params"], "disk_bytes": None,
                         "memory_bytes": student_row["memory_bytes"], "quantization": "none", **initial})
+    baseline = baseline_row(cfg) if ev.baseline else None
+    if baseline is not None:
+        rows.insert(next(i for i, r in enumerate(rows) if r["model"] == "student"), baseline)
     if ev.quantize:
         from distill.quantize import quantized_rows
 
@@ -75,6 +84,48 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     write_report(result, run_dir)
     write_model_card(cfg, result, student_dir)
     return result
+
+
+# What must match for another run's student to be this job's baseline: the student, the data it saw and is measured on, the steps.
+BASELINE_MATCH = ("task.kind", "student.path", "student.architecture", "student.init", "data.train_files", "data.validation_files",
+                  "data.dataset", "data.validation_split", "data.seq_len", "data.max_validation_sequences", "data.mixture", "train.max_steps",
+                  "train.micro_batch_size", "train.grad_accum", "train.seed")
+
+
+def baseline_row(cfg: DistillConfig) -> dict | None:
+    """The student row of the run in ``eval.baseline``, renamed ``baseline``; None (with the reason printed) when it does not match."""
+    import os
+    import sys
+
+    import yaml
+
+    from distill.config import to_dict
+
+    path = Path(os.path.expanduser(cfg.eval.baseline))
+    try:
+        theirs = yaml.safe_load((path / "config.yaml").read_text())
+        student = next(r for r in json.loads((path / "eval.json").read_text())["rows"] if r["model"] == "student")
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        print(f"eval.baseline: {path} holds no evaluated run (config.yaml, eval.json); the report has no baseline row", file=sys.stderr)
+        return None
+
+    def setting(config: dict, key: str):
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return where(value)
+
+    def where(value):  # paths compared by where they point
+        if isinstance(value, str) and ("/" in value or value.startswith("~")):
+            return os.path.realpath(os.path.expanduser(value))
+        return [where(v) for v in value] if isinstance(value, list) else value
+
+    mine = to_dict(cfg)
+    differ = [key for key in BASELINE_MATCH if setting(mine, key) != setting(theirs, key)]
+    if differ:
+        print(f"eval.baseline: {path} is not shown: its run differs from this job in {', '.join(differ)}", file=sys.stderr)
+        return None
+    return {**student, "model": "baseline"}
 
 
 def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path) -> None:

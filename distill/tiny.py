@@ -17,13 +17,20 @@ import sysconfig
 from pathlib import Path
 
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "corpus_bytes": 1_500_000,
     "validation_bytes": 120_000,
     "vocab_size": 1024,
-    "teacher": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 6,
-                "num_key_value_heads": 6, "max_position_embeddings": 512},
-    "warmup": {"steps": 300, "lr": 2e-3, "micro_batch_size": 16, "seq_len": 128, "warmup_steps": 20},
+    # Wide and shallow: at this budget (450 steps of 2,048 tokens) two layers of 256 learn faster
+    # than four of 192 (validation perplexity 32 against 39 for the same time), and a long warm-up
+    # (100 steps) is what lets either train at 3e-3: with 20 steps the 4-layer teacher stalled at 55.
+    "teacher": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 8,
+                "num_key_value_heads": 8, "max_position_embeddings": 512},
+    "warmup": {"steps": 450, "lr": 3e-3, "micro_batch_size": 16, "seq_len": 128, "warmup_steps": 100},
+    # The student of configs/tiny.yaml trained on the data alone (loss.alpha=1), for the report's baseline row.
+    "baseline": ["student.architecture={num_hidden_layers: 2, hidden_size: 96, intermediate_size: 256, num_attention_heads: 3, "
+                 "num_key_value_heads: 3}", "data.seq_len=128", "data.max_validation_sequences=64", "loss.alpha=1.0", "train.lr=3.0e-3",
+                 "train.warmup_steps=20", "train.scheduler=cosine", "train.micro_batch_size=16", "train.max_steps=300"],
 }
 
 
@@ -110,6 +117,24 @@ def write_lm_eval_task(text_file: Path, out: Path, *, name: str = LM_EVAL_TASK, 
     return path
 
 
+def train_baseline(out: Path) -> Path:
+    """OUT/baseline: the tiny default's student trained on the data alone, the same steps; configs/tiny.yaml's eval.baseline."""
+    from distill.config import load_config
+    from distill.job import run
+
+    print(f"training the CE-only baseline student ({RECIPE['baseline'][-1]}; done once, then cached)")
+    overrides = [f"teacher.path={out / 'teacher'}", "teacher.dtype=float32", f"data.train_files=[{out / 'train.txt'}]",
+                 f"data.validation_files=[{out / 'validation.txt'}]", *RECIPE["baseline"], "train.log_every=50", "eval.speed=false",
+                 "eval.initial=false", "tracking.backend=none", f"output_dir={out / 'baseline'}"]
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # the teacher's training, in this process, set accelerate's singleton up
+    GradientState._reset_state()
+    run(load_config(None, overrides))
+    shutil.rmtree(out / "baseline" / "checkpoints", ignore_errors=True)
+    return out / "baseline"
+
+
 def _fingerprint() -> str:
     blob = json.dumps({"recipe": RECIPE, "python": sys.version_info[:2]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -153,6 +178,7 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bo
     shutil.rmtree(out / "warmup-run")
     shutil.rmtree(init_dir)
     write_lm_eval_task(validation_file, out / "lm_eval")
+    train_baseline(out)
     stamp.write_text(_fingerprint())
     print(f"tiny teacher and corpus ready in {out}")
     return out

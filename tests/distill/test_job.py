@@ -191,3 +191,19 @@ def test_resume_continues_the_same_tracker_runs(tiny, corpus, tmp_path):
     assert artifacts == (run_dir / "mlflow-artifacts").resolve().as_uri()
     assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"report.md", "eval.json", "config.yaml", "plots"}
 
+
+
+def test_the_baseline_row_is_shown_only_for_a_matching_run(tiny, corpus, tmp_path, capsys):
+    baseline, _ = run_job(tiny, corpus, tmp_path / "ce", "loss.alpha=1.0", "eval.speed=false", "eval.initial=false")
+    reset_accelerate()
+    capsys.readouterr()
+    run_dir, result = run_job(tiny, corpus, tmp_path / "kd", "eval.speed=false", f"eval.baseline={baseline}")
+    rows = {r["model"]: r for r in result["rows"]}
+    assert [r["model"] for r in result["rows"]] == ["teacher", "initial_student", "baseline", "student"]
+    assert rows["baseline"]["perplexity"] == json.loads((baseline / "eval.json").read_text())["rows"][-1]["perplexity"]
+    assert "against the baseline (the same student, data and steps, without the teacher): perplexity" in capsys.readouterr().out
+    assert "| baseline " in (run_dir / "report.md").read_text()
+    reset_accelerate()
+    _, result = run_job(tiny, corpus, tmp_path / "longer", "eval.speed=false", "train.max_steps=8", f"eval.baseline={baseline}")
+    assert "baseline" not in [r["model"] for r in result["rows"]]
+    assert f"eval.baseline: {baseline} is not shown: its run differs from this job in train.max_steps" in capsys.readouterr().err
