@@ -101,8 +101,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distill.config import load_config
-    from distill_launcher.launch import resolve_ds_config
-    from distill_launcher.slurm import SlurmRequest, render_script, submit
+    from distill_launcher.slurm import render_script, submit
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
@@ -114,10 +113,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             rundir.clear_run(run_dir)
     # Every node must find the run directory at the same absolute path (a shared file system).
     overrides = [o for o in _overrides(args) if not o.startswith("output_dir=")] + [f"output_dir={run_dir}"]
-    request = SlurmRequest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
-                           cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, time=args.time,
-                           launcher=args.launcher, ds_config=resolve_ds_config(args.ds_config), signal_seconds=args.signal_seconds,
-                           master_port=args.master_port, job_name=args.job_name or run_dir.name)
+    request = _slurm_request(args, nodes=args.nodes, job_name=run_dir.name)
     script = render_script(args.config, overrides, request, run_dir)
     if args.dry_run:
         print(script)
@@ -180,13 +176,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
                   file=sys.stderr)
         return 1 if failed else 0
-    from distill_launcher.launch import resolve_ds_config
-    from distill_launcher.slurm import SlurmRequest, submit
+    from distill_launcher.slurm import submit
 
-    request = SlurmRequest(gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
-                           partition=args.partition, account=args.account, time=args.time, launcher=args.launcher,
-                           ds_config=resolve_ds_config(args.ds_config), signal_seconds=args.signal_seconds, master_port=args.master_port,
-                           job_name=args.job_name or plan.name)
+    request = _slurm_request(args, nodes=1, job_name=plan.name)
     script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs), use_store=use_store)
     if not pending:
         print("[sweep] every run is finished; nothing to submit")
@@ -242,6 +234,32 @@ def _add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
 
 
+def _add_slurm_arguments(parser, *, unit: str, default_name: str) -> None:
+    """What one SLURM job (``unit`` = node) or one task of a sweep's array (``unit`` = task) asks for."""
+    parser.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="torchrun", help=f"launcher started on each {unit} (default: torchrun)")
+    parser.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help=f"GPUs per {unit} (0: CPU processes)")
+    parser.add_argument("--nproc-per-node", type=int, help=f"processes per {unit} (default: --gpus-per-node; required on CPU)")
+    parser.add_argument("--cpus-per-task", type=int, help=f"CPU cores per {unit} (default: 4 per process)")
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--account", help="SLURM account")
+    parser.add_argument("--time", default="01:00:00", help=f"time limit{' of each task' if unit == 'task' else ''}, e.g. 02:00:00 (default: 01:00:00)")
+    parser.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit at which the job checkpoints and requeues (default: 120)")
+    parser.add_argument("--master-port", type=int, default=29500,
+                        help="rendezvous port on the first node" + (" of task 0 (task i uses this + i)" if unit == "task" else ""))
+    parser.add_argument("--job-name", help=f"SLURM job name (default: {default_name})")
+
+
+def _slurm_request(args: argparse.Namespace, *, nodes: int, job_name: str):
+    from distill_launcher.launch import resolve_ds_config
+    from distill_launcher.slurm import SlurmRequest
+
+    return SlurmRequest(nodes=nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
+                        partition=args.partition, account=args.account, time=args.time, launcher=args.launcher,
+                        ds_config=resolve_ds_config(args.ds_config), signal_seconds=args.signal_seconds, master_port=args.master_port,
+                        job_name=args.job_name or job_name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill a large causal LM (the teacher) into a small one (the student).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -270,18 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "and submit it with sbatch. The job checkpoints on SIGUSR1 before its time limit, requeues itself "
                                              "and resumes from the latest complete checkpoint.", epilog=_options_epilog(), formatter_class=formatter)
     _add_config_arguments(submit)
-    submit.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="torchrun", help="launcher started on each node (default: torchrun)")
-    submit.add_argument("--ds-config", help="DeepSpeed config for the student: a shipped name (zero1, zero2, zero3, zero2_offload, zero3_offload) or a path")
     submit.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    submit.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU processes)")
-    submit.add_argument("--nproc-per-node", type=int, help="processes per node (default: --gpus-per-node; required on CPU)")
-    submit.add_argument("--cpus-per-task", type=int, help="CPU cores per node (default: 4 per process)")
-    submit.add_argument("--partition", help="SLURM partition")
-    submit.add_argument("--account", help="SLURM account")
-    submit.add_argument("--time", default="01:00:00", help="time limit, e.g. 02:00:00 (default: 01:00:00)")
-    submit.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit at which the job checkpoints and requeues (default: 120)")
-    submit.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the first node")
-    submit.add_argument("--job-name", help="SLURM job name (default: the run directory's name)")
+    _add_slurm_arguments(submit, unit="node", default_name="the run directory's name")
     _add_reuse_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)
@@ -360,17 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: runs train from the teacher store built for their teacher and data when one exists; never: each run loads the teacher")
     sw.add_argument("--dry-run", action="store_true", help="print each run's command (local) or the sbatch script (slurm) and exit")
     slurm_options = sw.add_argument_group("with --executor slurm (as distill submit, per task)")
-    slurm_options.add_argument("--launcher", choices=["accelerate", "deepspeed", "torchrun"], default="torchrun", help="launcher of each task")
-    slurm_options.add_argument("--ds-config", help="DeepSpeed config for the students: a shipped name or a path")
-    slurm_options.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per task (0: CPU processes)")
-    slurm_options.add_argument("--nproc-per-node", type=int, help="processes per task (default: --gpus-per-node; required on CPU)")
-    slurm_options.add_argument("--cpus-per-task", type=int, help="CPU cores per task (default: 4 per process)")
-    slurm_options.add_argument("--partition", help="SLURM partition")
-    slurm_options.add_argument("--account", help="SLURM account")
-    slurm_options.add_argument("--time", default="01:00:00", help="time limit of each task (default: 01:00:00)")
-    slurm_options.add_argument("--signal-seconds", type=int, default=120, help="seconds before the limit at which a task checkpoints and requeues")
-    slurm_options.add_argument("--master-port", type=int, default=29500, help="rendezvous port of task 0 (task i uses this + i)")
-    slurm_options.add_argument("--job-name", help="SLURM job name (default: the sweep directory's name)")
+    _add_slurm_arguments(slurm_options, unit="task", default_name="the sweep directory's name")
     sw.set_defaults(func=cmd_sweep)
 
     builds = (
