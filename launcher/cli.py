@@ -160,6 +160,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     plan = sweeps.plan(args.config, args.overrides, args.grid, sweep_dir=args.sweep_dir, draws=args.random, seed=args.seed)
     use_store = args.teacher_store == "auto"
     print(f"[sweep] {plan.dir}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})")
+    if args.search == "optuna":
+        if args.executor != "local" or args.dry_run:
+            from distill.errors import ConfigError
+
+            raise ConfigError("--search optuna runs trials one after another here: use it with --executor local and without --dry-run")
+        failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed, use_store=use_store)
+        from distill.compare import compare
+
+        compare([str(plan.dir)])
+        return 1 if failed else 0
     if args.executor == "local":
         if args.dry_run:
             known: dict = {}
@@ -366,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--parallel", type=int, help="runs at once (local: default 1; slurm: the array's %%P limit, default all)")
     sw.add_argument("--teacher-store", choices=["auto", "never"], default="auto",
                     help="auto: runs train from the teacher store built for their teacher and data when one exists; never: each run loads the teacher")
+    sw.add_argument("--search", choices=["grid", "optuna"], default="grid",
+                    help="grid: every point (or --random N of them); optuna: Optuna proposes the grid's values trial by trial from the "
+                         "finished runs' --metric (pip install optuna)")
+    sw.add_argument("--trials", type=int, default=8, help="--search optuna: trials in all (the study in SWEEP_DIR/optuna.db continues when run again)")
+    sw.add_argument("--metric", default="student.perplexity", help="--search optuna: MODEL.FIGURE of eval.json to optimize (default: student.perplexity; "
+                                                                   "lower is better except accuracy, agreement, F1, throughput)")
     sw.add_argument("--dry-run", action="store_true", help="print each run's command (local) or the sbatch script (slurm) and exit")
     slurm_options = sw.add_argument_group("with --executor slurm (as distill submit, per task)")
     _add_slurm_arguments(slurm_options, unit="task", default_name="the sweep directory's name")

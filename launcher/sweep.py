@@ -115,6 +115,7 @@ class Sweep:
     config: str
     base: list  # the --set overrides every run shares
     runs: list
+    grid: dict = None  # key -> values (strings, as given)
 
     @property
     def name(self) -> str:
@@ -142,7 +143,7 @@ def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str 
     if len(set(names)) != len(names):
         raise ConfigError("two grid points get the same run name; make the --grid values differ in more than punctuation")
     _check_reuse(root, config, base)
-    return Sweep(root, str(Path(config).resolve()), list(base), runs)
+    return Sweep(root, str(Path(config).resolve()), list(base), runs, grid)
 
 
 def _check_reuse(root: Path, config: str, base: list[str]) -> None:
@@ -321,3 +322,61 @@ def render_array(sweep: Sweep, request, *, parallel: int, use_store: bool = True
     if check.returncode != 0:  # a bug in the template, not user input
         raise RuntimeError(f"rendered sbatch script does not parse: {check.stderr.strip()}")
     return script, pending
+
+
+def figure(run: Run, metric: str) -> float | None:
+    """``student.perplexity`` -> the student row's perplexity in the run's eval.json (None when absent)."""
+    model, _, key = metric.partition(".")
+    try:
+        rows = json.loads((run.dir / "eval.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    value = next((r.get(key) for r in rows if r.get("model") == model), None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def run_optuna(sweep: Sweep, *, trials: int, metric: str, seed: int, use_store: bool = True) -> int:
+    """Optuna proposes the grid's values one trial at a time from the finished runs' ``metric``;
+    each trial is a normal run of the sweep. The study lives in SWEEP_DIR/optuna.db: run the same
+    command again to continue it up to ``trials``. Returns the number of failed trials."""
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("--search optuna needs optuna: pip install optuna (or pip install -e '.[sweep]')") from None
+    from distill.compare import HIGHER_IS_BETTER
+
+    model, _, key = metric.partition(".")
+    if not model or not key:
+        raise ConfigError(f"--metric {metric!r}: expected MODEL.FIGURE, e.g. student.perplexity or student.accuracy")
+    if trials < 1:
+        raise ConfigError(f"--trials must be >= 1 (got {trials})")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=sweep.name, storage=f"sqlite:///{sweep.dir / 'optuna.db'}", load_if_exists=True,
+                                direction="maximize" if key in HIGHER_IS_BETTER else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    done = [t for t in study.trials if t.state.is_finished()]
+    failed = 0
+    for number in range(len(done), trials):
+        trial = study.ask()
+        try:
+            point = {k: trial.suggest_categorical(k, values) for k, values in sweep.grid.items()}
+        except ValueError:  # optuna: a parameter's choices changed between calls of one study
+            raise ConfigError(f"the Optuna study in {sweep.dir / 'optuna.db'} was made with other --grid values; "
+                              "use the same --grid or another --sweep-dir") from None
+        run = Run(run_name(point), [f"{k}={v}" for k, v in point.items()], sweep.dir / run_name(point))
+        print(f"[sweep] trial {number + 1}/{trials}: {run.name}", flush=True)
+        one = Sweep(sweep.dir, sweep.config, sweep.base, [run], sweep.grid)
+        failed_runs = run_local(one, use_store=use_store) if run.state() != "finished" else 0
+        value = figure(run, metric)
+        if failed_runs or value is None:
+            failed += 1
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        study.tell(trial, value)
+        print(f"[sweep] trial {number + 1}: {metric} = {value:.4g}", flush=True)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if finished:
+        best = study.best_trial
+        print(f"[sweep] best of {len(finished)} trials: {run_name(best.params)} ({metric} = {best.value:.4g})")
+    return failed

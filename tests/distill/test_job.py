@@ -85,6 +85,15 @@ def test_tensorboard_records_readable(tiny, corpus, tmp_path):
     losses = acc.Scalars("train/loss")
     assert [e.step for e in losses] == list(range(1, 7))
     assert 0 <= acc.Scalars("final/student/spec_acceptance_rate")[0].value <= 1  # the draft-model figures reach the tracker
+    (final,) = acc.Scalars("final/student/perplexity")
+    assert final.step == 6 and final.value == pytest.approx(json.loads((run_dir / "eval.json").read_text())["rows"][-1]["perplexity"], rel=1e-5)
+    assert {"plots/loss", "plots/validation", "plots/speed"} <= set(acc.Tags()["images"])
+    # HParams: the settings against the student's final figures, in the run add_hparams writes beside the main one.
+    (hparams_dir,) = [p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]
+    hp = EventAccumulator(str(hparams_dir))
+    hp.Reload()
+    assert "_hparams_/session_start_info" in hp.PluginTagToContent("hparams")
+    assert hp.Scalars("hparams/student/perplexity")[0].value == pytest.approx(final.value, rel=1e-5)
 
 
 def test_mlflow_records_readable(tiny, corpus, tmp_path):

@@ -217,3 +217,21 @@ def test_the_slurm_executor_renders_one_array(tiny, corpus, tmp_path, capsys):
         assert f"--master-port {31000 + i}" in script
     assert script.count("--resume") == 4 and 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in script
     assert not (tmp_path / "arr").exists()
+
+
+def test_optuna_proposes_points_from_finished_runs_and_continues_its_study(tiny, corpus, tmp_path):
+    sweep_dir = tmp_path / "search"
+    args = ("--grid", "loss.alpha=0,0.5", "--grid", "loss.temperature=1,2", "--search", "optuna", "--metric", "student.kl_to_teacher",
+            "--seed", "3")
+    base = ("train.max_steps=4", "eval.speed=false", "eval.initial=false")
+    proc = sweep_cli(tiny, corpus, sweep_dir, *args, "--trials", "2", base=base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trial 2/2" in proc.stdout and "best of 2 trials" in proc.stdout and (sweep_dir / "optuna.db").is_file()
+    proc = sweep_cli(tiny, corpus, sweep_dir, *args, "--trials", "3", base=base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trial 1/3" not in proc.stdout and "trial 3/3" in proc.stdout and "best of 3 trials" in proc.stdout
+    best = float(proc.stdout.split("best of 3 trials: ")[1].split("student.kl_to_teacher = ")[1].split(")")[0])
+    listed = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    values = [json.loads((sweep_dir / r["name"] / "eval.json").read_text())["rows"][-1]["kl_to_teacher"] for r in listed]
+    assert 1 <= len(listed) <= 3 and best == pytest.approx(min(values), rel=1e-3)  # lower KL is better: minimized
+    assert (sweep_dir / "comparison.csv").is_file()
