@@ -1,6 +1,7 @@
 """End to end on tiny models saved to disk: outputs, re-evaluation, trackers, secrets."""
 
 import json
+import os
 
 import pytest
 
@@ -216,3 +217,41 @@ def test_the_baseline_row_is_shown_only_for_a_matching_run(tiny, corpus, tmp_pat
     _, result = run_job(tiny, corpus, tmp_path / "longer", "eval.speed=false", "train.max_steps=8", f"eval.baseline={baseline}")
     assert "baseline" not in [r["model"] for r in result["rows"]]
     assert f"eval.baseline: {baseline} is not shown: its run differs from this job in train.max_steps" in capsys.readouterr().err
+
+
+def test_mlflow_honours_its_variables_and_logs_checkpoints(tiny, corpus, tmp_path, monkeypatch):
+    import mlflow
+
+    store = tmp_path / "team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-exp")
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", "tracking.backend=mlflow", "eval.speed=false", "train.save_every=3",
+                         "tracking.log_model=checkpoints")
+    assert not (run_dir / "mlflow.db").exists() and os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{store}"
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("team-exp").experiment_id])
+    saved = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert saved == {"checkpoint/step_00000003", "checkpoint/step_00000006"}
+    assert not client.list_artifacts(run.info.run_id, "student")  # checkpoints, not the final student
+
+
+def test_a_resumed_wandb_run_continues_its_id_and_an_overwritten_one_gets_a_new_one(tiny, corpus, tmp_path, monkeypatch):
+    from conftest import read_wandb_records
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    sets = ("tracking.backend=wandb", "eval.speed=false", "train.save_every=2", "tracking.system_metrics=false")
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "wb", *sets, "train.max_steps=4")
+    first = (run_dir / ".wandb_id").read_text()
+    reset_accelerate()
+    run_job(tiny, corpus, tmp_path / "wb", *sets, "train.max_steps=6", resume=True)
+    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert ids == {first}
+    reset_accelerate()
+    from distill import rundir
+
+    rundir.clear_run(run_dir)  # what --overwrite does before the job starts
+    run_job(tiny, corpus, tmp_path / "wb", *sets)
+    assert (run_dir / ".wandb_id").read_text() != first
+    (run,) = [r.run for r in read_wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+    assert run.run_id != first
