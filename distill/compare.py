@@ -228,7 +228,7 @@ def compare(paths: list[str], out: str | None = None, sort: str = "perplexity") 
     shown = readable(frame).to_markdown(index=False)
     lines = ["# Comparison", "", f"{len(runs)} runs, sorted by {sort} ({'higher' if sort in HIGHER_IS_BETTER else 'lower'} is better). "
              "Settings columns are those that differ between the runs; figures are the student's, from each run's final evaluation.", "",
-             *[f"**{w}**" for w in warnings], "", shown, "", *[f"![{p.stem}]({p.name})" for p in drawn], ""]
+             *[line for w in warnings for line in (f"**{w}**", "")], shown, "", *[f"![{p.stem}]({p.name})" for p in drawn], ""]
     (out_dir / "comparison.md").write_text("\n".join(lines))
     print(shown)
     for warning in warnings:
