@@ -230,7 +230,7 @@ def apply_override(data: dict, item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set expects key.sub=value, got {item!r}")
     parts = key.strip().split(".")
-    _lookup_field(parts)  # fails on unknown keys, naming them
+    lookup_field(parts)  # fails on unknown keys, naming them
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -242,7 +242,8 @@ def apply_override(data: dict, item: str) -> None:
         node[parts[-1]] = raw
 
 
-def _lookup_field(parts: list[str]) -> dataclasses.Field:
+def lookup_field(parts: list[str]) -> dataclasses.Field:
+    """The field of the dotted key ``parts`` (["loss", "alpha"]); a ConfigError naming the key when there is none."""
     cls: Any = DistillConfig
     found = None
     for i, part in enumerate(parts):

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.config import ConfigError, _lookup_field, load_config, to_dict
+from distill.config import ConfigError, lookup_field, load_config, to_dict
 
 SWEEP_FILE = "sweep.json"
 # The settings a run's own directory and name decide; they never make two sweeps different.
@@ -72,7 +72,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         if not key or not values or any(v == "" for v in values):
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... with no empty value (e.g. --grid loss.temperature=1,2)")
         try:
-            _lookup_field(key.split("."))
+            lookup_field(key.split("."))
         except ConfigError as err:
             raise ConfigError(f"--grid {item!r}: {err}") from None
         if key in grid:
@@ -115,7 +115,7 @@ class Sweep:
     config: str
     base: list  # the --set overrides every run shares
     runs: list
-    grid: dict = None  # key -> values (strings, as given)
+    grid: dict | None = None  # key -> values (strings, as given)
 
     @property
     def name(self) -> str:
