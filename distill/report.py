@@ -140,8 +140,8 @@ def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path) -> Non
     data = cfg.data.dataset or ", ".join(str(f) for f in cfg.data.train_files) or "a data mixture"
     front = {"library_name": "peft" if lora else "transformers", "tags": ["distillation", "knowledge-distillation", cfg.task.kind],
              "pipeline_tag": {"causal_lm": "text-generation", "masked_lm": "fill-mask", "sequence_classification": "text-classification"}[cfg.task.kind]}
-    objective = "; ".join(f"{t['name']}: {t['kind']}" + (f" {t['divergence']}" if "divergence" in t else "") + f", weight {t['weight']:g}"
-                          for t in result["objective"])
+    objective = "; ".join(f"{t.get('name', t.get('kind'))} (" + ", ".join(f"{k} {v}" for k, v in t.items() if k != "name") + ")"
+                          if isinstance(t, dict) else str(t) for t in result["objective"])
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {student_dir.parent.name}: a student distilled from {cfg.teacher.path}", "",
@@ -150,7 +150,7 @@ def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path) -> Non
         + (f" (loaded in {cfg.teacher.quantization})" if cfg.teacher.quantization != "none" else "") + ".", "",
         "## Training", "",
         f"- data: {data} (sequences of {cfg.data.seq_len} tokens)",
-        f"- objective: {objective}; temperature {cfg.loss.temperature:g}",
+        f"- objective: {objective}" + ("" if cfg.loss.terms else f"; temperature {cfg.loss.temperature:g}"),
         f"- {result['steps']} optimizer steps of {cfg.train.micro_batch_size} x {cfg.train.grad_accum} sequences per process, "
         f"learning rate {cfg.train.lr:g} ({cfg.train.scheduler}), precision {cfg.train.precision}",
         f"- student: {result.get('student_total_params', 0):,} parameters ({result.get('student_trainable_params', 0):,} trained)", "",

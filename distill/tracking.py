@@ -98,7 +98,7 @@ class Tracker:
             for key, value in numeric.items():
                 self._client.add_scalar(key, value, step)
         elif self.backend == "mlflow":
-            self._client.log_metrics({k.replace("/", "_"): v for k, v in numeric.items()}, step=step)
+            self._client.log_metrics({_mlflow_name(k.replace("/", "_")): v for k, v in numeric.items()}, step=step)
 
     def summary(self, values: dict) -> None:
         """The final evaluation attached to the run: figures, the report's rows as a table, the plots, the report."""
