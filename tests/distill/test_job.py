@@ -186,23 +186,6 @@ def test_wandb_finds_the_key_wandb_login_wrote_for_its_host(tmp_path, monkeypatc
     assert wandb_mode() == ("offline", "WANDB_MODE is set")
 
 
-def test_resume_continues_the_same_tracker_runs(tiny, corpus, tmp_path):
-    import mlflow
-
-
-    sets = ("tracking.backend=mlflow", "eval.speed=false", "train.save_every=2", "tracking.project=resumed")
-    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", *sets, "train.max_steps=4")
-    reset_accelerate()
-    run_job(tiny, corpus, tmp_path / "ml", *sets, "train.max_steps=6", resume=True)
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 7))
-    artifacts = client.get_experiment_by_name("resumed").artifact_location
-    assert artifacts == (run_dir / "mlflow-artifacts").resolve().as_uri()
-    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"report.md", "eval.json", "config.yaml", "plots"}
-
-
-
 def test_the_baseline_row_is_shown_only_for_a_matching_run(tiny, corpus, tmp_path, capsys):
     baseline, _ = run_job(tiny, corpus, tmp_path / "ce", "loss.alpha=1.0", "eval.speed=false", "eval.initial=false")
     reset_accelerate()
@@ -219,20 +202,35 @@ def test_the_baseline_row_is_shown_only_for_a_matching_run(tiny, corpus, tmp_pat
     assert f"eval.baseline: {baseline} is not shown: its run differs from this job in train.max_steps" in capsys.readouterr().err
 
 
-def test_mlflow_honours_its_variables_and_logs_checkpoints(tiny, corpus, tmp_path, monkeypatch):
+def test_mlflow_honours_its_variables_logs_checkpoints_and_resumes_its_run(tiny, corpus, tmp_path, monkeypatch):
     import mlflow
 
     store = tmp_path / "team.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-exp")
-    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", "tracking.backend=mlflow", "eval.speed=false", "train.save_every=3",
-                         "tracking.log_model=checkpoints")
+    sets = ("tracking.backend=mlflow", "eval.speed=false", "train.save_every=2", "tracking.log_model=checkpoints")
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", *sets, "train.max_steps=4")
+    reset_accelerate()
+    run_job(tiny, corpus, tmp_path / "ml", *sets, "train.max_steps=6", resume=True)
     assert not (run_dir / "mlflow.db").exists() and os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{store}"
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}")
-    (run,) = client.search_runs([client.get_experiment_by_name("team-exp").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("team-exp").experiment_id])  # --resume continued the same run
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 7))
     saved = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
-    assert saved == {"checkpoint/step_00000003", "checkpoint/step_00000006"}
+    assert saved == {"checkpoint/step_00000002", "checkpoint/step_00000004", "checkpoint/step_00000006"}
     assert not client.list_artifacts(run.info.run_id, "student")  # checkpoints, not the final student
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"report.md", "eval.json", "config.yaml", "plots"}
+
+
+def test_mlflow_keeps_its_artifacts_beside_the_run(tiny, corpus, tmp_path, monkeypatch):
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", "tracking.backend=mlflow", "eval.speed=false", "eval.at_end=false",
+                         "tracking.project=beside")
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert client.get_experiment_by_name("beside").artifact_location == (run_dir / "mlflow-artifacts").resolve().as_uri()
 
 
 def test_a_resumed_wandb_run_continues_its_id_and_an_overwritten_one_gets_a_new_one(tiny, corpus, tmp_path, monkeypatch):
