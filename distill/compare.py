@@ -64,14 +64,12 @@ def flat_settings(config: dict, prefix: str = "") -> dict:
 
 def read_run(run_dir: Path) -> dict:
     """One run's settings, figures and the identities of its teacher and validation data."""
+    from distill.rundir import read_json
     from distill.train import read_metrics, train_seconds
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     records = read_metrics(run_dir / "metrics.jsonl")
-    try:
-        result = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        result = {}
+    result = read_json(run_dir / "eval.json") or {}
     rows = {row.get("model"): row for row in result.get("rows", [])}
     student, teacher = rows.get("student", {}), rows.get("teacher", {})
     steps = max((r["step"] for r in records if "train/loss" in r), default=0)
@@ -153,7 +151,7 @@ def flags(runs: list[dict]) -> list[str]:
 def curves_plot(runs: list[dict], path: Path) -> Path:
     from distill import plots
 
-    fig, axes = plots._figure(2)
+    fig, axes = plots.figure(2)
     for run in runs:
         steps, values = plots.series(run["records"], "train/loss")
         axes[0].plot(steps, values, label=run["run"])
@@ -167,14 +165,14 @@ def curves_plot(runs: list[dict], path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return plots._save(fig, path)
+    return plots.save(fig, path)
 
 
 def tradeoff_plot(frame, quality: str, cost: str, group: str | None, path: Path) -> Path:
     """Quality against a cost, one marker per run, each group's Pareto front joined and starred."""
     from distill import plots
 
-    fig, (ax,) = plots._figure(1)
+    fig, (ax,) = plots.figure(1)
     sign = -1 if quality in HIGHER_IS_BETTER else 1
     for name, part in (frame.groupby(group) if group else [("", frame)]):
         part = part.dropna(subset=[quality, cost])
@@ -189,7 +187,7 @@ def tradeoff_plot(frame, quality: str, cost: str, group: str | None, path: Path)
     ax.set(xlabel=cost, ylabel=f"student {quality}", title=f"{quality} against {cost}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return plots._save(fig, path)
+    return plots.save(fig, path)
 
 
 COUNTS = ("params", "trainable_params", "steps", "throughput_tokens_per_s")

@@ -7,7 +7,6 @@ loaded the way the job loaded them. They never reach into the trainer's helpers.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,7 +24,7 @@ class FinishedRun:
         if not (self.dir / "student").is_dir():
             raise ConfigError(f"{self.dir} has no student/ (the run did not finish); resume it with distill run --resume")
         self.cfg = load_config(self.dir / "config.yaml", [f"output_dir={self.dir}"])
-        self.previous = _previous_evaluation(self.dir)
+        self.previous = rundir.read_json(self.dir / "eval.json") or {}
 
     def lock(self) -> rundir.RunLock:
         """Post-training tools rewrite eval.json and report.md: one writer at a time."""
@@ -103,9 +102,3 @@ def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool
         downstream.check_tasks(cfg.eval.lm_eval)
 
 
-def _previous_evaluation(run_dir: Path) -> dict:
-    try:
-        previous = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return previous if isinstance(previous, dict) else {}

@@ -7,7 +7,6 @@ global state, so drawing works headless and from any thread.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,26 +15,20 @@ PLOTS_DIR = "plots"
 VALIDATION_METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "accuracy", "macro_f1", "ce")
 
 
-def read_records(run_dir: Path) -> list[dict]:
-    from distill.train import read_metrics
-
-    return read_metrics(run_dir / "metrics.jsonl")
-
-
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of ``key`` over the records that hold a number for it."""
     points = [(r["step"], float(r[key])) for r in records if _number(r.get(key)) and "step" in r]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _figure(panels: int):
+def figure(panels: int):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.0 * panels, 3.6), layout="constrained")
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     """Written under a temporary name and renamed: a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
@@ -51,13 +44,13 @@ def loss_plot(records: list[dict], path: Path) -> Path | None:
     drawn = [d for d in drawn if d[1]]
     if not drawn:
         return None
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = figure(1)
     for key, steps, values in drawn:
         ax.plot(steps, values, label=key.removeprefix("train/"), linewidth=2.0 if key == "train/loss" else 1.2)
     ax.set(xlabel="step", ylabel="loss (per target token)", title="training loss and its terms")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def validation_plot(records: list[dict], result: dict | None, initial: dict | None, path: Path) -> Path | None:
@@ -76,7 +69,7 @@ def validation_plot(records: list[dict], result: dict | None, initial: dict | No
             panels.append((metric, steps, values, rows.get("teacher", {}).get(metric)))
     if not panels:
         return None
-    fig, axes = _figure(len(panels))
+    fig, axes = figure(len(panels))
     for ax, (metric, steps, values, teacher) in zip(axes, panels):
         ax.plot(steps, values, marker="o", label="student")
         if _number(teacher):
@@ -86,7 +79,7 @@ def validation_plot(records: list[dict], result: dict | None, initial: dict | No
         if metric == "perplexity" and max(values) > 10 * min(values):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _number(value) -> bool:
@@ -100,32 +93,27 @@ def speed_plot(records: list[dict], path: Path) -> Path | None:
     panels = [p for p in panels if p[2]]
     if not panels:
         return None
-    fig, axes = _figure(len(panels))
+    fig, axes = figure(len(panels))
     for ax, (key, title, steps, values) in zip(axes, panels):
         ax.plot(steps, values)
         ax.set(xlabel="step", title=title)
         if key == "train/teacher_time_share":
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    return save(fig, path)
 
 
 def draw_run(run_dir: Path, result: dict | None = None) -> list[Path]:
     """Draws RUN_DIR/plots/{loss,validation,speed}.png from metrics.jsonl, initial_eval.json and
     ``result`` (default: eval.json); returns the files drawn."""
-    records = read_records(run_dir)
-    result = result if result is not None else _read_json(run_dir / "eval.json")
+    from distill.rundir import read_json
+    from distill.train import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    result = result if result is not None else read_json(run_dir / "eval.json")
     out = run_dir / PLOTS_DIR
     drawn = [loss_plot(records, out / "loss.png"),
-             validation_plot(records, result, _read_json(run_dir / "initial_eval.json"), out / "validation.png"),
+             validation_plot(records, result, read_json(run_dir / "initial_eval.json"), out / "validation.png"),
              speed_plot(records, out / "speed.png")]
     return [p for p in drawn if p is not None]
 

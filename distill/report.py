@@ -6,6 +6,8 @@ Used at the end of training and by every post-training tool (through :mod:`disti
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from distill import evaluation, models
@@ -19,9 +21,8 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     ``by_source`` (a mixture's validation batches per source) adds one row per source and model,
     and the total weighted by the sources' weights.
     """
-    from distill.tasks import build_task
-
     from distill.progress import phase
+    from distill.tasks import build_task
 
     device = accelerator.device
     ev = cfg.eval
@@ -82,7 +83,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         **(facts or {}),
     }
     write_report(result, run_dir)
-    write_model_card(cfg, result, student_dir)
+    write_model_card(cfg, result, student_dir, auto_class=task.auto_class)
     return result
 
 
@@ -94,17 +95,15 @@ BASELINE_MATCH = ("task.kind", "student.path", "student.architecture", "student.
 
 def baseline_row(cfg: DistillConfig) -> dict | None:
     """The student row of the run in ``eval.baseline``, renamed ``baseline``; None (with the reason printed) when it does not match."""
-    import os
-    import sys
-
     import yaml
 
     from distill.config import to_dict
+    from distill.rundir import read_json
 
     path = Path(os.path.expanduser(cfg.eval.baseline))
     try:
         theirs = yaml.safe_load((path / "config.yaml").read_text())
-        student = next(r for r in json.loads((path / "eval.json").read_text())["rows"] if r["model"] == "student")
+        student = next(r for r in (read_json(path / "eval.json") or {})["rows"] if r["model"] == "student")
     except (OSError, ValueError, StopIteration, KeyError, TypeError):
         print(f"eval.baseline: {path} holds no evaluated run (config.yaml, eval.json); the report has no baseline row", file=sys.stderr)
         return None
@@ -128,12 +127,10 @@ def baseline_row(cfg: DistillConfig) -> dict | None:
     return {**student, "model": "baseline"}
 
 
-def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path) -> None:
+def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path, *, auto_class: str) -> None:
     """student/README.md: what the student is, how it was made and how it compares, ready for ``push_to_hub``."""
     if not student_dir.is_dir():
         return
-    import os
-
     import yaml
 
     lora = cfg.student.lora is not None and not cfg.student.lora.merge
@@ -163,18 +160,12 @@ def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path) -> Non
         "## Loading", "",
         "```python",
         ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)" if lora else
-         f"from transformers import {_auto_class(cfg)}\nmodel = {_auto_class(cfg)}.from_pretrained(PATH)"),
+         f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(PATH)"),
         "```", "",
     ]
     tmp = student_dir / ".tmp-README.md"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, student_dir / "README.md")
-
-
-def _auto_class(cfg: DistillConfig) -> str:
-    from distill.tasks import build_task
-
-    return build_task(cfg.task).auto_class
 
 
 def final_metrics(rows: list[dict]) -> dict:
@@ -227,9 +218,8 @@ def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, devic
 
 
 def write_report(result: dict, run_dir: Path) -> None:
-    from distill.downstream import report_tables
-
     from distill import plots
+    from distill.downstream import report_tables
 
     drawn = plots.draw_run(run_dir, result)
     result["plots"] = [p.relative_to(run_dir).as_posix() for p in drawn]

@@ -38,6 +38,15 @@ RUN_OUTPUTS = ("config.yaml", "checkpoints", "student", "adapter", "objective", 
 RUN_MARKERS = ("config.yaml", "checkpoints", "student")
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON object a run wrote (eval.json, initial_eval.json, ...); None when it is missing, torn or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def check_writable(run_dir: Path) -> None:
     """Fails, naming output_dir, unless ``run_dir`` can hold a run."""
     if run_dir.exists() and not run_dir.is_dir():

@@ -104,26 +104,25 @@ class Tracker:
         """The final evaluation attached to the run: figures, the report's rows as a table, the plots, the report."""
         values = redact(values)
         rows = values.pop("rows", [])
+        columns = list(dict.fromkeys(k for row in rows for k in row))  # the report's rows as one table
         plots = [self.run_dir / p for p in values.get("plots", []) if (self.run_dir / p).is_file()]
         if self.backend == "wandb":
             import wandb
 
             self._client.summary.update({k: v for k, v in values.items() if not isinstance(v, (list, dict)) or k == "objective"})
-            columns = list(dict.fromkeys(k for row in rows for k in row))
             table = wandb.Table(columns=columns, data=[[_cell(row.get(c)) for c in columns] for row in rows])
             self._client.log({"final/report": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
         elif self.backend == "tensorboard":
             self._client.add_text("eval", "```\n" + json.dumps({**values, "rows": rows}, indent=2) + "\n```")
-            for path in plots:
-                from matplotlib.image import imread
+            from matplotlib.image import imread
 
+            for path in plots:
                 self._client.add_image(f"plots/{path.stem}", imread(path)[..., :3], dataformats="HWC")
             self._add_hparams(rows)
         elif self.backend == "mlflow":
             numeric = {_mlflow_name(k): v for k, v in _flatten(values).items() if _numeric(v)}
             self._client.log_metrics(numeric)
-            self._client.log_table({c: [_cell(row.get(c)) for row in rows] for c in dict.fromkeys(k for row in rows for k in row)},
-                                   artifact_file="report_rows.json")
+            self._client.log_table({c: [_cell(row.get(c)) for row in rows] for c in columns}, artifact_file="report_rows.json")
             for name in ("report.md", "eval.json", "config.yaml"):
                 if (self.run_dir / name).is_file():
                     self._client.log_artifact(str(self.run_dir / name))

@@ -153,43 +153,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import shlex
 
+    from distill.errors import ConfigError
     from distill_launcher import sweep as sweeps
 
-    if args.executor == "local" and args.parallel is None:
-        args.parallel = 1
-    plan = sweeps.plan(args.config, args.overrides, args.grid, sweep_dir=args.sweep_dir, draws=args.random, seed=args.seed)
-    use_store = args.teacher_store == "auto"
+    plan = sweeps.plan(args.config, args.overrides, args.grid, sweep_dir=args.sweep_dir, draws=args.random, seed=args.seed,
+                       use_store=args.teacher_store == "auto")
     print(f"[sweep] {plan.dir}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})")
+    if args.search == "optuna" and (args.executor != "local" or args.dry_run):
+        raise ConfigError("--search optuna runs trials one after another here: use it with --executor local and without --dry-run")
+    if args.executor == "slurm":
+        return _submit_sweep(plan, args)
+    if args.dry_run:
+        for run in plan.runs:
+            state = run.state()
+            print(f"{run.name} ({state})" if state == "finished" else shlex.join(sweeps.run_command(plan, run, plan.store(run))))
+        return 0
     if args.search == "optuna":
-        if args.executor != "local" or args.dry_run:
-            from distill.errors import ConfigError
-
-            raise ConfigError("--search optuna runs trials one after another here: use it with --executor local and without --dry-run")
-        failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed, use_store=use_store)
-        from distill.compare import compare
-
-        compare([str(plan.dir)])
-        return 1 if failed else 0
-    if args.executor == "local":
-        if args.dry_run:
-            known: dict = {}
-            for run in plan.runs:
-                state = run.state()
-                print(f"{run.name} ({state})" if state == "finished" else
-                      shlex.join(sweeps.run_command(plan, run, sweeps.teacher_store(plan, run, known) if use_store else None)))
-            return 0
-        failed = sweeps.run_local(plan, parallel=args.parallel, use_store=use_store)
-        from distill.compare import compare
-
-        compare([str(plan.dir)])
+        failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed)
+    else:
+        failed = sweeps.run_local(plan, parallel=args.parallel or 1)
         if failed:
             print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
                   file=sys.stderr)
-        return 1 if failed else 0
+    from distill.compare import compare
+
+    compare([str(plan.dir)])
+    return 1 if failed else 0
+
+
+def _submit_sweep(plan, args: argparse.Namespace) -> int:
+    from distill_launcher import sweep as sweeps
     from distill_launcher.slurm import submit
 
     request = _slurm_request(args, nodes=1, job_name=plan.name)
-    script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs), use_store=use_store)
+    script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs))
     if not pending:
         print("[sweep] every run is finished; nothing to submit")
     elif args.dry_run:

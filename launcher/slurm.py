@@ -41,6 +41,9 @@ class SlurmRequest:
             raise LaunchError("--nproc-per-node is required when --gpus-per-node is 0 (CPU processes)")
         return n
 
+    def cpus(self) -> int:
+        return self.cpus_per_task or max(2, 4 * self.processes_per_node())
+
     def check(self) -> None:
         if self.nodes < 1:
             raise LaunchError(f"--nodes must be >= 1 (got {self.nodes})")
@@ -94,7 +97,7 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
     values = {
         "job_name": _directive_value(request.job_name, "--job-name"),
         "nodes": str(request.nodes),
-        "cpus_per_task": str(request.cpus_per_task or max(2, 4 * request.processes_per_node())),
+        "cpus_per_task": str(request.cpus()),
         "gpus_directive": gpus,
         "extra_directives": extra,
         "time": request.time,
@@ -106,8 +109,12 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
         "launch_command": shlex.join(command),
         "node_launch": shlex.quote(f"exec {shlex.join(command)} {node_args}"),
     }
-    template = (TEMPLATES / ("single_node.sbatch" if request.nodes == 1 else "multi_node.sbatch")).read_text()
-    script = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+    return fill_template("single_node.sbatch" if request.nodes == 1 else "multi_node.sbatch", values)
+
+
+def fill_template(name: str, values: dict) -> str:
+    """``slurm/NAME`` with its ``{{key}}`` placeholders filled, checked with ``bash -n``."""
+    script = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], (TEMPLATES / name).read_text())
     check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     if check.returncode != 0:  # a bug in a template, not user input
         raise RuntimeError(f"rendered sbatch script does not parse: {check.stderr.strip()}")

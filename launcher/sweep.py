@@ -11,6 +11,7 @@ Every point is checked (keys, types, values) before anything is written or start
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import ConfigError, lookup_field, load_config, to_dict
@@ -116,17 +117,46 @@ class Sweep:
     base: list  # the --set overrides every run shares
     runs: list
     grid: dict | None = None  # key -> values (strings, as given)
+    use_store: bool = True  # runs train from a teacher store that fits them (--teacher-store auto)
+    stores: dict = field(default_factory=dict, repr=False)  # teacher, task and data settings -> the store found for them
 
     @property
     def name(self) -> str:
         return self.dir.name
+
+    def store(self, run: Run) -> str | None:
+        """The teacher store built for this run's teacher and data, when the run can train from one.
+
+        Only the teacher, task and data decide which store fits, so one lookup (which tokenizes the
+        data) serves every run that shares them.
+        """
+        if not self.use_store:
+            return None
+        cfg = load_config(self.config, [*self.base, *run.overrides])
+        if cfg.teacher.source == "cache":
+            return None  # chosen by the config itself
+        settings = to_dict(cfg)
+        key = json.dumps({k: settings[k] for k in ("teacher", "data", "task")}, sort_keys=True)
+        if key not in self.stores:
+            from distill.store import store_for
+
+            self.stores[key] = store_for(cfg)
+        path = self.stores[key]
+        if path is None:
+            return None
+        try:  # an objective that needs the teacher itself (feature terms) keeps loading it
+            load_config(self.config, [*self.base, *run.overrides, "teacher.source=cache", f"teacher.cache={path}"])
+        except ConfigError:
+            return None
+        return str(path)
 
     def run_overrides(self, run: Run, store: str | None) -> list[str]:
         extra = ["teacher.source=cache", f"teacher.cache={store}"] if store else []
         return [*self.base, *run.overrides, *extra, f"output_dir={run.dir}", f"tracking.run_name={run.name}", f"tracking.group={self.name}"]
 
 
-def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str | None, draws: int | None, seed: int) -> Sweep:
+def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str | None, draws: int | None, seed: int,
+         use_store: bool = True) -> Sweep:
     """Checks every point and the sweep directory; writes nothing."""
     grid = parse_grid(grid_items)
     base_cfg = load_config(config, base)
@@ -143,7 +173,7 @@ def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str 
     if len(set(names)) != len(names):
         raise ConfigError("two grid points get the same run name; make the --grid values differ in more than punctuation")
     _check_reuse(root, config, base)
-    return Sweep(root, str(Path(config).resolve()), list(base), runs, grid)
+    return Sweep(root, str(Path(config).resolve()), list(base), runs, grid, use_store)
 
 
 def _check_reuse(root: Path, config: str, base: list[str]) -> None:
@@ -191,31 +221,6 @@ def record(sweep: Sweep, executor: str, *, slurm_job: str | None = None) -> None
     os.replace(tmp, path)
 
 
-def teacher_store(sweep: Sweep, run: Run, known: dict) -> str | None:
-    """The teacher store built for this run's teacher and data, when the run can train from one.
-
-    Only the teacher, task and data decide which store fits, so one lookup (which tokenizes the
-    data) serves every run that shares them.
-    """
-    cfg = load_config(sweep.config, [*sweep.base, *run.overrides])
-    if cfg.teacher.source == "cache":
-        return None  # chosen by the config itself
-    settings = to_dict(cfg)
-    key = json.dumps({k: settings[k] for k in ("teacher", "data", "task")}, sort_keys=True)
-    if key not in known:
-        from distill.store import store_for
-
-        known[key] = store_for(cfg)
-    path = known[key]
-    if path is None:
-        return None
-    try:  # an objective that needs the teacher itself (feature terms) keeps loading it
-        load_config(sweep.config, [*sweep.base, *run.overrides, "teacher.source=cache", f"teacher.cache={path}"])
-    except ConfigError:
-        return None
-    return str(path)
-
-
 def run_command(sweep: Sweep, run: Run, store: str | None) -> list[str]:
     argv = [sys.executable, "-m", "distill_launcher.cli", "run", sweep.config]
     for item in sweep.run_overrides(run, store):
@@ -223,7 +228,7 @@ def run_command(sweep: Sweep, run: Run, store: str | None) -> list[str]:
     return argv + (["--resume"] if run.state() == "started" else [])
 
 
-def run_local(sweep: Sweep, *, parallel: int = 1, use_store: bool = True) -> int:
+def run_local(sweep: Sweep, *, parallel: int = 1) -> int:
     """Runs the unfinished runs, ``parallel`` at a time, each ``distill run`` in its own process
     (output in SWEEP_DIR/logs/NAME.log); returns the number that failed."""
     if parallel < 1:
@@ -231,14 +236,13 @@ def run_local(sweep: Sweep, *, parallel: int = 1, use_store: bool = True) -> int
     record(sweep, "local")
     logs = sweep.dir / "logs"
     logs.mkdir(exist_ok=True)
-    known: dict = {}
     todo = []
     for run in sweep.runs:
         state = run.state()
         if state == "finished":
             print(f"[sweep] {run.name}: finished, skipped")
             continue
-        store = teacher_store(sweep, run, known) if use_store else None
+        store = sweep.store(run)
         how = f"from the teacher store {store}" if store else "loading the teacher"
         todo.append((run, run_command(sweep, run, store), f"{'resuming' if state == 'started' else 'starting'}, {how}"))
     # Runs side by side share the cores rather than each taking them all.
@@ -290,52 +294,44 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def render_array(sweep: Sweep, request, *, parallel: int, use_store: bool = True, python: str = sys.executable) -> tuple[str, list[Run]]:
+def render_array(sweep: Sweep, request, *, parallel: int, python: str = sys.executable) -> tuple[str, list[Run]]:
     """One SLURM job array over the unfinished runs: task i runs ``distill launch ... --resume`` for run i."""
-    from distill_launcher.slurm import TEMPLATES, _directive_value, _directives, launch_command
+    from distill_launcher.slurm import _directive_value, _directives, fill_template, launch_command
 
     request.check()
     pending = [run for run in sweep.runs if run.state() != "finished"]
     if not pending:
         return "", []
-    known: dict = {}
     cases = []
     for index, run in enumerate(pending):
-        store = teacher_store(sweep, run, known) if use_store else None
-        command = launch_command(sweep.config, sweep.run_overrides(run, store), request, python=python)
+        command = launch_command(sweep.config, sweep.run_overrides(run, sweep.store(run)), request, python=python)
         # Tasks may share a node: each rendezvous on its own port.
         command[4:4] = ["--master-port", str(request.master_port + index)]
         cases.append(f"    {index}) RUN_DIR={shlex.quote(str(run.dir))}; set -- {shlex.join(command)} ;;")
     gpus, extra = _directives(request)
     values = {
         "job_name": _directive_value(request.job_name, "--job-name"),
-        "cpus_per_task": str(request.cpus_per_task or max(2, 4 * request.processes_per_node())),
+        "cpus_per_task": str(request.cpus()),
         "gpus_directive": gpus, "extra_directives": extra, "time": request.time,
         "array": f"0-{len(pending) - 1}%{parallel}",
         "log": _directive_value(str(sweep.dir / "slurm").replace("%", "%%") + "/slurm-%A_%a.out", "the sweep directory"),
         "signal_seconds": str(request.signal_seconds),
         "cases": "\n".join(cases),
     }
-    template = (TEMPLATES / "sweep_array.sbatch").read_text()
-    script = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
-    check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
-    if check.returncode != 0:  # a bug in the template, not user input
-        raise RuntimeError(f"rendered sbatch script does not parse: {check.stderr.strip()}")
-    return script, pending
+    return fill_template("sweep_array.sbatch", values), pending
 
 
 def figure(run: Run, metric: str) -> float | None:
     """``student.perplexity`` -> the student row's perplexity in the run's eval.json (None when absent)."""
+    from distill.rundir import read_json
+
     model, _, key = metric.partition(".")
-    try:
-        rows = json.loads((run.dir / "eval.json").read_text())["rows"]
-    except (OSError, ValueError, KeyError):
-        return None
+    rows = (read_json(run.dir / "eval.json") or {}).get("rows", [])
     value = next((r.get(key) for r in rows if r.get("model") == model), None)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def run_optuna(sweep: Sweep, *, trials: int, metric: str, seed: int, use_store: bool = True) -> int:
+def run_optuna(sweep: Sweep, *, trials: int, metric: str, seed: int) -> int:
     """Optuna proposes the grid's values one trial at a time from the finished runs' ``metric``;
     each trial is a normal run of the sweep. The study lives in SWEEP_DIR/optuna.db: run the same
     command again to continue it up to ``trials``. Returns the number of failed trials."""
@@ -366,8 +362,7 @@ def run_optuna(sweep: Sweep, *, trials: int, metric: str, seed: int, use_store: 
                               "use the same --grid or another --sweep-dir") from None
         run = Run(run_name(point), [f"{k}={v}" for k, v in point.items()], sweep.dir / run_name(point))
         print(f"[sweep] trial {number + 1}/{trials}: {run.name}", flush=True)
-        one = Sweep(sweep.dir, sweep.config, sweep.base, [run], sweep.grid)
-        failed_runs = run_local(one, use_store=use_store) if run.state() != "finished" else 0
+        failed_runs = run_local(dataclasses.replace(sweep, runs=[run])) if run.state() != "finished" else 0
         value = figure(run, metric)
         if failed_runs or value is None:
             failed += 1

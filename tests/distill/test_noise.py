@@ -7,6 +7,8 @@ def test_known_noise_is_dropped_and_real_warnings_pass(caplog):
     from distill import noise
 
     noise.install()
+    for _, rule in noise._installed:  # an earlier test in this process may have met the warning shown once
+        rule.seen = 0
     with caplog.at_level(logging.WARNING):
         logging.getLogger("torchao").warning("Failed to load /site-packages/torchao/_C_mxfp8.so: cannot open")
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
