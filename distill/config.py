@@ -42,8 +42,12 @@ class TeacherConfig:
     double_quant: bool = option(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     truncate_vocab: bool = option(True, "Allow a teacher whose embedding matrix is padded beyond the student's vocabulary to be cut to the shared length (only when the token maps agree).")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of the teacher; ignored for local paths.")
-    source: Literal["model", "cache"] = option("model", "Where the teacher's signal comes from: model (the teacher runs in every training process) or cache (its top-k targets from a store built by distill cache-teacher; the teacher is not loaded for training).")
+    source: Literal["model", "cache", "remote"] = option("model", "Where the teacher's signal comes from: model (the teacher runs in every training process), cache (its top-k targets from a store built by distill cache-teacher) or remote (a teacher pool started with distill serve-teacher, at teacher.url); with cache and remote the teacher is not loaded for training.")
     cache_tail: Literal["bucket", "uniform"] = option("bucket", "teacher.source=cache: how the loss treats the teacher's mass outside the stored top k: bucket (one bucket against the student's remaining mass; exact on the k + 1 buckets) or uniform (spread evenly over the other ids, a dense target).")
+    url: str = option("", "teacher.source=remote: the teacher pool's URL (distill serve-teacher prints it), e.g. http://node1:8765; several, comma-separated, are used in turn.")
+    token_file: str = option("", "teacher.source=remote: a file holding the pool's token (else $DISTILL_TEACHER_TOKEN); the token itself never goes in a config.")
+    remote_timeout: float = option(300.0, "teacher.source=remote: seconds the students keep retrying a pool that does not answer (restarting, overloaded) before they save a checkpoint and stop.")
+    prefetch: int = option(1, "teacher.source=remote: optimizer steps whose targets are requested ahead, while the current one computes (0: none).")
     cache: str = option("", "The teacher store of teacher.source=cache (a directory written by distill cache-teacher); empty: the store built for this job's teacher and data under $DISTILL_CACHE_DIR/teacher (default ~/.cache/distill/teacher).")
 
 
@@ -377,11 +381,18 @@ def validate(cfg: DistillConfig) -> None:
     _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
     _check(lo.chunk_size >= 0, f"loss.chunk_size must be >= 0 (got {lo.chunk_size}; 0 sizes chunks by the vocabulary)")
     check_terms(lo)
-    if cfg.teacher.source == "cache":
-        _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source=cache holds token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
+    if t.source in ("cache", "remote"):
+        holder = {"cache": "the store", "remote": "the teacher pool"}[t.source]
+        _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} gives token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
         for i, spec in enumerate(loss_terms(lo)):
             _check(spec.get("kind") in (LOGITS, "ce") or not float(spec.get("weight", 1.0)),
-                   f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which the store does not hold; use teacher.source=model")
+                   f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not give; use teacher.source=model")
+    if t.source == "remote":
+        _check(bool(t.url.strip()), "teacher.source=remote needs teacher.url (the URL distill serve-teacher prints)")
+        for url in t.url.split(","):
+            _check(url.strip().startswith(("http://", "https://")), f"teacher.url: {url.strip()!r} is not an http:// or https:// URL")
+        _check(t.remote_timeout > 0, f"teacher.remote_timeout must be > 0 (got {t.remote_timeout})")
+        _check(t.prefetch >= 0, f"teacher.prefetch must be >= 0 (got {t.prefetch})")
     _check(0.0 < cfg.task.mask_rate < 1.0, f"task.mask_rate must be in (0, 1) (got {cfg.task.mask_rate})")
     if cfg.task.kind != "causal_lm":
         _check(not s.prune, f"student.prune supports task.kind=causal_lm only; build the {cfg.task.kind} student with student.architecture or student.path")

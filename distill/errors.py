@@ -15,6 +15,7 @@ Exit codes (the README lists them):
 4     a file in a run directory or checkpoint is unsafe or cannot be restored (:class:`CheckpointError`)
 5     no space left on the device while writing (:class:`DiskFull`)
 6     another job holds the run directory (:class:`RunLocked`)
+7     the teacher pool (teacher.source=remote) gave no answer within teacher.remote_timeout (:class:`TeacherUnavailable`), after a checkpoint
 130   interrupted (Ctrl-C)
 143   stopped by SIGTERM (:class:`Terminated`), after a checkpoint when one could be saved in time
 ====  ===================================================================================
@@ -65,6 +66,12 @@ class RunLocked(DistillError):
     """Another job is writing to the same run directory."""
 
     exit_code = 6
+
+
+class TeacherUnavailable(DistillError):
+    """The teacher pool did not answer within teacher.remote_timeout; a checkpoint was saved first when training had started."""
+
+    exit_code = 7
 
 
 class Terminated(DistillError):

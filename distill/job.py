@@ -201,6 +201,35 @@ def open_store(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
     return store
 
 
+def open_pool(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
+    """A client of the teacher pool at ``teacher.url``, after checking (before step 0) that every
+    member serves this job's teacher, tokenizer and task."""
+    from distill import store as stores
+    from distill.service import Client, read_token
+
+    urls = [url.strip() for url in cfg.teacher.url.split(",") if url.strip()]
+    client = Client(urls, read_token(cfg.teacher.token_file, what="teacher.token_file"), timeout=cfg.teacher.remote_timeout)
+    job = stores.teacher_identity(cfg, setup.tokenizer)
+    served = None
+    for url in urls:
+        answer = client.identity(url)
+        served = answer.get("identity") if isinstance(answer, dict) else None
+        if not isinstance(served, dict) or "targets" not in served:
+            raise ConfigError(f"teacher.url: {url} is not a distill teacher service (its /v1/identity has no identity)")
+        diff = stores.differences(served, {**job, "targets": served["targets"]})
+        if diff:
+            raise ConfigError(f"teacher.url: the pool at {url} serves another teacher: {stores.describe(diff, served, {**job, 'targets': served['targets']}, theirs='pool')}; "
+                              "start it with this job's config (distill serve-teacher CONFIG)")
+    vocab = int(served["targets"]["vocab"])
+    if models.output_vocab(setup.student) < vocab:
+        raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the pool's ({vocab}); use a matching student")
+    setup.vocab = vocab
+    if not quiet:
+        print(f"teacher: pool {', '.join(urls)} ({answer.get('engine')} engine, top-{served['targets']['k']} of {vocab} ids, key "
+              f"{str(answer.get('key'))[:16]}); the teacher model is not loaded for training", file=sys.stderr)
+    return client
+
+
 def _split(split: str, source: str, cfg: DistillConfig) -> str:
     return f"{split} ({source})" if cfg.data.mixture else split
 
@@ -294,9 +323,10 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-    cached = cfg.teacher.source == "cache"
+    cached = cfg.teacher.source in ("cache", "remote")  # the teacher's signal comes from elsewhere: it is not loaded for training
     setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
-    store = open_store(cfg, setup, quiet=not accelerator.is_main_process) if cached else None
+    store = open_store(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "cache" else None
+    pool = open_pool(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "remote" else None
     task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
     if accelerator.is_main_process and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
@@ -348,15 +378,18 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
                           resume=latest is not None)
     try:
         evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
+        source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1], store=store,
+                              source_names=[name for name, *_ in setup.sources], tail=cfg.teacher.cache_tail, client=pool)
         try:
-            source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1], store=store,
-                                  source_names=[name for name, *_ in setup.sources], tail=cfg.teacher.cache_tail)
             fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
                 objective=objective, state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
         except Preempted as stop:
             if accelerator.is_main_process:
                 print(f"distill: {stop}", file=sys.stderr)
             return None
+        finally:
+            if hasattr(source, "close"):
+                source.close()
         lora = cfg.student.lora
         save_student(accelerator, model, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge,
                      base_quantization=cfg.student.quantization, model_class=task.auto_class)

@@ -174,18 +174,25 @@ def _data_identity(source_cfg) -> dict:
     return fields
 
 
-def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None) -> dict:
-    """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``job.Setup``."""
-    from distill import data
-
+def teacher_identity(cfg, tokenizer) -> dict:
+    """What decides the teacher's targets of any given sequence, in clear: the teacher's weights and
+    quantization, the tokenizer and the task. A store adds its data; a served teacher
+    (:mod:`distill.service`) publishes this with its k."""
     t = cfg.teacher
     teacher = {"path": t.path, "weights": _teacher_weights(t), "dtype": t.dtype, "quantization": t.quantization}
     if t.quantization == "4bit":
         teacher.update(quant_type=t.quant_type, double_quant=t.double_quant)
     task = {"kind": cfg.task.kind, **({"mask_rate": cfg.task.mask_rate, "mask_seed": cfg.task.mask_seed} if cfg.task.kind == "masked_lm" else {})}
+    return {"format": FORMAT, "teacher": teacher, "tokenizer": _tokenizer_hash(tokenizer), "task": task}
+
+
+def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None) -> dict:
+    """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``job.Setup``."""
+    from distill import data
+
     configs = {name: source for name, _, source in data.sources(cfg.data)}
     return {
-        "format": FORMAT, "teacher": teacher, "tokenizer": _tokenizer_hash(tokenizer), "task": task,
+        **teacher_identity(cfg, tokenizer),
         "data": _data_identity(configs["data"]) if cfg.data.mixture == [] else {"mixture": {name: _data_identity(configs[name]) for name in configs}},
         "sequences": {name: {"training": sequences_hash(train), "validation": sequences_hash(validation)} for name, _, train, validation in sources},
         "targets": {"method": "top_k", "k": k, "vocab": vocab},
@@ -210,9 +217,10 @@ def differences(store: dict, job: dict) -> list[str]:
     return clear or keys
 
 
-def _describe(keys: list[str], store: dict, job: dict) -> str:
+def describe(keys: list[str], store: dict, job: dict, *, theirs: str = "store") -> str:
+    """``keys`` (from :func:`differences`) with both values, the first three of them."""
     a, b = _flat(store), _flat(job)
-    shown = [f"{k} (store {_short(a.get(k, '<absent>'))}, job {_short(b.get(k, '<absent>'))})" for k in keys[:3]]
+    shown = [f"{k} ({theirs} {_short(a.get(k, '<absent>'))}, job {_short(b.get(k, '<absent>'))})" for k in keys[:3]]
     return "; ".join(shown) + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
@@ -243,10 +251,19 @@ def shard_count(rows: int, shard_rows: int) -> int:
 
 def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device) -> tuple[SparseTargets, list[int]]:
     from distill import data
+
+    return batch_targets(source, task, {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}, vocab, k)
+
+
+def batch_targets(source, task, batch: dict, vocab: int, k: int) -> tuple[SparseTargets, list[int]]:
+    """The top-k targets of a collated batch's unmasked targets, row by row (on the CPU), and each row's count.
+
+    ``source`` is the in-process teacher (``ModelSource``); its logits are taken chunk by chunk
+    from the output layer's inputs, so no ``[tokens, vocab]`` tensor of the whole batch exists.
+    """
     from distill.fused import HEAD_INPUTS, chunk_rows, teacher_chunks
     from distill.losses import IGNORE_INDEX
 
-    batch = {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}
     labels = task.targets(batch)
     counts = (labels != IGNORE_INDEX).sum(-1).tolist()
     outputs = source.signal(batch, frozenset({HEAD_INPUTS}))
@@ -259,13 +276,19 @@ def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k:
     return SparseTargets.cat(parts).to("cpu"), counts
 
 
-def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: int) -> None:
+def encode(targets: SparseTargets, counts: list[int], vocab: int) -> bytes:
+    """The targets of some rows as a shard's bytes (safetensors; the layout in the module's docstring).
+    The teacher service (:mod:`distill.service`) answers in the same bytes."""
     from safetensors.torch import save
 
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     tensors = {"ids": targets.ids.to(torch.int16 if vocab <= 32767 else torch.int32), "logprobs": targets.logprobs.half(),
                "tail": targets.tail.float(), "offsets": offsets}
-    _write_atomic(path, save({name: t.contiguous() for name, t in tensors.items()}))
+    return save({name: t.contiguous() for name, t in tensors.items()})
+
+
+def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: int) -> None:
+    _write_atomic(path, encode(targets, counts, vocab))
 
 
 def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print) -> Path:
@@ -324,7 +347,7 @@ def _claim(path: Path, ident: dict, rank: int) -> None:
     if marker.is_file():
         existing = json.loads(marker.read_text())
         if existing != ident:
-            raise ConfigError(f"the store at {path} holds other targets: {_describe(differences(existing, ident), existing, ident)}; "
+            raise ConfigError(f"the store at {path} holds other targets: {describe(differences(existing, ident), existing, ident)}; "
                               "choose another --out or teacher.cache")
         return
     if rank == 0:
@@ -380,7 +403,7 @@ class Store:
             job = {**job_identity, "targets": self.identity["targets"]}
             diff = differences(self.identity, job)
             if diff:
-                raise ConfigError(f"teacher.cache: the store at {path} was built for another job: {_describe(diff, self.identity, job)}; "
+                raise ConfigError(f"teacher.cache: the store at {path} was built for another job: {describe(diff, self.identity, job)}; "
                                   "run distill cache-teacher with this config")
         for split, sources in self.manifest["splits"].items():
             for name, entry in sources.items():

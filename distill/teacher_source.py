@@ -2,10 +2,18 @@
 
 The training loop never knows where the teacher's signal comes from. ``model`` runs the frozen
 teacher in this process; ``cache`` reads its precomputed top-k targets from a store
-(:mod:`distill.store`); a served teacher is a further kind (DESIGN.md).
+(:mod:`distill.store`); ``remote`` asks a teacher pool for them (:mod:`distill.service`).
+
+A source that answers late (``remote``) also has ``prefetch(batches)``, called by the loop as soon
+as it knows the micro-batches of a coming step, and ``wait(batches)``, which blocks until their
+targets are here (or returns why they cannot come).
 """
 
 from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -53,10 +61,76 @@ class CacheSource:
         return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device))
 
 
-SOURCES = {ModelSource.kind: ModelSource, CacheSource.kind: CacheSource}
+class RemoteSource:
+    """A teacher pool (``distill serve-teacher``): each micro-batch's targets are requested over HTTP,
+    ahead of time when the loop calls :meth:`prefetch`, and matched to the batch by its contents."""
+
+    kind = "remote"
+
+    def __init__(self, client, task, tail: str = "bucket", workers: int = 4):
+        self.client, self.task, self.tail = client, task, tail
+        self.requests = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher-request")
+        self.pending: dict = {}  # batch digest -> Future of (SparseTargets, bytes on the wire)
+        self.lock = threading.Lock()
+        self.wire_bytes = self.targets = 0
+
+    @staticmethod
+    def _digest(batch: dict) -> str:
+        digest = hashlib.sha1()
+        for name in ("input_ids", "labels"):
+            digest.update(batch[name].detach().to("cpu").numpy().tobytes())
+        return digest.hexdigest()
+
+    def _future(self, batch: dict, *, take: bool):
+        key = self._digest(batch)
+        with self.lock:
+            future = self.pending.pop(key, None) if take else self.pending.get(key)
+            if future is None:
+                future = self.requests.submit(self.client.targets, {name: batch[name].to("cpu") for name in ("input_ids", "attention_mask", "labels")})
+                if not take:
+                    self.pending[key] = future
+        return future
+
+    def prefetch(self, batches: list[dict]) -> None:
+        for batch in batches:
+            self._future(batch, take=False)
+
+    def wait(self, batches: list[dict]) -> Exception | None:
+        """Blocks until the targets of ``batches`` are here; returns the pool's failure instead of raising it
+        (the loop first agrees with the other processes, then saves a checkpoint)."""
+        from distill.errors import TeacherUnavailable
+
+        for batch in batches:
+            try:
+                self._future(batch, take=False).result()
+            except TeacherUnavailable as err:
+                return err
+        return None
+
+    def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
+        if not wants:
+            return TeacherOutputs()
+        sparse, size = self._future(batch, take=True).result()
+        expected = self.task.target_count(batch)
+        if len(sparse) != expected:
+            raise ConfigError(f"teacher.url: the pool answered {len(sparse)} targets for a batch that has {expected}; "
+                              "it serves another task or masking: start it with this job's config")
+        self.wire_bytes, self.targets = self.wire_bytes + size, self.targets + expected
+        sparse.tail_mode = self.tail
+        return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device))
+
+    def close(self) -> None:
+        self.requests.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
 
 
-def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, store=None, source_names=(), tail: str = "bucket"):
+SOURCES = {ModelSource.kind: ModelSource, CacheSource.kind: CacheSource, RemoteSource.kind: RemoteSource}
+
+
+def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, store=None, source_names=(), tail: str = "bucket",
+                 client=None):
     if kind == CacheSource.kind:
         return CacheSource(store, task, list(source_names), tail=tail)
+    if kind == RemoteSource.kind:
+        return RemoteSource(client, task, tail=tail)
     return ModelSource(model, task, vocab, qkv_layers)

@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from distill import checkpoint
 from distill.config import DistillConfig, TrainConfig
 from distill.data import TrainStream
-from distill.errors import NonFiniteLoss, Terminated
+from distill.errors import NonFiniteLoss, TeacherUnavailable, Terminated
 from distill.evaluation import synchronize
 from distill.signals import SIGNALS
 
@@ -171,20 +172,30 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0, "steps": 0}
     fault = os.environ.get("DISTILL_FAULT")
     saver = _Saver(accelerator, run_dir / "checkpoints", scheduler=scheduler, keep=tr.keep_checkpoints)
+    # Steps drawn ahead for a source that answers late: (micro-batches, samples consumed after them).
+    # Only the steps trained count in the checkpoint, so a resumed stream draws the rest again.
+    ahead: deque = deque()
+    late = hasattr(source, "wait") and bool(objective.wants)
+    depth = cfg.teacher.prefetch if late else 0
     SIGNALS.enter("training")
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
             _injected_fault(fault, state.step + 1, accelerator.process_index)
-            batches = [stream.next_batch() for _ in range(tr.grad_accum)]
+            while len(ahead) < 1 + min(depth, tr.max_steps - state.step - 1):
+                ahead.append(([stream.next_batch() for _ in range(tr.grad_accum)], stream.samples_consumed))
+                if depth:
+                    source.prefetch(ahead[-1][0])
+            batches, consumed = ahead.popleft()
+            waited = _teacher_ready(source, batches, accelerator, saver, state) if late else 0.0
             logged = (state.step + 1) % tr.log_every == 0 or state.step + 1 == tr.max_steps
             result = train_step(model, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                 task=task, objective=objective, report=logged)
             state.step += 1
-            state.samples_consumed = stream.samples_consumed
+            state.samples_consumed = consumed
             window["tokens"] += result.tokens
             window["seconds"] += time.perf_counter() - start
-            window["teacher_seconds"] += result.teacher_seconds
+            window["teacher_seconds"] += result.teacher_seconds + waited
             window["steps"] += 1
             if result.skipped:
                 if tr.on_nonfinite == "stop":
@@ -222,6 +233,23 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
         progress.close()  # ends the bar's line, so an error prints on its own
     SIGNALS.enter("finishing")
     return state
+
+
+def _teacher_ready(source, batches: list[dict], accelerator, saver: "_Saver", state: checkpoint.TrainState) -> float:
+    """Waits for the targets of the step's ``batches`` and returns the seconds waited. When the
+    source cannot give them (a pool down for longer than teacher.remote_timeout) on any process,
+    every process saves the checkpoint of the last finished step, and the job stops."""
+    start = time.perf_counter()
+    failure = source.wait(batches)
+    failed = failure is not None
+    if accelerator.num_processes > 1:  # all processes take the same branch: the save below is collective
+        flag = torch.tensor(float(failed), device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if failed:
+        path = saver.save(state)
+        reason = str(failure) if failure is not None else "another process got no answer from the teacher pool"
+        raise TeacherUnavailable(f"{reason}; checkpoint of step {state.step} saved in {path}: continue with --resume once the pool is up")
+    return time.perf_counter() - start
 
 
 class _Saver:

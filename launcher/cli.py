@@ -143,6 +143,12 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return store_main(argv)
 
 
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from distill.service import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from distill.compare import compare
 
@@ -312,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")
     cache.set_defaults(func=cmd_cache_teacher)
+
+    serve = commands.add_parser("serve-teacher", help="serve the teacher's top-k targets over HTTP to many students (teacher.source=remote)",
+                                description="Load the job's teacher (full precision, 8- or 4-bit) and answer students' requests: a batch of token "
+                                            "sequences in, the teacher's top-k ids and log-probabilities and the remaining mass per target token "
+                                            "out (the teacher store's format). Concurrent requests are batched together. Binds loopback unless "
+                                            "--host says otherwise, which needs a token. Endpoints: /healthz, /readyz, /v1/identity, "
+                                            "/v1/targets, /metrics.")
+    from distill.service import build_parser as serve_arguments
+
+    serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve_teacher)
 
     pr = commands.add_parser("prune", help="structurally prune a model (layers, heads, MLP neurons, hidden channels) to a directory",
                              description="Rank layers, attention heads, MLP neurons and hidden channels by their activations on calibration "
