@@ -593,6 +593,21 @@ class Client:
         return decode_targets(answer.content), len(answer.content)
 
 
+def probe(urls: str, timeout: float = 5.0) -> int:
+    """0 when every member of ``urls`` (comma-separated) answers ``/readyz`` with 200, else 1; for
+    scripts that wait for a pool (slurm/teacher_pool.sbatch). Standard library only: it starts fast."""
+    import urllib.request
+
+    for url in urls.split(","):
+        try:
+            with urllib.request.urlopen(url.strip().rstrip("/") + "/readyz", timeout=timeout) as answer:
+                if answer.status != 200:
+                    return 1
+        except (OSError, ValueError):  # refused, unreachable, 503 while loading (HTTPError is an OSError)
+            return 1
+    return 0
+
+
 def _reason(answer) -> str:
     try:
         return str(answer.json().get("error", ""))[:300]

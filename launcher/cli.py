@@ -101,7 +101,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distill.config import load_config
-    from distill_launcher.slurm import render_script, submit
+    from distill_launcher.slurm import render_pool_script, render_script, submit
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
@@ -114,7 +114,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # Every node must find the run directory at the same absolute path (a shared file system).
     overrides = [o for o in _overrides(args) if not o.startswith("output_dir=")] + [f"output_dir={run_dir}"]
     request = _slurm_request(args, nodes=args.nodes, job_name=run_dir.name)
-    script = render_script(args.config, overrides, request, run_dir)
+    request.teacher_nodes, request.teacher_gpus, request.teacher_colocated = args.teacher_nodes, args.teacher_gpus, args.teacher_colocated
+    request.teacher_port, request.teacher_top_k, request.teacher_engine = args.teacher_port, args.teacher_top_k, args.teacher_engine
+    if request.teacher_nodes:
+        script = render_pool_script(args.config, overrides, request, run_dir)
+    else:
+        script = render_script(args.config, overrides, request, run_dir)
     if args.dry_run:
         print(script)
         return 0
@@ -303,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(submit)
     submit.add_argument("--nodes", type=int, default=1, help="number of nodes")
     _add_slurm_arguments(submit, unit="node", default_name="the run directory's name")
+    pool = submit.add_argument_group("a teacher pool (distill serve-teacher) for the job's students (teacher.source=remote)")
+    pool.add_argument("--teacher-nodes", type=int, default=0, help="nodes running the pool, started first; the students wait until it is ready (default 0: no pool)")
+    pool.add_argument("--teacher-gpus", type=int, help="GPUs of each pool node the pool uses (default: --gpus-per-node)")
+    pool.add_argument("--teacher-colocated", action="store_true",
+                      help="run the pool on the first --teacher-nodes student nodes, on their first --teacher-gpus GPUs, instead of nodes of its own")
+    pool.add_argument("--teacher-port", type=int, default=8765, help="the pool's port on its nodes (default 8765)")
+    pool.add_argument("--teacher-top-k", type=int, default=64, help="targets per token the pool serves (default 64)")
+    pool.add_argument("--teacher-engine", choices=["builtin", "vllm"], default="builtin", help="the pool's engine (default builtin)")
     _add_reuse_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)

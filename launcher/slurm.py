@@ -34,9 +34,16 @@ class SlurmRequest:
     master_port: int = 29500
     job_name: str = "distill"
     extra: list = field(default_factory=list)  # more "#SBATCH" lines, verbatim
+    teacher_nodes: int = 0  # > 0: a teacher pool (distill serve-teacher) on this many nodes, the students on the others
+    teacher_gpus: int | None = None  # GPUs of each pool node the pool uses (default: all of --gpus-per-node)
+    teacher_colocated: bool = False  # the pool runs on the first student nodes instead of nodes of its own
+    teacher_port: int = 8765
+    teacher_top_k: int = 64
+    teacher_engine: str = "builtin"
 
     def processes_per_node(self) -> int:
-        n = self.nproc_per_node or self.gpus_per_node
+        # Students beside a colocated pool get the GPUs it leaves.
+        n = self.nproc_per_node or (self.gpus_per_node - self.pool_gpus() if self.teacher_nodes and self.teacher_colocated else self.gpus_per_node)
         if n < 1:
             raise LaunchError("--nproc-per-node is required when --gpus-per-node is 0 (CPU processes)")
         return n
@@ -53,7 +60,24 @@ class SlurmRequest:
             raise LaunchError(f"--time must be minutes, MM:SS, HH:MM:SS or D-HH:MM:SS (got {self.time!r})")
         if self.signal_seconds < 1:
             raise LaunchError(f"--signal-seconds must be >= 1 (got {self.signal_seconds})")
+        if self.teacher_nodes < 0:
+            raise LaunchError(f"--teacher-nodes must be >= 0 (got {self.teacher_nodes})")
+        if self.teacher_nodes:
+            if self.teacher_colocated and self.teacher_nodes > self.nodes:
+                raise LaunchError(f"--teacher-colocated puts the pool on the student nodes: --teacher-nodes {self.teacher_nodes} is more than --nodes {self.nodes}")
+            gpus = self.gpus_per_node if self.teacher_gpus is None else self.teacher_gpus
+            if not 0 <= gpus <= self.gpus_per_node:
+                raise LaunchError(f"--teacher-gpus must be in [0, --gpus-per-node={self.gpus_per_node}] (got {gpus})")
+            if self.teacher_colocated and self.gpus_per_node and gpus >= self.gpus_per_node and not self.nproc_per_node:
+                raise LaunchError(f"--teacher-colocated with --teacher-gpus {gpus} leaves no GPU of the {self.gpus_per_node} for the students; lower --teacher-gpus")
+            if not 0 < self.teacher_port < 65536 or self.teacher_port == self.master_port:
+                raise LaunchError(f"--teacher-port must be a free port other than --master-port (got {self.teacher_port})")
+        elif self.teacher_gpus is not None or self.teacher_colocated:
+            raise LaunchError("--teacher-gpus and --teacher-colocated need --teacher-nodes")
         self.processes_per_node()
+
+    def pool_gpus(self) -> int:
+        return self.gpus_per_node if self.teacher_gpus is None else self.teacher_gpus
 
 
 def _directives(request: SlurmRequest) -> tuple[str, str]:
@@ -110,6 +134,62 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
         "node_launch": shlex.quote(f"exec {shlex.join(command)} {node_args}"),
     }
     return fill_template("single_node.sbatch" if request.nodes == 1 else "multi_node.sbatch", values)
+
+
+def render_pool_script(config: str, overrides: list[str], request: SlurmRequest, run_dir: Path, *, python: str = sys.executable) -> str:
+    """The sbatch script of a job with a teacher pool (``request.teacher_nodes``): slurm/teacher_pool.sbatch.
+
+    One allocation with two srun steps rather than a heterogeneous job: every cluster runs it, a
+    requeue restarts pool and students together, and with ``teacher_colocated`` the pool shares
+    the first student nodes (``--overlap``), dividing their GPUs. The token is made by the script
+    at run time, in a file under RUN_DIR/slurm only the user can read; the address is the pool
+    nodes' host names. Neither is in this script.
+    """
+    request.check()
+    gpus, extra = _directives(request)
+    config = str(Path(config).resolve())
+    students = launch_command(config, [*overrides, "teacher.source=remote"], request, python=python)
+    pool_gpus, colocated = request.pool_gpus(), request.teacher_colocated
+
+    def visible(first: int, last: str) -> str:
+        """Expanded in each step: the GPUs first..last (1-based) of those the step sees."""
+        return f'export CUDA_VISIBLE_DEVICES=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f{first}-{last}); ' if request.gpus_per_node else ""
+
+    serve = [python, "-m", "distill_launcher.cli", "serve-teacher", config, *[a for o in overrides for a in ("--set", o)], "--host", "0.0.0.0",
+             "--port", str(request.teacher_port), "--top-k", str(request.teacher_top_k), "--engine", request.teacher_engine]
+    pool_launch = (visible(1, str(pool_gpus)) if pool_gpus < request.gpus_per_node else "") + \
+        f'exec {shlex.join(serve)} --token-file "$TEACHER_TOKEN_FILE"'
+    student_nodes = request.nodes
+    node_args = (f'--nnodes {student_nodes} --node-rank "$SLURM_PROCID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" '
+                 '--set "teacher.url=$TEACHER_URL" --set "teacher.token_file=$TEACHER_TOKEN_FILE"')
+    # Colocated, every student node leaves its first pool_gpus GPUs to the pool (idle where no pool member runs), so all
+    # student nodes run as many processes.
+    node_launch = (visible(pool_gpus + 1, "") if colocated and pool_gpus else "") + f"exec {shlex.join(students)} {node_args}"
+    total = request.nodes if colocated else request.nodes + request.teacher_nodes
+    note = (f"the students' {request.nodes}, the first {request.teacher_nodes} also running the teacher pool" if colocated
+            else f"{request.teacher_nodes} for the teacher pool, then {request.nodes} for the students")
+    values = {
+        "job_name": _directive_value(request.job_name, "--job-name"),
+        "nodes": str(total),
+        "nodes_note": note,
+        "cpus_per_task": str(request.cpus()),
+        "gpus_directive": gpus,
+        "extra_directives": extra,
+        "time": request.time,
+        "log": _directive_value(str(run_dir / "slurm").replace("%", "%%") + "/slurm-%j.out", "the run directory"),
+        "signal_seconds": str(request.signal_seconds),
+        "run_dir": shlex.quote(str(run_dir)),
+        "python": shlex.quote(python),
+        "master_port": str(request.master_port),
+        "teacher_port": str(request.teacher_port),
+        "teacher_nodes": str(request.teacher_nodes),
+        "student_offset": "0" if colocated else str(request.teacher_nodes),
+        "student_nodes": str(student_nodes),
+        "ready_seconds": "1800",
+        "pool_launch": shlex.quote(pool_launch),
+        "node_launch": shlex.quote(node_launch),
+    }
+    return fill_template("teacher_pool.sbatch", values)
 
 
 def fill_template(name: str, values: dict) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, distill_cli, job_overrides, read_metrics, sweep_args
 from distill_launcher.launch import LaunchError
-from distill_launcher.slurm import SlurmRequest, render_script
+from distill_launcher.slurm import SlurmRequest, render_pool_script, render_script
 
 
 def bash_parses(script: str) -> bool:
@@ -59,6 +59,32 @@ def test_bad_requests():
         render_script("job.yaml", [], SlurmRequest(gpus_per_node=0), Path("/tmp/x"))
     with pytest.raises(LaunchError, match="--time"):
         render_script("job.yaml", [], SlurmRequest(gpus_per_node=1, time="soon"), Path("/tmp/x"))
+
+
+@pytest.mark.parametrize("colocated", [False, True])
+def test_a_job_with_a_teacher_pool_renders_two_steps_without_its_token(tmp_path, colocated):
+    request = SlurmRequest(nodes=2, gpus_per_node=8, teacher_nodes=1, teacher_gpus=2, teacher_colocated=colocated, teacher_port=9000, teacher_top_k=32)
+    script = render_pool_script("job.yaml", ["train.lr=1e-4"], request, tmp_path / "run")
+    assert bash_parses(script)
+    assert f"#SBATCH --nodes={2 if colocated else 3}" in script
+    assert f'STUDENT_NODES=("${{NODES[@]:{0 if colocated else 1}}}")' in script
+    assert script.count("srun --overlap") == 2 and "serve-teacher" in script and "--host 0.0.0.0 --port 9000 --top-k 32" in script
+    assert '--token-file "$TEACHER_TOKEN_FILE"' in script and '--set "teacher.token_file=$TEACHER_TOKEN_FILE"' in script
+    assert "teacher.source=remote" in script and '--set "teacher.url=$TEACHER_URL"' in script and "scontrol requeue" in script
+    assert "cut -d, -f1-2" in script  # the pool's 2 of the node's 8 GPUs
+    # Colocated students take the GPUs the pool leaves: 6 processes per node; on nodes of their own, all 8.
+    assert f"--nproc-per-node {6 if colocated else 8}" in script and ("cut -d, -f3-" in script) == colocated
+    assert "token_urlsafe" in script and "umask 077" in script  # made at run time, readable by the user only
+
+
+def test_bad_teacher_pool_requests():
+    for request, message in ((SlurmRequest(gpus_per_node=1, teacher_colocated=True), "need --teacher-nodes"),
+                             (SlurmRequest(gpus_per_node=4, teacher_nodes=1, teacher_gpus=5), r"--teacher-gpus must be in \[0, --gpus-per-node=4\]"),
+                             (SlurmRequest(gpus_per_node=4, teacher_nodes=1, teacher_colocated=True), "leaves no GPU of the 4 for the students"),
+                             (SlurmRequest(nodes=1, gpus_per_node=4, teacher_nodes=2, teacher_colocated=True, teacher_gpus=1), "is more than --nodes 1"),
+                             (SlurmRequest(gpus_per_node=4, teacher_nodes=1, teacher_port=29500), "other than --master-port")):
+        with pytest.raises(LaunchError, match=message):
+            render_pool_script("job.yaml", [], request, Path("/tmp/x"))
 
 
 def test_submit_dry_run_prints_the_script(tmp_path):
@@ -197,3 +223,31 @@ def test_a_sweep_runs_as_one_job_array(cluster, tiny, corpus, tmp_path):
     assert result.returncode == 0 and "every run is finished; nothing to submit" in result.stdout
     compared = distill_cli("compare", str(sweep_dir))
     assert compared.returncode == 0 and (sweep_dir / "comparison.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_teacher_pool_and_a_two_process_student_run_as_two_steps_of_one_job(cluster, tiny, corpus, tmp_path):
+    out = tmp_path / "pooled"
+    config = tmp_path / "pooled.yaml"
+    config.write_text("{}\n")
+    args = [a for o in job_overrides(tiny, corpus, out, "eval.at_end=false", "train.max_steps=8") for a in ("--set", o)]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    port = free_port()
+    result = distill_cli("submit", str(config), "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10", "--master-port", str(free_port()),
+                         "--teacher-nodes", "1", "--teacher-colocated", "--teacher-port", str(port), "--teacher-top-k", "8", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split()[2].rstrip(":")
+    token_file = out / "slurm" / "pool.token"
+    token = wait_for(lambda: token_file.is_file() and token_file.read_text().strip(), 300, "the pool's token")
+    assert token_file.stat().st_mode & 0o077 == 0  # the user's alone
+    state = wait_for(lambda: job_state(job_id) if job_state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None, 600, "the job")
+    log = (out / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    host = subprocess.run(["scontrol", "show", "hostnames", subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.strip()],
+                          capture_output=True, text=True).stdout.split()[0]
+    assert f"[distill] teacher pool ready at http://{host}:{port}" in log
+    assert f"serve-teacher: ready: http://0.0.0.0:{port} (engine builtin, top-8 of 320 ids" in log and "token required" in log
+    assert f"teacher: pool http://{host}:{port} (builtin engine, top-8 of 320 ids" in log
+    assert "[distill] finished with status 0" in log
+    assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == list(range(1, 9))
+    assert token not in log and token not in (out / "slurm" / "job.sbatch").read_text() and not token_file.exists()
