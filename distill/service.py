@@ -189,8 +189,9 @@ class VllmEngine(BuiltinEngine):
     log-probabilities) are the targets; vLLM batches the rows and concurrent requests itself.
 
     vLLM refuses more log-probabilities per position than its ``max_logprobs`` (20 by default);
-    the engine raises it to k. It serves causal LMs without quantization flags of ours
-    (bitsandbytes checkpoints load as vLLM supports them).
+    the engine raises it to k. Its log-probabilities are the model's raw ones (``logprobs_mode``
+    raw_logprobs, vLLM's default), at temperature 1 as the store's. It serves causal LMs, in full
+    precision or quantized to 4 bits in flight (vLLM's bitsandbytes support has no 8-bit mode).
     """
 
     name = "vllm"
@@ -216,7 +217,10 @@ class VllmEngine(BuiltinEngine):
             raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({self.vocab})")
         self.k, self.pad_id = k, tokenizer.pad_token_id
         self.embedding_rows, self.max_length = config.vocab_size, getattr(config, "max_position_embeddings", None) or 1 << 20
-        quantization = {"none": None, "8bit": "bitsandbytes", "4bit": "bitsandbytes"}[cfg.teacher.quantization]
+        if cfg.teacher.quantization == "8bit":
+            raise ConfigError("--engine vllm quantizes a teacher in flight to 4 bits only (bitsandbytes); set teacher.quantization to 4bit or none, "
+                              "or use --engine builtin")
+        quantization = "bitsandbytes" if cfg.teacher.quantization == "4bit" else None
         self.llm = LLM(model=os.path.expanduser(cfg.teacher.path), revision=cfg.teacher.revision, dtype=cfg.teacher.dtype,
                        quantization=quantization, max_logprobs=k, skip_tokenizer_init=True, enable_prefix_caching=False)
         self.identity = {**teacher_identity(cfg, tokenizer), "targets": {"method": "top_k", "k": k, "vocab": self.vocab}}

@@ -168,21 +168,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from distill_launcher import sweep as sweeps
 
     plan = sweeps.plan(args.config, args.overrides, args.grid, sweep_dir=args.sweep_dir, draws=args.random, seed=args.seed,
-                       use_store=args.teacher_store == "auto")
+                       use_store=args.teacher_store == "auto", pool=args.teacher_pool)
     print(f"[sweep] {plan.dir}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})")
     if args.search == "optuna" and (args.executor != "local" or args.dry_run):
         raise ConfigError("--search optuna runs trials one after another here: use it with --executor local and without --dry-run")
     if args.executor == "slurm":
         return _submit_sweep(plan, args)
     if args.dry_run:
+        if plan.pool:
+            print(f"# a teacher pool on loopback serves every run: {shlex.join(sweeps.serve_command(plan, host='127.0.0.1', port=0, top_k=args.teacher_top_k, engine=args.teacher_engine))}")
         for run in plan.runs:
             state = run.state()
             print(f"{run.name} ({state})" if state == "finished" else shlex.join(sweeps.run_command(plan, run, plan.store(run))))
         return 0
-    if args.search == "optuna":
-        failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed)
-    else:
-        failed = sweeps.run_local(plan, parallel=args.parallel or 1)
+    with sweeps.local_pool(plan, top_k=args.teacher_top_k, engine=args.teacher_engine):
+        if args.search == "optuna":
+            failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed)
+        else:
+            failed = sweeps.run_local(plan, parallel=args.parallel or 1)
+    if args.search != "optuna":
         if failed:
             print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
                   file=sys.stderr)
@@ -198,13 +202,26 @@ def _submit_sweep(plan, args: argparse.Namespace) -> int:
 
     request = _slurm_request(args, nodes=1, job_name=plan.name)
     script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs))
+    gpus = args.gpus_per_node if args.teacher_gpus is None else args.teacher_gpus
+    pool = sweeps.render_pool(plan, request, gpus=gpus, port=args.teacher_port, top_k=args.teacher_top_k, engine=args.teacher_engine) if plan.pool else None
     if not pending:
         print("[sweep] every run is finished; nothing to submit")
     elif args.dry_run:
+        print(pool + "\n" if pool else "", end="")
         print(script)
     else:
         sweeps.check_no_array_running(plan)
-        job_id, path = submit(script, plan.dir)
+        after = ()
+        if pool:  # the pool first; the array's tasks start once it runs, and wait for it to answer
+            for stale in ("token", "url", "array.id"):
+                (plan.pool_dir / stale).unlink(missing_ok=True)
+            pool_id, pool_path = submit(pool, plan.dir, name="pool.sbatch")
+            print(f"submitted the teacher pool as job {pool_id}: script {pool_path}")
+            after = (f"--dependency=after:{pool_id}",)
+        job_id, path = submit(script, plan.dir, sbatch_args=after)
+        if pool:
+            plan.pool_dir.mkdir(parents=True, exist_ok=True)
+            (plan.pool_dir / "array.id").write_text(job_id + "\n")  # the pool serves until this array is gone
         sweeps.record(plan, "slurm", slurm_job=job_id)
         print(f"submitted job array {job_id} ({len(pending)} tasks): script {path}")
         print(f"logs: {plan.dir / 'slurm'}/slurm-{job_id}_<task>.out; when it is done: distill compare {plan.dir}")
@@ -268,6 +285,13 @@ def _add_slurm_arguments(parser, *, unit: str, default_name: str) -> None:
     parser.add_argument("--job-name", help=f"SLURM job name (default: {default_name})")
 
 
+def _add_pool_arguments(group) -> None:
+    group.add_argument("--teacher-gpus", type=int, help="GPUs of each pool node the pool uses (default: --gpus-per-node)")
+    group.add_argument("--teacher-port", type=int, default=8765, help="the pool's port on its node(s) (default 8765)")
+    group.add_argument("--teacher-top-k", type=int, default=64, help="targets per token the pool serves (default 64)")
+    group.add_argument("--teacher-engine", choices=["builtin", "vllm"], default="builtin", help="the pool's engine (default builtin)")
+
+
 def _slurm_request(args: argparse.Namespace, *, nodes: int, job_name: str):
     from distill_launcher.launch import resolve_ds_config
     from distill_launcher.slurm import SlurmRequest
@@ -310,12 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slurm_arguments(submit, unit="node", default_name="the run directory's name")
     pool = submit.add_argument_group("a teacher pool (distill serve-teacher) for the job's students (teacher.source=remote)")
     pool.add_argument("--teacher-nodes", type=int, default=0, help="nodes running the pool, started first; the students wait until it is ready (default 0: no pool)")
-    pool.add_argument("--teacher-gpus", type=int, help="GPUs of each pool node the pool uses (default: --gpus-per-node)")
     pool.add_argument("--teacher-colocated", action="store_true",
                       help="run the pool on the first --teacher-nodes student nodes, on their first --teacher-gpus GPUs, instead of nodes of its own")
-    pool.add_argument("--teacher-port", type=int, default=8765, help="the pool's port on its nodes (default 8765)")
-    pool.add_argument("--teacher-top-k", type=int, default=64, help="targets per token the pool serves (default 64)")
-    pool.add_argument("--teacher-engine", choices=["builtin", "vllm"], default="builtin", help="the pool's engine (default builtin)")
+    _add_pool_arguments(pool)
     _add_reuse_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)
@@ -409,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--trials", type=int, default=8, help="--search optuna: trials in all (the study in SWEEP_DIR/optuna.db continues when run again)")
     sw.add_argument("--metric", default="student.perplexity", help="--search optuna: MODEL.FIGURE of eval.json to optimize (default: student.perplexity; "
                                                                    "lower is better except accuracy, agreement, F1, throughput)")
+    sw.add_argument("--teacher-pool", action="store_true",
+                    help="share one teacher pool (distill serve-teacher) among the runs (teacher.source=remote): on loopback for the whole "
+                         "local sweep, or a SLURM job of its own that the array's tasks start after and that stops when they are done")
+    _add_pool_arguments(sw.add_argument_group("with --teacher-pool"))
     sw.add_argument("--dry-run", action="store_true", help="print each run's command (local) or the sbatch script (slurm) and exit")
     slurm_options = sw.add_argument_group("with --executor slurm (as distill submit, per task)")
     _add_slurm_arguments(slurm_options, unit="task", default_name="the sweep directory's name")

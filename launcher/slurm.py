@@ -201,15 +201,15 @@ def fill_template(name: str, values: dict) -> str:
     return script
 
 
-def submit(script: str, run_dir: Path) -> tuple[str, Path]:
-    """Writes the script into RUN_DIR/slurm/ and submits it; returns (job id, script path)."""
+def submit(script: str, run_dir: Path, *, name: str = "job.sbatch", sbatch_args: tuple = ()) -> tuple[str, Path]:
+    """Writes the script into RUN_DIR/slurm/NAME and submits it; returns (job id, script path)."""
     if shutil.which("sbatch") is None:
         raise LaunchError("sbatch is not on PATH: run distill submit on a SLURM login node (or use distill launch)")
     slurm_dir = run_dir / "slurm"
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    path = slurm_dir / "job.sbatch"
+    path = slurm_dir / name
     path.write_text(script)
-    done = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    done = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         raise LaunchError(f"sbatch refused the job: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     return done.stdout.strip().split(";")[0], path

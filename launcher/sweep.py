@@ -11,6 +11,7 @@ Every point is checked (keys, types, values) before anything is written or start
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -119,10 +120,17 @@ class Sweep:
     grid: dict | None = None  # key -> values (strings, as given)
     use_store: bool = True  # runs train from a teacher store that fits them (--teacher-store auto)
     stores: dict = field(default_factory=dict, repr=False)  # teacher, task and data settings -> the store found for them
+    pool: bool = False  # the runs share one teacher pool (--teacher-pool): distill serve-teacher, teacher.source=remote
+    pool_url: str | None = None  # known here for a local pool; a SLURM task reads it from pool/url when it starts
 
     @property
     def name(self) -> str:
         return self.dir.name
+
+    @property
+    def pool_dir(self) -> Path:
+        """The pool's token, address (and the array's id) live here, readable by the user only."""
+        return self.dir / "pool"
 
     def store(self, run: Run) -> str | None:
         """The teacher store built for this run's teacher and data, when the run can train from one.
@@ -130,7 +138,7 @@ class Sweep:
         Only the teacher, task and data decide which store fits, so one lookup (which tokenizes the
         data) serves every run that shares them.
         """
-        if not self.use_store:
+        if not self.use_store or self.pool:
             return None
         cfg = load_config(self.config, [*self.base, *run.overrides])
         if cfg.teacher.source == "cache":
@@ -152,20 +160,26 @@ class Sweep:
 
     def run_overrides(self, run: Run, store: str | None) -> list[str]:
         extra = ["teacher.source=cache", f"teacher.cache={store}"] if store else []
+        if self.pool:
+            extra = ["teacher.source=remote", f"teacher.token_file={self.pool_dir / 'token'}", *([f"teacher.url={self.pool_url}"] if self.pool_url else [])]
         return [*self.base, *run.overrides, *extra, f"output_dir={run.dir}", f"tracking.run_name={run.name}", f"tracking.group={self.name}"]
 
 
 def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str | None, draws: int | None, seed: int,
-         use_store: bool = True) -> Sweep:
+         use_store: bool = True, pool: bool = False) -> Sweep:
     """Checks every point and the sweep directory; writes nothing."""
     grid = parse_grid(grid_items)
+    served = [key for key in grid if key.startswith(("teacher.", "task."))]
+    if pool and served:
+        raise ConfigError(f"--teacher-pool serves one teacher to every run; the grid may not vary {', '.join(served)}")
+    pooled = ["teacher.source=remote", "teacher.url=http://pool"] if pool else []  # the point is checked as it will run
     base_cfg = load_config(config, base)
     root = Path(os.path.expanduser(sweep_dir or f"{base_cfg.output_dir.rstrip('/')}-sweep")).resolve()
     runs = []
     for point in points(grid, draws=draws, seed=seed):
         overrides = [f"{k}={v}" for k, v in point.items()]
         try:
-            load_config(config, [*base, *overrides])
+            load_config(config, [*base, *overrides, *pooled])
         except ConfigError as err:
             raise ConfigError(f"--grid point {', '.join(overrides)}: {err}") from None
         runs.append(Run(run_name(point), overrides, root / run_name(point)))
@@ -173,7 +187,7 @@ def plan(config: str, base: list[str], grid_items: list[str], *, sweep_dir: str 
     if len(set(names)) != len(names):
         raise ConfigError("two grid points get the same run name; make the --grid values differ in more than punctuation")
     _check_reuse(root, config, base)
-    return Sweep(root, str(Path(config).resolve()), list(base), runs, grid, use_store)
+    return Sweep(root, str(Path(config).resolve()), list(base), runs, grid, use_store, pool=pool)
 
 
 def _check_reuse(root: Path, config: str, base: list[str]) -> None:
@@ -285,6 +299,87 @@ def run_local(sweep: Sweep, *, parallel: int = 1) -> int:
     return len(failed)
 
 
+def serve_command(sweep: Sweep, *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable) -> list[str]:
+    """``distill serve-teacher`` for the sweep's base config (its teacher, tokenizer and task), without the token option."""
+    sets = [a for o in sweep.base for a in ("--set", o)]
+    return [python, "-m", "distill_launcher.cli", "serve-teacher", sweep.config, *sets, "--host", host, "--port", str(port),
+            "--top-k", str(top_k), "--engine", engine]
+
+
+def _new_token(path: Path) -> None:
+    """A random token in ``path``, readable by the user only (created so, never chmod-ed after)."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+
+
+@contextlib.contextmanager
+def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeout: float = 1800.0):
+    """With ``--teacher-pool`` on this machine: one ``distill serve-teacher`` on loopback for every run
+    of the sweep, started before the first and stopped after the last (log: SWEEP_DIR/logs/pool.log)."""
+    if not sweep.pool or all(run.state() == "finished" for run in sweep.runs):
+        yield
+        return
+    from distill.service import probe
+
+    _new_token(sweep.pool_dir / "token")
+    address = sweep.pool_dir / "url"
+    address.unlink(missing_ok=True)
+    (sweep.dir / "logs").mkdir(parents=True, exist_ok=True)
+    log = open(sweep.dir / "logs" / "pool.log", "a")
+    argv = [*serve_command(sweep, host="127.0.0.1", port=0, top_k=top_k, engine=engine), "--token-file", str(sweep.pool_dir / "token"),
+            "--address-file", str(address)]
+    print(f"[sweep] starting the teacher pool (log: {sweep.dir / 'logs' / 'pool.log'})", flush=True)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (address.is_file() and probe(address.read_text().strip()) == 0):
+            if proc.poll() is not None:
+                raise ConfigError(f"--teacher-pool: the pool exited with code {proc.returncode} before it was ready: "
+                                  f"{_last_line(sweep.dir / 'logs' / 'pool.log')}")
+            if time.monotonic() > deadline:
+                raise ConfigError(f"--teacher-pool: the pool was not ready after {timeout:.0f} s (log: {sweep.dir / 'logs' / 'pool.log'})")
+            time.sleep(0.3)
+        sweep.pool_url = address.read_text().strip()
+        print(f"[sweep] teacher pool ready at {sweep.pool_url}; every run asks it for the teacher's targets", flush=True)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        address.unlink(missing_ok=True)
+        sweep.pool_url = None
+
+
+def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engine: str, python: str = sys.executable) -> str:
+    """The sbatch script of the sweep's pool job (slurm/sweep_pool.sbatch): serves until the array is gone."""
+    from distill_launcher.slurm import _directive_value, fill_template
+
+    if gpus < 0 or not 0 < port < 65536:
+        raise ConfigError(f"--teacher-gpus must be >= 0 and --teacher-port in [1, 65535] (got {gpus}, {port})")
+    values = {
+        "job_name": _directive_value(f"{request.job_name}-pool", "--job-name"),
+        "cpus_per_task": str(request.cpus()),
+        "gpus_directive": f"#SBATCH --gpus-per-node={gpus}\n# ^ GPUs of the pool" if gpus else "# (no GPUs requested: the teacher runs on CPU)",
+        "extra_directives": "\n".join(request.extra),
+        "time": request.time,
+        "log": _directive_value(str(sweep.dir / "slurm").replace("%", "%%") + "/pool-%j.out", "the sweep directory"),
+        "pool_dir": shlex.quote(str(sweep.pool_dir)),
+        "python": shlex.quote(python),
+        "port": str(port),
+        "serve_command": shlex.join(serve_command(sweep, host="0.0.0.0", port=port, top_k=top_k, engine=engine, python=python)),
+    }
+    return fill_template("sweep_pool.sbatch", values)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -308,6 +403,20 @@ def render_array(sweep: Sweep, request, *, parallel: int, python: str = sys.exec
         # Tasks may share a node: each rendezvous on its own port.
         command[4:4] = ["--master-port", str(request.master_port + index)]
         cases.append(f"    {index}) RUN_DIR={shlex.quote(str(run.dir))}; set -- {shlex.join(command)} ;;")
+    pool_wait = ""
+    if sweep.pool:  # the pool job started first (--dependency=after); wait until it has written its address and answers
+        url_file = shlex.quote(str(sweep.pool_dir / "url"))
+        pool_wait = f"""# The sweep's teacher pool (a job of its own): wait for its address, then for it to answer.
+for _ in $(seq 1800); do
+    if [ -s {url_file} ] && {shlex.quote(python)} -c 'import sys; from distill.service import probe; sys.exit(probe(sys.argv[1]))' "$(cat {url_file})"; then
+        break
+    fi
+    sleep 1
+done
+[ -s {url_file} ] || {{ echo "[distill] the sweep's teacher pool never became ready (see pool-*.out)"; exit 1; }}
+set -- "$@" --set "teacher.url=$(cat {url_file})"
+echo "[distill] teacher pool: $(cat {url_file})"
+"""
     gpus, extra = _directives(request)
     values = {
         "job_name": _directive_value(request.job_name, "--job-name"),
@@ -317,6 +426,7 @@ def render_array(sweep: Sweep, request, *, parallel: int, python: str = sys.exec
         "log": _directive_value(str(sweep.dir / "slurm").replace("%", "%%") + "/slurm-%A_%a.out", "the sweep directory"),
         "signal_seconds": str(request.signal_seconds),
         "cases": "\n".join(cases),
+        "pool_wait": pool_wait,
     }
     return fill_template("sweep_array.sbatch", values), pending
 

@@ -91,3 +91,24 @@ def test_fused_loss_in_bf16_follows_full_logits(tiny, corpus, tmp_path, bits):
         assert all(m["train/teacher_time_share"] > 0 for m in metrics)  # synchronized: the teacher's CUDA work is timed
         curves[fused] = [m["train/loss"] for m in metrics]
     assert curves["always"] == pytest.approx(curves["never"], rel=2e-2)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("vllm"), reason="needs vLLM (pip install -e '.[vllm]')")
+def test_the_vllm_engine_serves_the_builtin_engines_targets(tiny, corpus, tmp_path):
+    """Both engines, the same teacher and batch: the same top-k ids (ties aside) and log-probabilities."""
+    from distill import data
+    from distill.config import load_config
+    from distill.job import Setup
+    from distill.service import BuiltinEngine, VllmEngine
+
+    cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "x", "teacher.dtype=float32"))
+    setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)
+    batch = data.collate(setup.train_sequences[:4], setup.tokenizer.pad_token_id)
+    batch = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
+    builtin, counts = BuiltinEngine(cfg, 8, torch.device("cuda")).targets(batch)
+    served, served_counts = VllmEngine(cfg, 8, torch.device("cuda")).targets(batch)
+    assert served_counts == counts
+    same = (served.ids.long() == builtin.ids).float().mean().item()
+    assert same > 0.98, same
+    torch.testing.assert_close(served.logprobs.float()[:, 0], builtin.logprobs.float()[:, 0], rtol=0, atol=2e-2)
+    torch.testing.assert_close(served.tail.exp(), builtin.tail.exp(), rtol=0, atol=2e-2)

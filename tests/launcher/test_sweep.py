@@ -235,3 +235,41 @@ def test_optuna_proposes_points_from_finished_runs_and_continues_its_study(tiny,
     values = [json.loads((sweep_dir / r["name"] / "eval.json").read_text())["rows"][-1]["kl_to_teacher"] for r in listed]
     assert 1 <= len(listed) <= 3 and best == pytest.approx(min(values), rel=1e-3)  # lower KL is better: minimized
     assert (sweep_dir / "comparison.csv").is_file()
+
+
+def test_the_runs_of_a_local_sweep_share_one_teacher_pool(tiny, corpus, tmp_path):
+    sweep_dir = tmp_path / "pooled"
+    proc = sweep_cli(tiny, corpus, sweep_dir, "--grid", "loss.alpha=0,0.5", "--teacher-pool", "--teacher-top-k", "8", base=("eval.speed=false",))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    url = proc.stdout.split("[sweep] teacher pool ready at ")[1].split(";")[0]
+    assert url.startswith("http://127.0.0.1:")
+    for name in ("alpha=0", "alpha=0.5"):
+        log = (sweep_dir / "logs" / f"{name}.log").read_text()
+        assert f"teacher: pool {url} (builtin engine, top-8 of 320 ids" in log
+        assert [m["step"] for m in read_metrics(sweep_dir / name) if "train/loss" in m] == list(range(1, 7))
+    served = (sweep_dir / "logs" / "pool.log").read_text()
+    assert "serve-teacher: ready" in served and "no token" not in served and "token required" in served
+    assert (sweep_dir / "pool" / "token").stat().st_mode & 0o077 == 0
+    assert not (sweep_dir / "pool" / "url").exists()  # stopped with the sweep
+    assert (sweep_dir / "comparison.csv").is_file()
+
+
+def test_a_teacher_pool_sweep_may_not_vary_the_teacher(tiny, corpus, tmp_path, capsys):
+    code, out, err = sweep_here(tiny, corpus, tmp_path / "s", "--grid", "teacher.dtype=float32,bfloat16", "--teacher-pool", capsys=capsys)
+    assert code == 2 and err.strip() == "distill: error: --teacher-pool serves one teacher to every run; the grid may not vary teacher.dtype"
+    code, out, err = sweep_here(tiny, corpus, tmp_path / "s", "--grid", "loss.alpha=0,1", "--teacher-pool",
+                                "--set", "loss.terms=[{kind: hidden, weight: 1}]", capsys=capsys)
+    assert code == 2 and "which the teacher pool does not give; use teacher.source=model" in err
+
+
+def test_a_slurm_sweep_with_a_teacher_pool_renders_the_pool_job_and_the_tasks_wait_for_it(tiny, corpus, tmp_path, capsys):
+    code, out, err = sweep_here(tiny, corpus, tmp_path / "s", "--grid", "loss.alpha=0,1", "--executor", "slurm", "--nproc-per-node", "1",
+                                "--teacher-pool", "--teacher-port", "9100", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    pool, array = out.split("\n", 1)[1].split("\n#!/bin/bash\n# A sweep of distill runs as one SLURM job array")
+    assert pool.startswith("#!/bin/bash") and "serve-teacher" in pool and "--host 0.0.0.0 --port 9100" in pool
+    assert '--token-file "$TOKEN_FILE"' in pool and "array.id" in pool and "token_urlsafe" in pool
+    assert f"teacher.token_file={tmp_path / 's' / 'pool' / 'token'}" in array and "teacher.source=remote" in array
+    assert '--set "teacher.url=$(cat ' in array and "probe" in array
+    for script in (pool, "#!/bin/bash\n# A sweep" + array):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

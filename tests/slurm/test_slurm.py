@@ -251,3 +251,27 @@ def test_a_teacher_pool_and_a_two_process_student_run_as_two_steps_of_one_job(cl
     assert "[distill] finished with status 0" in log
     assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == list(range(1, 9))
     assert token not in log and token not in (out / "slurm" / "job.sbatch").read_text() and not token_file.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_array_shares_one_teacher_pool_job_that_stops_after_it(cluster, tiny, corpus, tmp_path):
+    sweep_dir = tmp_path / "pooled sweep"
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    args = sweep_args(tiny, corpus, sweep_dir, "--grid", "loss.alpha=0,0.5", "--executor", "slurm", "--nproc-per-node", "1", "--cpus-per-task", "1",
+                      "--parallel", "1", "--time", "10", "--master-port", str(free_port()), "--teacher-pool", "--teacher-port", str(free_port()),
+                      "--teacher-top-k", "8", base=("eval.at_end=false",))
+    result = distill_cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    pool = result.stdout.split("submitted the teacher pool as job ")[1].split(":")[0]
+    array = result.stdout.split("submitted job array ")[1].split()[0]
+    done = lambda: all(job_state(j) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE") for j in (f"{array}_0", f"{array}_1", pool))
+    wait_for(done, 600, "the array's tasks and the pool")
+    served = (sweep_dir / "slurm" / f"pool-{pool}.out").read_text()
+    assert "[distill] teacher pool ready at http://" in served and f"the array {array} has no task left; stopping the pool" in served
+    url = served.split("[distill] teacher pool ready at ")[1].split()[0]
+    for i, name in enumerate(("alpha=0", "alpha=0.5")):
+        log = (sweep_dir / "slurm" / f"slurm-{array}_{i}.out").read_text()
+        assert f"[distill] teacher pool: {url}" in log and f"teacher: pool {url} (builtin engine, top-8 of 320 ids" in log, log[-3000:]
+        assert "[distill] finished with status 0" in log
+        assert [m["step"] for m in read_metrics(sweep_dir / name) if "train/loss" in m] == list(range(1, 7))
+    assert job_state(pool) in ("COMPLETED", "GONE")
