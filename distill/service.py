@@ -221,8 +221,10 @@ class VllmEngine(BuiltinEngine):
             raise ConfigError("--engine vllm quantizes a teacher in flight to 4 bits only (bitsandbytes); set teacher.quantization to 4bit or none, "
                               "or use --engine builtin")
         quantization = "bitsandbytes" if cfg.teacher.quantization == "4bit" else None
+        # Every GPU the pool member sees, through tensor parallelism (the builtin engine uses the first one).
         self.llm = LLM(model=os.path.expanduser(cfg.teacher.path), revision=cfg.teacher.revision, dtype=cfg.teacher.dtype,
-                       quantization=quantization, max_logprobs=k, skip_tokenizer_init=True, enable_prefix_caching=False)
+                       quantization=quantization, max_logprobs=k, skip_tokenizer_init=True, enable_prefix_caching=False,
+                       tensor_parallel_size=torch.cuda.device_count())
         self.identity = {**teacher_identity(cfg, tokenizer), "targets": {"method": "top_k", "k": k, "vocab": self.vocab}}
 
     def targets(self, batch: dict):
@@ -313,6 +315,7 @@ class Batcher:
     def __init__(self, engine, stats: Stats, max_batch_tokens: int, *, start: bool = True):
         self.engine, self.stats, self.max_batch_tokens = engine, stats, max_batch_tokens
         self.waiting: queue.Queue = queue.Queue()
+        self.held = None  # a request that did not fit the last batch: first in the next one
         if start:
             self.start()
 
@@ -328,7 +331,8 @@ class Batcher:
         return future
 
     def _take(self) -> list:
-        taken = [self.waiting.get()]
+        taken = [self.held if self.held is not None else self.waiting.get()]
+        self.held = None
         rows, width = taken[0][0]["input_ids"].shape
         while True:
             try:
@@ -337,7 +341,7 @@ class Batcher:
                 return taken
             r, w = item[0]["input_ids"].shape
             if (rows + r) * max(width, w) > self.max_batch_tokens:
-                self.waiting.queue.appendleft(item)  # first in the next batch
+                self.held = item
                 return taken
             taken.append(item)
             rows, width = rows + r, max(width, w)
@@ -401,17 +405,15 @@ class Service:
         self.failed: BaseException | None = None
 
     def load(self, make_engine) -> None:
-        try:
-            self.engine = make_engine()
-            self.batcher = Batcher(self.engine, self.stats, self.limits.max_batch_tokens)
-        except BaseException as err:  # reported by the main thread, which stops the server
-            self.failed = err
-
-    @property
-    def key(self) -> str:
         from distill.store import key_of
 
-        return key_of(self.engine.identity)
+        try:
+            engine = make_engine()
+            self.key = key_of(engine.identity)
+            self.batcher = Batcher(engine, self.stats, self.limits.max_batch_tokens)
+            self.engine = engine  # last: the handlers take a set engine for "ready"
+        except BaseException as err:  # reported by the main thread, which stops the server
+            self.failed = err
 
     def authorized(self, request) -> bool:
         if self.token is None:

@@ -215,6 +215,7 @@ def test_a_student_trains_from_the_pool_as_from_the_store(pool, tiny, corpus, tm
     whole, _ = _remote(tiny, corpus, tmp_path / "remote", url, "loss.alpha=0.2")
     err = capfd.readouterr().err
     assert f"teacher: pool {url} (builtin engine, top-{K} of 320 ids, key " in err and "the teacher model is not loaded for training" in err
+    assert "teacher: this process waited " in err and " bytes per target token on the wire" in err
     store = tmp_path / "store"
     assert _cache_cli(tiny, corpus, store).returncode == 0
     reset_accelerate()
