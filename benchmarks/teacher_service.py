@@ -6,8 +6,10 @@ Step times are the mean `train/step_seconds` of a fresh `distill run configs/tin
 KL, the first logged window left out), each row its own process. On this 2-core machine a pool
 and a student share the cores, so the comparison that says whether remote targets cost more than
 stored ones gives each its own core: the student (and the store and in-process rows) on core 0
-with one torch thread, the pool on core 1 ("a pool that keeps up"). The unpinned rows show the
-two sharing both cores.
+with one torch thread, the pool on core 1. The unpinned rows show the two sharing both cores. On
+the tiny default the teacher's forward on one core takes longer than the student's step, so the
+pool cannot keep up; the last rows train a student of the teacher's own shape, whose step
+outlasts the teacher's forward: a pool that keeps up.
 
 Throughput: N students (1, 2, 4) are threads of this process, each asking for the targets of one
 training micro-batch (16 x 128 tokens) after another for --seconds, as a student's prefetch does;
@@ -121,23 +123,28 @@ def main() -> None:
                            cwd=REPO, capture_output=True, text=True, check=True)
     store = built.stdout.strip().splitlines()[-1].split("teacher store: ")[-1]
     kd = ["loss.alpha=0"]
+    # The teacher's own shape: a student whose step outlasts the teacher's forward, so a one-core pool keeps up.
+    large = ["student.architecture={num_hidden_layers: 2, hidden_size: 256, intermediate_size: 768, num_attention_heads: 8, num_key_value_heads: 8}"]
+    setups = (("tiny default, one core each", 0, 1, []), ("tiny default, sharing 2 cores", None, None, []),
+              ("student as large as the teacher, one core each", 0, 1, large))
     rows = {}
-    for label, core, threads in (("one core each", 0, 1), ("sharing 2 cores", None, None)):
-        rows[f"in-process teacher ({label})"] = run_student("model_" + str(core), work, args.steps, kd, core, threads)
-        rows[f"store, top-{TOP_K} ({label})"] = run_student("store_" + str(core), work, args.steps, [*kd, "teacher.source=cache", f"teacher.cache={store}"], core, threads)
+    for i, (label, core, threads, student) in enumerate(setups):
+        sources = {"in-process teacher": [], f"store, top-{TOP_K}": ["teacher.source=cache", f"teacher.cache={store}"]}
+        for source, sets in sources.items():
+            rows[f"{source} ({label})"] = run_student(f"{i}_{source.split()[0].strip(',')}", work, args.steps, [*kd, *student, *sets], core, threads)
         pool, url = start_pool(work, 1 if core is not None else None, threads)
         try:
-            rows[f"remote pool, top-{TOP_K} ({label})"] = run_student("remote_" + str(core), work, args.steps,
-                                                                       [*kd, "teacher.source=remote", f"teacher.url={url}"], core, threads)
+            rows[f"remote pool, top-{TOP_K} ({label})"] = run_student(f"{i}_remote", work, args.steps,
+                                                                       [*kd, *student, "teacher.source=remote", f"teacher.url={url}"], core, threads)
         finally:
             pool.terminate()
             pool.wait()
-    print(f"{'student step':<42} {'ms/step':>8} {'x store':>8} {'teacher share':>13}")
+    print(f"{'student step':<70} {'ms/step':>8} {'x store':>8} {'teacher share':>13}")
     for name, r in rows.items():
         label = name.split("(")[-1]
         store_row = next(v for k, v in rows.items() if k.startswith("store") and k.endswith(label))
         r["over_store"] = r["seconds_per_step"] / store_row["seconds_per_step"]
-        print(f"{name:<42} {1000 * r['seconds_per_step']:>8.1f} {r['over_store']:>8.2f} {r['teacher_share']:>13.1%}")
+        print(f"{name:<70} {1000 * r['seconds_per_step']:>8.1f} {r['over_store']:>8.2f} {r['teacher_share']:>13.1%}")
 
     from distill import data
     from distill.config import load_config
@@ -147,7 +154,7 @@ def main() -> None:
 
     cfg = load_config(str(CONFIG), [])
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)
-    batch = data.collate(setup.train_sequences[: cfg.train.micro_batch_size], setup.tokenizer.pad_token_id)
+    batch = data.collate([setup.train_sequences[i] for i in range(cfg.train.micro_batch_size)], setup.tokenizer.pad_token_id)
     pool, url = start_pool(work, 1, None)
     try:
         scaling = [throughput(url, n, args.seconds, batch) for n in (1, 2, 4)]

@@ -149,7 +149,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from distill.service import run_from_args
+    from distill.serve import run_from_args
 
     return run_from_args(args)
 
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "out (the teacher store's format). Concurrent requests are batched together. Binds loopback unless "
                                             "--host says otherwise, which needs a token. Endpoints: /healthz, /readyz, /v1/identity, "
                                             "/v1/targets, /metrics.")
-    from distill.service import build_parser as serve_arguments
+    from distill.serve import build_parser as serve_arguments
 
     serve_arguments(serve)
     serve.set_defaults(func=cmd_serve_teacher)

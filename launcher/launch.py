@@ -201,7 +201,14 @@ def launch(command: Command) -> int:
 
     exit_dir = tempfile.mkdtemp(prefix="distill-exit-")
     env = {**os.environ, **command.env, EXIT_DIR_ENV: exit_dir}
-    proc = subprocess.Popen([executable(command.argv[0]), *command.argv[1:]], env=env, start_new_session=True)
+    # The launcher starts with SIGUSR1 ignored (an ignored signal stays ignored across exec): under
+    # srun, Slurm signals every process of the step, and torchrun, deepspeed and accelerate would
+    # die of it. The job processes install their own handler first thing (distill.signals).
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen([executable(command.argv[0]), *command.argv[1:]], env=env, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
 
     def forward(signum, _frame):
         if signum == signal.SIGUSR1:

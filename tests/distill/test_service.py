@@ -136,7 +136,8 @@ def setup_cfg(tiny, corpus, tmp_path):
 
 
 def test_concurrent_requests_are_answered_as_one_batch_each_its_own_rows(tiny, corpus, tmp_path):
-    from distill.service import Batcher, BuiltinEngine, Stats, decode_targets
+    from distill.serve import Batcher, BuiltinEngine, Stats
+    from distill.service import decode_targets
 
     setup, _ = _batch(tiny, corpus, tmp_path, [0])
     engine = BuiltinEngine(setup_cfg(tiny, corpus, tmp_path), K, torch.device("cpu"))

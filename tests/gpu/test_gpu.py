@@ -99,7 +99,7 @@ def test_the_vllm_engine_serves_the_builtin_engines_targets(tiny, corpus, tmp_pa
     from distill import data
     from distill.config import load_config
     from distill.job import Setup
-    from distill.service import BuiltinEngine, VllmEngine
+    from distill.serve import BuiltinEngine, VllmEngine
 
     cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "x", "teacher.dtype=float32"))
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)

@@ -275,3 +275,30 @@ def test_a_sweep_array_shares_one_teacher_pool_job_that_stops_after_it(cluster, 
         assert "[distill] finished with status 0" in log
         assert [m["step"] for m in read_metrics(sweep_dir / name) if "train/loss" in m] == list(range(1, 7))
     assert job_state(pool) in ("COMPLETED", "GONE")
+
+
+@pytest.mark.slow
+def test_a_preempted_pool_job_checkpoints_its_students_stops_its_pool_and_requeues_both(cluster, tiny, corpus, tmp_path):
+    out = tmp_path / "preempted pool"
+    config = tmp_path / "pool.yaml"
+    config.write_text("{}\n")
+    args = [a for o in job_overrides(tiny, corpus, out, "eval.at_end=false", "train.max_steps=1500", "train.save_every=1000") for a in ("--set", o)]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    port = free_port()
+    result = distill_cli("submit", str(config), "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10", "--master-port", str(free_port()),
+                         "--teacher-nodes", "1", "--teacher-colocated", "--teacher-port", str(port), "--teacher-top-k", "8", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split()[2].rstrip(":")
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 10, 300, "training to start")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    log_file = out / "slurm" / f"slurm-{job_id}.out"
+    wait_for(lambda: "requeueing job" in log_file.read_text(), 300, "the requeue")
+    # Requeued (held until its credential has expired): the second attempt would start pool and students again; not waited for here.
+    subprocess.run(["scancel", job_id], check=True)
+    log = log_file.read_text()
+    assert "[distill] SIGUSR1: asking the students to checkpoint and stop" in log
+    step = int(log.split("preempted: checkpoint of step ")[1].split()[0])
+    assert (out / "checkpoints" / f"step_{step:08d}").is_dir()
+    assert f"requeueing job {job_id} (pool and students)" in log
+    assert log.index("serve-teacher: stopped (") < log.index("requeueing job")  # the pool went down with the students, first
+    assert not (out / "slurm" / "pool.token").exists()
