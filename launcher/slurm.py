@@ -110,17 +110,11 @@ def _directive_value(value: str, what: str) -> str:
     return f'"{value}"'
 
 
-def render_script(config: str, overrides: list[str], request: SlurmRequest, run_dir: Path, *, python: str = sys.executable) -> str:
-    """The sbatch script for ``request``: single_node.sbatch for one node, multi_node.sbatch otherwise."""
-    request.check()
+def _job_values(request: SlurmRequest, run_dir: Path) -> dict:
+    """The placeholders every job's template shares: its directives, log and run directory."""
     gpus, extra = _directives(request)
-    command = launch_command(str(Path(config).resolve()), overrides, request, python=python)
-    if request.nodes == 1:  # several nodes get theirs from the script, with the node rank
-        command[4:4] = ["--master-port", str(request.master_port)]
-    node_args = '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"'
-    values = {
+    return {
         "job_name": _directive_value(request.job_name, "--job-name"),
-        "nodes": str(request.nodes),
         "cpus_per_task": str(request.cpus()),
         "gpus_directive": gpus,
         "extra_directives": extra,
@@ -130,6 +124,19 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
         "signal_seconds": str(request.signal_seconds),
         "run_dir": shlex.quote(str(run_dir)),
         "master_port": str(request.master_port),
+    }
+
+
+def render_script(config: str, overrides: list[str], request: SlurmRequest, run_dir: Path, *, python: str = sys.executable) -> str:
+    """The sbatch script for ``request``: single_node.sbatch for one node, multi_node.sbatch otherwise."""
+    request.check()
+    command = launch_command(str(Path(config).resolve()), overrides, request, python=python)
+    if request.nodes == 1:  # several nodes get theirs from the script, with the node rank
+        command[4:4] = ["--master-port", str(request.master_port)]
+    node_args = '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"'
+    values = {
+        **_job_values(request, run_dir),
+        "nodes": str(request.nodes),
         "launch_command": shlex.join(command),
         "node_launch": shlex.quote(f"exec {shlex.join(command)} {node_args}"),
     }
@@ -146,7 +153,6 @@ def render_pool_script(config: str, overrides: list[str], request: SlurmRequest,
     nodes' host names. Neither is in this script.
     """
     request.check()
-    gpus, extra = _directives(request)
     config = str(Path(config).resolve())
     students = launch_command(config, [*overrides, "teacher.source=remote"], request, python=python)
     pool_gpus, colocated = request.pool_gpus(), request.teacher_colocated
@@ -169,18 +175,10 @@ def render_pool_script(config: str, overrides: list[str], request: SlurmRequest,
     note = (f"the students' {request.nodes}, the first {request.teacher_nodes} also running the teacher pool" if colocated
             else f"{request.teacher_nodes} for the teacher pool, then {request.nodes} for the students")
     values = {
-        "job_name": _directive_value(request.job_name, "--job-name"),
+        **_job_values(request, run_dir),
         "nodes": str(total),
         "nodes_note": note,
-        "cpus_per_task": str(request.cpus()),
-        "gpus_directive": gpus,
-        "extra_directives": extra,
-        "time": request.time,
-        "log": _directive_value(str(run_dir / "slurm").replace("%", "%%") + "/slurm-%j.out", "the run directory"),
-        "signal_seconds": str(request.signal_seconds),
-        "run_dir": shlex.quote(str(run_dir)),
         "python": shlex.quote(python),
-        "master_port": str(request.master_port),
         "teacher_port": str(request.teacher_port),
         "teacher_nodes": str(request.teacher_nodes),
         "student_offset": "0" if colocated else str(request.teacher_nodes),

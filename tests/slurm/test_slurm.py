@@ -225,18 +225,23 @@ def test_a_sweep_runs_as_one_job_array(cluster, tiny, corpus, tmp_path):
     assert compared.returncode == 0 and (sweep_dir / "comparison.csv").is_file()
 
 
-@pytest.mark.slow
-def test_a_teacher_pool_and_a_two_process_student_run_as_two_steps_of_one_job(cluster, tiny, corpus, tmp_path):
-    out = tmp_path / "pooled"
-    config = tmp_path / "pooled.yaml"
+def submit_pooled(tiny, corpus, out: Path, *sets: str) -> tuple[str, int]:
+    """`distill submit` of a 2-process student with a teacher pool colocated on the one node: (job id, the pool's port)."""
+    config = out.parent / f"{out.name}.yaml"
     config.write_text("{}\n")
-    args = [a for o in job_overrides(tiny, corpus, out, "eval.at_end=false", "train.max_steps=8") for a in ("--set", o)]
+    args = [a for o in job_overrides(tiny, corpus, out, "eval.at_end=false", *sets) for a in ("--set", o)]
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     port = free_port()
     result = distill_cli("submit", str(config), "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10", "--master-port", str(free_port()),
                          "--teacher-nodes", "1", "--teacher-colocated", "--teacher-port", str(port), "--teacher-top-k", "8", *args, env=env)
     assert result.returncode == 0, result.stderr
-    job_id = result.stdout.split()[2].rstrip(":")
+    return result.stdout.split()[2].rstrip(":"), port
+
+
+@pytest.mark.slow
+def test_a_teacher_pool_and_a_two_process_student_run_as_two_steps_of_one_job(cluster, tiny, corpus, tmp_path):
+    out = tmp_path / "pooled"
+    job_id, port = submit_pooled(tiny, corpus, out, "train.max_steps=8")
     token_file = out / "slurm" / "pool.token"
     token = wait_for(lambda: token_file.is_file() and token_file.read_text().strip(), 300, "the pool's token")
     assert token_file.stat().st_mode & 0o077 == 0  # the user's alone
@@ -280,15 +285,7 @@ def test_a_sweep_array_shares_one_teacher_pool_job_that_stops_after_it(cluster, 
 @pytest.mark.slow
 def test_a_preempted_pool_job_checkpoints_its_students_stops_its_pool_and_requeues_both(cluster, tiny, corpus, tmp_path):
     out = tmp_path / "preempted pool"
-    config = tmp_path / "pool.yaml"
-    config.write_text("{}\n")
-    args = [a for o in job_overrides(tiny, corpus, out, "eval.at_end=false", "train.max_steps=1500", "train.save_every=1000") for a in ("--set", o)]
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    port = free_port()
-    result = distill_cli("submit", str(config), "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "10", "--master-port", str(free_port()),
-                         "--teacher-nodes", "1", "--teacher-colocated", "--teacher-port", str(port), "--teacher-top-k", "8", *args, env=env)
-    assert result.returncode == 0, result.stderr
-    job_id = result.stdout.split()[2].rstrip(":")
+    job_id, _ = submit_pooled(tiny, corpus, out, "train.max_steps=1500", "train.save_every=1000")
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 10, 300, "training to start")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
     log_file = out / "slurm" / f"slurm-{job_id}.out"
