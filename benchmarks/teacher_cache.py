@@ -3,7 +3,8 @@ it gives, and the student it trains, against the online teacher (dense logits) a
 
 Each training row is a fresh `distill run` of configs/tiny.yaml for the same steps (forward KL,
 T=1); the store rows train from `distill cache-teacher --top-k K` stores, with the tail mass as
-one bucket or spread evenly (`teacher.cache_tail`). The build time is set
+one bucket or spread evenly (`teacher.cache_tail`), and from `--targets sampled` stores (k ids
+drawn from the teacher, kept with their frequencies). The build time is set
 against the teacher's share of a dense-KD run (train/teacher_time_share x its wall time).
 Bytes per token are the store's training shards over their targets, against dense float16
 logits (2 x vocabulary bytes), here and as they would be at V=32,000 (int16 ids) and V=128,256 (int32 ids).
@@ -26,14 +27,14 @@ CONFIG = REPO / "configs" / "tiny.yaml"
 STEP_TIME = Path(__file__).with_name("step_time.py")
 
 
-def build_store(k: int, out: Path) -> dict:
+def build_store(k: int, out: Path, method: str = "top_k") -> dict:
     import torch
     from safetensors.torch import load_file
 
     if not (out / "manifest.json").is_file():
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "distill_launcher.cli", "cache-teacher", str(CONFIG), "--top-k", str(k), "--out", str(out)],
-                       check=True, cwd=REPO, capture_output=True)
+        subprocess.run([sys.executable, "-m", "distill_launcher.cli", "cache-teacher", str(CONFIG), "--top-k", str(k), "--targets", method,
+                        "--out", str(out)], check=True, cwd=REPO, capture_output=True)
         (out / "build_seconds.txt").write_text(f"{time.perf_counter() - start}\n")
     shards = sorted((out / "training").rglob("shard-*.safetensors"))
     targets = sum(int(load_file(str(f))["offsets"][-1]) for f in shards)
@@ -58,15 +59,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--top-k", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--sampled", type=int, nargs="*", default=[64], help="also stores of this many sampled ids per token (Sparse Logit Sampling)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "teacher_cache_runs"
     stores = {k: build_store(k, work / f"store_k{k}") for k in args.top_k}
+    sampled = {k: build_store(k, work / f"store_sampled_k{k}", "sampled") for k in args.sampled}
     rows = {"CE only": train("distill_ce_only", "ce_only", args.steps, None, args.out),
             "online teacher (dense)": train("distill_kd", "dense", args.steps, None, args.out)}
     for k in args.top_k:
         for tail in ("bucket", "uniform"):
             rows[f"store, top-{k}, {tail} tail"] = train("distill_kd_store", f"store_k{k}_{tail}", args.steps, work / f"store_k{k}", args.out, tail)
+    for k in args.sampled:
+        rows[f"store, {k} sampled"] = train("distill_kd_store", f"store_sampled_k{k}", args.steps, work / f"store_sampled_k{k}", args.out)
     ce, dense = rows["CE only"], rows["online teacher (dense)"]
     print(f"{'training':<30} {'ms/step':>8} {'x CE-only':>9} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}")
     for name, r in rows.items():
@@ -85,7 +90,7 @@ def main() -> None:
           f"(it sees {args.steps * 16} sequences; the store covers all training and validation sequences)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "teacher_cache.json"
-    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores}, indent=2))
+    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores, "sampled_stores": sampled}, indent=2))
     print(f"wrote {path}")
 
 

@@ -32,7 +32,7 @@ from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.config import teacher_needed  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
 from distill.progress import phase  # noqa: E402
-from distill.objective import FEATURE_TERMS, Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
+from distill.objective import FEATURE_TERMS, Distillee, build_objective, check_sampled_targets, save_objective, split_state_dict  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.teacher_source import build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, read_metrics, train_seconds, truncate_metrics  # noqa: E402
@@ -197,7 +197,8 @@ def open_store(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
         raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
     setup.vocab = store.vocab
     if not quiet:
-        print(f"teacher: store {store.path} (top-{store.k} of {store.vocab} ids); the teacher model is not loaded for training", file=sys.stderr)
+        held = f"top-{store.k}" if store.method == "top_k" else f"{store.k} sampled"
+        print(f"teacher: store {store.path} ({held} of {store.vocab} ids); the teacher model is not loaded for training", file=sys.stderr)
     return store
 
 
@@ -329,6 +330,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     pool = open_pool(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "remote" else None
     task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
+    if store is not None and store.method == "sampled":
+        check_sampled_targets(objective)
     if accelerator.is_main_process and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
         print(f"loss: {objective.path}", file=sys.stderr)
     if ATTENTIONS in objective.student_wants:

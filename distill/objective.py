@@ -48,7 +48,7 @@ class LogitsTerm(Term):
 
     def __init__(self, name: str, weight: float, *, divergence_kind: str, temperature: float, jsd_beta: float, skew_alpha: float):
         super().__init__(name, weight, scale=temperature**2)
-        self.temperature = temperature
+        self.temperature, self.divergence_kind = temperature, divergence_kind
         self.fn = divergence(divergence_kind, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
         # On a store's sparse targets: the same divergence between k + 1 buckets already at temperature T.
         self.bucket_fn = divergence(divergence_kind, temperature=1.0, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
@@ -289,3 +289,14 @@ def save_objective(objective: Objective, state_dict: dict, path) -> None:
     terms = [{"name": t.name, "kind": type(t).__name__, "weight": t.weight, **({"pairs": t.pairs} if hasattr(t, "pairs") else {})}
              for t in objective.terms]
     (path / "terms.json").write_text(json.dumps(terms, indent=2) + "\n")
+
+
+def check_sampled_targets(objective) -> None:
+    """Sampled teacher targets (``distill cache-teacher --targets sampled``) estimate the teacher's
+    distribution at temperature 1 without bias; only the forward KL's gradient is linear in it, and
+    another temperature would need the probabilities of ids never drawn. Refuses the other terms."""
+    for term in objective.terms:
+        if isinstance(term, LogitsTerm) and term.weight and (term.divergence_kind != "forward_kl" or term.temperature != 1.0):
+            raise ConfigError(f"loss term {term.name!r} ({term.divergence_kind} at temperature {term.temperature:g}): sampled teacher targets give "
+                              "an unbiased forward KL at temperature 1 only; use divergence forward_kl at temperature 1, or a top-k store "
+                              "(distill cache-teacher --targets top_k)")

@@ -10,13 +10,16 @@ A store is a directory::
 Each shard holds, for its rows' targets in order (the task's targets, row by row, position by
 position): ``ids`` ``[T, k]`` (int16 when the vocabulary fits, else int32), ``logprobs`` ``[T, k]``
 float16 (log-probabilities at temperature 1, descending), ``tail`` ``[T]`` float32 (the log of the
-mass outside the top k) and ``offsets`` ``[rows + 1]`` (where each row's targets start).
+mass outside the top k) and ``offsets`` ``[rows + 1]`` (where each row's targets start). A store of
+sampled targets (``--targets sampled``) holds in the same fields the ids drawn and the log of their
+frequencies among k draws, with no tail (:func:`sample`).
 
 Shards are a fixed partition of the rows, written atomically (a temporary file renamed), each by
 process ``shard % world_size``: a killed build resumes by skipping the shards that exist, any world
 size writes the same files, and the finished store reads the same at any world size. The key is a
 sha256 of the identity: the teacher's weights and quantization, the tokenizer's vocabulary, the
-data (file contents and the tokenized sequences), seq_len, packing, text unit, masking and k.
+data (file contents and the tokenized sequences), seq_len, packing, text unit, masking, k and the
+method (top-k or sampled).
 """
 
 from __future__ import annotations
@@ -67,6 +70,24 @@ def top_k(logits: torch.Tensor, k: int) -> SparseTargets:
     values, ids = log_probs.topk(k, dim=-1)
     rest = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1) if k < logits.shape[-1] else log_probs.new_full(ids.shape[:1], float("-inf"))
     return SparseTargets(ids, values, rest)
+
+
+METHODS = ("top_k", "sampled")
+
+
+def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTargets:
+    """``k`` ids drawn with replacement from softmax(``logits``) ``[N, V]`` at temperature 1, kept as
+    the distinct ids drawn with their frequencies (``log(count / k)``; slots beyond them hold other
+    ids at probability 0) and no tail ("Sparse Logit Sampling", Anshumann et al., ACL 2025).
+
+    The frequencies are an unbiased estimate of the teacher's distribution, so the forward KL's
+    gradient against them is an unbiased estimate of the dense one, which top-k's is not.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    drawn = torch.multinomial(probs, k, replacement=True, generator=generator)
+    counts = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
+    frequency, ids = counts.topk(k, dim=-1)  # the drawn ids first (distinct), then ids never drawn (count 0)
+    return SparseTargets(ids, torch.log(frequency / k), probs.new_full(ids.shape[:1], float("-inf")))
 
 
 def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +207,7 @@ def teacher_identity(cfg, tokenizer) -> dict:
     return {"format": FORMAT, "teacher": teacher, "tokenizer": _tokenizer_hash(tokenizer), "task": task}
 
 
-def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None) -> dict:
+def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None, method: str | None = "top_k") -> dict:
     """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``job.Setup``."""
     from distill import data
 
@@ -195,7 +216,7 @@ def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None)
         **teacher_identity(cfg, tokenizer),
         "data": _data_identity(configs["data"]) if cfg.data.mixture == [] else {"mixture": {name: _data_identity(configs[name]) for name in configs}},
         "sequences": {name: {"training": sequences_hash(train), "validation": sequences_hash(validation)} for name, _, train, validation in sources},
-        "targets": {"method": "top_k", "k": k, "vocab": vocab},
+        "targets": {"method": method, "k": k, "vocab": vocab},
     }
 
 
@@ -249,14 +270,15 @@ def shard_count(rows: int, shard_rows: int) -> int:
     return max(1, -(-rows // shard_rows))
 
 
-def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device) -> tuple[SparseTargets, list[int]]:
+def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device, generator=None) -> tuple[SparseTargets, list[int]]:
     from distill import data
 
-    return batch_targets(source, task, {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}, vocab, k)
+    return batch_targets(source, task, {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}, vocab, k, generator)
 
 
-def batch_targets(source, task, batch: dict, vocab: int, k: int) -> tuple[SparseTargets, list[int]]:
-    """The top-k targets of a collated batch's unmasked targets, row by row (on the CPU), and each row's count.
+def batch_targets(source, task, batch: dict, vocab: int, k: int, generator: torch.Generator | None = None) -> tuple[SparseTargets, list[int]]:
+    """The top-k targets of a collated batch's unmasked targets (``k`` sampled ones, drawn with
+    ``generator``, when one is given), row by row (on the CPU), and each row's count.
 
     ``source`` is the in-process teacher (``ModelSource``); its logits are taken chunk by chunk
     from the output layer's inputs, so no ``[tokens, vocab]`` tensor of the whole batch exists.
@@ -270,7 +292,8 @@ def batch_targets(source, task, batch: dict, vocab: int, k: int) -> tuple[Sparse
     chunk = teacher_chunks(outputs, labels, vocab)
     total = sum(counts)
     rows = chunk_rows(vocab)
-    parts = [top_k(chunk(start, min(start + rows, total)), k) for start in range(0, total, rows)]
+    pick = (lambda logits: sample(logits, k, generator)) if generator is not None else (lambda logits: top_k(logits, k))
+    parts = [pick(chunk(start, min(start + rows, total))) for start in range(0, total, rows)]
     if not parts:
         return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0)), counts
     return SparseTargets.cat(parts).to("cpu"), counts
@@ -291,11 +314,14 @@ def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: in
     _write_atomic(path, encode(targets, counts, vocab))
 
 
-def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print) -> Path:
+def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print,
+          method: str = "top_k") -> Path:
     """Runs the teacher over the job's training and validation sequences and writes (or completes) the store.
 
     Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
-    ``i % world_size == rank``; rank 0 writes the manifest once every shard exists.
+    ``i % world_size == rank``; rank 0 writes the manifest once every shard exists. With
+    ``method="sampled"`` each shard draws from its own generator, seeded by the store's key and the
+    shard, so any process, world size or resumed build draws the same ids.
     """
     from distill import job, models
     from distill.teacher_source import ModelSource
@@ -307,7 +333,9 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
         raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
     if setup.task.kind not in ("causal_lm", "masked_lm"):
         raise ConfigError(f"task.kind={setup.task.kind}: the teacher store holds token targets of language models (causal_lm, masked_lm)")
-    ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab)
+    if method not in METHODS:
+        raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
+    ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method)
     key = key_of(ident)
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))
     _claim(path, ident, rank)
@@ -328,7 +356,10 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
                 stale.unlink(missing_ok=True)
             first, last = index * shard_rows, min((index + 1) * shard_rows, len(sequences))
             rows = [sequences[i] for i in range(first, last)]
-            parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device) for j in range(0, len(rows), batch)]
+            generator = None
+            if method == "sampled":
+                generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
+            parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, generator) for j in range(0, len(rows), batch)]
             targets = SparseTargets.cat([p for p, _ in parts])
             write_shard(target, targets, [c for _, counts in parts for c in counts], vocab)
             done += 1
@@ -399,6 +430,7 @@ class Store:
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"teacher.cache: {manifest} is not a readable manifest; rebuild the store with distill cache-teacher") from None
         self.k, self.vocab = int(self.identity["targets"]["k"]), int(self.identity["targets"]["vocab"])
+        self.method = self.identity["targets"].get("method", "top_k")
         if job_identity is not None:
             job = {**job_identity, "targets": self.identity["targets"]}
             diff = differences(self.identity, job)
@@ -443,7 +475,7 @@ class Store:
 
 
 def find(ident: dict) -> Path | None:
-    """A complete store under :func:`cache_root` built for this job (any k), the largest k first."""
+    """A complete store under :func:`cache_root` built for this job (any k): top-k before sampled targets, the largest k first."""
     root = cache_root()
     found = []
     for manifest in root.glob("*/manifest.json") if root.is_dir() else ():
@@ -452,8 +484,8 @@ def find(ident: dict) -> Path | None:
         except (OSError, ValueError, KeyError):
             continue
         if not differences(stored, {**ident, "targets": stored.get("targets")}):
-            found.append((stored["targets"]["k"], manifest.parent))
-    return max(found)[1] if found else None
+            found.append((stored["targets"].get("method", "top_k") == "top_k", stored["targets"]["k"], manifest.parent))
+    return max(found)[-1] if found else None
 
 
 def store_for(cfg) -> Path | None:
@@ -478,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out")
     parser.add_argument("--shard-rows", type=int, default=256)
+    parser.add_argument("--targets", choices=METHODS, default="top_k")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.shard_rows < 1:
         parser.error("--top-k and --shard-rows must be >= 1")
@@ -488,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
         local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world,
+        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world, method=args.targets,
                      device=device, log=lambda line: print(line, file=sys.stderr))
         if rank == 0:
             print(f"teacher store: {path}")

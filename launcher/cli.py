@@ -135,7 +135,8 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from distill.config import load_config
 
     load_config(args.config, _overrides(args))  # a bad config fails here, once
-    argv = [args.config, "--top-k", str(args.top_k), "--shard-rows", str(args.shard_rows), *[a for o in _overrides(args) for a in ("--set", o)],
+    argv = [args.config, "--top-k", str(args.top_k), "--shard-rows", str(args.shard_rows), "--targets", args.targets,
+            *[a for o in _overrides(args) for a in ("--set", o)],
             *(["--out", args.out] if args.out else [])]
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
         from distill_launcher.launch import executable
@@ -347,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "continues where it stopped. Jobs with teacher.source=cache then train without loading the teacher.",
                                 epilog=_options_epilog(), formatter_class=formatter)
     _add_config_arguments(cache)
-    cache.add_argument("--top-k", type=int, default=64, help="targets kept per token (default: 64)")
+    cache.add_argument("--top-k", type=int, default=64, help="targets kept per token (default: 64); with --targets sampled, the draws per token")
+    cache.add_argument("--targets", choices=["top_k", "sampled"], default="top_k",
+                       help="top_k: the teacher's k most likely ids; sampled: k ids drawn from the teacher's distribution, kept with their "
+                            "frequencies (an unbiased estimate: Sparse Logit Sampling; forward KL at temperature 1 only)")
     cache.add_argument("--out", help="store directory (default: teacher.cache, else $DISTILL_CACHE_DIR/teacher/KEY, found by jobs automatically)")
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")

@@ -251,3 +251,50 @@ def test_a_uniform_tail_is_the_dense_teacher_with_its_tail_spread_evenly(tempera
 def test_what_a_store_cannot_serve_fails_when_the_config_loads(sets, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]", "teacher.source=cache", *sets])
+
+
+def _forward_kl_gradient(student_logits, targets):
+    """d(sum of forward KL over rows)/d(student logits), from sparse targets through the loss's own bucket path."""
+    from distill.losses import forward_kl
+
+    student = student_logits.clone().requires_grad_(True)
+    forward_kl(*buckets(student, targets, 1.0)).sum().backward()
+    return student.grad
+
+
+def test_sampled_targets_give_an_unbiased_forward_kl_gradient_where_top_k_is_biased():
+    from distill.store import sample
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    dense = torch.softmax(student, -1) - torch.softmax(teacher, -1)  # d forward KL / d student logits, at T = 1
+    draws = 20_000
+    sampled = sample(teacher.repeat(draws, 1), K, torch.Generator().manual_seed(1))
+    assert sampled.ids.shape == (3 * draws, K) and torch.isinf(sampled.tail).all()
+    kept = sampled.logprobs.exp()
+    torch.testing.assert_close(kept.sum(-1), torch.ones(3 * draws))  # the drawn ids' frequencies: all the mass
+    mean = _forward_kl_gradient(student.repeat(draws, 1), sampled).reshape(draws, 3, 40).mean(0)
+    top = _forward_kl_gradient(student, top_k(teacher, K))
+    assert (mean - dense).abs().max() < 0.01  # unbiased: the sampling noise of 20,000 draws of 8
+    assert (top - dense).abs().max() > 0.05  # top-k's bucket gradient is not the dense one
+    # Ids never drawn sit in the slots beyond the drawn ones at probability 0, all distinct, so the k + 1 buckets partition the vocabulary.
+    assert all(len(set(row)) == K for row in sampled.ids[:50].tolist())
+
+
+def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl_only(store, tiny, corpus, tmp_path, capfd):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _cache_cli(tiny, corpus, one, "--targets", "sampled").returncode == 0
+    built = _cache_cli(tiny, corpus, two, "--targets", "sampled", "--nproc-per-node", "2")
+    assert built.returncode == 0, built.stderr
+    assert _files(one) == _files(two)  # each shard draws from its own seed
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["identity"]["targets"] == {"method": "sampled", "k": K, "vocab": 320}
+    assert _files(one) != _files(store)
+    reset_accelerate()
+    run, _ = _train(tiny, corpus, tmp_path / "run", f"teacher.cache={one}")
+    assert f"teacher: store {one} ({K} sampled of 320 ids)" in capfd.readouterr().err
+    assert all(m["train/kd_loss"] > 0 for m in read_metrics(run) if "train/loss" in m)
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"loss term 'kd' \(forward_kl at temperature 2\): sampled teacher targets give an unbiased forward KL "
+                                          r"at temperature 1 only"):
+        _train(tiny, corpus, tmp_path / "t2", f"teacher.cache={one}", "loss.temperature=2.0")
