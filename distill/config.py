@@ -382,11 +382,11 @@ def validate(cfg: DistillConfig) -> None:
     _check(lo.chunk_size >= 0, f"loss.chunk_size must be >= 0 (got {lo.chunk_size}; 0 sizes chunks by the vocabulary)")
     check_terms(lo)
     if t.source in ("cache", "remote"):
-        holder = {"cache": "the store", "remote": "the teacher pool"}[t.source]
-        _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} gives token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
+        holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
+        _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
         for i, spec in enumerate(loss_terms(lo)):
             _check(spec.get("kind") in (LOGITS, "ce") or not float(spec.get("weight", 1.0)),
-                   f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not give; use teacher.source=model")
+                   f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
     if t.source == "remote":
         _check(bool(t.url.strip()), "teacher.source=remote needs teacher.url (the URL distill serve-teacher prints)")
         for url in t.url.split(","):

@@ -339,3 +339,17 @@ def test_many_students_share_one_pool(pool, tiny, corpus, tmp_path):
             assert torch.equal(got.ids, expected.ids)
             torch.testing.assert_close(got.logprobs.float(), expected.logprobs.float(), rtol=2e-3, atol=2e-3)
     client.close()
+
+
+@pytest.mark.parametrize("sets, message", [
+    ([], "teacher.source=remote needs teacher.url (the URL distill serve-teacher prints)"),
+    (["teacher.url=node1:8765"], "teacher.url: 'node1:8765' is not an http:// or https:// URL"),
+    (["teacher.url=http://a:1", "teacher.remote_timeout=0"], "teacher.remote_timeout must be > 0 (got 0.0)"),
+    (["teacher.url=http://a:1", "teacher.prefetch=-1"], "teacher.prefetch must be >= 0 (got -1)"),
+    (["teacher.url=http://a:1", "loss.terms=[{kind: hidden, weight: 1}]"], "which the teacher pool does not give; use teacher.source=model"),
+])
+def test_what_a_pool_cannot_serve_fails_when_the_config_loads(sets, message):
+    base = ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]", "teacher.source=remote"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, *sets])
+    assert message in str(err.value)
