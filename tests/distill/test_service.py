@@ -199,26 +199,26 @@ def test_a_non_loopback_bind_needs_a_token(tiny, corpus, tmp_path):
     assert lines[-1] == "distill: error: --host 0.0.0.0 is not loopback: serving it needs a token; pass --token-file FILE or set DISTILL_TEACHER_TOKEN"
 
 
-def _remote(tiny, corpus, out, url, *extra, token_file=None):
+def _remote(tiny, corpus, out, url, *extra, token_file=None, resume=False):
     token = token_file or (out.parent / "student-token")
     if token_file is None:
         token.parent.mkdir(parents=True, exist_ok=True)
         token.write_text(TOKEN)
     reset_accelerate()
     return run_job(tiny, corpus, out, "teacher.source=remote", f"teacher.url={url}", f"teacher.token_file={token}", "eval.at_end=false",
-                   "train.max_steps=12", *extra)
+                   "train.max_steps=12", *extra, resume=resume)
 
 
 def test_a_student_trains_from_the_pool_as_from_the_store(pool, tiny, corpus, tmp_path, capfd):
-    from test_store import _cache_cli
-
     _, url = pool
     whole, _ = _remote(tiny, corpus, tmp_path / "remote", url, "loss.alpha=0.2")
     err = capfd.readouterr().err
     assert f"teacher: pool {url} (builtin engine, top-{K} of 320 ids, key " in err and "the teacher model is not loaded for training" in err
     assert "teacher: this process waited " in err and " bytes per target token on the wire" in err
+    from distill.store import build
+
     store = tmp_path / "store"
-    assert _cache_cli(tiny, corpus, store).returncode == 0
+    build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=store)
     reset_accelerate()
     cached, _ = run_job(tiny, corpus, tmp_path / "cached", "teacher.source=cache", f"teacher.cache={store}", "eval.at_end=false",
                         "train.max_steps=12", "loss.alpha=0.2")
@@ -278,8 +278,7 @@ def test_students_ride_out_a_pool_restart_and_stop_with_a_checkpoint_when_it_sta
     server = Pool(tiny, corpus, tmp_path / "pool", port=port)
     url = server.ready()
     try:
-        plain = _student(tiny, corpus, tmp_path / "plain", url)
-        assert plain.wait(timeout=900) == 0, plain.stderr.read()[-3000:]
+        _remote(tiny, corpus, tmp_path / "plain", url, "train.max_steps=40")  # undisturbed, in this process
         # Killed at step 2 and back a few seconds later: the student waits, then goes on where it was.
         restarted = _student(tiny, corpus, tmp_path / "restarted", url, "teacher.remote_timeout=300")
         _wait_for_step(tmp_path / "restarted", 2, restarted)
@@ -303,11 +302,7 @@ def test_students_ride_out_a_pool_restart_and_stop_with_a_checkpoint_when_it_sta
         assert (tmp_path / "down" / "checkpoints" / f"step_{saved:08d}").is_dir()
         server = Pool(tiny, corpus, tmp_path / "pool", port=port)
         server.ready()
-        config = tmp_path / "student.yaml"
-        sets = job_overrides(tiny, corpus, tmp_path / "down", "teacher.source=remote", f"teacher.url={url}", "eval.at_end=false", "train.max_steps=40")
-        resumed = subprocess.run([sys.executable, "-m", "distill_launcher.cli", "run", str(config), "--resume", *[a for o in sets for a in ("--set", o)]],
-                                 capture_output=True, text=True, env={**os.environ, "DISTILL_TEACHER_TOKEN": TOKEN}, cwd=REPO, timeout=900)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        _remote(tiny, corpus, tmp_path / "down", url, "train.max_steps=40", resume=True)
         _same_run(tmp_path / "down", tmp_path / "plain")
     finally:
         server.stop()

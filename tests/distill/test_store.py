@@ -282,8 +282,10 @@ def test_sampled_targets_give_an_unbiased_forward_kl_gradient_where_top_k_is_bia
 
 
 def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl_only(store, tiny, corpus, tmp_path, capfd):
+    from distill.store import build
+
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _cache_cli(tiny, corpus, one, "--targets", "sampled").returncode == 0
+    build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=one, shard_rows=16, method="sampled")  # here, one process
     built = _cache_cli(tiny, corpus, two, "--targets", "sampled", "--nproc-per-node", "2")
     assert built.returncode == 0, built.stderr
     assert _files(one) == _files(two)  # each shard draws from its own seed

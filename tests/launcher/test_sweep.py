@@ -239,7 +239,8 @@ def test_optuna_proposes_points_from_finished_runs_and_continues_its_study(tiny,
 
 def test_the_runs_of_a_local_sweep_share_one_teacher_pool(tiny, corpus, tmp_path):
     sweep_dir = tmp_path / "pooled"
-    proc = sweep_cli(tiny, corpus, sweep_dir, "--grid", "loss.alpha=0,0.5", "--teacher-pool", "--teacher-top-k", "8", base=("eval.speed=false",))
+    proc = sweep_cli(tiny, corpus, sweep_dir, "--grid", "loss.alpha=0,0.5", "--teacher-pool", "--teacher-top-k", "8", "--parallel", "2",
+                     base=("eval.speed=false",))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     url = proc.stdout.split("[sweep] teacher pool ready at ")[1].split(";")[0]
     assert url.startswith("http://127.0.0.1:")

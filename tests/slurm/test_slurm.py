@@ -200,22 +200,29 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny, corpus, t
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_as_one_job_array(cluster, tiny, corpus, tmp_path):
+def test_a_sweep_runs_as_one_job_array_sharing_one_teacher_pool_job(cluster, tiny, corpus, tmp_path):
     sweep_dir = tmp_path / "array sweep"
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     args = sweep_args(tiny, corpus, sweep_dir, "--grid", "loss.temperature=1,2", "--executor", "slurm", "--nproc-per-node", "1",
-                      "--cpus-per-task", "1", "--parallel", "2", "--time", "10", "--master-port", str(free_port()), base=("eval.speed=false",))
+                      "--cpus-per-task", "1", "--parallel", "2", "--time", "10", "--master-port", str(free_port()),
+                      "--teacher-pool", "--teacher-port", str(free_port()), "--teacher-top-k", "8", base=("eval.speed=false",))
     result = distill_cli(*args, env=env)
     assert result.returncode == 0, result.stderr
+    pool = result.stdout.split("submitted the teacher pool as job ")[1].split(":")[0]
     array = result.stdout.split("submitted job array ")[1].split()[0]
     # Submitting again while the array runs would race its own tasks: refused.
     again = distill_cli(*args, env=env)
     assert again.returncode == 2 and f"has job array {array} still queued or running" in again.stderr
-    done = lambda: all(job_state(f"{array}_{i}") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE") for i in (0, 1))
-    wait_for(done, 600, "the array's tasks")
+    done = lambda: all(job_state(j) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE") for j in (f"{array}_0", f"{array}_1", pool))
+    wait_for(done, 600, "the array's tasks and the pool")
+    served = (sweep_dir / "slurm" / f"pool-{pool}.out").read_text()
+    # The pool job started first, served both tasks, and stopped by itself once the array was gone.
+    assert "[distill] teacher pool ready at http://" in served and f"the array {array} has no task left; stopping the pool" in served
+    url = served.split("[distill] teacher pool ready at ")[1].split()[0]
     for i, name in enumerate(("temperature=1", "temperature=2")):
         log = (sweep_dir / "slurm" / f"slurm-{array}_{i}.out").read_text()
         assert f"sweep task {i}" in log and "[distill] finished with status 0" in log, log[-3000:]
+        assert f"[distill] teacher pool: {url}" in log and f"teacher: pool {url} (builtin engine, top-8 of 320 ids" in log
         assert json.loads((sweep_dir / name / "eval.json").read_text())["rows"][-1]["model"] == "student"
     assert json.loads((sweep_dir / "sweep.json").read_text())["slurm_jobs"] == [array]
     wait_for(lambda: "still queued" not in distill_cli(*args, env=env).stderr, 120, "the array to leave the queue")
@@ -256,30 +263,6 @@ def test_a_teacher_pool_and_a_two_process_student_run_as_two_steps_of_one_job(cl
     assert "[distill] finished with status 0" in log
     assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == list(range(1, 9))
     assert token not in log and token not in (out / "slurm" / "job.sbatch").read_text() and not token_file.exists()
-
-
-@pytest.mark.slow
-def test_a_sweep_array_shares_one_teacher_pool_job_that_stops_after_it(cluster, tiny, corpus, tmp_path):
-    sweep_dir = tmp_path / "pooled sweep"
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    args = sweep_args(tiny, corpus, sweep_dir, "--grid", "loss.alpha=0,0.5", "--executor", "slurm", "--nproc-per-node", "1", "--cpus-per-task", "1",
-                      "--parallel", "1", "--time", "10", "--master-port", str(free_port()), "--teacher-pool", "--teacher-port", str(free_port()),
-                      "--teacher-top-k", "8", base=("eval.at_end=false",))
-    result = distill_cli(*args, env=env)
-    assert result.returncode == 0, result.stderr
-    pool = result.stdout.split("submitted the teacher pool as job ")[1].split(":")[0]
-    array = result.stdout.split("submitted job array ")[1].split()[0]
-    done = lambda: all(job_state(j) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE") for j in (f"{array}_0", f"{array}_1", pool))
-    wait_for(done, 600, "the array's tasks and the pool")
-    served = (sweep_dir / "slurm" / f"pool-{pool}.out").read_text()
-    assert "[distill] teacher pool ready at http://" in served and f"the array {array} has no task left; stopping the pool" in served
-    url = served.split("[distill] teacher pool ready at ")[1].split()[0]
-    for i, name in enumerate(("alpha=0", "alpha=0.5")):
-        log = (sweep_dir / "slurm" / f"slurm-{array}_{i}.out").read_text()
-        assert f"[distill] teacher pool: {url}" in log and f"teacher: pool {url} (builtin engine, top-8 of 320 ids" in log, log[-3000:]
-        assert "[distill] finished with status 0" in log
-        assert [m["step"] for m in read_metrics(sweep_dir / name) if "train/loss" in m] == list(range(1, 7))
-    assert job_state(pool) in ("COMPLETED", "GONE")
 
 
 @pytest.mark.slow
