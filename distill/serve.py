@@ -32,7 +32,6 @@ class BuiltinEngine:
 
     def __init__(self, cfg, k: int, device):
         from distill import models
-        from distill.store import teacher_identity
         from distill.tasks import build_task
         from distill.teacher_source import ModelSource
 
@@ -43,12 +42,10 @@ class BuiltinEngine:
                                           cfg.student.revision if cfg.student.path else cfg.teacher.revision)
         self.teacher = models.load_teacher(cfg.teacher, device, model_class=self.task.auto_class)
         self.vocab = min(models.output_vocab(self.teacher), len(tokenizer))
-        if not 0 < k <= self.vocab:
-            raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({self.vocab})")
+        self.identity = _served_identity(cfg, tokenizer, k, self.vocab)
         self.k, self.device, self.pad_id = k, device, tokenizer.pad_token_id
         self.embedding_rows = self.teacher.get_input_embeddings().weight.shape[0]
         self.max_length = getattr(self.teacher.config, "max_position_embeddings", None) or 1 << 20
-        self.identity = {**teacher_identity(cfg, tokenizer), "targets": {"method": "top_k", "k": k, "vocab": self.vocab}}
         self.source = ModelSource(self.teacher, self.task, self.vocab)
 
     def targets(self, batch: dict):
@@ -58,7 +55,16 @@ class BuiltinEngine:
         return batch_targets(self.source, self.task, {name: t.to(self.device) for name, t in batch.items()}, self.vocab, self.k)
 
 
-class VllmEngine(BuiltinEngine):
+def _served_identity(cfg, tokenizer, k: int, vocab: int) -> dict:
+    """What an engine serves (published at /v1/identity): the store's teacher identity and the targets."""
+    from distill.store import teacher_identity
+
+    if not 0 < k <= vocab:
+        raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
+    return {**teacher_identity(cfg, tokenizer), "targets": {"method": "top_k", "k": k, "vocab": vocab}}
+
+
+class VllmEngine:
     """The teacher in vLLM: each row a prompt whose ``prompt_logprobs`` (top k, raw model
     log-probabilities) are the targets; vLLM batches the rows and concurrent requests itself.
 
@@ -82,13 +88,11 @@ class VllmEngine(BuiltinEngine):
         if cfg.task.kind != "causal_lm":
             raise ConfigError(f"--engine vllm serves causal LMs; task.kind={cfg.task.kind} needs --engine builtin")
         from distill import models
-        from distill.store import teacher_identity
 
         tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
         config = models.teacher_config(cfg.teacher)
         self.vocab = min(config.vocab_size, len(tokenizer))
-        if not 0 < k <= self.vocab:
-            raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({self.vocab})")
+        self.identity = _served_identity(cfg, tokenizer, k, self.vocab)
         self.k, self.pad_id = k, tokenizer.pad_token_id
         self.embedding_rows, self.max_length = config.vocab_size, getattr(config, "max_position_embeddings", None) or 1 << 20
         if cfg.teacher.quantization == "8bit":
@@ -99,7 +103,6 @@ class VllmEngine(BuiltinEngine):
         self.llm = LLM(model=os.path.expanduser(cfg.teacher.path), revision=cfg.teacher.revision, dtype=cfg.teacher.dtype,
                        quantization=quantization, max_logprobs=k, skip_tokenizer_init=True, enable_prefix_caching=False,
                        tensor_parallel_size=torch.cuda.device_count())
-        self.identity = {**teacher_identity(cfg, tokenizer), "targets": {"method": "top_k", "k": k, "vocab": self.vocab}}
 
     def targets(self, batch: dict):
         import math
@@ -238,15 +241,14 @@ class Batcher:
                 continue
             seconds = time.perf_counter() - start
             first_row = first_target = 0
-            for request, future, queued in taken:
+            for request, future, _ in taken:
                 rows = request["input_ids"].shape[0]
                 mine = counts[first_row : first_row + rows]
                 n = sum(mine)
                 future.set_result(encode(targets[first_target : first_target + n], mine, self.engine.vocab))
                 first_row, first_target = first_row + rows, first_target + n
-                with self.stats.lock:
-                    self.stats.queue_seconds += start - queued
             with self.stats.lock:
+                self.stats.queue_seconds += sum(start - queued for _, _, queued in taken)
                 self.stats.requests += len(taken)
                 self.stats.rows += first_row
                 self.stats.tokens += first_target
@@ -403,9 +405,8 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
     threading.Thread(target=load, name="teacher-loader", daemon=True).start()
     # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it
     # found: these make that a normal end (the log's last line, exit 0) rather than death by signal.
-    stopped = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, frame: stopped.append(number))
+        signal.signal(signum, lambda number, frame: None)
     server.run(sockets=[sock])
     if service.failed is not None:
         raise service.failed

@@ -326,6 +326,8 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
     from distill import job, models
     from distill.teacher_source import ModelSource
 
+    if method not in METHODS:  # before any model is loaded
+        raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
     device = device or torch.device("cpu")
     setup = job.Setup(cfg, device, load_teacher=True, load_student=False)
     vocab = min(models.output_vocab(setup.teacher), len(setup.tokenizer))
@@ -333,8 +335,6 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
         raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
     if setup.task.kind not in ("causal_lm", "masked_lm"):
         raise ConfigError(f"task.kind={setup.task.kind}: the teacher store holds token targets of language models (causal_lm, masked_lm)")
-    if method not in METHODS:
-        raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
     ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method)
     key = key_of(ident)
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, TeacherUnavailable
 from distill.objective import TeacherOutputs
 from distill.store import SparseTargets
 
@@ -98,8 +98,6 @@ class RemoteSource:
     def wait(self, batches: list[dict]) -> Exception | None:
         """Blocks until the targets of ``batches`` are here; returns the pool's failure instead of raising it
         (the loop first agrees with the other processes, then saves a checkpoint)."""
-        from distill.errors import TeacherUnavailable
-
         for batch in batches:
             try:
                 self._future(batch, take=False).result()

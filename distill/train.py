@@ -176,7 +176,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
     # Only the steps trained count in the checkpoint, so a resumed stream draws the rest again.
     ahead: deque = deque()
     late = hasattr(source, "wait") and bool(objective.wants)
-    waited_total = [0.0, 0.0]  # seconds waiting for a late source's targets, seconds of training (this session)
+    waited_seconds = trained_seconds = 0.0  # waiting for a late source's targets; training (this session)
     depth = cfg.teacher.prefetch if late else 0
     SIGNALS.enter("training")
     try:
@@ -197,8 +197,8 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             window["tokens"] += result.tokens
             window["seconds"] += time.perf_counter() - start
             window["teacher_seconds"] += result.teacher_seconds + waited
-            waited_total[0] += result.teacher_seconds + waited
-            waited_total[1] += time.perf_counter() - start
+            waited_seconds += result.teacher_seconds + waited
+            trained_seconds += time.perf_counter() - start
             window["steps"] += 1
             if result.skipped:
                 if tr.on_nonfinite == "stop":
@@ -234,10 +234,10 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
                 _stop_if_signalled(accelerator, saver, state, saved=bool(saved), grace=tr.stop_grace_seconds, run_dir=run_dir)
     finally:
         progress.close()  # ends the bar's line, so an error prints on its own
-    if late and accelerator.is_main_process and waited_total[1]:
+    if late and accelerator.is_main_process and trained_seconds:
         wire = f", {source.wire_bytes / source.targets:.0f} bytes per target token on the wire" if getattr(source, "targets", 0) else ""
-        print(f"teacher: this process waited {waited_total[0]:.1f} s for the teacher's targets in {waited_total[1]:.1f} s of training "
-              f"({waited_total[0] / waited_total[1]:.1%}){wire}", file=sys.stderr)
+        print(f"teacher: this process waited {waited_seconds:.1f} s for the teacher's targets in {trained_seconds:.1f} s of training "
+              f"({waited_seconds / trained_seconds:.1%}){wire}", file=sys.stderr)
     SIGNALS.enter("finishing")
     return state
 

@@ -187,10 +187,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed)
         else:
             failed = sweeps.run_local(plan, parallel=args.parallel or 1)
-    if args.search != "optuna":
-        if failed:
-            print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
-                  file=sys.stderr)
+    if failed and args.search != "optuna":
+        print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
+              file=sys.stderr)
     from distill.compare import compare
 
     compare([str(plan.dir)])

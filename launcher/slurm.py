@@ -65,7 +65,7 @@ class SlurmRequest:
         if self.teacher_nodes:
             if self.teacher_colocated and self.teacher_nodes > self.nodes:
                 raise LaunchError(f"--teacher-colocated puts the pool on the student nodes: --teacher-nodes {self.teacher_nodes} is more than --nodes {self.nodes}")
-            gpus = self.gpus_per_node if self.teacher_gpus is None else self.teacher_gpus
+            gpus = self.pool_gpus()
             if not 0 <= gpus <= self.gpus_per_node:
                 raise LaunchError(f"--teacher-gpus must be in [0, --gpus-per-node={self.gpus_per_node}] (got {gpus})")
             if self.teacher_colocated and self.gpus_per_node and gpus >= self.gpus_per_node and not self.nproc_per_node:
@@ -143,6 +143,12 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
     return fill_template("single_node.sbatch" if request.nodes == 1 else "multi_node.sbatch", values)
 
 
+def serve_command(config: str, overrides: list[str], *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable) -> list[str]:
+    """``distill serve-teacher`` for a job's config (its teacher, tokenizer and task), without the token option."""
+    return [python, "-m", "distill_launcher.cli", "serve-teacher", config, *[a for o in overrides for a in ("--set", o)], "--host", host,
+            "--port", str(port), "--top-k", str(top_k), "--engine", engine]
+
+
 def render_pool_script(config: str, overrides: list[str], request: SlurmRequest, run_dir: Path, *, python: str = sys.executable) -> str:
     """The sbatch script of a job with a teacher pool (``request.teacher_nodes``): slurm/teacher_pool.sbatch.
 
@@ -161,8 +167,8 @@ def render_pool_script(config: str, overrides: list[str], request: SlurmRequest,
         """Expanded in each step: the GPUs first..last (1-based) of those the step sees."""
         return f'export CUDA_VISIBLE_DEVICES=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f{first}-{last}); ' if request.gpus_per_node else ""
 
-    serve = [python, "-m", "distill_launcher.cli", "serve-teacher", config, *[a for o in overrides for a in ("--set", o)], "--host", "0.0.0.0",
-             "--port", str(request.teacher_port), "--top-k", str(request.teacher_top_k), "--engine", request.teacher_engine]
+    serve = serve_command(config, overrides, host="0.0.0.0", port=request.teacher_port, top_k=request.teacher_top_k,
+                          engine=request.teacher_engine, python=python)
     pool_launch = (visible(1, str(pool_gpus)) if pool_gpus < request.gpus_per_node else "") + \
         f'exec {shlex.join(serve)} --token-file "$TEACHER_TOKEN_FILE"'
     student_nodes = request.nodes

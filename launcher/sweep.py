@@ -301,9 +301,9 @@ def run_local(sweep: Sweep, *, parallel: int = 1) -> int:
 
 def serve_command(sweep: Sweep, *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable) -> list[str]:
     """``distill serve-teacher`` for the sweep's base config (its teacher, tokenizer and task), without the token option."""
-    sets = [a for o in sweep.base for a in ("--set", o)]
-    return [python, "-m", "distill_launcher.cli", "serve-teacher", sweep.config, *sets, "--host", host, "--port", str(port),
-            "--top-k", str(top_k), "--engine", engine]
+    from distill_launcher import slurm
+
+    return slurm.serve_command(sweep.config, sweep.base, host=host, port=port, top_k=top_k, engine=engine, python=python)
 
 
 def _new_token(path: Path) -> None:
