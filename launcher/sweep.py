@@ -361,7 +361,7 @@ def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeou
 
 def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engine: str, python: str = sys.executable) -> str:
     """The sbatch script of the sweep's pool job (slurm/sweep_pool.sbatch): serves until the array is gone."""
-    from distill_launcher.slurm import _directive_value, fill_template
+    from distill_launcher.slurm import _directive_value, _directives, fill_template
 
     if gpus < 0 or not 0 < port < 65536:
         raise ConfigError(f"--teacher-gpus must be >= 0 and --teacher-port in [1, 65535] (got {gpus}, {port})")
@@ -369,7 +369,7 @@ def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engi
         "job_name": _directive_value(f"{request.job_name}-pool", "--job-name"),
         "cpus_per_task": str(request.cpus()),
         "gpus_directive": f"#SBATCH --gpus-per-node={gpus}\n# ^ GPUs of the pool" if gpus else "# (no GPUs requested: the teacher runs on CPU)",
-        "extra_directives": "\n".join(request.extra),
+        "extra_directives": _directives(request)[1],  # the array's partition, account and extra lines
         "time": request.time,
         "log": _directive_value(str(sweep.dir / "slurm").replace("%", "%%") + "/pool-%j.out", "the sweep directory"),
         "pool_dir": shlex.quote(str(sweep.pool_dir)),

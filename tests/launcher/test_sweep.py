@@ -265,11 +265,12 @@ def test_a_teacher_pool_sweep_may_not_vary_the_teacher(tiny, corpus, tmp_path, c
 
 def test_a_slurm_sweep_with_a_teacher_pool_renders_the_pool_job_and_the_tasks_wait_for_it(tiny, corpus, tmp_path, capsys):
     code, out, err = sweep_here(tiny, corpus, tmp_path / "s", "--grid", "loss.alpha=0,1", "--executor", "slurm", "--nproc-per-node", "1",
-                                "--teacher-pool", "--teacher-port", "9100", "--dry-run", capsys=capsys)
+                                "--teacher-pool", "--teacher-port", "9100", "--partition", "cpu", "--account", "proj", "--dry-run", capsys=capsys)
     assert code == 0, err
     pool, array = out.split("\n", 1)[1].split("\n#!/bin/bash\n# A sweep of distill runs as one SLURM job array")
     assert pool.startswith("#!/bin/bash") and "serve-teacher" in pool and "--host 0.0.0.0 --port 9100" in pool
     assert '--token-file "$TOKEN_FILE"' in pool and "array.id" in pool and "token_urlsafe" in pool
+    assert '#SBATCH --partition=cpu' in pool and '#SBATCH --account=proj' in pool  # where the array runs, the pool runs
     assert f"teacher.token_file={tmp_path / 's' / 'pool' / 'token'}" in array and "teacher.source=remote" in array
     assert '--set "teacher.url=$(cat ' in array and "probe" in array
     for script in (pool, "#!/bin/bash\n# A sweep" + array):
