@@ -289,21 +289,25 @@ def collate(rows: list[dict], pad_id: int, ids: list[tuple[int, int]] | None = N
     teacher store finds the row's targets.
     """
     width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        if "label" not in row:
-            labels[i, :n] = torch.tensor(row["labels"])
-        attention_mask[i, :n] = 1
+    padded = lambda key, fill: torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
+    input_ids = padded("input_ids", pad_id)  # one tensor from nested lists: far quicker than one per row
+    attention_mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], dtype=torch.long)
     if "label" in rows[0]:
         labels = torch.tensor([row["label"] for row in rows], dtype=torch.long)
+    else:
+        labels = padded("labels", IGNORE_INDEX)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if ids is not None:
         batch["rows"] = torch.tensor(ids, dtype=torch.long).reshape(-1, 2)
     return batch
+
+
+def rows_at(sequences, indices: list[int]) -> list[dict]:
+    """The rows at ``indices`` of a list or a ``datasets.Dataset`` (read in one batched access, not row by row)."""
+    if not hasattr(sequences, "column_names"):
+        return [sequences[i] for i in indices]
+    columns = sequences[indices]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 class TrainStream:
@@ -336,7 +340,7 @@ class TrainStream:
         start = self.samples_consumed + self.rank * self.micro_batch_size
         indices = [self._index(start + i) for i in range(self.micro_batch_size)]
         self.samples_consumed += self.micro_batch_size * self.world_size
-        return collate([self.sequences[i] for i in indices], self.pad_id, [(0, i) for i in indices])
+        return collate(rows_at(self.sequences, indices), self.pad_id, [(0, i) for i in indices])
 
 
 def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:

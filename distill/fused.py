@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, log_probs
 
 HEAD_INPUTS = "head_inputs"  # what a fused objective asks a model for instead of logits
 
@@ -72,25 +72,21 @@ class _HeadSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher: TeacherChunk, fns, term_weights, vocab: int, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, labels, teacher: TeacherChunk, terms, vocab: int, chunk_size: int):
         w = weight[:vocab].detach()
         b = None if bias is None else bias[:vocab].detach()
         need_h, need_w, need_b = hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
-        tw = term_weights.to(hidden.device, torch.float32)
-        sums = torch.zeros(len(fns), dtype=torch.float32, device=hidden.device)
+        tw = torch.tensor([weight for _, _, weight in terms], dtype=torch.float32, device=hidden.device)
+        sums = torch.zeros(len(terms), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:stop].detach()
-            with torch.enable_grad():
-                logits = F.linear(h, w, b).requires_grad_(need_h or need_w or need_b)
-                teacher_logits = teacher(start, stop)
-                per_term = torch.stack([fn(logits, teacher_logits, labels[start:stop]).sum() for fn in fns])
-                total = (per_term * tw).sum()
-                grad_logits = torch.autograd.grad(total, logits)[0].float() if total.requires_grad else None
-            sums += per_term.detach()
+            values, grad_logits = _chunk_terms(F.linear(h, w, b), teacher(start, stop), labels[start:stop], terms,
+                                               need_grad=need_h or need_w or need_b)
+            sums += values
             if grad_logits is None:
                 continue
             if need_h:
@@ -121,12 +117,52 @@ class _HeadSums(torch.autograd.Function):
             if full is not None and full > g.shape[0]:  # the weight beyond the shared vocabulary gets no gradient
                 g = torch.cat([g, g.new_zeros((full - g.shape[0], *g.shape[1:]))])
             out.append(g)
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None, None
 
 
-def head_sums(features: torch.Tensor, head: nn.Linear, teacher: TeacherChunk, labels: torch.Tensor, fns: list,
-              term_weights: list[float], *, vocab: int, chunk_size: int) -> torch.Tensor:
-    """``[len(fns)]`` sums of per-token losses over the unmasked targets, from the student's output-layer inputs.
+def _chunk_terms(logits: torch.Tensor, teacher_logits, labels: torch.Tensor, terms, *, need_grad: bool):
+    """(``[n_terms]`` float32 sums of the terms over one chunk's rows, the gradient of their weighted
+    total with respect to ``logits``, or None when nothing is trained on).
+
+    A term with a closed-form gradient (:meth:`distill.objective.Term.closed_form`: forward KL and
+    cross-entropy on dense logits) gives it directly, sharing the student's log-probabilities per
+    temperature; the others are differentiated by autograd; a zero-weight term is only evaluated.
+    """
+    cache = {}
+
+    def student_log_probs(temperature: float) -> torch.Tensor:
+        if temperature not in cache:
+            cache[temperature] = log_probs(logits, temperature)
+        return cache[temperature]
+
+    values, grad, traced = [], None, []
+    for i, (fn, closed_form, weight) in enumerate(terms):
+        closed = closed_form(teacher_logits) if need_grad and weight else None
+        if not (need_grad and weight):
+            values.append(fn(logits, teacher_logits, labels).sum())
+        elif closed is not None:
+            value, g = closed(logits, teacher_logits, labels, student_log_probs)
+            values.append(value.sum())
+            grad = g.mul_(weight) if grad is None else grad.add_(g, alpha=weight)
+        else:
+            values.append(None)
+            traced.append(i)
+    if traced:
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            per_term = {i: terms[i][0](leaf, teacher_logits, labels).sum() for i in traced}
+            total = sum(value * terms[i][2] for i, value in per_term.items())
+            g = torch.autograd.grad(total, leaf)[0].float() if total.requires_grad else None
+        for i, value in per_term.items():
+            values[i] = value.detach()
+        if g is not None:
+            grad = g if grad is None else grad.add_(g)
+    return torch.stack([v.float() for v in values]), grad
+
+
+def head_sums(features: torch.Tensor, head: nn.Linear, teacher: TeacherChunk, labels: torch.Tensor, terms: list, *,
+              vocab: int, chunk_size: int) -> torch.Tensor:
+    """``[len(terms)]`` sums of per-token losses over the unmasked targets, from the student's output-layer inputs.
 
     Args:
         features: ``[..., H]`` the student's output-layer inputs at the target positions.
@@ -137,17 +173,18 @@ def head_sums(features: torch.Tensor, head: nn.Linear, teacher: TeacherChunk, la
             partitioned like any other).
         teacher: ``fn(start, stop)`` the teacher's ``[stop - start, vocab]`` logits of those target rows, or None.
         labels: ``[...]`` targets, ``IGNORE_INDEX`` where masked; only unmasked rows are computed.
-        fns: per-token functions as in :func:`distill.losses.term_sums`.
-        term_weights: each term's weight in the total that will be backpropagated.
+        terms: ``(fn, closed_form, weight)`` per term: ``fn`` a per-token function as in
+            :func:`distill.losses.term_sums`; ``closed_form(teacher_logits)`` its loss-and-gradient
+            function or None (:meth:`distill.objective.Term.closed_form`); ``weight`` its weight in
+            the total that will be backpropagated.
     """
     rows = target_rows(labels)
     hidden = features.reshape(-1, features.shape[-1]).index_select(0, rows)
     weight, bias = head.weight, head.bias
     zero = (hidden.sum() + weight[:0].sum()) * 0.0  # keeps every input in the graph when there are no rows (DDP, ZeRO)
     if rows.numel() == 0:
-        return zero * torch.zeros(len(fns), device=features.device)
-    sums = _HeadSums.apply(hidden, weight, bias, labels.reshape(-1).index_select(0, rows), teacher, tuple(fns),
-                           torch.tensor(term_weights, dtype=torch.float32), vocab, chunk_size)
+        return zero * torch.zeros(len(terms), device=features.device)
+    sums = _HeadSums.apply(hidden, weight, bias, labels.reshape(-1).index_select(0, rows), teacher, tuple(terms), vocab, chunk_size)
     return sums + zero
 
 

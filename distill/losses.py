@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -43,12 +44,12 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
     Returns:
         ``[...]`` float32 per-token divergence.
     """
-    return _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+    return _kl(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_S || p_T): mode-seeking (MiniLLM). Shapes as in :func:`forward_kl`."""
-    return _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+    return _kl(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
 
 def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
@@ -58,7 +59,7 @@ def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: flo
     The endpoints are defined as the limits TRL uses: beta = 0 is forward KL, beta = 1 reverse KL.
     Shapes as in :func:`forward_kl`.
     """
-    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    log_t, log_s = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if beta == 0.0:
         return _kl(log_t, log_s)
     if beta == 1.0:
@@ -69,7 +70,7 @@ def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: flo
 
 def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_T || alpha * p_T + (1 - alpha) * p_S), DistiLLM's skew KL (Ko et al. 2024)."""
-    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    log_t, log_s = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if alpha == 0.0:
         return _kl(log_t, log_s)
     return _kl(log_t, _log_mix(log_t, log_s, alpha))
@@ -77,7 +78,7 @@ def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
     """KL(p_S || alpha * p_S + (1 - alpha) * p_T), DistiLLM's skew reverse KL."""
-    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    log_t, log_s = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if alpha == 0.0:
         return _kl(log_s, log_t)
     return _kl(log_s, _log_mix(log_s, log_t, alpha))
@@ -85,8 +86,8 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Total variation distance 0.5 * sum |p_T - p_S|. Shapes as in :func:`forward_kl`."""
-    p_t = _log_probs(teacher_logits, temperature).exp()
-    p_s = _log_probs(student_logits, temperature).exp()
+    p_t = log_probs(teacher_logits, temperature).exp()
+    p_s = log_probs(student_logits, temperature).exp()
     return 0.5 * (p_t - p_s).abs().sum(-1)
 
 
@@ -113,6 +114,34 @@ PerToken = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.T
 def cross_entropy(student_logits: torch.Tensor, _teacher_logits, labels: torch.Tensor) -> torch.Tensor:
     """Per-token hard-label cross-entropy in float32 (masked tokens give garbage; callers mask)."""
     return F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+
+
+def forward_kl_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+                        log_s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_kl` and its gradient with respect to ``student_logits``, in closed form:
+    ``(p_S - p_T) / T`` per token. No autograd graph: the fused path (:mod:`distill.fused`) uses it
+    for the most common term, at about half the time of differentiating the loss.
+
+    ``log_s``: the student's log-probabilities at ``temperature``, when already computed.
+    Returns ``([...] per-token loss, [..., V] float32 gradient)``; the loss equals
+    :func:`forward_kl`'s (the same float32 operations as ``kl_div``).
+    """
+    log_t = log_probs(teacher_logits, temperature)
+    log_s = log_probs(student_logits, temperature) if log_s is None else log_s
+    p_t = log_t.exp()
+    loss = log_t.sub_(log_s).mul_(p_t).sum(-1)  # in place: each [N, V] buffer costs as much as the arithmetic
+    grad = log_s.exp().sub_(p_t)
+    return loss, grad if temperature == 1.0 else grad.div_(temperature)
+
+
+def cross_entropy_and_grad(student_logits: torch.Tensor, labels: torch.Tensor, *, log_s: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy` and its gradient ``softmax(z) - onehot(label)`` in closed form (see
+    :func:`forward_kl_and_grad`); every label must be a target (the fused path passes only those)."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1) if log_s is None else log_s
+    index = labels.clamp(min=0).unsqueeze(-1)
+    loss = -log_s.gather(-1, index).squeeze(-1)
+    return loss, log_s.exp().scatter_add_(-1, index, torch.full(index.shape, -1.0, device=log_s.device))
 
 
 def _chunk_sums(fns: tuple, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from distill.config import LOGITS, LossConfig, loss_terms
 from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
-from distill.losses import IGNORE_INDEX, cross_entropy, divergence, term_sums
+from distill.losses import IGNORE_INDEX, cross_entropy, cross_entropy_and_grad, divergence, forward_kl_and_grad, term_sums
 from distill.store import SparseTargets, buckets, spread
 
 
@@ -39,6 +39,13 @@ class Term(nn.Module):
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def closed_form(self, teacher_logits):
+        """``fn(student_logits, teacher_logits, labels, student_log_probs) -> (per-token loss, its
+        gradient with respect to student_logits)`` when the term has one for this teacher signal
+        (``student_log_probs(T)``: the student's log-probabilities at T, shared by the terms); else
+        None, and the fused path differentiates :meth:`per_token` with autograd."""
+        return None
 
 
 class LogitsTerm(Term):
@@ -62,12 +69,20 @@ class LogitsTerm(Term):
             return self.bucket_fn(*buckets(student_logits, teacher_logits, self.temperature))
         return self.fn(student_logits, teacher_logits)
 
+    def closed_form(self, teacher_logits):
+        if self.divergence_kind != "forward_kl" or not isinstance(teacher_logits, torch.Tensor):
+            return None
+        return lambda s, t, labels, log_probs: forward_kl_and_grad(s, t, temperature=self.temperature, log_s=log_probs(self.temperature))
+
 
 class CrossEntropyTerm(Term):
     """The task's hard-label loss."""
 
     def per_token(self, student_logits, teacher_logits, labels):
         return cross_entropy(student_logits, teacher_logits, labels)
+
+    def closed_form(self, teacher_logits):
+        return lambda s, t, labels, log_probs: cross_entropy_and_grad(s, labels, log_s=log_probs(1.0))
 
 
 @dataclass
@@ -128,8 +143,9 @@ class Objective(nn.Module):
         fns = [t.per_token if report or t.weight > 0 else _unreported for t in token_terms]
         if student.features is not None:
             vocab = vocab or student.head.out_features
-            token_sums = head_sums(student.features, student.head, teacher_chunks(teacher, labels, vocab), labels, fns,
-                                   [t.weight * t.scale for t in token_terms], vocab=vocab, chunk_size=self.chunk(vocab))
+            terms = [(fn, t.closed_form, t.weight * t.scale) for fn, t in zip(fns, token_terms)]
+            token_sums = head_sums(student.features, student.head, teacher_chunks(teacher, labels, vocab), labels, terms, vocab=vocab,
+                                   chunk_size=self.chunk(vocab))
         else:
             teacher_logits = None if teacher is None else teacher.logits if teacher.sparse is None else _at_every_position(teacher.sparse, labels)
             token_sums = term_sums(student.logits, teacher_logits, labels, fns, chunk_size=self.chunk(student.logits.shape[-1]))

@@ -160,3 +160,23 @@ def test_no_teacher_gives_only_cross_entropy():
     kd, ce = kd_and_ce(s, None, labels)
     assert kd.item() == 0.0
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(s.reshape(-1, 10), labels.reshape(-1), reduction="sum"))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_closed_form_gradients_equal_autograd(temperature):
+    """The fused path's closed forms (forward KL, cross-entropy): the same per-token loss as the
+    autograd functions and the same gradient with respect to the student's logits."""
+    from distill.losses import cross_entropy, cross_entropy_and_grad, forward_kl, forward_kl_and_grad
+
+    g = torch.Generator().manual_seed(3)
+    student = (torch.randn(37, 53, generator=g) * 3).requires_grad_()
+    teacher = torch.randn(37, 53, generator=g) * 3
+    labels = torch.randint(0, 53, (37,), generator=g)
+    weights = torch.rand(37, generator=g)  # a gradient that is not all ones
+    for fn, closed in ((lambda s: forward_kl(s, teacher, temperature=temperature), lambda s: forward_kl_and_grad(s, teacher, temperature=temperature)),
+                       (lambda s: cross_entropy(s, None, labels), lambda s: cross_entropy_and_grad(s, labels))):
+        loss = fn(student)
+        (expected,) = torch.autograd.grad((loss * weights).sum(), student)
+        value, grad = closed(student.detach())
+        torch.testing.assert_close(value, loss.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad * weights[:, None], expected, rtol=1e-5, atol=1e-6)

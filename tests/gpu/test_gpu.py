@@ -103,7 +103,7 @@ def test_the_vllm_engine_serves_the_builtin_engines_targets(tiny, corpus, tmp_pa
 
     cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "x", "teacher.dtype=float32"))
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)
-    batch = data.collate(setup.train_sequences[:4], setup.tokenizer.pad_token_id)
+    batch = data.collate(data.rows_at(setup.train_sequences, [0, 1, 2, 3]), setup.tokenizer.pad_token_id)
     batch = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
     builtin, counts = BuiltinEngine(cfg, 8, torch.device("cuda")).targets(batch)
     served, served_counts = VllmEngine(cfg, 8, torch.device("cuda")).targets(batch)
