@@ -25,7 +25,7 @@ from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
 from distill.losses import IGNORE_INDEX, cross_entropy, cross_entropy_and_grad, divergence, forward_kl_and_grad, term_sums
-from distill.store import SparseTargets, buckets, spread
+from distill.store import SparseTargets, bucket_forward_kl_and_grad, buckets, spread
 
 
 class Term(nn.Module):
@@ -70,8 +70,12 @@ class LogitsTerm(Term):
         return self.fn(student_logits, teacher_logits)
 
     def closed_form(self, teacher_logits):
-        if self.divergence_kind != "forward_kl" or not isinstance(teacher_logits, torch.Tensor):
+        if self.divergence_kind != "forward_kl":
             return None
+        if isinstance(teacher_logits, SparseTargets):
+            if teacher_logits.tail_mode != "bucket":
+                return None
+            return lambda s, t, labels, log_probs: bucket_forward_kl_and_grad(s, t, self.temperature, log_s=log_probs(self.temperature))
         return lambda s, t, labels, log_probs: forward_kl_and_grad(s, t, temperature=self.temperature, log_s=log_probs(self.temperature))
 
 

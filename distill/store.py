@@ -115,6 +115,38 @@ def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: f
     return student, teacher_buckets
 
 
+def bucket_forward_kl_and_grad(student_logits: torch.Tensor, teacher: SparseTargets, temperature: float,
+                               log_s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward KL between :func:`buckets` (as ``forward_kl`` at T=1 computes it on them) and its
+    gradient with respect to ``student_logits``, in closed form: the fused path's store and pool
+    targets (:mod:`distill.fused`), without an autograd graph through the gather and the tail.
+
+    ``log_s``: the student's log-probabilities at ``temperature``, when already computed.
+    """
+    from distill.losses import log_probs
+
+    ids, k = teacher.ids.long(), teacher.ids.shape[-1]
+    log_s = log_probs(student_logits, temperature) if log_s is None else log_s
+    s_top = log_s.gather(-1, ids)
+    e_top = s_top.exp()
+    mass = e_top.sum(-1, keepdim=True)
+    kept = mass.clamp(max=1 - 1e-6)
+    student = torch.cat([s_top, torch.log1p(-kept)], dim=-1)
+    t_log = teacher.logprobs.float()
+    tail = teacher.tail.float().unsqueeze(-1)
+    if temperature != 1.0:
+        t_log = torch.log1p(-tail.clamp(max=0).exp().clamp(max=1 - 1e-7)) + torch.log_softmax(t_log / temperature, dim=-1)
+    log_q = torch.log_softmax(torch.cat([t_log, tail], dim=-1).clamp(min=TAIL_FLOOR), dim=-1)
+    log_b = torch.log_softmax(student.clamp(min=TAIL_FLOOR), dim=-1)
+    q = log_q.exp()
+    loss = (q * (log_q - log_b)).sum(-1)
+    # d loss / d bucket, through the clamps (zero where clamped), then the rest's bucket through its mass.
+    g = (log_b.exp() - q) * (student >= TAIL_FLOOR)
+    g_top = g[:, :k] + g[:, k:] * (mass <= 1 - 1e-6) * (-1 / (1 - kept)) * e_top  # d loss / d log p_S at the stored ids
+    grad = log_s.exp().mul_(-g_top.sum(-1, keepdim=True)).scatter_add_(-1, ids, g_top)
+    return loss, grad if temperature == 1.0 else grad.div_(temperature)
+
+
 def spread(teacher: SparseTargets, vocab: int) -> torch.Tensor:
     """``[N, vocab]`` teacher log-probabilities: the stored ones at their ids, the tail mass spread
     evenly over the other ``vocab - k`` ids (``teacher.cache_tail: uniform``). A dense distribution,
