@@ -71,14 +71,14 @@ def _mean_after_warmup(times: list[float]) -> float:
     return sum(kept) / len(kept)
 
 
-def child_distill(name: str, steps: int, out: Path, store: str) -> dict:
+def child_distill(name: str, steps: int, out: Path, store: str, overrides: list[str] = ()) -> dict:
     from transformers import AutoModelForCausalLM
 
     from distill.job import run
 
     extra = {"distill_ce_only": ["loss.alpha=1.0"], "distill_kd": [], "distill_kd_bf16": ["train.precision=bf16", "teacher.dtype=bfloat16"],
              "distill_kd_store": ["teacher.source=cache", f"teacher.cache={store}", f"teacher.cache_tail={os.environ.get('CACHE_TAIL', 'bucket')}"]}[name]
-    cfg = _config(steps, out, *extra)
+    cfg = _config(steps, out, *extra, *overrides)
     run(cfg, overwrite=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "train/step_seconds" in r]
@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # more overrides of a child run (another seed)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "step_time_runs"
@@ -196,7 +197,7 @@ def main() -> None:
         elif args.child.startswith("trl_gkd"):
             result = child_trl(args.steps, out, bf16=args.child.endswith("bf16"))
         else:
-            result = child_distill(args.child, args.steps, out, args.store)
+            result = child_distill(args.child, args.steps, out, args.store, args.set)
         print(json.dumps(result))
         return
     store = work / f"store_k{args.top_k}"

@@ -9,7 +9,7 @@ against the teacher's share of a dense-KD run (train/teacher_time_share x its wa
 Bytes per token are the store's training shards over their targets, against dense float16
 logits (2 x vocabulary bytes), here and as they would be at V=32,000 (int16 ids) and V=128,256 (int32 ids).
 
-    python benchmarks/teacher_cache.py [--steps 300] [--top-k 8 64]
+    python benchmarks/teacher_cache.py [--steps 300] [--top-k 8 64] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def build_store(k: int, out: Path, method: str = "top_k") -> dict:
             "bytes_per_token": size / targets, "dense_fp16_bytes_per_token": 2 * vocab, "vocab": vocab}
 
 
-def train(row: str, name: str, steps: int, store: Path | None, out: Path, tail: str = "bucket") -> dict:
+def train(row: str, name: str, steps: int, store: Path | None, out: Path, tail: str = "bucket", seed: int = 0) -> dict:
     argv = [sys.executable, str(STEP_TIME), "--child", row, "--name", name, "--steps", str(steps), "--out", str(out)]
+    if seed:  # another student initialization and data order
+        argv += ["--set", f"train.seed={seed}", "--set", f"data.seed={seed}"]
     if store is not None:
         argv += ["--store", str(store)]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled", "CACHE_TAIL": tail})
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--top-k", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--sampled", type=int, nargs="*", default=[64], help="also stores of this many sampled ids per token (Sparse Logit Sampling)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train CE, dense, top-k (bucket tail) and sampled students from this many seeds; their mean ratios to dense are reported")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "teacher_cache_runs"
@@ -77,6 +81,24 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<30} {1000 * r['seconds_per_step']:>8.1f} {r['seconds_per_step'] / ce['seconds_per_step']:>9.2f} "
               f"{r['perplexity']:>8.2f} {r['perplexity'] / dense['perplexity']:>8.3f} {r['kl_to_teacher']:>8.4f} {r['kl_to_teacher'] / dense['kl_to_teacher']:>8.3f}")
+    seeds = {}
+    if args.seeds > 1:  # one seed's student differs from another's by a few percent: the quality goals are means
+        import statistics
+
+        kinds = {"CE only": ("distill_ce_only", None, "ce_only"), "online teacher (dense)": ("distill_kd", None, "dense"),
+                 **{f"store, top-{k}, bucket tail": ("distill_kd_store", work / f"store_k{k}", f"store_k{k}_bucket") for k in args.top_k},
+                 **{f"store, {k} sampled": ("distill_kd_store", work / f"store_sampled_k{k}", f"store_sampled_k{k}") for k in args.sampled}}
+        runs = {name: [rows[name]] + [train(row, f"{label}_seed{seed}", args.steps, store, args.out, seed=seed) for seed in range(1, args.seeds)]
+                for name, (row, store, label) in kinds.items()}
+        print(f"\nmeans over {args.seeds} seeds (train.seed = data.seed = 0..{args.seeds - 1})")
+        print(f"{'training':<30} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}  per seed: ppl x dense, KL x dense")
+        for name, results in runs.items():
+            ppl = [r["perplexity"] / d["perplexity"] for r, d in zip(results, runs["online teacher (dense)"])]
+            kl = [r["kl_to_teacher"] / d["kl_to_teacher"] for r, d in zip(results, runs["online teacher (dense)"])]
+            seeds[name] = {"perplexity": statistics.mean(r["perplexity"] for r in results), "kl_to_teacher": statistics.mean(r["kl_to_teacher"] for r in results),
+                           "perplexity_vs_dense": statistics.mean(ppl), "kl_vs_dense": statistics.mean(kl), "per_seed": results}
+            print(f"{name:<30} {seeds[name]['perplexity']:>8.2f} {statistics.mean(ppl):>8.3f} {seeds[name]['kl_to_teacher']:>8.4f} {statistics.mean(kl):>8.3f}  "
+                  + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(ppl, kl)))
     teacher_seconds = dense["teacher_time_share"] * dense["wall_seconds"]
     print()
     print(f"{'store':<10} {'bytes/token':>11} {'dense fp16':>10} {'ratio':>8} {'@32k':>8} {'@128k':>8} {'build s':>8} {'x dense teacher s':>17}")
@@ -90,7 +112,8 @@ def main() -> None:
           f"(it sees {args.steps * 16} sequences; the store covers all training and validation sequences)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "teacher_cache.json"
-    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores, "sampled_stores": sampled}, indent=2))
+    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores, "sampled_stores": sampled, "seeds": args.seeds, "means_over_seeds": seeds},
+                               indent=2))
     print(f"wrote {path}")
 
 
