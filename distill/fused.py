@@ -60,6 +60,12 @@ def target_rows(labels: torch.Tensor) -> torch.Tensor:
     return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
+def at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), x.shape[-1]]``: the flattened rows ``rows`` of ``x``; no copy when they are all of them (every position a target)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if rows.numel() == flat.shape[0] else flat.index_select(0, rows)
+
+
 TeacherChunk = Callable[[int, int], "torch.Tensor | None"]
 
 
@@ -179,13 +185,12 @@ def head_sums(features: torch.Tensor, head: nn.Linear, teacher: TeacherChunk, la
             the total that will be backpropagated.
     """
     rows = target_rows(labels)
-    hidden = features.reshape(-1, features.shape[-1]).index_select(0, rows)
+    hidden = at_rows(features, rows)
     weight, bias = head.weight, head.bias
-    zero = (hidden.sum() + weight[:0].sum()) * 0.0  # keeps every input in the graph when there are no rows (DDP, ZeRO)
-    if rows.numel() == 0:
-        return zero * torch.zeros(len(terms), device=features.device)
-    sums = _HeadSums.apply(hidden, weight, bias, labels.reshape(-1).index_select(0, rows), teacher, tuple(terms), vocab, chunk_size)
-    return sums + zero
+    if rows.numel() == 0:  # zeros that keep every input in the graph (DDP, ZeRO); with rows, _HeadSums has them (a slice
+        # of the weight here would cost a [vocab, H] zero gradient in backward)
+        return (hidden.sum() + weight[:0].sum()) * torch.zeros(len(terms), device=features.device)
+    return _HeadSums.apply(hidden, weight, bias, at_rows(labels.unsqueeze(-1), rows).squeeze(-1), teacher, tuple(terms), vocab, chunk_size)
 
 
 def teacher_chunks(teacher, labels: torch.Tensor, vocab: int) -> TeacherChunk:
@@ -200,9 +205,9 @@ def teacher_chunks(teacher, labels: torch.Tensor, vocab: int) -> TeacherChunk:
         return lambda start, stop: teacher.sparse[start:stop]
     rows = target_rows(labels)
     if teacher.logits is not None:
-        flat = teacher.logits.reshape(-1, teacher.logits.shape[-1]).index_select(0, rows)
+        flat = at_rows(teacher.logits, rows)
         return lambda start, stop: flat[start:stop]
-    features = teacher.features.reshape(-1, teacher.features.shape[-1]).index_select(0, rows)
+    features = at_rows(teacher.features, rows)
 
     def chunk(start, stop):
         with torch.no_grad():
