@@ -354,7 +354,7 @@ def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, r
     if count == 0:
         raise ConfigError(f"fewer validation sequences ({len(sequences)}) than processes ({world_size}); add validation data")
     indices = list(range(count))[rank::world_size]
-    return [collate([sequences[i] for i in indices[j : j + batch_size]], pad_id) for j in range(0, len(indices), batch_size)]
+    return [collate(rows_at(sequences, indices[j : j + batch_size]), pad_id) for j in range(0, len(indices), batch_size)]
 
 
 def sources(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:

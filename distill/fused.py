@@ -144,15 +144,15 @@ def _chunk_terms(logits: torch.Tensor, teacher_logits, labels: torch.Tensor, ter
     values, grad, traced = [], None, []
     for i, (fn, closed_form, weight) in enumerate(terms):
         closed = closed_form(teacher_logits) if need_grad and weight else None
-        if not (need_grad and weight):
+        if not (need_grad and weight):  # only evaluated
             values.append(fn(logits, teacher_logits, labels).sum())
-        elif closed is not None:
+        elif closed is None:  # differentiated below, with the others like it
+            values.append(None)
+            traced.append(i)
+        else:
             value, g = closed(logits, teacher_logits, labels, student_log_probs)
             values.append(value.sum())
             grad = g.mul_(weight) if grad is None else grad.add_(g, alpha=weight)
-        else:
-            values.append(None)
-            traced.append(i)
     if traced:
         with torch.enable_grad():
             leaf = logits.detach().requires_grad_()

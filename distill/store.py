@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import ConfigError
+from distill.losses import forward_kl_and_grad, log_probs
 
 FORMAT = 1
 TAIL_FLOOR = -1e4  # log-probability standing for 0: exp() is 0 and 0 * (floor - x) stays finite
@@ -90,6 +91,22 @@ def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTa
     return SparseTargets(ids, torch.log(frequency / k), probs.new_full(ids.shape[:1], float("-inf")))
 
 
+def _bucket_parts(log_s: torch.Tensor, teacher: SparseTargets, temperature: float) -> tuple[torch.Tensor, ...]:
+    """(student buckets, teacher buckets, both before the floor; the student's stored-id
+    log-probabilities; their mass) from the student's log-probabilities at ``temperature``."""
+    s_top = log_s.gather(-1, teacher.ids.long())
+    # The rest from the top's mass (k values, not another pass over the vocabulary); its float32
+    # resolution ends where the student puts all but ~1e-6 of its mass on the stored ids.
+    mass = s_top.exp().sum(-1, keepdim=True)
+    s_rest = torch.log1p(-mass.clamp(max=1 - 1e-6))
+    t_log = teacher.logprobs.float()
+    tail = teacher.tail.float().unsqueeze(-1)
+    if temperature != 1.0:
+        kept = torch.log1p(-tail.clamp(max=0).exp().clamp(max=1 - 1e-7))
+        t_log = kept + torch.log_softmax(t_log / temperature, dim=-1)
+    return torch.cat([s_top, s_rest], dim=-1), torch.cat([t_log, tail], dim=-1), s_top, mass
+
+
 def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probabilities ``[N, k + 1]`` over the stored ids and one bucket for the rest.
 
@@ -99,20 +116,8 @@ def buckets(student_logits: torch.Tensor, teacher: SparseTargets, temperature: f
     softmax(logp / T)_i``, and the rest keeps ``tail``. At T = 1 both are the dense distributions
     restricted to the same k + 1 buckets, so every divergence of :mod:`distill.losses` applies.
     """
-    ids = teacher.ids.long()
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_top = log_s.gather(-1, ids)
-    # The rest from the top's mass (k values, not another pass over the vocabulary); its float32
-    # resolution ends where the student puts all but ~1e-6 of its mass on the stored ids.
-    s_rest = torch.log1p(-s_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
-    t_log = teacher.logprobs.float()
-    tail = teacher.tail.float().unsqueeze(-1)
-    if temperature != 1.0:
-        kept = torch.log1p(-tail.clamp(max=0).exp().clamp(max=1 - 1e-7))
-        t_log = kept + torch.log_softmax(t_log / temperature, dim=-1)
-    student = torch.cat([s_top, s_rest], dim=-1).clamp(min=TAIL_FLOOR)
-    teacher_buckets = torch.cat([t_log, tail], dim=-1).clamp(min=TAIL_FLOOR)
-    return student, teacher_buckets
+    student, teacher_buckets, _, _ = _bucket_parts(log_probs(student_logits, temperature), teacher, temperature)
+    return student.clamp(min=TAIL_FLOOR), teacher_buckets.clamp(min=TAIL_FLOOR)
 
 
 def bucket_forward_kl_and_grad(student_logits: torch.Tensor, teacher: SparseTargets, temperature: float,
@@ -123,27 +128,14 @@ def bucket_forward_kl_and_grad(student_logits: torch.Tensor, teacher: SparseTarg
 
     ``log_s``: the student's log-probabilities at ``temperature``, when already computed.
     """
-    from distill.losses import log_probs
-
-    ids, k = teacher.ids.long(), teacher.ids.shape[-1]
     log_s = log_probs(student_logits, temperature) if log_s is None else log_s
-    s_top = log_s.gather(-1, ids)
-    e_top = s_top.exp()
-    mass = e_top.sum(-1, keepdim=True)
-    kept = mass.clamp(max=1 - 1e-6)
-    student = torch.cat([s_top, torch.log1p(-kept)], dim=-1)
-    t_log = teacher.logprobs.float()
-    tail = teacher.tail.float().unsqueeze(-1)
-    if temperature != 1.0:
-        t_log = torch.log1p(-tail.clamp(max=0).exp().clamp(max=1 - 1e-7)) + torch.log_softmax(t_log / temperature, dim=-1)
-    log_q = torch.log_softmax(torch.cat([t_log, tail], dim=-1).clamp(min=TAIL_FLOOR), dim=-1)
-    log_b = torch.log_softmax(student.clamp(min=TAIL_FLOOR), dim=-1)
-    q = log_q.exp()
-    loss = (q * (log_q - log_b)).sum(-1)
-    # d loss / d bucket, through the clamps (zero where clamped), then the rest's bucket through its mass.
-    g = (log_b.exp() - q) * (student >= TAIL_FLOOR)
-    g_top = g[:, :k] + g[:, k:] * (mass <= 1 - 1e-6) * (-1 / (1 - kept)) * e_top  # d loss / d log p_S at the stored ids
-    grad = log_s.exp().mul_(-g_top.sum(-1, keepdim=True)).scatter_add_(-1, ids, g_top)
+    student, teacher_buckets, s_top, mass = _bucket_parts(log_s, teacher, temperature)
+    loss, g = forward_kl_and_grad(student.clamp(min=TAIL_FLOOR), teacher_buckets.clamp(min=TAIL_FLOOR))  # g: d loss / d bucket
+    # Through the floor (zero where clamped), then the rest's bucket through its mass, to the stored ids.
+    g.mul_(student >= TAIL_FLOOR)
+    k = s_top.shape[-1]
+    g_top = g[:, :k] + g[:, k:] * (mass <= 1 - 1e-6) * (-1 / (1 - mass.clamp(max=1 - 1e-6))) * s_top.exp()
+    grad = log_s.exp().mul_(-g_top.sum(-1, keepdim=True)).scatter_add_(-1, teacher.ids.long(), g_top)
     return loss, grad if temperature == 1.0 else grad.div_(temperature)
 
 
