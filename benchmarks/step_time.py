@@ -3,6 +3,10 @@ fresh process: a plain PyTorch loop (CE), this project's CE-only step, its onlin
 step from a teacher store, and TRL's GKDTrainer (lmbda=0, beta=0: forward KL, no generation); all
 in float32, plus both KD steps in bf16 autocast (TRL's default, even on CPU).
 
+This project's rows run with `train.cpu_allocator=cached` (its default: glibc keeps freed tensor
+memory in the process); the plain loop and TRL run as their users run them, with glibc's defaults.
+`--same-allocator` gives every row the same glibc settings, to separate that from the rest.
+
 This project's step time is its own clock (train/tokens_per_s): the whole loop iteration,
 collating the batch included; the plain loop and TRL (a callback from step begin to end) are
 timed on batches already collated.
@@ -187,6 +191,9 @@ def main() -> None:
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # more overrides of a child run (another seed)
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="give every row glibc's settings of train.cpu_allocator=cached (through MALLOC_ variables), "
+                             "not only this project's rows; writes step_time_same_allocator.json")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "step_time_runs"
@@ -206,7 +213,12 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "distill_launcher.cli", "cache-teacher", str(CONFIG), "--top-k", str(args.top_k), "--out", str(store)],
                        check=True, cwd=REPO, capture_output=True)
         print(f"teacher store (k={args.top_k}) built in {time.perf_counter() - start:.0f} s")
-    path = args.out / "step_time.json"
+    path = args.out / ("step_time_same_allocator.json" if args.same_allocator else "step_time.json")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if args.same_allocator:
+        from distill.job import HEAP_BLOCK_MAX, KEPT_FREE
+
+        env.update(MALLOC_MMAP_THRESHOLD_=str(HEAP_BLOCK_MAX), MALLOC_TRIM_THRESHOLD_=str(KEPT_FREE))
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     results = earlier.get("results", {}) if earlier.get("steps") == args.steps else {}  # rows not rerun are kept
     # Rows in turn, --rounds times, each row keeping its quickest round: a shared machine's speed
@@ -215,7 +227,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for row in args.rows:
             proc = subprocess.run([sys.executable, __file__, "--child", row, "--steps", str(args.steps), "--store", str(store), "--out", str(args.out)],
-                                  capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+                                  capture_output=True, text=True, cwd=REPO, env=env)
             if proc.returncode != 0:
                 results[row] = {"failed": proc.stderr.strip().splitlines()[-1][:300]}
                 print(f"{row}: failed: {results[row]['failed']}")

@@ -375,7 +375,10 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
 
     if not is_loopback(host) and token is None:
         raise ConfigError(f"--host {host} is not loopback: serving it needs a token; pass --token-file FILE or set {TOKEN_ENV}")
+    from distill.job import tune_cpu_allocator
+
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tune_cpu_allocator(cfg.train.cpu_allocator, device)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -353,6 +353,7 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
     if method not in METHODS:  # before any model is loaded
         raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
     device = device or torch.device("cpu")
+    job.tune_cpu_allocator(cfg.train.cpu_allocator, device)
     setup = job.Setup(cfg, device, load_teacher=True, load_student=False)
     vocab = min(models.output_vocab(setup.teacher), len(setup.tokenizer))
     if not 0 < k <= vocab:

@@ -1,6 +1,8 @@
 """The training loop's invariants: accumulation does not change the update; the teacher never moves."""
 
 import hashlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +96,37 @@ def test_train_stream_is_deterministic_and_resumable(tiny, corpus):
     rank1 = data.TrainStream(sequences, micro_batch_size=3, seed=5, pad_id=0, rank=1, world_size=2)
     double = data.TrainStream(sequences, micro_batch_size=6, seed=5, pad_id=0)
     torch.testing.assert_close(torch.cat([rank0.next_batch()["input_ids"], rank1.next_batch()["input_ids"]]), double.next_batch()["input_ids"])
+
+
+ALLOCATION_PROBE = """
+import ctypes, sys
+import torch
+from distill.job import tune_cpu_allocator
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+applied = tune_cpu_allocator(sys.argv[1], sys.argv[2])
+mapped = libc.mallinfo2().hblkhd
+chunk = torch.empty(2**21)  # 8 MiB, a chunk of logits
+grown = libc.mallinfo2().hblkhd - mapped
+del chunk
+kept = libc.mallinfo2().fordblks
+print(applied, grown, kept)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("mode, device, cached", [("cached", "cpu", True), ("system", "cpu", False), ("cached", "cuda", False)])
+def test_cpu_allocator_keeps_freed_tensor_memory_in_the_process(mode, device, cached):
+    """train.cpu_allocator=cached: an 8 MiB tensor comes from the heap and stays there when freed,
+    where glibc's defaults map fresh pages for it and unmap them on free."""
+    out = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE, mode, device], capture_output=True, text=True, check=True).stdout.split()
+    applied, grown, kept = out[-3] == "True", int(out[-2]), int(out[-1])
+    assert applied == cached
+    if cached:
+        assert grown == 0 and kept >= 2**23  # not mapped; freed into the heap, kept for the next step
+    else:
+        assert grown >= 2**23  # its own mapping, returned to the kernel when freed
