@@ -224,7 +224,7 @@ def open_store(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
         raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
     setup.vocab = store.vocab
     if not quiet:
-        held = f"top-{store.k}" if store.method == "top_k" else f"{store.k} sampled"
+        held = {"top_k": f"top-{store.k}", "sampled": f"{store.k} sampled", "mixed": f"top-{store.k // 2} and {store.k - store.k // 2} sampled"}[store.method]
         print(f"teacher: store {store.path} ({held} of {store.vocab} ids); the teacher model is not loaded for training", file=sys.stderr)
     return store
 
@@ -358,7 +358,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     pool = open_pool(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "remote" else None
     task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
-    if store is not None and store.method == "sampled":
+    if store is not None and store.method != "top_k":
         check_sampled_targets(objective)
     if accelerator.is_main_process and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
         print(f"loss: {objective.path}", file=sys.stderr)

@@ -312,7 +312,7 @@ def save_objective(objective: Objective, state_dict: dict, path) -> None:
 
 
 def check_sampled_targets(objective) -> None:
-    """Sampled teacher targets (``distill cache-teacher --targets sampled``) estimate the teacher's
+    """Sampled teacher targets (``distill cache-teacher --targets sampled`` or ``mixed``) estimate the teacher's
     distribution at temperature 1 without bias; only the forward KL's gradient is linear in it, and
     another temperature would need the probabilities of ids never drawn. Refuses the other terms."""
     for term in objective.terms:

@@ -12,7 +12,8 @@ position): ``ids`` ``[T, k]`` (int16 when the vocabulary fits, else int32), ``lo
 float16 (log-probabilities at temperature 1, descending), ``tail`` ``[T]`` float32 (the log of the
 mass outside the top k) and ``offsets`` ``[rows + 1]`` (where each row's targets start). A store of
 sampled targets (``--targets sampled``) holds in the same fields the ids drawn and the log of their
-frequencies among k draws, with no tail (:func:`sample`).
+frequencies among k draws, with no tail (:func:`sample`); a mixed store (``--targets mixed``), the
+top k/2 ids exactly and k/2 ids drawn from the rest (:func:`mixed`).
 
 Shards are a fixed partition of the rows, written atomically (a temporary file renamed), each by
 process ``shard % world_size``: a killed build resumes by skipping the shards that exist, any world
@@ -73,7 +74,7 @@ def top_k(logits: torch.Tensor, k: int) -> SparseTargets:
     return SparseTargets(ids, values, rest)
 
 
-METHODS = ("top_k", "sampled")
+METHODS = ("top_k", "sampled", "mixed")
 
 
 def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTargets:
@@ -89,6 +90,33 @@ def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTa
     counts = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
     frequency, ids = counts.topk(k, dim=-1)  # the drawn ids first (distinct), then ids never drawn (count 0)
     return SparseTargets(ids, torch.log(frequency / k), probs.new_full(ids.shape[:1], float("-inf")))
+
+
+def mixed(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTargets:
+    """The teacher's top ``k // 2`` ids with their exact log-probabilities, then ``k - k // 2`` ids
+    drawn with replacement from the rest of softmax(``logits``) ``[N, V]`` at temperature 1, kept as
+    in :func:`sample` with their frequencies scaled by the rest's mass; no tail.
+
+    Still an unbiased estimate of the teacher's distribution (exact where it is largest, sampled
+    beyond), so the forward KL's gradient stays unbiased; only the mass outside the head is
+    estimated, so its noise is that of the rest (mass ``r``: variance ``r^2`` times that of
+    sampling the rest alone), well below :func:`sample`'s at the same bytes.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    head_values, head_ids = log_p.topk(k // 2, dim=-1)
+    draws = k - k // 2
+    rest = log_p.exp().scatter_(-1, head_ids, 0.0)
+    mass = rest.sum(-1, keepdim=True)
+    # A row whose rest underflows to 0 draws from any other id; its frequencies are weighted by that 0 mass.
+    drawn = torch.multinomial(torch.where(mass > 0, rest, torch.ones_like(rest).scatter_(-1, head_ids, 0.0)), draws, replacement=True,
+                              generator=generator)
+    counts = torch.zeros_like(rest).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=rest.dtype)).scatter_(-1, head_ids, -1.0)
+    frequency, ids = counts.topk(draws, dim=-1)  # the drawn ids (distinct), then others never drawn; never a head id
+    values = torch.log(mass) + torch.log(frequency / draws)
+    return SparseTargets(torch.cat([head_ids, ids], -1), torch.cat([head_values, values], -1), log_p.new_full(ids.shape[:1], float("-inf")))
+
+
+PICK = {"top_k": lambda logits, k, generator: top_k(logits, k), "sampled": sample, "mixed": mixed}
 
 
 def _bucket_parts(log_s: torch.Tensor, teacher: SparseTargets, temperature: float) -> tuple[torch.Tensor, ...]:
@@ -294,15 +322,17 @@ def shard_count(rows: int, shard_rows: int) -> int:
     return max(1, -(-rows // shard_rows))
 
 
-def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device, generator=None) -> tuple[SparseTargets, list[int]]:
+def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device, method: str = "top_k", generator=None
+                     ) -> tuple[SparseTargets, list[int]]:
     from distill import data
 
-    return batch_targets(source, task, {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}, vocab, k, generator)
+    return batch_targets(source, task, {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}, vocab, k, method, generator)
 
 
-def batch_targets(source, task, batch: dict, vocab: int, k: int, generator: torch.Generator | None = None) -> tuple[SparseTargets, list[int]]:
-    """The top-k targets of a collated batch's unmasked targets (``k`` sampled ones, drawn with
-    ``generator``, when one is given), row by row (on the CPU), and each row's count.
+def batch_targets(source, task, batch: dict, vocab: int, k: int, method: str = "top_k", generator: torch.Generator | None = None
+                  ) -> tuple[SparseTargets, list[int]]:
+    """The targets (``method``: ``top_k``, or ``sampled`` or ``mixed``, drawn with ``generator``) of a
+    collated batch's unmasked targets, row by row (on the CPU), and each row's count.
 
     ``source`` is the in-process teacher (``ModelSource``); its logits are taken chunk by chunk
     from the output layer's inputs, so no ``[tokens, vocab]`` tensor of the whole batch exists.
@@ -316,8 +346,7 @@ def batch_targets(source, task, batch: dict, vocab: int, k: int, generator: torc
     chunk = teacher_chunks(outputs, labels, vocab)
     total = sum(counts)
     rows = chunk_rows(vocab)
-    pick = (lambda logits: sample(logits, k, generator)) if generator is not None else (lambda logits: top_k(logits, k))
-    parts = [pick(chunk(start, min(start + rows, total))) for start in range(0, total, rows)]
+    parts = [PICK[method](chunk(start, min(start + rows, total)), k, generator) for start in range(0, total, rows)]
     if not parts:
         return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0)), counts
     return SparseTargets.cat(parts).to("cpu"), counts
@@ -344,7 +373,7 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
 
     Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
     ``i % world_size == rank``; rank 0 writes the manifest once every shard exists. With
-    ``method="sampled"`` each shard draws from its own generator, seeded by the store's key and the
+    ``method="sampled"`` or ``"mixed"`` each shard draws from its own generator, seeded by the store's key and the
     shard, so any process, world size or resumed build draws the same ids.
     """
     from distill import job, models
@@ -382,9 +411,10 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
             first, last = index * shard_rows, min((index + 1) * shard_rows, len(sequences))
             rows = [sequences[i] for i in range(first, last)]
             generator = None
-            if method == "sampled":
+            if method != "top_k":
                 generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
-            parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, generator) for j in range(0, len(rows), batch)]
+            parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator)
+                     for j in range(0, len(rows), batch)]
             targets = SparseTargets.cat([p for p, _ in parts])
             write_shard(target, targets, [c for _, counts in parts for c in counts], vocab)
             done += 1

@@ -348,9 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=_options_epilog(), formatter_class=formatter)
     _add_config_arguments(cache)
     cache.add_argument("--top-k", type=int, default=64, help="targets kept per token (default: 64); with --targets sampled, the draws per token")
-    cache.add_argument("--targets", choices=["top_k", "sampled"], default="top_k",
+    cache.add_argument("--targets", choices=["top_k", "sampled", "mixed"], default="top_k",
                        help="top_k: the teacher's k most likely ids; sampled: k ids drawn from the teacher's distribution, kept with their "
-                            "frequencies (an unbiased estimate: Sparse Logit Sampling; forward KL at temperature 1 only)")
+                            "frequencies (an unbiased estimate: Sparse Logit Sampling); mixed: the top k/2 ids exactly and k/2 drawn from the "
+                            "rest (unbiased, less noisy than sampled). The last two train the forward KL at temperature 1 only")
     cache.add_argument("--out", help="store directory (default: teacher.cache, else $DISTILL_CACHE_DIR/teacher/KEY, found by jobs automatically)")
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")

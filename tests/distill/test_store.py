@@ -56,17 +56,17 @@ def test_sparse_terms_equal_dense_ones_restricted_to_the_same_buckets(divergence
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("method", ["top_k", "sampled"])
+@pytest.mark.parametrize("method", ["top_k", "sampled", "mixed"])
 def test_the_fused_sparse_forward_kl_has_the_gradient_of_the_unfused_one(temperature, method):
     """The fused path's closed-form gradient of the forward KL on stored targets (through the gather,
     the tail bucket and the clamps) equals autograd's through the unfused buckets."""
-    from distill.store import sample
+    from distill.store import PICK
 
     g = torch.Generator().manual_seed(4)
     labels = torch.randint(0, 40, (4, 5), generator=g)
     labels[0, 3:] = IGNORE_INDEX
     teacher = torch.randn(int((labels != IGNORE_INDEX).sum()), 40, generator=g) * 3
-    sparse = top_k(teacher, K) if method == "top_k" else sample(teacher, K, torch.Generator().manual_seed(2))
+    sparse = PICK[method](teacher, K, torch.Generator().manual_seed(2))
     head = torch.nn.Linear(5, 40)
     features = torch.randn(4, 5, 5, generator=g, requires_grad=True)
     cfg = LossConfig(terms=[{"kind": "logits", "divergence": "forward_kl", "temperature": temperature, "weight": 0.8},
@@ -310,20 +310,42 @@ def test_sampled_targets_give_an_unbiased_forward_kl_gradient_where_top_k_is_bia
     assert all(len(set(row)) == K for row in sampled.ids[:50].tolist())
 
 
-def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl_only(store, tiny, corpus, tmp_path, capfd):
+def test_mixed_targets_are_exact_at_the_head_unbiased_beyond_and_less_noisy_than_sampled_ones():
+    from distill.store import mixed, sample
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(3, 40, generator=g) * 1.5, torch.randn(3, 40, generator=g)
+    dense = torch.softmax(student, -1) - torch.softmax(teacher, -1)
+    draws = 20_000
+    targets = mixed(teacher.repeat(draws, 1), K, torch.Generator().manual_seed(1))
+    exact = top_k(teacher, K // 2)
+    assert targets.ids.shape == (3 * draws, K) and torch.isinf(targets.tail).all()
+    torch.testing.assert_close(targets.ids[:3, : K // 2], exact.ids)  # the head: the teacher's top K/2, exactly
+    torch.testing.assert_close(targets.logprobs[:3, : K // 2], exact.logprobs)
+    torch.testing.assert_close(targets.logprobs.exp().sum(-1), torch.ones(3 * draws))  # head + the rest's mass, spread over the drawn ids
+    assert all(len(set(row)) == K for row in targets.ids[:50].tolist())  # distinct: no drawn id repeats a head id
+    gradients = {"mixed": _forward_kl_gradient(student.repeat(draws, 1), targets).reshape(draws, 3, 40),
+                 "sampled": _forward_kl_gradient(student.repeat(draws, 1), sample(teacher.repeat(draws, 1), K, torch.Generator().manual_seed(1))).reshape(draws, 3, 40)}
+    assert (gradients["mixed"].mean(0) - dense).abs().max() < 0.005  # unbiased
+    noise = {name: (grad - dense).pow(2).sum(-1).mean() for name, grad in gradients.items()}
+    assert noise["mixed"] < 0.5 * noise["sampled"]  # the head is exact: only the rest's mass is estimated
+
+
+@pytest.mark.parametrize("method, held", [("sampled", f"{K} sampled"), ("mixed", f"top-{K // 2} and {K // 2} sampled")])
+def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl_only(method, held, store, tiny, corpus, tmp_path, capfd):
     from distill.store import build
 
     one, two = tmp_path / "one", tmp_path / "two"
-    build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=one, shard_rows=16, method="sampled")  # here, one process
-    built = _cache_cli(tiny, corpus, two, "--targets", "sampled", "--nproc-per-node", "2")
+    build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=one, shard_rows=16, method=method)  # here, one process
+    built = _cache_cli(tiny, corpus, two, "--targets", method, "--nproc-per-node", "2")
     assert built.returncode == 0, built.stderr
     assert _files(one) == _files(two)  # each shard draws from its own seed
     manifest = json.loads((one / "manifest.json").read_text())
-    assert manifest["identity"]["targets"] == {"method": "sampled", "k": K, "vocab": 320}
+    assert manifest["identity"]["targets"] == {"method": method, "k": K, "vocab": 320}
     assert _files(one) != _files(store)
     reset_accelerate()
     run, _ = _train(tiny, corpus, tmp_path / "run", f"teacher.cache={one}")
-    assert f"teacher: store {one} ({K} sampled of 320 ids)" in capfd.readouterr().err
+    assert f"teacher: store {one} ({held} of 320 ids)" in capfd.readouterr().err
     assert all(m["train/kd_loss"] > 0 for m in read_metrics(run) if "train/loss" in m)
     reset_accelerate()
     with pytest.raises(ConfigError, match=r"loss term 'kd' \(forward_kl at temperature 2\): sampled teacher targets give an unbiased forward KL "
