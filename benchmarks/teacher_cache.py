@@ -3,8 +3,9 @@ it gives, and the student it trains, against the online teacher (dense logits) a
 
 Each training row is a fresh `distill run` of configs/tiny.yaml for the same steps (forward KL,
 T=1); the store rows train from `distill cache-teacher --top-k K` stores, with the tail mass as
-one bucket or spread evenly (`teacher.cache_tail`), and from `--targets sampled` stores (k ids
-drawn from the teacher, kept with their frequencies). The build time is set
+one bucket or spread evenly (`teacher.cache_tail`), from `--targets sampled` stores (k ids
+drawn from the teacher, kept with their frequencies) and from `--targets mixed` stores (the top k/2
+exactly, k/2 drawn from the rest). The build time is set
 against the teacher's share of a dense-KD run (train/teacher_time_share x its wall time).
 Bytes per token are the store's training shards over their targets, against dense float16
 logits (2 x vocabulary bytes), here and as they would be at V=32,000 (int16 ids) and V=128,256 (int32 ids).
@@ -62,13 +63,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--top-k", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--sampled", type=int, nargs="*", default=[64], help="also stores of this many sampled ids per token (Sparse Logit Sampling)")
+    parser.add_argument("--mixed", type=int, nargs="*", default=[64], help="also stores of the top k/2 ids and k/2 sampled from the rest")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="train CE, dense, top-k (bucket tail) and sampled students from this many seeds; their mean ratios to dense are reported")
+                        help="train CE, dense, top-k (bucket tail), sampled and mixed students from this many seeds; their mean ratios to dense are reported")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "teacher_cache_runs"
     stores = {k: build_store(k, work / f"store_k{k}") for k in args.top_k}
     sampled = {k: build_store(k, work / f"store_sampled_k{k}", "sampled") for k in args.sampled}
+    mixed = {k: build_store(k, work / f"store_mixed_k{k}", "mixed") for k in args.mixed}
     rows = {"CE only": train("distill_ce_only", "ce_only", args.steps, None, args.out),
             "online teacher (dense)": train("distill_kd", "dense", args.steps, None, args.out)}
     for k in args.top_k:
@@ -76,6 +79,8 @@ def main() -> None:
             rows[f"store, top-{k}, {tail} tail"] = train("distill_kd_store", f"store_k{k}_{tail}", args.steps, work / f"store_k{k}", args.out, tail)
     for k in args.sampled:
         rows[f"store, {k} sampled"] = train("distill_kd_store", f"store_sampled_k{k}", args.steps, work / f"store_sampled_k{k}", args.out)
+    for k in args.mixed:
+        rows[f"store, top-{k // 2} + {k - k // 2} sampled"] = train("distill_kd_store", f"store_mixed_k{k}", args.steps, work / f"store_mixed_k{k}", args.out)
     ce, dense = rows["CE only"], rows["online teacher (dense)"]
     print(f"{'training':<30} {'ms/step':>8} {'x CE-only':>9} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}")
     for name, r in rows.items():
@@ -87,7 +92,8 @@ def main() -> None:
 
         kinds = {"CE only": ("distill_ce_only", None, "ce_only"), "online teacher (dense)": ("distill_kd", None, "dense"),
                  **{f"store, top-{k}, bucket tail": ("distill_kd_store", work / f"store_k{k}", f"store_k{k}_bucket") for k in args.top_k},
-                 **{f"store, {k} sampled": ("distill_kd_store", work / f"store_sampled_k{k}", f"store_sampled_k{k}") for k in args.sampled}}
+                 **{f"store, {k} sampled": ("distill_kd_store", work / f"store_sampled_k{k}", f"store_sampled_k{k}") for k in args.sampled},
+                 **{f"store, top-{k // 2} + {k - k // 2} sampled": ("distill_kd_store", work / f"store_mixed_k{k}", f"store_mixed_k{k}") for k in args.mixed}}
         runs = {name: [rows[name]] + [train(row, f"{label}_seed{seed}", args.steps, store, args.out, seed=seed) for seed in range(1, args.seeds)]
                 for name, (row, store, label) in kinds.items()}
         print(f"\nmeans over {args.seeds} seeds (train.seed = data.seed = 0..{args.seeds - 1})")
@@ -112,7 +118,7 @@ def main() -> None:
           f"(it sees {args.steps * 16} sequences; the store covers all training and validation sequences)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "teacher_cache.json"
-    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores, "sampled_stores": sampled, "seeds": args.seeds, "means_over_seeds": seeds},
+    path.write_text(json.dumps({"steps": args.steps, "rows": rows, "stores": stores, "sampled_stores": sampled, "mixed_stores": mixed, "seeds": args.seeds, "means_over_seeds": seeds},
                                indent=2))
     print(f"wrote {path}")
 
