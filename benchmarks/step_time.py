@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
-ROWS = ("plain_loop_ce", "distill_ce_only", "distill_kd", "distill_kd_store", "trl_gkd", "distill_kd_bf16", "trl_gkd_bf16")
+ROWS = ("plain_loop_ce", "distill_ce_only", "distill_kd", "distill_kd_store", "trl_gkd", "distill_kd_bf16", "trl_gkd_bf16", "ce_interleaved")
 LOG_EVERY = 10  # a logged step also computes the zero-weight terms it reports; runs log every 25 by default
 
 
@@ -128,6 +128,68 @@ def child_plain(steps: int, out: Path) -> dict:
     return {"seconds_per_step": _mean_after_warmup(times), "peak_rss_bytes": _peak(), **_quality(model.eval(), cfg)}
 
 
+def child_interleaved(steps: int, out: Path) -> dict:
+    """This project's CE-only step and the plain loop's, alternating step by step in one process on
+    the same batches (which goes first alternates too), so the machine's drift falls on both alike.
+    This project's step is train_step on the collated batch, as the plain loop's is; its collation
+    is timed apart (the loop around both, about 0.5 ms, is left out). Both models start from the same
+    weights; both run under train.cpu_allocator."""
+    import copy
+    import statistics
+
+    import torch
+
+    from distill import data
+    from distill.job import make_accelerator, tune_cpu_allocator
+    from distill.objective import Distillee, build_objective
+    from distill.teacher_source import build_source
+    from distill.train import build_optimizer, build_scheduler, train_step
+
+    cfg = _config(steps, out, "loss.alpha=1.0")
+    accelerator = make_accelerator(cfg)
+    tune_cpu_allocator(cfg.train.cpu_allocator, accelerator.device)
+    setup, _ = _student_and_batches(cfg, 0)
+    stream = data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
+                              pad_id=setup.tokenizer.pad_token_id)
+    plain_model = copy.deepcopy(setup.student).train()
+    task = setup.task
+    objective = build_objective(cfg.loss, student=setup.student, teacher=None, causal=task.causal, task=task)
+    model = Distillee(setup.student, objective, task, setup.vocab)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain_optimizer = build_optimizer(plain_model, cfg.train)
+    plain_scheduler = build_scheduler(plain_optimizer, cfg.train)
+    source = build_source("model", None, task, setup.vocab)
+    times = {"distill": [], "plain": [], "collate": []}
+    for step in range(steps):
+        start = time.perf_counter()
+        batch = stream.next_batch()
+        times["collate"].append(time.perf_counter() - start)
+
+        def ours():
+            train_step(model, source, [batch], accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
+                       objective=objective, report=(step + 1) % LOG_EVERY == 0)
+
+        def plain():
+            x = batch["input_ids"]
+            plain_model(x, labels=x).loss.backward()
+            torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.train.max_grad_norm)
+            plain_optimizer.step()
+            plain_scheduler.step()
+            plain_optimizer.zero_grad(set_to_none=True)
+
+        for name, fn in (("distill", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("distill", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    mean = {name: statistics.mean(t[len(t) // 5:]) for name, t in times.items()}
+    ratios = [a / b for a, b in list(zip(times["distill"], times["plain"]))[steps // 5:]]
+    return {"seconds_per_step": mean["distill"], "plain_seconds_per_step": mean["plain"], "collate_seconds": mean["collate"],
+            "ratio_of_means": mean["distill"] / mean["plain"], "with_collation": (mean["distill"] + mean["collate"]) / mean["plain"],
+            "median_step_ratio": statistics.median(ratios), "peak_rss_bytes": _peak(), "perplexity": float("nan")}
+
+
 def child_trl(steps: int, out: Path, bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
@@ -201,6 +263,8 @@ def main() -> None:
         out = work / (args.name or args.child)
         if args.child == "plain_loop_ce":
             result = child_plain(args.steps, out)
+        elif args.child == "ce_interleaved":
+            result = child_interleaved(args.steps, out)
         elif args.child.startswith("trl_gkd"):
             result = child_trl(args.steps, out, bf16=args.child.endswith("bf16"))
         else:
@@ -240,6 +304,7 @@ def main() -> None:
     ce = results.get("distill_ce_only", {}).get("seconds_per_step")
     trl = results.get("trl_gkd", {}).get("seconds_per_step")
     results = {row: results[row] for row in ROWS if row in results}
+    interleaved = results.pop("ce_interleaved", None)
     print(f"{'step':<18} {'ms/step':>8} {'x TRL':>6} {'x CE-only':>9} {'steps/s':>8} {'peak RSS MB':>11} {'val ppl':>8}")
     for row, r in results.items():
         if "failed" in r:
@@ -257,6 +322,13 @@ def main() -> None:
         summary["ce_only_over_plain_loop"] = ce / plain
     if kd and trl:
         summary["kd_over_trl"] = kd / trl
+    if interleaved and "failed" not in interleaved:
+        summary["ce_only_over_plain_loop_interleaved"] = interleaved["ratio_of_means"]
+        summary["ce_only_with_collation_over_plain_loop_interleaved"] = interleaved["with_collation"]
+        print(f"interleaved in one process, on the same collated batches: CE-only {1000 * interleaved['seconds_per_step']:.1f} ms, plain loop "
+              f"{1000 * interleaved['plain_seconds_per_step']:.1f} ms (median step ratio {interleaved['median_step_ratio']:.3f}); "
+              f"collation {1000 * interleaved['collate_seconds']:.1f} ms")
+        results["ce_interleaved"] = interleaved
     store_s = results.get("distill_kd_store", {}).get("seconds_per_step")
     if store_s and trl:
         summary["store_steps_per_s_over_trl"] = trl / store_s
