@@ -116,6 +116,7 @@ def mixed(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTar
     return SparseTargets(torch.cat([head_ids, ids], -1), torch.cat([head_values, values], -1), log_p.new_full(ids.shape[:1], float("-inf")))
 
 
+PREFERENCE = ("sampled", "mixed", "top_k")  # which store a job finds first: the last (top-k serves every divergence and temperature)
 PICK = {"top_k": lambda logits, k, generator: top_k(logits, k), "sampled": sample, "mixed": mixed}
 
 
@@ -530,7 +531,7 @@ class Store:
 
 
 def find(ident: dict) -> Path | None:
-    """A complete store under :func:`cache_root` built for this job (any k): top-k before sampled targets, the largest k first."""
+    """A complete store under :func:`cache_root` built for this job (any k): top-k before mixed before sampled targets, the largest k first."""
     root = cache_root()
     found = []
     for manifest in root.glob("*/manifest.json") if root.is_dir() else ():
@@ -539,7 +540,7 @@ def find(ident: dict) -> Path | None:
         except (OSError, ValueError, KeyError):
             continue
         if not differences(stored, {**ident, "targets": stored.get("targets")}):
-            found.append((stored["targets"].get("method", "top_k") == "top_k", stored["targets"]["k"], manifest.parent))
+            found.append((PREFERENCE.index(stored["targets"].get("method", "top_k")), stored["targets"]["k"], manifest.parent))
     return max(found)[-1] if found else None
 
 

@@ -351,3 +351,20 @@ def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl
     with pytest.raises(ConfigError, match=r"loss term 'kd' \(forward_kl at temperature 2\): sampled teacher targets give an unbiased forward KL "
                                           r"at temperature 1 only"):
         _train(tiny, corpus, tmp_path / "t2", f"teacher.cache={one}", "loss.temperature=2.0")
+
+
+def test_a_job_finds_a_top_k_store_before_a_mixed_one_before_a_sampled_one(tmp_path, monkeypatch):
+    from distill.store import find
+
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path))
+    job = {"teacher": {"weights": "abc"}, "data": {"seq_len": 64}}
+    stores = {"sampled_64": ("sampled", 64), "mixed_64": ("mixed", 64), "mixed_8": ("mixed", 8), "top_8": ("top_k", 8)}
+    for name, (method, k) in stores.items():
+        (tmp_path / "teacher" / name).mkdir(parents=True)
+        (tmp_path / "teacher" / name / "manifest.json").write_text(json.dumps({"identity": {**job, "targets": {"method": method, "k": k, "vocab": 320}}}))
+    assert find({**job, "data": {"seq_len": 32}, "targets": None}) is None  # built for other data
+    order = []
+    while (found := find({**job, "targets": None})) is not None:
+        order.append(found.name)
+        (found / "manifest.json").unlink()
+    assert order == ["top_8", "mixed_64", "mixed_8", "sampled_64"]
