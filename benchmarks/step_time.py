@@ -106,9 +106,19 @@ def _student_and_batches(cfg, steps: int):
     return setup, batches
 
 
-def child_plain(steps: int, out: Path) -> dict:
+def _plain_step(model, optimizer, scheduler, batch: dict, max_norm: float) -> None:
+    """The plain loop's step: the model's own loss, backward, clipping, AdamW, the schedule."""
     import torch
 
+    x = batch["input_ids"]
+    model(x, labels=x).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def child_plain(steps: int, out: Path) -> dict:
     from distill.train import build_optimizer, build_scheduler
 
     cfg = _config(steps, out)
@@ -118,12 +128,7 @@ def child_plain(steps: int, out: Path) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train)
     for batch in batches:
         start = time.perf_counter()
-        x = batch["input_ids"]
-        model(x, labels=x).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        _plain_step(model, optimizer, scheduler, batch, cfg.train.max_grad_norm)
         times.append(time.perf_counter() - start)
     return {"seconds_per_step": _mean_after_warmup(times), "peak_rss_bytes": _peak(), **_quality(model.eval(), cfg)}
 
@@ -136,8 +141,6 @@ def child_interleaved(steps: int, out: Path) -> dict:
     weights; both run under train.cpu_allocator."""
     import copy
     import statistics
-
-    import torch
 
     from distill import data
     from distill.job import make_accelerator, tune_cpu_allocator
@@ -172,12 +175,7 @@ def child_interleaved(steps: int, out: Path) -> dict:
                        objective=objective, report=(step + 1) % LOG_EVERY == 0)
 
         def plain():
-            x = batch["input_ids"]
-            plain_model(x, labels=x).loss.backward()
-            torch.nn.utils.clip_grad_norm_(plain_model.parameters(), cfg.train.max_grad_norm)
-            plain_optimizer.step()
-            plain_scheduler.step()
-            plain_optimizer.zero_grad(set_to_none=True)
+            _plain_step(plain_model, plain_optimizer, plain_scheduler, batch, cfg.train.max_grad_norm)
 
         for name, fn in (("distill", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("distill", ours)):
             start = time.perf_counter()
