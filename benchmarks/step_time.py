@@ -93,17 +93,20 @@ def child_distill(name: str, steps: int, out: Path, store: str, overrides: list[
             "teacher_time_share": _mean_after_warmup([r["train/teacher_time_share"] for r in records])}
 
 
-def _student_and_batches(cfg, steps: int):
+def _student_and_stream(cfg):
     import torch
 
     from distill import data
     from distill.job import Setup
 
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False)
-    stream = data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
-                              pad_id=setup.tokenizer.pad_token_id)
-    batches = [stream.next_batch() for _ in range(steps)]
-    return setup, batches
+    return setup, data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
+                                   pad_id=setup.tokenizer.pad_token_id)
+
+
+def _student_and_batches(cfg, steps: int):
+    setup, stream = _student_and_stream(cfg)
+    return setup, [stream.next_batch() for _ in range(steps)]
 
 
 def _plain_step(model, optimizer, scheduler, batch: dict, max_norm: float) -> None:
@@ -142,7 +145,6 @@ def child_interleaved(steps: int, out: Path) -> dict:
     import copy
     import statistics
 
-    from distill import data
     from distill.job import make_accelerator, tune_cpu_allocator
     from distill.objective import Distillee, build_objective
     from distill.teacher_source import build_source
@@ -151,9 +153,7 @@ def child_interleaved(steps: int, out: Path) -> dict:
     cfg = _config(steps, out, "loss.alpha=1.0")
     accelerator = make_accelerator(cfg)
     tune_cpu_allocator(cfg.train.cpu_allocator, accelerator.device)
-    setup, _ = _student_and_batches(cfg, 0)
-    stream = data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
-                              pad_id=setup.tokenizer.pad_token_id)
+    setup, stream = _student_and_stream(cfg)
     plain_model = copy.deepcopy(setup.student).train()
     task = setup.task
     objective = build_objective(cfg.loss, student=setup.student, teacher=None, causal=task.causal, task=task)

@@ -72,15 +72,14 @@ def main() -> None:
     stores = {k: build_store(k, work / f"store_k{k}") for k in args.top_k}
     sampled = {k: build_store(k, work / f"store_sampled_k{k}", "sampled") for k in args.sampled}
     mixed = {k: build_store(k, work / f"store_mixed_k{k}", "mixed") for k in args.mixed}
-    rows = {"CE only": train("distill_ce_only", "ce_only", args.steps, None, args.out),
-            "online teacher (dense)": train("distill_kd", "dense", args.steps, None, args.out)}
-    for k in args.top_k:
-        for tail in ("bucket", "uniform"):
-            rows[f"store, top-{k}, {tail} tail"] = train("distill_kd_store", f"store_k{k}_{tail}", args.steps, work / f"store_k{k}", args.out, tail)
-    for k in args.sampled:
-        rows[f"store, {k} sampled"] = train("distill_kd_store", f"store_sampled_k{k}", args.steps, work / f"store_sampled_k{k}", args.out)
-    for k in args.mixed:
-        rows[f"store, top-{k // 2} + {k - k // 2} sampled"] = train("distill_kd_store", f"store_mixed_k{k}", args.steps, work / f"store_mixed_k{k}", args.out)
+    # Each training row: (step_time.py row, store, run name, tail); the uniform-tail rows are trained from seed 0 only.
+    kinds = {"CE only": ("distill_ce_only", None, "ce_only", "bucket"), "online teacher (dense)": ("distill_kd", None, "dense", "bucket"),
+             **{f"store, top-{k}, {tail} tail": ("distill_kd_store", work / f"store_k{k}", f"store_k{k}_{tail}", tail)
+                for k in args.top_k for tail in ("bucket", "uniform")},
+             **{f"store, {k} sampled": ("distill_kd_store", work / f"store_sampled_k{k}", f"store_sampled_k{k}", "bucket") for k in args.sampled},
+             **{f"store, top-{k // 2} + {k - k // 2} sampled": ("distill_kd_store", work / f"store_mixed_k{k}", f"store_mixed_k{k}", "bucket")
+                for k in args.mixed}}
+    rows = {name: train(row, label, args.steps, store, args.out, tail) for name, (row, store, label, tail) in kinds.items()}
     ce, dense = rows["CE only"], rows["online teacher (dense)"]
     print(f"{'training':<30} {'ms/step':>8} {'x CE-only':>9} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}")
     for name, r in rows.items():
@@ -90,12 +89,8 @@ def main() -> None:
     if args.seeds > 1:  # one seed's student differs from another's by a few percent: the quality goals are means
         import statistics
 
-        kinds = {"CE only": ("distill_ce_only", None, "ce_only"), "online teacher (dense)": ("distill_kd", None, "dense"),
-                 **{f"store, top-{k}, bucket tail": ("distill_kd_store", work / f"store_k{k}", f"store_k{k}_bucket") for k in args.top_k},
-                 **{f"store, {k} sampled": ("distill_kd_store", work / f"store_sampled_k{k}", f"store_sampled_k{k}") for k in args.sampled},
-                 **{f"store, top-{k // 2} + {k - k // 2} sampled": ("distill_kd_store", work / f"store_mixed_k{k}", f"store_mixed_k{k}") for k in args.mixed}}
-        runs = {name: [rows[name]] + [train(row, f"{label}_seed{seed}", args.steps, store, args.out, seed=seed) for seed in range(1, args.seeds)]
-                for name, (row, store, label) in kinds.items()}
+        runs = {name: [rows[name]] + [train(row, f"{label}_seed{seed}", args.steps, store, args.out, tail, seed=seed) for seed in range(1, args.seeds)]
+                for name, (row, store, label, tail) in kinds.items() if tail == "bucket"}
         print(f"\nmeans over {args.seeds} seeds (train.seed = data.seed = 0..{args.seeds - 1})")
         print(f"{'training':<30} {'val ppl':>8} {'x dense':>8} {'KL to T':>8} {'x dense':>8}  per seed: ppl x dense, KL x dense")
         for name, results in runs.items():

@@ -74,7 +74,16 @@ def top_k(logits: torch.Tensor, k: int) -> SparseTargets:
     return SparseTargets(ids, values, rest)
 
 
-METHODS = ("top_k", "sampled", "mixed")
+def _drawn(weights: torch.Tensor, draws: int, generator: torch.Generator, excluded: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, ids) ``[N, draws]`` of ``draws`` ids drawn with replacement in proportion to
+    ``weights`` ``[N, V]``: the distinct ids drawn first, then ids never drawn (count 0), never an
+    ``excluded`` id."""
+    drawn = torch.multinomial(weights, draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(weights).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=weights.dtype))
+    if excluded is not None:
+        counts.scatter_(-1, excluded, -1.0)
+    return counts.topk(draws, dim=-1)
 
 
 def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTargets:
@@ -86,9 +95,7 @@ def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTa
     gradient against them is an unbiased estimate of the dense one, which top-k's is not.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    drawn = torch.multinomial(probs, k, replacement=True, generator=generator)
-    counts = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
-    frequency, ids = counts.topk(k, dim=-1)  # the drawn ids first (distinct), then ids never drawn (count 0)
+    frequency, ids = _drawn(probs, k, generator)
     return SparseTargets(ids, torch.log(frequency / k), probs.new_full(ids.shape[:1], float("-inf")))
 
 
@@ -107,17 +114,17 @@ def mixed(logits: torch.Tensor, k: int, generator: torch.Generator) -> SparseTar
     draws = k - k // 2
     rest = log_p.exp().scatter_(-1, head_ids, 0.0)
     mass = rest.sum(-1, keepdim=True)
-    # A row whose rest underflows to 0 draws from any other id; its frequencies are weighted by that 0 mass.
-    drawn = torch.multinomial(torch.where(mass > 0, rest, torch.ones_like(rest).scatter_(-1, head_ids, 0.0)), draws, replacement=True,
-                              generator=generator)
-    counts = torch.zeros_like(rest).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=rest.dtype)).scatter_(-1, head_ids, -1.0)
-    frequency, ids = counts.topk(draws, dim=-1)  # the drawn ids (distinct), then others never drawn; never a head id
+    weights = rest
+    if not bool((mass > 0).all()):  # a row whose rest underflows to 0 draws from any other id; its frequencies are weighted by that 0 mass
+        weights = torch.where(mass > 0, rest, torch.ones_like(rest).scatter_(-1, head_ids, 0.0))
+    frequency, ids = _drawn(weights, draws, generator, excluded=head_ids)
     values = torch.log(mass) + torch.log(frequency / draws)
     return SparseTargets(torch.cat([head_ids, ids], -1), torch.cat([head_values, values], -1), log_p.new_full(ids.shape[:1], float("-inf")))
 
 
 PREFERENCE = ("sampled", "mixed", "top_k")  # which store a job finds first: the last (top-k serves every divergence and temperature)
 PICK = {"top_k": lambda logits, k, generator: top_k(logits, k), "sampled": sample, "mixed": mixed}
+METHODS = tuple(PICK)
 
 
 def _bucket_parts(log_s: torch.Tensor, teacher: SparseTargets, temperature: float) -> tuple[torch.Tensor, ...]:
