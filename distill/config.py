@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distill.errors import ConfigError  # noqa: F401  (re-exported: the config's error type)
+from distill.redaction import SECRET_MARKERS, redact, secret_values  # noqa: F401  (re-exported)
+from distill.rundir import write_atomic
 
 
 def option(default: Any, help: str) -> Any:
@@ -544,48 +545,13 @@ def read_ds_config(path: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables that look like credentials (HF_TOKEN, WANDB_API_KEY, ...)."""
-    return [
-        value
-        for name, value in os.environ.items()
-        if any(marker in name.upper() for marker in SECRET_MARKERS) and len(value) >= 6
-    ]
-
-
-# scheme://user:password@host -> scheme://***@host
-_URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
-# ?token=... &api_key=... &X-Amz-Signature=... -> =***
-_SECRET_QUERY = re.compile(r"([?&;][^=&\s#]*(?:token|key|secret|password|passwd|sig|signature|credential|auth)[^=&\s#]*=)[^&\s#'\"]+",
-                           re.IGNORECASE)
-
-
-def redact(obj: Any, secrets: list[str] | None = None) -> Any:
-    """Returns ``obj`` with credentials replaced by ***: values of credential-like environment
-    variables, the user-info of URLs, and URL query parameters named like a token or key."""
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(obj, str):
-        for secret in secrets:
-            obj = obj.replace(secret, "***")
-        obj = _URL_USERINFO.sub(r"\1***@", obj)
-        return _SECRET_QUERY.sub(r"\1***", obj)
-    if isinstance(obj, dict):
-        return {redact(k, secrets): redact(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, secrets) for v in obj]
-    return obj
-
-
 def to_dict(cfg: DistillConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: DistillConfig, path: str | os.PathLike) -> None:
     """Writes the resolved config as YAML, with credentials redacted."""
-    Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+    write_atomic(Path(path), yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
 
 def iter_options(cls: type = DistillConfig, prefix: str = ""):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import sys
 
+from distill.redaction import redact
+
 
 class DistillError(Exception):
     """An error the user can act on; the message names what to change."""
@@ -91,8 +93,6 @@ def first_line(err: BaseException) -> str:
 
 def report(err: BaseException) -> int:
     """Prints ``err`` as one redacted line and returns its exit code."""
-    from distill.config import redact
-
     message = " ".join(str(err).split("\n")) if isinstance(err, DistillError) else str(err)
     print(f"distill: error: {redact(message)}", file=sys.stderr, flush=True)
     return getattr(err, "exit_code", 1)
@@ -100,8 +100,6 @@ def report(err: BaseException) -> int:
 
 def print_redacted_traceback(err: BaseException) -> None:
     import traceback
-
-    from distill.config import redact
 
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     print(redact(text), file=sys.stderr, end="", flush=True)
