@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distill.errors import CheckpointError, DiskFull, first_line
+from distill.rundir import write_atomic
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
@@ -64,10 +65,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, value) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_atomic(path, json.dumps(value))
 
 
 def save(accelerator, root: Path, state: TrainState, *, keep: int, scheduler=None) -> Path:
@@ -206,7 +204,7 @@ def verify(path: Path) -> None:
     from safetensors import safe_open
 
     allowed = _allowed_globals()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in checkpoint_files(path):
         try:
             if file.suffix == ".safetensors":
                 with safe_open(str(file), "pt"):
@@ -229,6 +227,30 @@ def verify(path: Path) -> None:
             why = "it names code to run when loaded" if unsafe else "it cannot be read"
             detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), first_line(err))
             raise CheckpointError(f"refusing to load {file}: {why} ({detail[:200]}); remove the checkpoint or resume from another one") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """Every file under ``path`` by its real path, symlinked folders entered, sorted.
+
+    DeepSpeed and accelerate open whatever a name leads to, so the walk follows links too
+    (``Path.rglob`` does not enter symlinked folders); a link that leads outside ``path`` (itself
+    resolved, so a checkpoint folder the user linked into place is fine) is refused, naming it.
+    """
+    root = Path(os.path.realpath(path))
+    found: set[Path] = set()
+    seen = {root}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        for name in [*dirs, *files]:
+            entry = Path(folder) / name
+            real = Path(os.path.realpath(entry))
+            if real != root and root not in real.parents:
+                raise CheckpointError(f"refusing to load {entry}: it is a symbolic link to {real}, outside the checkpoint {path}; "
+                                      "remove the link or resume from another checkpoint")
+            if name in files:
+                found.add(real)
+        # a folder linked twice (or a link to a parent) is walked once
+        dirs[:] = [d for d in dirs if (real := Path(os.path.realpath(Path(folder) / d))) not in seen and not seen.add(real)]
+    return sorted(f for f in found if f.is_file())
 
 
 def _head(path: Path) -> bytes:

@@ -299,27 +299,40 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
     main = _global_rank() == 0
     installed_here = SIGNALS.install()  # entry points install them earlier, at process start
     lock = rundir.RunLock(run_dir) if main else None  # created first: a signal inside acquire() still releases it
+    before, created, undo = set(), False, False  # a fresh run that fails in setup leaves nothing it created
     try:
         SIGNALS.enter("setup")
         if main:
-            rundir.check_writable(run_dir)
+            created = rundir.check_writable(run_dir)
             rundir.check_reuse(run_dir, resume=resume, overwrite=overwrite)
             lock.acquire()
             if overwrite:
                 rundir.clear_run(run_dir)
+            rundir.check_links(run_dir)
+            before = set(os.listdir(run_dir))
             (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
         return _run(cfg, run_dir, resume=resume, ds_config=ds_config)
     except SetupInterrupted as stop:
         if stop.name == TERM:
+            undo = not resume
             raise Terminated("SIGTERM during setup: stopped before training, nothing to save") from None
         if main:
-            (run_dir / checkpoint.PREEMPTED_MARKER).write_text("stopped during setup, before any new checkpoint\n")
+            rundir.write_atomic(run_dir / checkpoint.PREEMPTED_MARKER, "stopped during setup, before any new checkpoint\n")
         print("distill: SIGUSR1 during setup: stopped before training (nothing to save); marked PREEMPTED, continue with --resume",
               file=sys.stderr)
         return None
+    except BaseException:
+        undo = not resume and SIGNALS.phase == "setup"
+        raise
     finally:
+        undo = undo and lock is not None and lock.held  # never another job's files
+        if undo:
+            rundir.remove_created(run_dir, before)
         if lock is not None:
             lock.release()
+        if undo and created:
+            with contextlib.suppress(OSError):  # only when empty again
+                run_dir.rmdir()
         SIGNALS.reset()
         if installed_here:
             SIGNALS.uninstall()
@@ -385,7 +398,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task,
                                          extra_metrics=cfg.eval.metrics)
         if accelerator.is_main_process:
-            (run_dir / "initial_eval.json").write_text(json.dumps(initial, indent=2))
+            rundir.write_atomic(run_dir / "initial_eval.json", json.dumps(initial, indent=2))
 
     # The objective's parameters (projections) are prepared, optimized and checkpointed with the student.
     model = Distillee(student, objective, task, vocab)

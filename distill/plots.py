@@ -7,8 +7,9 @@ global state, so drawing works headless and from any thread.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from distill.rundir import write_atomic
 
 PLOTS_DIR = "plots"
 # Validation metrics worth a panel, in this order, when the run logged them.
@@ -30,10 +31,12 @@ def figure(panels: int):
 
 def save(fig, path: Path) -> Path:
     """Written under a temporary name and renamed: a reader never sees half a PNG."""
+    import io
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    write_atomic(path, buffer.getvalue())
     return path
 
 

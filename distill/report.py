@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from distill import evaluation, models
+from distill import evaluation, models, rundir
 from distill.config import DistillConfig, loss_terms
 
 
@@ -163,9 +163,7 @@ def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path, *, aut
          f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(PATH)"),
         "```", "",
     ]
-    tmp = student_dir / ".tmp-README.md"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, student_dir / "README.md")
+    rundir.write_atomic(student_dir / "README.md", "\n".join(lines))
 
 
 def final_metrics(rows: list[dict]) -> dict:
@@ -223,8 +221,8 @@ def write_report(result: dict, run_dir: Path) -> None:
 
     drawn = plots.draw_run(run_dir, result)
     result["plots"] = [p.relative_to(run_dir).as_posix() for p in drawn]
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "report.md").write_text(evaluation.markdown_report(result) + "\n".join(["", *plots.markdown(drawn, run_dir)]))
+    rundir.write_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
+    rundir.write_atomic(run_dir / "report.md", evaluation.markdown_report(result) + "\n".join(["", *plots.markdown(drawn, run_dir)]))
     print("\n" + evaluation.table(result["rows"]))
     for line in evaluation.summary_lines(result):
         print(line)

@@ -47,10 +47,76 @@ def read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def check_writable(run_dir: Path) -> None:
-    """Fails, naming output_dir, unless ``run_dir`` can hold a run."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Writes ``path`` whole or not at all, and never through a symbolic link.
+
+    The content goes to a fresh private name (created with ``O_EXCL | O_NOFOLLOW``, so a planted
+    link is never written through), is synced, and is renamed over ``path``: a rename replaces a
+    link at ``path`` itself instead of following it, and a reader sees the old file or the new one.
+    """
+    path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_log(path: Path, *, append: bool):
+    """A text file opened for writing (appending, or from empty) that is not a symbolic link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        return os.fdopen(os.open(path, flags, 0o644), "a" if append else "w")
+    except OSError:
+        if Path(path).is_symlink():
+            raise ConfigError(f"refusing to write {path}: it is a symbolic link (to {os.path.realpath(path)}); remove it") from None
+        raise
+
+
+def outside_links(run_dir: Path) -> list[tuple[Path, str]]:
+    """Symbolic links under ``run_dir`` that lead outside it (``run_dir`` itself may be a link the user made)."""
+    root = os.path.realpath(run_dir)
+    found = []
+
+    def judge(entry: str) -> None:
+        real = os.path.realpath(entry)
+        if os.path.islink(entry) and os.path.commonpath([root, real]) != root:
+            found.append((Path(entry), real))
+
+    # What a run writes (a run directory may sit in a larger folder: the rest is not walked).
+    for name in (*RUN_OUTPUTS, LOCK_FILE, "slurm"):
+        top = os.path.join(run_dir, name)
+        judge(top)
+        if os.path.isdir(top) and not os.path.islink(top):
+            for folder, dirs, files in os.walk(top):  # links are listed, never entered
+                for entry in [*dirs, *files]:
+                    judge(os.path.join(folder, entry))
+    return found
+
+
+def check_links(run_dir: Path) -> None:
+    """Fails, naming the link, when a symbolic link in ``run_dir`` leads outside it: the job would
+    write (or read) through it into someone else's files."""
+    found = outside_links(run_dir)
+    if found:
+        entry, real = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ConfigError(f"output_dir {run_dir}: {entry.relative_to(run_dir)} is a symbolic link to {real}, outside the run directory{more}; "
+                          "remove it, or choose another --output-dir")
+
+
+def check_writable(run_dir: Path) -> bool:
+    """Fails, naming output_dir, unless ``run_dir`` can hold a run; returns whether it created the directory."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} exists and is not a directory; choose another --output-dir")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -65,6 +131,19 @@ def check_writable(run_dir: Path) -> None:
     if free < MIN_FREE_BYTES:
         raise ConfigError(f"output_dir {run_dir} has only {free / 2**20:.1f} MiB free (at least {MIN_FREE_BYTES // 2**20} MiB needed); "
                           "free space or choose another --output-dir")
+    return created
+
+
+def remove_created(run_dir: Path, before: set[str]) -> None:
+    """Undoes a run that failed before training: removes the run outputs that were not in
+    ``before`` (the names ``run_dir`` held when the run started). A user's own files are never touched."""
+    for name in RUN_OUTPUTS:
+        if name not in before:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink(missing_ok=True)
 
 
 def holds_run(run_dir: Path) -> list[str]:
@@ -149,6 +228,7 @@ class RunLock:
         self.info = _holder_info()
         self._stop = threading.Event()
         self._thread = None
+        self.held = False
 
     def acquire(self) -> "RunLock":
         # The lock appears whole or not at all: its content is written to a private file first and
@@ -168,6 +248,7 @@ class RunLock:
                     continue
                 self._thread = threading.Thread(target=self._heartbeat, name="distill-lock-heartbeat", daemon=True)
                 self._thread.start()
+                self.held = True
                 return self
         finally:
             private.unlink(missing_ok=True)
@@ -207,6 +288,7 @@ class RunLock:
                 pass
 
     def release(self) -> None:
+        self.held = False
         self.path.with_name(f".{LOCK_FILE}.{self.info['token']}").unlink(missing_ok=True)
         self._stop.set()
         if self._thread is not None:

@@ -401,9 +401,9 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
                 f"{'token required' if token else 'no token: loopback only'})")
 
     if address_file:  # written once bound (before the teacher is loaded): readiness is /readyz's
-        from distill.store import _write_atomic
+        from distill.rundir import write_atomic
 
-        _write_atomic(Path(address_file), (url + "\n").encode())
+        write_atomic(Path(address_file), (url + "\n").encode())
     log(f"serve-teacher: listening on {url}; loading the teacher ({cfg.teacher.path})")
     threading.Thread(target=load, name="teacher-loader", daemon=True).start()
     # uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again under the handlers it

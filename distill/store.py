@@ -36,11 +36,13 @@ from pathlib import Path
 
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, first_line
 from distill.losses import forward_kl_and_grad, log_probs
+from distill.rundir import write_atomic
 
 FORMAT = 1
 TAIL_FLOOR = -1e4  # log-probability standing for 0: exp() is 0 and 0 * (floor - x) stays finite
+LOGPROB_SLACK = 1e-2  # a stored log-probability may round above 0 by float16's step near 0, never more
 
 
 @dataclass
@@ -313,15 +315,6 @@ def _short(value) -> str:
 # ----- building ----------------------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _shard_name(index: int) -> str:
     return f"shard-{index:08d}.safetensors"
 
@@ -372,7 +365,7 @@ def encode(targets: SparseTargets, counts: list[int], vocab: int) -> bytes:
 
 
 def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: int) -> None:
-    _write_atomic(path, encode(targets, counts, vocab))
+    write_atomic(path, encode(targets, counts, vocab))
 
 
 def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print,
@@ -446,7 +439,7 @@ def _claim(path: Path, ident: dict, rank: int) -> None:
         return
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(marker, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(marker, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode())
     else:
         _wait_for(lambda: marker.is_file(), f"{marker} (written by rank 0)")
 
@@ -469,7 +462,7 @@ def _finish(path: Path, ident: dict, key: str, counts: dict, shard_rows: int) ->
         entry = splits.setdefault(split, {}).setdefault(name, {"shards": []})
         entry["shards"].append({"file": f.name, "bytes": f.stat().st_size, "sha256": _sha256_file(f)})
     manifest = {"key": key, "identity": ident, "shard_rows": shard_rows, "splits": splits}
-    _write_atomic(path / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(path / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ----- reading ----------------------------------------------------------------------------------------------------------------------
@@ -500,15 +493,18 @@ class Store:
             if diff:
                 raise ConfigError(f"teacher.cache: the store at {path} was built for another job: {describe(diff, self.identity, job)}; "
                                   "run distill cache-teacher with this config")
+        self._expected: dict = {}  # (split, source, shard index) -> the manifest's sha256
         for split, sources in self.manifest["splits"].items():
             for name, entry in sources.items():
-                for shard in entry["shards"]:
+                for index, shard in enumerate(entry["shards"]):
                     f = path / split / name / shard["file"]
                     size = f.stat().st_size if f.is_file() else None
                     if size != shard["bytes"]:
                         state = "missing" if size is None else f"truncated ({size} of {shard['bytes']} bytes)"
                         raise ConfigError(f"teacher.cache: shard {f} is {state}; rebuild the store with distill cache-teacher")
+                    self._expected[(split, name, index)] = shard.get("sha256")
         self._open: dict = {}
+        self._checked: set = set()
 
     def _shard(self, split: str, name: str, index: int):
         """(an open, memory-mapped shard, its row offsets): rows are read by slice, never the whole shard."""
@@ -517,14 +513,46 @@ class Store:
         key = (split, name, index)
         if key not in self._open:
             f = self.path / split / name / _shard_name(index)
+            if key not in self._checked:  # once per shard and process: its bytes, then its values
+                self._check_digest(f, self._expected.get(key))
             try:
                 handle = safe_open(str(f), framework="pt")
                 self._open[key] = (handle, handle.get_tensor("offsets").tolist())
-            except (SafetensorError, OSError) as err:
-                raise ConfigError(f"teacher.cache: shard {f} cannot be read ({err}); rebuild the store with distill cache-teacher") from None
+                if key not in self._checked:
+                    self._check_values(f, handle, self._open[key][1])
+                    self._checked.add(key)
+            except (SafetensorError, OSError, KeyError) as err:
+                raise ConfigError(f"teacher.cache: shard {f} cannot be read ({first_line(err)}); rebuild the store with distill cache-teacher") from None
             if len(self._open) > 256:
                 self._open.pop(next(iter(self._open)))
         return self._open[key]
+
+    @staticmethod
+    def _check_digest(f: Path, expected: str | None) -> None:
+        """The shard's bytes are the ones the manifest recorded (read once, streamed)."""
+        if expected is None:
+            raise ConfigError(f"teacher.cache: the manifest records no sha256 for shard {f}; rebuild the store with distill cache-teacher")
+        if _sha256_file(f) != expected:
+            raise ConfigError(f"teacher.cache: shard {f} does not match the sha256 in its manifest (changed or damaged since it was built); "
+                              "rebuild the store with distill cache-teacher")
+
+    def _check_values(self, f: Path, handle, offsets: list[int]) -> None:
+        """Ids inside the vocabulary, log-probabilities and tails not NaN and at most 0, offsets in order:
+        a manifest rewritten together with its shards still cannot feed the loss an index or a NaN."""
+        ids, logprobs, tail = (handle.get_tensor(field) for field in ("ids", "logprobs", "tail"))
+        problem = None
+        if offsets[0] != 0 or offsets[-1] != ids.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+            problem = "its row offsets do not cover its targets in order"
+        elif ids.ndim != 2 or ids.shape[1] != self.k or logprobs.shape != ids.shape or tail.shape != ids.shape[:1]:
+            problem = f"its targets are not [tokens, {self.k}]"
+        elif ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+            problem = f"it holds ids outside the vocabulary [0, {self.vocab}) (from {int(ids.min())} to {int(ids.max())})"
+        elif bool(logprobs.isnan().any() or tail.isnan().any()):  # -inf is a probability of 0 (sampled ids never drawn, no tail)
+            problem = "it holds log-probabilities that are NaN"
+        elif logprobs.numel() and (float(logprobs.max()) > LOGPROB_SLACK or float(tail.max()) > LOGPROB_SLACK):
+            problem = "it holds log-probabilities above 0"
+        if problem:
+            raise ConfigError(f"teacher.cache: shard {f} is not a valid teacher store shard: {problem}; rebuild the store with distill cache-teacher")
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
         """The targets of ``rows`` of one source's split, concatenated in order."""

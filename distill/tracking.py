@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from distill import rundir
 from distill.config import ConfigError, TrackingConfig, redact
 
 WANDB_DEFAULT_HOST = "https://api.wandb.ai"
@@ -71,11 +72,15 @@ class Tracker:
         self.backend = cfg.backend
         self.cfg = cfg
         self.run_dir = run_dir
-        self._jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w")
+        self._jsonl = rundir.open_log(run_dir / "metrics.jsonl", append=resume)
         self._client = None
         self._config = config = redact(config)
         name = redact(cfg.run_name or run_dir.resolve().name)
+        self._argv = sys.argv
         if cfg.backend == "wandb":
+            # W&B records the command line (its settings read sys.argv whenever they are sent) in the
+            # run's files, which `wandb sync` uploads: it sees the redacted one until the run ends.
+            sys.argv = redact(list(sys.argv))
             self._client = _start_wandb(cfg, run_dir, name, config)
         elif cfg.backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -155,6 +160,7 @@ class Tracker:
         self._jsonl.close()
         if self.backend == "wandb":
             self._client.finish()
+            sys.argv = self._argv
         elif self.backend == "tensorboard":
             self._client.close()
         elif self.backend == "mlflow":
@@ -213,7 +219,7 @@ def _run_id(run_dir: Path) -> str:
     if not path.exists():
         import uuid
 
-        path.write_text(uuid.uuid4().hex[:12])
+        rundir.write_atomic(path, uuid.uuid4().hex[:12])
     return path.read_text().strip()
 
 
@@ -239,6 +245,6 @@ def _start_mlflow(cfg: TrackingConfig, run_dir: Path, name: str, config: dict, *
         mlflow.start_run(run_id=id_file.read_text().strip())  # the same run continues
         return mlflow
     run = mlflow.start_run(run_name=name, tags=redact(tags) or None)
-    id_file.write_text(run.info.run_id)
+    rundir.write_atomic(id_file, run.info.run_id)
     mlflow.log_params({k: str(v)[:6000] for k, v in _flatten(config).items()})
     return mlflow

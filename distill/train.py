@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distill import checkpoint
+from distill import checkpoint, rundir
 from distill.config import DistillConfig, TrainConfig
 from distill.data import TrainStream
 from distill.errors import NonFiniteLoss, TeacherUnavailable, Terminated
@@ -292,7 +292,7 @@ def _stop_if_signalled(accelerator, saver: _Saver, state: checkpoint.TrainState,
         path = saver.root / f"step_{state.step:08d}" if saved else saver.save(state)
         stop = Preempted(state.step, path)
         if accelerator.is_main_process:
-            (run_dir / checkpoint.PREEMPTED_MARKER).write_text(stop.marker + "\n")
+            rundir.write_atomic(run_dir / checkpoint.PREEMPTED_MARKER, stop.marker + "\n")
         raise stop
 
 
@@ -325,6 +325,4 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(tmp, path)
+    rundir.write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -6,11 +6,16 @@ torch-free.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import textwrap
+if __name__ == "__main__":  # python -m distill_launcher.cli (the sbatch scripts): stop signals caught before the imports below
+    from distill.signals import SIGNALS
 
-from distill.config import iter_options
+    SIGNALS.install()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+from distill.config import iter_options  # noqa: E402
 
 
 def _options_epilog() -> str:
@@ -32,17 +37,25 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return args.overrides + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
 
 
-def _check_run_dir(cfg, args: argparse.Namespace):
-    """The run directory checks that fail before any process starts or any model loads."""
+def _check_run_dir(cfg, args: argparse.Namespace, *, keep: bool = True):
+    """The run directory checks that fail before any process starts or any model loads.
+
+    Without ``keep``, a directory made only to check it is removed again: the job creates it, and
+    knows then that a run failing in setup should leave nothing behind.
+    """
     import os
     from pathlib import Path
 
     from distill import rundir
 
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
-    rundir.check_writable(run_dir)
+    created = rundir.check_writable(run_dir)
     rundir.check_reuse(run_dir, resume=args.resume, overwrite=args.overwrite)
     rundir.check_not_locked(run_dir)
+    if not args.overwrite:  # --overwrite removes what a run wrote, planted links included
+        rundir.check_links(run_dir)
+    if created and not keep:
+        run_dir.rmdir()
     return run_dir
 
 
@@ -53,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from distill.config import load_config
 
     cfg = load_config(args.config, _overrides(args))  # fails before anything heavy is imported
-    _check_run_dir(cfg, args)
+    _check_run_dir(cfg, args, keep=False)
     from distill.job import run
 
     run(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -64,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from distill.finished_run import evaluate_run
 
     evaluate_run(args.run_dir, lm_eval_tasks=args.lm_eval, lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
-                 speculative=args.speculative)
+                 speculative=args.speculative, allow_code=args.allow_code)
     return 0
 
 
@@ -92,7 +105,7 @@ def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     command = build_command(args.launcher, args.config, _overrides(args), topology, ds_config=resolve_ds_config(args.ds_config),
                             resume=args.resume, overwrite=args.overwrite, accelerate_config=args.accelerate_config, explicit=explicit)
     if not args.dry_run and args.node_rank in (None, 0):
-        _check_run_dir(cfg, args)
+        _check_run_dir(cfg, args, keep=False)
     return run_launch(command, dry_run=args.dry_run, launch_fn=launch_fn or launch)
 
 
@@ -245,7 +258,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from distill.quantize import quantize_run
 
-    quantize_run(args.run_dir, args.method)
+    quantize_run(args.run_dir, args.method, allow_code=args.allow_code)
     return 0
 
 
@@ -390,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "int8_weight_only, int8_dynamic (torchao; fast on CPU).")
     qz.add_argument("run_dir", help="the output_dir of a finished run")
     qz.add_argument("--method", nargs="+", required=True, help="one or more of bnb_8bit, bnb_4bit, int8_weight_only, int8_dynamic")
+    qz.add_argument("--allow-code", action="store_true", help="run the metric modules that RUN_DIR/config.yaml names (eval.metrics); "
+                                                            "refused without it, since a run directory may come from someone else")
     qz.set_defaults(func=cmd_quantize)
 
     ev = commands.add_parser("eval", help="re-evaluate a finished run and rewrite its report",
@@ -399,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of lm-eval task YAML files (local tasks; what works offline)")
     ev.add_argument("--lm-eval-limit", type=float, metavar="N", help="at most N examples per task (a fraction when below 1)")
     ev.add_argument("--speculative", action="store_true", help="also measure each student as the teacher's draft model (assisted generation)")
+    ev.add_argument("--allow-code", action="store_true", help="run the metric modules that RUN_DIR/config.yaml names (eval.metrics); "
+                                                            "refused without it, since a run directory may come from someone else")
     ev.set_defaults(func=cmd_eval)
 
     cmp = commands.add_parser("compare", help="put many runs (or a sweep) side by side: table, CSV and plots",
@@ -463,8 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Every error maps to one line and its exit code (distill.errors), as under the launchers."""
     from distill.errors import main_guard
+    from distill.signals import SIGNALS
 
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_run:  # only a job acts on the stop signals that distill_launcher.entry caught
+        SIGNALS.hand_back()
     return main_guard(args.func, args)
 
 
