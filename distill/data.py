@@ -7,6 +7,7 @@ function of (seed, samples consumed), so a resumed run sees exactly the batches 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -51,11 +52,17 @@ def _load_files(files: list[str], key: str, text_unit: str):
     if all(os.path.getsize(p) == 0 for p in paths):
         raise ConfigError(f"{key}: the data is empty ({', '.join(files)})")
     extra = {"sample_by": text_unit} if builder == "text" else {}
+    # datasets logs a bad file's error before raising it; the one line below says it, with the key to change.
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=paths, split="train", **extra)
     except Exception as err:  # pyarrow, pandas and datasets each raise their own types for a bad file
         cause = err.__cause__ or err if isinstance(err, datasets.exceptions.DatasetGenerationError) else err
         raise ConfigError(f"{key}: cannot read {', '.join(files)} as {builder}: {first_line(cause)}") from None
+    finally:
+        datasets_logger.setLevel(level)
 
 
 def _load_named(cfg: DataConfig, split: str):

@@ -10,20 +10,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from distill import report, rundir
+from distill import metrics, report, rundir
 from distill.config import ConfigError, DistillConfig, load_config
 
 
 class FinishedRun:
     """``RUN_DIR`` of a run that saved its student; :meth:`load` brings its models and data up."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, allow_code: bool = False):
         self.dir = Path(os.path.expanduser(str(path)))
         if not (self.dir / "config.yaml").is_file():
             raise ConfigError(f"{self.dir} is not a run directory (no config.yaml); pass the output_dir of a run")
         if not (self.dir / "student").is_dir():
             raise ConfigError(f"{self.dir} has no student/ (the run did not finish); resume it with distill run --resume")
+        rundir.check_links(self.dir)
         self.cfg = load_config(self.dir / "config.yaml", [f"output_dir={self.dir}"])
+        code = metrics.code_named(self.cfg.eval.metrics)
+        if code and not allow_code:
+            # A run directory may come from someone else: what its config names must not run unasked.
+            raise ConfigError(f"{self.dir / 'config.yaml'} names code to run (eval.metrics: {', '.join(code)}); "
+                              "pass --allow-code if you trust this run directory and that code")
         self.previous = rundir.read_json(self.dir / "eval.json") or {}
 
     def lock(self) -> rundir.RunLock:
@@ -66,15 +72,15 @@ def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None = None, lm_eval_include: list[str] | None = None,
-                 lm_eval_limit: float | None = None, speculative: bool = False) -> dict | None:
+                 lm_eval_limit: float | None = None, speculative: bool = False, allow_code: bool = False) -> dict | None:
     """Re-evaluates a finished run from its saved config and student (``distill eval``).
 
     Rows that ``distill quantize`` added are measured again (re-quantized from student/).
     ``lm_eval_tasks`` (with ``lm_eval_include`` folders and ``lm_eval_limit``) and
     ``speculative`` add downstream benchmarks and the draft-model measurement to the run's own
-    ``eval.lm_eval`` and ``eval.speculative``.
+    ``eval.lm_eval`` and ``eval.speculative``. Metric code the run's config names runs only with ``allow_code``.
     """
-    run = FinishedRun(run_dir)
+    run = FinishedRun(run_dir, allow_code=allow_code)
     with run.lock():
         cfg = run.cfg
         cfg.eval.quantize = run.quantized_methods()

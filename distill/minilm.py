@@ -83,23 +83,40 @@ def _fingerprint() -> str:
 
 def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: bool = False, steps: int | None = None) -> Path:
     """Builds (or reuses) ``DIR/{train,validation}.jsonl``, the fine-tuned ``DIR/teacher`` and
-    ``DIR/pretrained`` (MiniLM before fine-tuning, with the task's fresh classifier head).
+    ``DIR/pretrained`` (MiniLM before fine-tuning, with the task's fresh classifier head);
+    concurrent calls build it once (:func:`build_once`).
 
     ``steps`` overrides the recipe's fine-tuning steps (tests); such a build is not cached as the recipe's.
     """
+    from distill.shared_build import build_once
+
+    out = Path(os.path.expanduser(str(directory)))
+    fingerprint = _fingerprint() + (f"-steps{steps}" if steps else "")
+
+    def ready(path: Path) -> bool:
+        stamp = path / "fingerprint.txt"
+        built = all((path / name / "config.json").is_file() for name in ("teacher", "pretrained"))
+        return not force and stamp.is_file() and stamp.read_text().strip() == fingerprint and built
+
+    def build(path: Path) -> None:
+        _build(path, steps)
+        (path / "fingerprint.txt").write_text(fingerprint)
+
+    if build_once(out, ready=ready, build=build, what="prepare-minilm"):
+        print(f"MiniLM teacher and docstring task ready in {out}")
+    else:
+        print(f"MiniLM teacher and docstring task ready in {out} (cached)")
+    return out
+
+
+def _build(out: Path, steps: int | None) -> None:
+    """The task's files, the fine-tuned teacher and the pretrained MiniLM, into the empty folder ``out``."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from distill.config import load_config
     from distill.job import run
 
-    out = Path(os.path.expanduser(str(directory)))
-    stamp, fingerprint = out / "fingerprint.txt", _fingerprint() + (f"-steps{steps}" if steps else "")
-    built = all((out / name / "config.json").is_file() for name in ("teacher", "pretrained"))
-    if not force and stamp.is_file() and stamp.read_text().strip() == fingerprint and built:
-        print(f"MiniLM teacher and docstring task ready in {out} (cached)")
-        return out
-    shutil.rmtree(out, ignore_errors=True)
     train_file, validation_file = write_task(out)
     init_dir = out / "teacher-init"
     labels = dict(enumerate(PACKAGES))
@@ -121,6 +138,3 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: 
     os.rename(out / "finetune-run" / "student", out / "teacher")
     shutil.rmtree(out / "finetune-run")
     os.rename(init_dir, out / "pretrained")  # the students start from its layers, as DistilBERT from the pretrained BERT
-    stamp.write_text(fingerprint)
-    print(f"MiniLM teacher and docstring task ready in {out}")
-    return out

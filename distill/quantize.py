@@ -160,8 +160,9 @@ def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation
     return row
 
 
-def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
-    """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report."""
+def quantize_run(run_dir: str | os.PathLike, methods: list[str], *, allow_code: bool = False) -> dict:
+    """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report
+    (metric code the run's config names runs only with ``allow_code``)."""
     from transformers import AutoConfig
 
     from distill import report
@@ -173,7 +174,7 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str]) -> dict:
         quantization_config(method)
     if not (Path(os.path.expanduser(str(run_dir))) / "eval.json").is_file():
         raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
-    run = FinishedRun(run_dir)
+    run = FinishedRun(run_dir, allow_code=allow_code)
     with run.lock():  # it writes quantized/, eval.json and report.md: one writer
         student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
         for method in methods:

@@ -51,6 +51,16 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous = None
 
+    def hand_back(self) -> None:
+        """For a command that is not a job: the handlers found at start again (the defaults), and
+        every signal recorded so far delivered now under them, as it would have been without
+        the early handler."""
+        received = [name for name in (USR1, TERM) if name in self.received]
+        self.uninstall()
+        self.reset()
+        for name in received:
+            signal.raise_signal(signal.Signals[name])
+
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         self.received.add(name)

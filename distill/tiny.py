@@ -141,22 +141,37 @@ def _fingerprint() -> str:
 
 
 def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bool = False) -> Path:
-    """Builds (or reuses) ``DIR/{train,validation}.txt`` and ``DIR/teacher``."""
+    """Builds (or reuses) ``DIR/{train,validation}.txt`` and ``DIR/teacher``; concurrent calls build it once (:func:`build_once`)."""
+    from distill.shared_build import build_once
+
     out = Path(os.path.expanduser(str(directory)))
-    stamp = out / "fingerprint.txt"
-    if not force and stamp.is_file() and stamp.read_text().strip() == _fingerprint() and (out / "teacher" / "config.json").is_file():
+
+    def ready(path: Path) -> bool:
+        stamp = path / "fingerprint.txt"
+        return not force and stamp.is_file() and stamp.read_text().strip() == _fingerprint() and (path / "teacher" / "config.json").is_file()
+
+    def finish(path: Path) -> None:  # these record the final paths (the lm-eval task's data, the baseline's config)
+        write_lm_eval_task(path / "validation.txt", path / "lm_eval")
+        train_baseline(path)
+        (path / "fingerprint.txt").write_text(_fingerprint())
+
+    if build_once(out, ready=ready, build=_build_teacher, finish=finish, what="prepare-tiny"):
+        print(f"tiny teacher and corpus ready in {out}")
+    else:
         if not (out / "lm_eval" / f"{LM_EVAL_TASK}.yaml").is_file():
             write_lm_eval_task(out / "validation.txt", out / "lm_eval")
         print(f"tiny teacher and corpus ready in {out} (cached)")
-        return out
+    return out
+
+
+def _build_teacher(out: Path) -> None:
+    """The corpus, the tokenizer and the trained teacher, into the empty folder ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.config import load_config
     from distill.job import run
 
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     train_file, validation_file = write_corpus(out)
     init_dir = out / "teacher-init"
     tokenizer = train_tokenizer(train_file, init_dir)
@@ -177,8 +192,3 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bo
     os.rename(out / "warmup-run" / "student", out / "teacher")
     shutil.rmtree(out / "warmup-run")
     shutil.rmtree(init_dir)
-    write_lm_eval_task(validation_file, out / "lm_eval")
-    train_baseline(out)
-    stamp.write_text(_fingerprint())
-    print(f"tiny teacher and corpus ready in {out}")
-    return out

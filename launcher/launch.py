@@ -117,8 +117,10 @@ def build_command(launcher: str, config: str, overrides: list[str], topology: To
     if launcher == "torchrun":
         argv = ["torchrun", f"--nproc_per_node={t.nproc_per_node}", f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}",
                 f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", "-m", "distill.job", *job]
-        if cpu:
-            env["ACCELERATE_USE_CPU"] = "true"  # otherwise accelerate treats each CPU process as world size 1
+        if cpu and not ds_config:
+            # Otherwise accelerate treats each CPU process as world size 1. Under DeepSpeed the job
+            # registers the CPU ranks itself, and accelerate's CPU state has no DeepSpeed precision.
+            env["ACCELERATE_USE_CPU"] = "true"
     elif launcher == "deepspeed":
         if not ds_config:
             raise LaunchError("--launcher deepspeed needs --ds-config (e.g. --ds-config zero2)")

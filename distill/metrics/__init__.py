@@ -15,6 +15,11 @@ SHIPPED = {path.stem: path for path in Path(__file__).parent.glob("*.py") if pat
 _LOADED: dict = {}
 
 
+def code_named(names) -> list[str]:
+    """The entries of ``eval.metrics`` that run code not shipped with this package (a module file, or a hub metric's script)."""
+    return [name for name in names if name not in SHIPPED]
+
+
 def load(name: str):
     """The ``evaluate`` metric ``name``: a shipped one, a module path, or a hub name (cached per process)."""
     if name not in _LOADED:

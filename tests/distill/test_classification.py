@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import LABELS, read_metrics, reset_accelerate
-from distill.config import ConfigError
+from distill import data
+from distill.config import ConfigError, DataConfig
 
 def classifier_job(labelled, out, *extra):
     return ["task.kind=sequence_classification", f"teacher.path={labelled['teacher']}", "teacher.dtype=float32",
@@ -62,7 +63,17 @@ def test_integer_labels_and_attention_relations(labelled, tmp_path):
     result = _run(labelled, tmp_path / "run", f"data.train_files=[{ids}]", "train.max_steps=6", "eval.initial=false", "eval.speed=false",
                   "loss.terms=[{kind: logits}, {kind: attention, name: att}]", "eval.quantize=[int8_dynamic]")
     rows = {r["model"]: r for r in result["rows"]}
-    assert rows["student"]["accuracy"] is not None
+    # Integer labels are the same classes as the names they index: the training targets are identical.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(labelled["teacher"])
+    label_ids = {}
+    for name, path in (("ids", ids), ("names", labelled["train"])):
+        raw = data.load_raw(DataConfig(train_files=[str(path)], validation_files=[str(path)]))[0]
+        label_ids[name] = [r["label"] for r in data.tokenize_labelled(raw, tokenizer, DataConfig(seq_len=48), "training", dict(zip(LABELS, range(3))))]
+    assert label_ids["ids"] == label_ids["names"] and set(label_ids["ids"]) == {0, 1, 2}
+    student = rows["student"]
+    assert 0 <= student["accuracy"] <= 1 and student["accuracy"] * student["tokens"] == pytest.approx(round(student["accuracy"] * student["tokens"]))
     assert rows["student+int8_dynamic"]["accuracy"] == pytest.approx(rows["student"]["accuracy"], abs=0.05)
     assert all(m["train/att_loss"] > 0 for m in read_metrics(tmp_path / "run") if "train/loss" in m)
 
@@ -132,7 +143,9 @@ def test_text_pairs(labelled, tmp_path):
                              for i, r in enumerate(rows)))
     result = _run(labelled, tmp_path / "run", f"data.train_files=[{pairs}]", "data.text_field=first", "data.text_pair_field=second",
                   f"data.validation_files=[{pairs}]", "data.max_validation_sequences=32", "train.max_steps=4", "eval.speed=false")
-    assert result["rows"][0]["accuracy"] is not None
+    teacher = result["rows"][0]
+    # Every validation pair was scored, and the first text of each still carries its label: well above chance (1/3).
+    assert teacher["model"] == "teacher" and teacher["tokens"] == 32 and teacher["accuracy"] > 0.5
     tokenizer = AutoTokenizer.from_pretrained(labelled["teacher"])
     raw = data.load_raw(DataConfig(train_files=[str(pairs)], validation_files=[str(pairs)], text_field="first"))[0]
     one = data.tokenize_labelled(raw.select([0]), tokenizer, DataConfig(text_field="first", text_pair_field="second", seq_len=512), "training",

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from conftest import REPO
 from distill import metrics
 from distill.config import ConfigError
 
@@ -47,10 +48,25 @@ def test_a_users_metric_reaches_the_report(tiny, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = tmp_path / "wrong_rate.py"
     module.write_text(MY_METRIC)
-    run_dir, result = run_job(tiny, corpus, tmp_path / "run", f"eval.metrics=[{module}]", "eval.speed=false", "train.max_steps=2")
+    counter = tmp_path / "target_count.py"
+    counter.write_text(MY_METRIC.replace("WrongRate", "TargetCount").replace(
+        '{"rate": sum(p != r for p, r in zip(predictions, references)) / len(references)}', '{"n": len(references)}'))
+    run_dir, result = run_job(tiny, corpus, tmp_path / "run", f"eval.metrics=[{module}, {counter}]", "eval.speed=false", "train.max_steps=2")
     rows = {r["model"]: r for r in result["rows"]}
     for name in ("teacher", "initial_student", "student"):
-        assert 0 <= rows[name]["metric/wrong_rate/rate"] <= 1
-    # Every target is either right or wrong: the user's metric and the perplexity's targets agree in count.
+        # Every target is either right or wrong: the user's metrics see exactly the perplexity's targets.
+        n, rate = rows[name]["metric/target_count/n"], rows[name]["metric/wrong_rate/rate"]
+        assert n == rows[name]["tokens"] > 0
+        assert 0 < rate < 1 and rate * n == pytest.approx(round(rate * n), abs=1e-6)
     report = (run_dir / "report.md").read_text()
     assert "Further metrics (eval.metrics)" in report and "wrong_rate/rate" in report
+
+
+def test_the_readmes_example_metric_loads_and_computes(tmp_path, monkeypatch):
+    """The metric the README shows is the one users copy: it must load by path, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("`evaluate.Metric` subclass in a file:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    module = tmp_path / "wrong_rate.py"
+    module.write_text(block)
+    assert metrics.load(str(module)).compute(predictions=[1, 2, 3, 4], references=[1, 2, 0, 0]) == {"rate": 0.5}

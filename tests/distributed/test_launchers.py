@@ -49,7 +49,7 @@ def one_process_reference(tiny, corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize("launcher, ds_config", [
-    ("torchrun", None), ("accelerate", None), ("deepspeed", "zero1"), ("deepspeed", "zero2"), ("accelerate", "zero2"),
+    ("torchrun", None), ("accelerate", None), ("torchrun", "zero2"), ("deepspeed", "zero1"), ("deepspeed", "zero2"), ("accelerate", "zero2"),
     ("deepspeed", "zero3"), ("accelerate", "zero3"), ("deepspeed", "zero2_offload"), ("accelerate", "zero3_offload"),
 ])
 def test_two_processes_follow_the_one_process_loss_curve(tiny, corpus, tmp_path, one_process_reference, launcher, ds_config):

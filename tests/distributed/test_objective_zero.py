@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import reset_accelerate, run_job
+from conftest import read_metrics, reset_accelerate, run_job
 from test_launchers import STEPS, launch, losses
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,13 @@ def test_a_classifier_under_zero3_resumes_at_one_process(labelled, tiny, corpus,
                     sets=(*sets, "train.micro_batch_size=4"))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "(step 2)" in second.stderr
-    rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
-    assert 0 <= rows["student"]["accuracy"] <= 1 and rows["student"]["macro_f1"] >= 0
+    student = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["student"]
+    assert 0 < student["accuracy"] <= 1 and 0 < student["macro_f1"] <= 1
+    from distill_launcher.cli import main
+
+    assert main(["eval", str(out)]) == 0  # from the saved student alone, the same figures
+    again = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["student"]
+    assert (again["accuracy"], again["macro_f1"]) == pytest.approx((student["accuracy"], student["macro_f1"]), abs=1e-6)
     assert load_file(out / "objective" / "model.safetensors")["terms.2.projections.0.weight"].shape == (64, 32)
 
 
@@ -63,7 +68,11 @@ def test_a_classifier_with_a_projection_under_ddp(labelled, tiny, corpus, tmp_pa
             "loss.terms=[{kind: logits}, {kind: ce}, {kind: hidden, distance: cosine}]", "eval.initial=false")
     result = launch(tiny, corpus, out, "--launcher", "torchrun", "--nproc-per-node", "2", sets=sets)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["student"]["macro_f1"] >= 0
+    student = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["student"]
+    assert 0 < student["macro_f1"] <= 1 and student["tokens"] == 60
+    # The hidden term (through the projection) reached the loss at every step on the ranks that ran it.
+    hidden = [m["train/hidden_loss"] for m in read_metrics(out) if "train/loss" in m]
+    assert len(hidden) == 4 and all(0 < h < float("inf") for h in hidden)
     assert (out / "objective" / "model.safetensors").is_file()
 
 
