@@ -304,19 +304,21 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
         SIGNALS.enter("setup")
         if main:
             created = rundir.check_writable(run_dir)
+            before = set(os.listdir(run_dir))
             rundir.check_reuse(run_dir, resume=resume, overwrite=overwrite)
             lock.acquire()
             if overwrite:
                 rundir.clear_run(run_dir)
+                before -= set(rundir.RUN_OUTPUTS)
             rundir.check_links(run_dir)
-            before = set(os.listdir(run_dir))
             (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
         return _run(cfg, run_dir, resume=resume, ds_config=ds_config)
     except SetupInterrupted as stop:
         if stop.name == TERM:
             undo = not resume
             raise Terminated("SIGTERM during setup: stopped before training, nothing to save") from None
-        if main:
+        if main:  # the marker asks for a requeue: the directory may not exist yet when the signal came first thing
+            run_dir.mkdir(parents=True, exist_ok=True)
             rundir.write_atomic(run_dir / checkpoint.PREEMPTED_MARKER, "stopped during setup, before any new checkpoint\n")
         print("distill: SIGUSR1 during setup: stopped before training (nothing to save); marked PREEMPTED, continue with --resume",
               file=sys.stderr)
@@ -365,6 +367,10 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
         accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+    if accelerator.is_main_process:
+        from distill.tracking import check_backend
+
+        check_backend(cfg.tracking, run_dir)  # a tracker that cannot start fails now, not after the models load
     cached = cfg.teacher.source in ("cache", "remote")  # the teacher's signal comes from elsewhere: it is not loaded for training
     setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
     store = open_store(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "cache" else None

@@ -90,11 +90,12 @@ def outside_links(run_dir: Path) -> list[tuple[Path, str]]:
         if os.path.islink(entry) and os.path.commonpath([root, real]) != root:
             found.append((Path(entry), real))
 
-    # What a run writes (a run directory may sit in a larger folder: the rest is not walked).
+    # What a run writes (a run directory may sit in a larger folder: the rest is not walked). Inside
+    # wandb/ the links are W&B's own (its debug logs point into its cache) and W&B writes there, not the job.
     for name in (*RUN_OUTPUTS, LOCK_FILE, "slurm"):
         top = os.path.join(run_dir, name)
         judge(top)
-        if os.path.isdir(top) and not os.path.islink(top):
+        if os.path.isdir(top) and not os.path.islink(top) and name != "wandb":
             for folder, dirs, files in os.walk(top):  # links are listed, never entered
                 for entry in [*dirs, *files]:
                     judge(os.path.join(folder, entry))

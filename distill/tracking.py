@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from distill import rundir
 from distill.config import ConfigError, TrackingConfig, redact
+from distill.errors import first_line
 
 WANDB_DEFAULT_HOST = "https://api.wandb.ai"
 
@@ -223,13 +224,52 @@ def _run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _mlflow_uri(cfg: TrackingConfig, run_dir: Path) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else a store inside the run directory."""
+    return cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def check_backend(cfg: TrackingConfig, run_dir: Path) -> None:
+    """What would stop the tracker from starting, found before any model loads, as one line each:
+    a missing package, an MLflow server that does not answer, a file store MLflow 3 refuses."""
+    if cfg.backend not in ("wandb", "mlflow"):
+        return
+    try:
+        __import__(cfg.backend)
+    except ImportError:
+        raise ConfigError(f"tracking.backend={cfg.backend} needs {cfg.backend}: pip install {cfg.backend} (or set tracking.backend=none)") from None
+    if cfg.backend != "mlflow":
+        return
+    import httpx
+
+    uri = _mlflow_uri(cfg, run_dir)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:  # the tracking server's own health route; mlflow itself would retry for minutes, tracebacks and all
+            httpx.get(uri.rstrip("/") + "/health", timeout=10.0)
+        except httpx.HTTPError as err:
+            raise ConfigError(f"tracking.backend=mlflow: the MLflow server at {redact(uri)} does not answer ({first_line(err)}); start it, "
+                              "correct tracking.mlflow_tracking_uri (or MLFLOW_TRACKING_URI), or set tracking.backend=none") from None
+    elif scheme in ("file", "") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        raise ConfigError(f"tracking.backend=mlflow: MLflow 3 refuses the file store {redact(uri)} unless MLFLOW_ALLOW_FILE_STORE=true; "
+                          "set that, give a sqlite:/// or http(s):// URI, or leave tracking.mlflow_tracking_uri and MLFLOW_TRACKING_URI "
+                          "unset for a SQLite store in the run directory")
+
+
 def _start_mlflow(cfg: TrackingConfig, run_dir: Path, name: str, config: dict, *, resume: bool):
     try:
         import mlflow
     except ImportError:
         raise ConfigError("tracking.backend=mlflow needs mlflow: pip install mlflow (or set tracking.backend=none)") from None
-    # The config's URI, else MLFLOW_TRACKING_URI, else a store inside the run directory.
-    uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    uri = _mlflow_uri(cfg, run_dir)
+    try:
+        return _start_mlflow_run(mlflow, uri, cfg, run_dir, name, config, resume=resume)
+    except Exception as err:  # MlflowException, requests' and SQLAlchemy's errors: one line, not mlflow's retries' tracebacks
+        raise ConfigError(f"tracking.backend=mlflow: cannot start the MLflow run at {redact(uri)}: {first_line(err)[:300]}; "
+                          "check the tracking server, or set tracking.backend=none") from None
+
+
+def _start_mlflow_run(mlflow, uri: str, cfg: TrackingConfig, run_dir: Path, name: str, config: dict, *, resume: bool):
     mlflow.set_tracking_uri(uri)
     experiment = redact(os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.project)
     if mlflow.get_experiment_by_name(experiment) is None:

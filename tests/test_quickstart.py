@@ -1,6 +1,9 @@
 """The README's quickstart, exactly: prepare the tiny default, distill it, read the table."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,8 +13,15 @@ from conftest import REPO, distill_cli
 @pytest.mark.slow
 def test_quickstart_distills_meaningfully(tmp_path):
     env = {"HOME": str(tmp_path), "WANDB_MODE": "offline"}  # `~/.cache/distill/tiny` lands in tmp_path
-    prepared = distill_cli("prepare-tiny", env=env)
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    # Two users (or two sweep tasks) preparing the shared cache at once: one builds, the other waits and reuses it.
+    logs = [(tmp_path / f"prepare-{i}.out", tmp_path / f"prepare-{i}.err") for i in range(2)]
+    both = [subprocess.Popen([sys.executable, "-m", "distill_launcher.cli", "prepare-tiny"], cwd=REPO, env={**os.environ, **env},
+                             stdout=open(out, "w"), stderr=open(err, "w")) for out, err in logs]  # files: a full pipe would stall a builder
+    outputs = [(p.wait(timeout=1200), out.read_text(), err.read_text()) for p, (out, err) in zip(both, logs)]
+    assert [code for code, _, _ in outputs] == [0, 0], [err[-3000:] for _, _, err in outputs]
+    assert sorted("(cached)" in out for _, out, _ in outputs) == [False, True]
+    assert any("another process is building" in err for _, _, err in outputs)
+    assert not list((tmp_path / ".cache" / "distill").glob(".tiny.tmp-*"))
     again = distill_cli("prepare-tiny", env=env)
     assert "(cached)" in again.stdout
     run_dir = tmp_path / "runs" / "tiny"

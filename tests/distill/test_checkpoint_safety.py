@@ -153,6 +153,24 @@ def test_deepspeed_checkpoint_payload_is_refused_through_the_launcher(tiny, corp
     with pytest.raises(checkpoint.CheckpointError, match="model_states.pt"):
         checkpoint.verify(latest)
     assert not marker.exists()
+    # The same payload in a DeepSpeed folder moved elsewhere and linked back (Path.rglob never entered it).
+    shutil.copy(tmp_path / "model_states.pt", model_states)
+    moved = tmp_path / "moved" / "pytorch_model"
+    shutil.move(str(latest / "pytorch_model"), moved)
+    plant_torch_payload(moved / model_states.name, marker)
+    (latest / "pytorch_model").symlink_to(moved, target_is_directory=True)
+    linked = subprocess.run([*base, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert linked.returncode != 0 and not marker.exists(), linked.stderr[-3000:]
+    assert "pytorch_model is a symbolic link to" in linked.stderr.strip().splitlines()[-1]
+    with pytest.raises(checkpoint.CheckpointError, match="outside the checkpoint"):
+        checkpoint.verify(latest)
+    # A link that stays inside the checkpoint is followed, and what it leads to is checked like any file.
+    (latest / "pytorch_model").unlink()
+    shutil.move(str(moved), latest / ".states")
+    (latest / "pytorch_model").symlink_to(latest / ".states", target_is_directory=True)
+    with pytest.raises(checkpoint.CheckpointError, match="names code to run"):
+        checkpoint.verify(latest)
+    assert not marker.exists()
 
 
 def test_weights_of_another_layout_are_named_in_one_line(finished_run, tiny, corpus, tmp_path, capsys):

@@ -112,3 +112,31 @@ def test_an_in_process_run_restores_the_signal_handlers(tiny, corpus, tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     run_job(tiny, corpus, tmp_path / "run", "train.max_steps=1", "eval.at_end=false")
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+
+
+# 0.05 s apart from the process's start to 0.75 s: the `distill` command, argparse, the config and torch importing.
+EARLY = [round(0.05 * i, 2) for i in range(1, 16)]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_in_the_first_instants_is_handled(tiny, corpus, tmp_path):
+    """From the first module of the `distill` command on, SIGUSR1 leaves a requeueable PREEMPTED run (exit 0) and SIGTERM
+    ends it with 143 and nothing behind; never death by the signal itself (exit 138 or 143 with no word)."""
+    command = Path(sys.executable).parent / "distill"  # the console script a user (and an sbatch script) runs
+    failures = []
+    for i, delay in enumerate(EARLY):
+        signum = signal.SIGTERM if i % 5 == 2 else signal.SIGUSR1
+        out = tmp_path / f"run{i}"
+        sets = [a for o in job_overrides(tiny, corpus, out, "train.max_steps=3") for a in ("--set", o)]
+        proc = subprocess.Popen([str(command), "run", str(EMPTY_CONFIG), *sets], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(delay)
+        proc.send_signal(signum)
+        code, _, err = finish(proc)
+        if signum == signal.SIGUSR1:
+            ok = code == 0 and "SIGUSR1 during setup" in err and (out / checkpoint.PREEMPTED_MARKER).exists()
+        else:
+            ok = code == 143 and err.strip().endswith("SIGTERM during setup: stopped before training, nothing to save") and not out.exists()
+        if not ok:
+            failures.append(f"{signal.Signals(signum).name} at {delay} s: exit {code}, {err.strip()[-300:]!r}")
+    assert not failures, "\n".join(failures)

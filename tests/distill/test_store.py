@@ -2,8 +2,10 @@
 ones restricted the same way, a content address that names what differs, atomic resumable builds
 identical at any world size and after a kill, and training from it without the teacher."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,3 +370,48 @@ def test_a_job_finds_a_top_k_store_before_a_mixed_one_before_a_sampled_one(tmp_p
         order.append(found.name)
         (found / "manifest.json").unlink()
     assert order == ["top_8", "mixed_64", "mixed_8", "sampled_64"]
+
+
+def _rewrite_shard(path: Path, **changes) -> None:
+    """The shard with some tensors replaced (same shapes and dtypes, so the same size)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    tensors.update({name: change(tensors[name]) for name, change in changes.items()})
+    size = path.stat().st_size
+    save_file(tensors, path)
+    assert path.stat().st_size == size
+
+
+def test_a_store_whose_bytes_changed_is_refused_in_one_line(store, tiny, corpus, tmp_path, capsys):
+    """The reader checks every shard against the manifest's sha256 (once, streamed) and its values against the vocabulary."""
+    from distill_launcher.cli import main
+
+    def train(path, out):
+        config = tmp_path / "empty.yaml"
+        config.write_text("{}\n")
+        sets = job_overrides(tiny, corpus, tmp_path / out, "teacher.source=cache", f"teacher.cache={path}", "eval.at_end=false")
+        code = main(["run", str(config), *[a for o in sets for a in ("--set", o)]])
+        return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+    zeroed = tmp_path / "zeroed"  # every log-probability set to 0, every size kept
+    shutil.copytree(store, zeroed)
+    for shard in sorted(zeroed.rglob("shard-*.safetensors")):
+        _rewrite_shard(shard, logprobs=lambda t: torch.zeros_like(t))
+    code, line = train(zeroed, "a")
+    assert code == 2 and line.startswith("distill: error: teacher.cache: shard ") and "does not match the sha256 in its manifest" in line
+    # Shards and manifest rewritten together: the values are checked too (ids past the vocabulary, NaNs).
+    for name, change, problem in (("ids", lambda t: t + 400, "ids outside the vocabulary [0, 320)"),
+                                  ("logprobs", lambda t: torch.full_like(t, float("nan")), "log-probabilities that are NaN")):
+        forged = tmp_path / f"forged-{name}"
+        shutil.copytree(store, forged)
+        manifest = json.loads((forged / "manifest.json").read_text())
+        for split, sources in manifest["splits"].items():
+            for source, entry in sources.items():
+                for shard in entry["shards"]:
+                    path = forged / split / source / shard["file"]
+                    _rewrite_shard(path, **{name: change})
+                    shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (forged / "manifest.json").write_text(json.dumps(manifest))
+        code, line = train(forged, f"b-{name}")
+        assert code == 2 and "is not a valid teacher store shard" in line and problem in line, line
