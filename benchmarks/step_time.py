@@ -54,7 +54,7 @@ def _quality(student, cfg) -> dict:
     import torch
 
     from distill import evaluation, models
-    from distill.job import Setup, validation_sets
+    from distill.setup import Setup, validation_sets
 
     class One:
         process_index, num_processes = 0, 1
@@ -97,7 +97,7 @@ def _student_and_stream(cfg):
     import torch
 
     from distill import data
-    from distill.job import Setup
+    from distill.setup import Setup
 
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False)
     return setup, data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed,
@@ -145,7 +145,7 @@ def child_interleaved(steps: int, out: Path) -> dict:
     import copy
     import statistics
 
-    from distill.job import make_accelerator, tune_cpu_allocator
+    from distill.setup import make_accelerator, tune_cpu_allocator
     from distill.objective import Distillee, build_objective
     from distill.teacher_source import build_source
     from distill.train import build_optimizer, build_scheduler, train_step
@@ -278,7 +278,7 @@ def main() -> None:
     path = args.out / ("step_time_same_allocator.json" if args.same_allocator else "step_time.json")
     env = {**os.environ, "WANDB_MODE": "disabled"}
     if args.same_allocator:
-        from distill.job import HEAP_BLOCK_MAX, KEPT_FREE
+        from distill.setup import HEAP_BLOCK_MAX, KEPT_FREE
 
         env.update(MALLOC_MMAP_THRESHOLD_=str(HEAP_BLOCK_MAX), MALLOC_TRIM_THRESHOLD_=str(KEPT_FREE))
     earlier = json.loads(path.read_text()) if path.is_file() else {}

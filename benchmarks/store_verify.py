@@ -1,7 +1,7 @@
 """What checking a teacher store costs the reader: each shard's sha256 against the manifest and its
 values (ids inside the vocabulary, no NaN, log-probabilities at most 0), once per shard and process.
 
-Synthetic shards in the store's real format (``distill.store.encode``: top-k ids, float16
+Synthetic shards in the store's real format (``distill.sparse.encode``: top-k ids, float16
 log-probabilities, tail, offsets) of 256 rows x 128 targets, at k=64, for a small vocabulary (int16
 ids) and a 128k one (int32 ids). Each row is set against the targets a training step reads: the
 tiny default's store step reads 2,048 targets (16 x 128) in about 50 ms (README, step time), so
@@ -24,14 +24,14 @@ STEP_TARGETS, STEP_MS = 2048, 50.0  # the tiny default's store step (README: ste
 def shard(vocab: int, k: int = 64, rows: int = 256, targets_per_row: int = 128) -> tuple[bytes, int]:
     import torch
 
-    from distill.store import encode, top_k
+    from distill.sparse import encode, top_k
 
     torch.manual_seed(0)
     logits = torch.randn(rows * targets_per_row, vocab) * 3 if vocab <= 32768 else None
     if logits is None:  # a 128k vocabulary: build the top-k directly instead of a [32768, 128256] logits tensor
         ids = torch.randint(0, vocab, (rows * targets_per_row, k))
         values = torch.log_softmax(torch.randn(rows * targets_per_row, k + 1), -1)
-        from distill.store import SparseTargets
+        from distill.sparse import SparseTargets
 
         targets = SparseTargets(ids, values[:, :k].sort(-1, descending=True).values, values[:, k])
     else:

@@ -148,7 +148,7 @@ def main() -> None:
 
     from distill import data
     from distill.config import load_config
-    from distill.job import Setup
+    from distill.setup import Setup
 
     import torch
 

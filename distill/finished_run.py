@@ -47,7 +47,7 @@ class FinishedRun:
 
     def load(self) -> "Loaded":
         """Teacher, the saved student, tokenizer and validation batches, as the job loads them."""
-        from distill.job import Setup, make_accelerator, validation_sets
+        from distill.setup import Setup, make_accelerator, validation_sets
 
         saved_student(self.cfg, self.dir)
         accelerator = make_accelerator(self.cfg)
@@ -108,3 +108,31 @@ def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool
         downstream.check_tasks(cfg.eval.lm_eval)
 
 
+def quantize_run(run_dir: str | os.PathLike, methods: list[str], *, allow_code: bool = False) -> dict:
+    """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report
+    (metric code the run's config names runs only with ``allow_code``)."""
+    from transformers import AutoConfig
+
+    from distill.models import _pretrained
+    from distill.quantize import check_method_fits, quantization_config, quantized_rows
+    from distill.tasks import build_task
+
+    for method in methods:  # every method checked before any work
+        quantization_config(method)
+    if not (Path(os.path.expanduser(str(run_dir))) / "eval.json").is_file():
+        raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
+    run = FinishedRun(run_dir, allow_code=allow_code)
+    with run.lock():  # it writes quantized/, eval.json and report.md: one writer
+        student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
+        for method in methods:
+            check_method_fits(student_config, method, model_class=build_task(run.cfg.task).auto_class)
+        loaded = run.load()
+        s = loaded.setup
+        result = dict(run.previous)
+        result["rows"] = [r for r in result.get("rows", []) if r["model"] not in {f"student+{m}" for m in methods}]
+        measure = report.downstream_measure(run.cfg, s.teacher, s.tokenizer, loaded.validation, loaded.device)
+        result["rows"] += quantized_rows(run.dir, methods, teacher=s.teacher, validation=loaded.validation, vocab=s.vocab,
+                                         device=loaded.device, eval_cfg=run.cfg.eval, pad_id=s.tokenizer.pad_token_id, measure=measure,
+                                         task=s.task)
+        report.write_report(result, run.dir)
+        return result

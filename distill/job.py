@@ -17,7 +17,6 @@ if __name__ == "__main__":  # before the heavy imports below: a signal during th
     noise.install()  # before torch: torchao and bitsandbytes log as they are imported
 
 import argparse  # noqa: E402
-import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -26,257 +25,18 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from distill import checkpoint, data, evaluation, models, report, rundir  # noqa: E402
-from distill.config import ConfigError, DistillConfig, load_config, read_ds_config, save_config, to_dict  # noqa: E402
+from distill import checkpoint, evaluation, models, report, rundir, service  # noqa: E402
+from distill import store as stores  # noqa: E402
+from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
-from distill.config import teacher_needed  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
-from distill.progress import phase  # noqa: E402
 from distill.objective import FEATURE_TERMS, Distillee, build_objective, check_sampled_targets, save_objective, split_state_dict  # noqa: E402
-from distill.tasks import build_task  # noqa: E402
+from distill.progress import phase  # noqa: E402
+# Setup's steps, re-exported for the tools and tests that named them here.
+from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
+                           validation_sets)
 from distill.teacher_source import build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, read_metrics, train_seconds, truncate_metrics  # noqa: E402
-
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def deepspeed_config(path: str, cfg: DistillConfig, world_size: int) -> dict:
-    """The DeepSpeed config with every "auto" value that the job owns filled in.
-
-    The shipped configs leave batch sizes, clipping and precision as "auto" so that one file
-    serves every model; this job knows them, and accelerate can only infer them from a
-    prepared dataloader, which the job does not use.
-    """
-    ds = read_ds_config(path)
-    tr = cfg.train
-    owned = {
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.grad_accum,
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
-        "gradient_clipping": tr.max_grad_norm,
-    }
-    for key, value in owned.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise ConfigError(f"--ds-config sets {key}={ds[key]} but the job has {value}; set it to \"auto\" in the DeepSpeed config")
-    for name, enabled in (("bf16", tr.precision == "bf16"), ("fp16", tr.precision == "fp16")):
-        section = ds.setdefault(name, {})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = enabled
-        elif section["enabled"] != enabled:
-            raise ConfigError(f"--ds-config has {name}.enabled={section['enabled']} but train.precision={tr.precision}; make them agree")
-    if tr.on_nonfinite == "skip":
-        raise ConfigError("train.on_nonfinite=skip is not supported under DeepSpeed (its engine owns the step); use stop")
-    if tr.optimizer == "adamw_8bit" and ds.get("zero_optimization", {}).get("offload_optimizer"):
-        raise ConfigError("train.optimizer=adamw_8bit cannot be combined with DeepSpeed optimizer offload; use adamw")
-    return ds
-
-
-def _register_cpu_deepspeed_ranks() -> None:
-    """Tells accelerate the ranks of CPU processes running DeepSpeed.
-
-    accelerate (1.x) recognises DeepSpeed ranks only on accelerator devices: on CPU processes it
-    reports world size 1 and rank 0 to every process, while DeepSpeed itself runs on all of them
-    (so every rank would read the same data and write the same files). Start the gloo process
-    group here and record the real ranks before the Accelerator copies them.
-    """
-    import deepspeed
-    import torch.distributed as dist
-    from accelerate.state import PartialState
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    atexit.register(_unlink_shm_buffer, dist.get_rank())
-    PartialState(cpu=False)
-    PartialState._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
-                                      local_process_index=int(os.environ.get("LOCAL_RANK", "0")), backend="gloo")
-
-
-def _unlink_shm_buffer(rank: int) -> None:
-    """Removes the name of this rank's shared-memory all-reduce buffer (DeepSpeed's CPU comm).
-
-    DeepSpeed creates ``/dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK`` (66 MB) on every CPU
-    rank and never unlinks it, so each CPU job leaked that much RAM until reboot. The mapping
-    stays valid for the processes that hold it; only the name goes.
-    """
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
-    with contextlib.suppress(OSError):
-        os.unlink(Path("/dev/shm") / name)
-
-
-# glibc's mallopt parameters, and the values train.cpu_allocator=cached sets
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-HEAP_BLOCK_MAX = 32 * 2**20  # the largest block glibc will take from the heap instead of mmap (its maximum on 64-bit)
-KEPT_FREE = 2**30  # freed heap kept in the process rather than returned to the OS
-
-
-def tune_cpu_allocator(mode: str, device) -> bool:
-    """``train.cpu_allocator=cached`` on a CPU device under glibc: keeps freed tensor memory in the process.
-
-    PyTorch has no caching allocator for CPU tensors; each comes from malloc. glibc serves blocks
-    above its mmap threshold (dynamic, from 128 KiB) with fresh pages from the kernel and returns
-    them when freed, so every step pays page faults for every activation and chunk of logits it
-    allocates (measured: the fused KD loss of a 2,048 x 1,024 chunk takes 20 ms instead of 5 ms).
-    Taking blocks up to 32 MiB from the heap and keeping 1 GiB of freed heap reuses them instead.
-    The peak resident memory stays the same. Returns whether it was applied.
-    """
-    if mode != "cached" or torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE))
-    except (OSError, AttributeError):  # another C library (musl): its defaults stay
-        return False
-
-
-def make_accelerator(cfg: DistillConfig, ds_config: str | None = None):
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin
-
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    plugin = None
-    if ds_config:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        # accelerate reads this while it sets up the process group (accelerate launch
-        # --use_deepspeed sets it; the deepspeed launcher and torchrun do not).
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        # zero3_init_flag off: the student is built whole and partitioned when prepared, and
-        # from_pretrained never partitions the teacher (bitsandbytes weights cannot be sharded).
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_config, cfg, world_size), zero3_init_flag=False)
-        if world_size > 1 and not torch.cuda.is_available():
-            _register_cpu_deepspeed_ranks()
-    return Accelerator(
-        mixed_precision=PRECISION[cfg.train.precision],
-        deepspeed_plugin=plugin,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
-        # The scheduler is stepped once per optimizer step by the loop, not once per process.
-        step_scheduler_with_optimizer=False,
-    )
-
-
-class Setup:
-    """Everything the job loads before training, checked in the order that fails cheapest."""
-
-    def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True, load_student: bool = True):
-        self.task = task = build_task(cfg.task)
-        self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
-        if cfg.student.path:
-            models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
-        models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
-        raw = [(name, weight, source, data.load_raw(source)) for name, weight, source in data.sources(cfg.data)]
-        self.student = self.vocab = None
-        if not load_student:  # distill cache-teacher: the teacher and the data only
-            pass
-        elif cfg.student.prune:
-            from distill.prune import PruneTarget, check_target
-
-            config = models.teacher_config(cfg.teacher)
-            check_target(config, PruneTarget(**cfg.student.prune))  # before any model is loaded
-            models.check_seq_len(config, cfg.data.seq_len, "teacher")
-        else:
-            self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed, device=device, model_class=task.auto_class,
-                                                peft_task_type=task.peft_task_type)
-            models.check_seq_len(self.student.config, cfg.data.seq_len, "student")
-        self.teacher = models.load_teacher(cfg.teacher, device, model_class=task.auto_class) if load_teacher else None
-        if self.teacher is not None:
-            models.check_seq_len(self.teacher.config, cfg.data.seq_len, "teacher")
-        if load_student and not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
-            self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
-        teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
-        # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
-        self.sources = [(name, weight, task.tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
-                         task.tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
-                        for name, weight, source, (train, validation) in raw]
-        self.train_sequences = self.sources[0][2]  # the stream draws from every source (train_stream)
-        if load_student and cfg.student.prune:
-            self.student = self._pruned_student(cfg, device)
-            self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
-
-    def _pruned_student(self, cfg: DistillConfig, device):
-        """The full-precision teacher pruned to student.prune, ranked on the first training batches."""
-        from distill.prune import PruneTarget, importance, prune
-
-        reuse = self.teacher is not None and cfg.teacher.quantization == "none"
-        full = self.teacher if reuse else models.load_teacher(cfg.teacher, device, quantized=False)
-        calibration = data.validation_batches(self.train_sequences, batch_size=cfg.train.micro_batch_size,
-                                              limit=cfg.student.prune_calibration_batches * cfg.train.micro_batch_size,
-                                              pad_id=self.tokenizer.pad_token_id)
-        with phase(f"building the student by pruning the teacher to {cfg.student.prune} ({len(calibration)} calibration batches)"):
-            student = prune(full, importance(full, calibration), PruneTarget(**cfg.student.prune))
-        del full
-        return student.float().requires_grad_(True).train()
-
-
-def open_store(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
-    """The teacher store of ``teacher.cache`` (or the one built for this job), checked against the job before step 0."""
-    from distill import store as stores
-
-    ident = stores.identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None)
-    path = cfg.teacher.cache or stores.find(ident)
-    if not path:
-        raise ConfigError(f"teacher.source=cache: no teacher store for this job's teacher and data under {stores.cache_root()}; "
-                          "build one with distill cache-teacher CONFIG, or set teacher.cache")
-    store = stores.Store(Path(os.path.expanduser(str(path))), ident)
-    if models.output_vocab(setup.student) < store.vocab:
-        raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
-    setup.vocab = store.vocab
-    if not quiet:
-        held = {"top_k": f"top-{store.k}", "sampled": f"{store.k} sampled", "mixed": f"top-{store.k // 2} and {store.k - store.k // 2} sampled"}[store.method]
-        print(f"teacher: store {store.path} ({held} of {store.vocab} ids); the teacher model is not loaded for training", file=sys.stderr)
-    return store
-
-
-def open_pool(cfg: DistillConfig, setup: Setup, *, quiet: bool = False):
-    """A client of the teacher pool at ``teacher.url``, after checking (before step 0) that every
-    member serves this job's teacher, tokenizer and task."""
-    from distill import store as stores
-    from distill.service import Client, read_token
-
-    urls = [url.strip() for url in cfg.teacher.url.split(",") if url.strip()]
-    client = Client(urls, read_token(cfg.teacher.token_file, what="teacher.token_file"), timeout=cfg.teacher.remote_timeout)
-    job = stores.teacher_identity(cfg, setup.tokenizer)
-    served = None
-    for url in urls:
-        answer = client.identity(url)
-        served = answer.get("identity") if isinstance(answer, dict) else None
-        if not isinstance(served, dict) or "targets" not in served:
-            raise ConfigError(f"teacher.url: {url} is not a distill teacher service (its /v1/identity has no identity)")
-        diff = stores.differences(served, {**job, "targets": served["targets"]})
-        if diff:
-            raise ConfigError(f"teacher.url: the pool at {url} serves another teacher: {stores.describe(diff, served, {**job, 'targets': served['targets']}, theirs='pool')}; "
-                              "start it with this job's config (distill serve-teacher CONFIG)")
-    vocab = int(served["targets"]["vocab"])
-    if models.output_vocab(setup.student) < vocab:
-        raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the pool's ({vocab}); use a matching student")
-    setup.vocab = vocab
-    if not quiet:
-        print(f"teacher: pool {', '.join(urls)} ({answer.get('engine')} engine, top-{served['targets']['k']} of {vocab} ids, key "
-              f"{str(answer.get('key'))[:16]}); the teacher model is not loaded for training", file=sys.stderr)
-    return client
-
-
-def _split(split: str, source: str, cfg: DistillConfig) -> str:
-    return f"{split} ({source})" if cfg.data.mixture else split
-
-
-def validation_sets(setup: Setup, cfg: DistillConfig, accelerator) -> dict[str, list[dict]]:
-    """This process's share of each source's validation batches (every rank gets as many)."""
-    return {name: data.validation_batches(validation, batch_size=cfg.train.micro_batch_size, limit=cfg.data.max_validation_sequences,
-                                          pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index,
-                                          world_size=accelerator.num_processes)
-            for name, _, _, validation in setup.sources}
-
-
-def train_stream(setup: Setup, cfg: DistillConfig, accelerator, samples_consumed: int):
-    """The rank's micro-batch stream, positioned at ``samples_consumed`` (a mixture draws from its sources by weight)."""
-    common = dict(micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed, pad_id=setup.tokenizer.pad_token_id,
-                  rank=accelerator.process_index, world_size=accelerator.num_processes, samples_consumed=samples_consumed)
-    if cfg.data.mixture:
-        return data.MixtureStream([train for _, _, train, _ in setup.sources], [weight for _, weight, _, _ in setup.sources], **common)
-    return data.TrainStream(setup.train_sequences, **common)
 
 
 def _global_rank() -> int:
@@ -373,8 +133,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         check_backend(cfg.tracking, run_dir)  # a tracker that cannot start fails now, not after the models load
     cached = cfg.teacher.source in ("cache", "remote")  # the teacher's signal comes from elsewhere: it is not loaded for training
     setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
-    store = open_store(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "cache" else None
-    pool = open_pool(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "remote" else None
+    store = stores.open_store(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "cache" else None
+    pool = service.open_pool(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "remote" else None
     task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
     if store is not None and store.method != "top_k":

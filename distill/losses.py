@@ -176,7 +176,7 @@ def term_sums(
     """
     vocab = student_logits.shape[-1]
     student_flat = student_logits.reshape(-1, vocab)
-    # A store's sparse targets (distill.store.SparseTargets) come one row per position already.
+    # A store's sparse targets (distill.sparse.SparseTargets) come one row per position already.
     teacher_flat = teacher_logits.reshape(-1, vocab) if isinstance(teacher_logits, torch.Tensor) else teacher_logits
     labels_flat = labels.reshape(-1)
     total = student_flat[:0].float().sum() * torch.zeros(len(fns), device=student_flat.device)

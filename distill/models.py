@@ -12,6 +12,7 @@ import torch
 
 from distill.config import ConfigError, StudentConfig, TeacherConfig, tiny_hint
 from distill.errors import first_line
+from distill.layers import keep_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -225,8 +226,6 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, 
 def _from_teacher_layers(cfg: StudentConfig, teacher_cfg: TeacherConfig, model_class: str):
     """The full-precision teacher (or ``student.init_from``) keeping only ``student.init_layers``,
     embeddings and head copied with it."""
-    from distill.prune import keep_layers
-
     source = TeacherConfig(path=cfg.init_from, revision=None) if cfg.init_from else teacher_cfg
     key = "student.init_from" if cfg.init_from else "teacher.path"
     depth = _pretrained(auto_class("AutoConfig"), source.path, key, revision=source.revision).num_hidden_layers

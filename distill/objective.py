@@ -25,7 +25,7 @@ from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
 from distill.losses import IGNORE_INDEX, cross_entropy, cross_entropy_and_grad, divergence, forward_kl_and_grad, term_sums
-from distill.store import SparseTargets, bucket_forward_kl_and_grad, buckets, spread
+from distill.sparse import SparseTargets, bucket_forward_kl_and_grad, buckets, spread
 
 
 class Term(nn.Module):

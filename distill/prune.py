@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from distill.config import ConfigError
+# The layer stack and its surgery are shared with the student built from teacher layers (distill.models).
+from distill.layers import LAYER_STACKS, keep_layers, layer_stack  # noqa: F401
 
 
 @dataclass
@@ -115,34 +117,6 @@ def importance(model, batches: list[dict]) -> dict[str, torch.Tensor]:
         for handle in handles:
             handle.remove()
     return {name: value / max(tokens[0], 1) for name, value in scores.items()}
-
-
-LAYER_STACKS = ("layers", "layer", "h", "blocks")  # Llama/Mistral/Qwen, BERT, GPT-2/GPT-J, MPT
-
-
-def layer_stack(model) -> tuple[nn.Module, str]:
-    """(parent module, attribute name) of ``model``'s ModuleList of transformer layers."""
-    depth = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        parent_name, _, attr = name.rpartition(".")
-        if isinstance(module, nn.ModuleList) and len(module) == depth and attr in LAYER_STACKS:
-            return model.get_submodule(parent_name) if parent_name else model, attr
-    raise ConfigError(f"no stack of {depth} transformer layers (a ModuleList named {', '.join(LAYER_STACKS)}) in {type(model).__name__}")
-
-
-def keep_layers(model, indices: list[int]) -> None:
-    """Keeps only the layers ``indices`` (0-based, in this order) of ``model``, in place, config included."""
-    parent, attr = layer_stack(model)
-    layers = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList(layers[i] for i in indices))
-    for new_index, layer in enumerate(getattr(parent, attr)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index  # the KV cache is indexed by position in the stack
-    config = model.config
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in indices]
-    config.num_hidden_layers = len(indices)
 
 
 def _keep(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -158,34 +158,3 @@ def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation
     if measure is not None:
         row.update(measure(quantized, row["model"]))
     return row
-
-
-def quantize_run(run_dir: str | os.PathLike, methods: list[str], *, allow_code: bool = False) -> dict:
-    """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report
-    (metric code the run's config names runs only with ``allow_code``)."""
-    from transformers import AutoConfig
-
-    from distill import report
-    from distill.finished_run import FinishedRun
-    from distill.models import _pretrained
-    from distill.tasks import build_task
-
-    for method in methods:  # every method checked before any work
-        quantization_config(method)
-    if not (Path(os.path.expanduser(str(run_dir))) / "eval.json").is_file():
-        raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
-    run = FinishedRun(run_dir, allow_code=allow_code)
-    with run.lock():  # it writes quantized/, eval.json and report.md: one writer
-        student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
-        for method in methods:
-            check_method_fits(student_config, method, model_class=build_task(run.cfg.task).auto_class)
-        loaded = run.load()
-        s = loaded.setup
-        result = dict(run.previous)
-        result["rows"] = [r for r in result.get("rows", []) if r["model"] not in {f"student+{m}" for m in methods}]
-        measure = report.downstream_measure(run.cfg, s.teacher, s.tokenizer, loaded.validation, loaded.device)
-        result["rows"] += quantized_rows(run.dir, methods, teacher=s.teacher, validation=loaded.validation, vocab=s.vocab,
-                                         device=loaded.device, eval_cfg=run.cfg.eval, pad_id=s.tokenizer.pad_token_id, measure=measure,
-                                         task=s.task)
-        report.write_report(result, run.dir)
-        return result

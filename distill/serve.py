@@ -111,7 +111,7 @@ class VllmEngine:
         from vllm import SamplingParams
 
         from distill.losses import IGNORE_INDEX
-        from distill.store import SparseTargets
+        from distill.sparse import SparseTargets
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=self.k, detokenize=False)
         lengths = batch["attention_mask"].sum(-1).tolist()
@@ -226,7 +226,7 @@ class Batcher:
     def _loop(self) -> None:
         import torch
 
-        from distill.store import encode
+        from distill.sparse import encode
 
         while True:
             taken = self._take()
@@ -375,7 +375,7 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
 
     if not is_loopback(host) and token is None:
         raise ConfigError(f"--host {host} is not loopback: serving it needs a token; pass --token-file FILE or set {TOKEN_ENV}")
-    from distill.job import tune_cpu_allocator
+    from distill.setup import tune_cpu_allocator
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_cpu_allocator(cfg.train.cpu_allocator, device)

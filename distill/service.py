@@ -89,10 +89,10 @@ def encode_batch(batch: dict) -> bytes:
 
 
 def decode_targets(body: bytes):
-    """The :class:`distill.store.SparseTargets` of an answer (the store's shard layout)."""
+    """The :class:`distill.sparse.SparseTargets` of an answer (the store's shard layout)."""
     from safetensors.torch import load
 
-    from distill.store import SparseTargets
+    from distill.sparse import SparseTargets
 
     tensors = load(body)
     return SparseTargets(tensors["ids"], tensors["logprobs"], tensors["tail"])
@@ -228,3 +228,33 @@ def _reason(answer) -> str:
         return str(answer.json().get("error", ""))[:300]
     except ValueError:
         return answer.text[:300].strip()
+
+
+def open_pool(cfg, setup, *, quiet: bool = False) -> "Client":
+    """A client of the teacher pool at ``teacher.url``, after checking (before step 0) that every
+    member serves this job's teacher, tokenizer and task."""
+    import sys
+
+    from distill import models, store as stores
+
+    urls = [url.strip() for url in cfg.teacher.url.split(",") if url.strip()]
+    client = Client(urls, read_token(cfg.teacher.token_file, what="teacher.token_file"), timeout=cfg.teacher.remote_timeout)
+    job = stores.teacher_identity(cfg, setup.tokenizer)
+    served = None
+    for url in urls:
+        answer = client.identity(url)
+        served = answer.get("identity") if isinstance(answer, dict) else None
+        if not isinstance(served, dict) or "targets" not in served:
+            raise ConfigError(f"teacher.url: {url} is not a distill teacher service (its /v1/identity has no identity)")
+        diff = stores.differences(served, {**job, "targets": served["targets"]})
+        if diff:
+            raise ConfigError(f"teacher.url: the pool at {url} serves another teacher: {stores.describe(diff, served, {**job, 'targets': served['targets']}, theirs='pool')}; "
+                              "start it with this job's config (distill serve-teacher CONFIG)")
+    vocab = int(served["targets"]["vocab"])
+    if models.output_vocab(setup.student) < vocab:
+        raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the pool's ({vocab}); use a matching student")
+    setup.vocab = vocab
+    if not quiet:
+        print(f"teacher: pool {', '.join(urls)} ({answer.get('engine')} engine, top-{served['targets']['k']} of {vocab} ids, key "
+              f"{str(answer.get('key'))[:16]}); the teacher model is not loaded for training", file=sys.stderr)
+    return client

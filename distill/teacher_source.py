@@ -19,7 +19,7 @@ import torch
 
 from distill.errors import ConfigError, TeacherUnavailable
 from distill.objective import TeacherOutputs
-from distill.store import SparseTargets
+from distill.sparse import SparseTargets
 
 
 class ModelSource:

@@ -256,7 +256,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from distill.quantize import quantize_run
+    from distill.finished_run import quantize_run
 
     quantize_run(args.run_dir, args.method, allow_code=args.allow_code)
     return 0

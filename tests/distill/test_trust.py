@@ -4,16 +4,13 @@ secrets on the command line, unreachable trackers, shared caches. Each through t
 import json
 import multiprocessing
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, distill_cli, job_overrides, run_job
+from conftest import distill_cli, job_overrides, run_job
 from distill import rundir
 from distill.shared_build import build_once
 
