@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distill.errors import CheckpointError, DiskFull, first_line
-from distill.rundir import write_atomic
+from distill.rundir import RunDir, write_atomic
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng_state_{rank}.json"
-PREEMPTED_MARKER = "PREEMPTED"  # written when SIGUSR1 stopped the job; the sbatch script requeues
+PREEMPTED_MARKER = RunDir.PREEMPTED  # written when SIGUSR1 stopped the job; the sbatch script requeues
 _NAME = re.compile(r"^step_(\d+)$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 # Globals a DeepSpeed ZeRO optimizer state may name (found by saving ZeRO-1/2/3 checkpoints).
@@ -131,8 +131,8 @@ def disk_full_message(what: str, where: Path, *, needed: int) -> str:
     """One line: what could not be written, the space it needs, and what remains complete."""
     free = _free_bytes(where)
     need = f"about {needed / 2**20:,.1f} MiB needed, " if needed else ""
-    run_dir = where.parent if where.name == "checkpoints" else where
-    kept = latest(run_dir / "checkpoints")
+    run_dir = RunDir(where.parent if where.name == RunDir.CHECKPOINTS else where)
+    kept = latest(run_dir.checkpoints)
     remains = f"the last complete checkpoint is {kept}" if kept else "no complete checkpoint exists"
     return f"no space left on device writing the {what} to {where} ({need}{free / 2**20:,.1f} MiB free); {remains}; free space and rerun with --resume"
 

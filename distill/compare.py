@@ -16,9 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 
 from distill.errors import ConfigError
+from distill.rundir import RunDir, train_seconds
 
 # Report figures of the student row, by column name; lower is better unless listed in HIGHER_IS_BETTER.
 STUDENT_FIGURES = ("perplexity", "kl_to_teacher", "top1_agreement", "accuracy", "macro_f1", "params", "disk_bytes",
@@ -34,14 +34,14 @@ def find_runs(paths: list[str]) -> list[Path]:
     runs = []
     for raw in paths:
         path = Path(os.path.expanduser(raw)).resolve()
-        if (path / "config.yaml").is_file():
+        if RunDir(path).is_run():
             runs.append(path)
             continue
         if (path / "sweep.json").is_file():
             listed = [path / r["name"] for r in json.loads((path / "sweep.json").read_text()).get("runs", [])]
-            found = [run for run in listed if (run / "config.yaml").is_file()]
+            found = [run for run in listed if RunDir(run).is_run()]
         else:
-            found = sorted(p for p in path.iterdir() if (p / "config.yaml").is_file()) if path.is_dir() else []
+            found = sorted(p for p in path.iterdir() if RunDir(p).is_run()) if path.is_dir() else []
         if not found:
             raise ConfigError(f"{raw} is neither a run directory (no config.yaml) nor a sweep holding runs; pass the output_dir of runs or a sweep directory")
         runs += found
@@ -64,12 +64,10 @@ def flat_settings(config: dict, prefix: str = "") -> dict:
 
 def read_run(run_dir: Path) -> dict:
     """One run's settings, figures and the identities of its teacher and validation data."""
-    from distill.rundir import read_json
-    from distill.train import read_metrics, train_seconds
-
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    records = read_metrics(run_dir / "metrics.jsonl")
-    result = read_json(run_dir / "eval.json") or {}
+    run = RunDir(run_dir)
+    config = run.read_config() or {}
+    records = run.records()
+    result = run.read_eval() or {}
     rows = {row.get("model"): row for row in result.get("rows", [])}
     student, teacher = rows.get("student", {}), rows.get("teacher", {})
     steps = max((r["step"] for r in records if "train/loss" in r), default=0)
@@ -239,6 +237,6 @@ def _default_out(paths: list[str]) -> Path:
     """A single sweep's comparison goes into the sweep; anything else into ./comparison."""
     if len(paths) == 1:
         path = Path(os.path.expanduser(paths[0])).resolve()
-        if not (path / "config.yaml").is_file():
+        if not RunDir(path).is_run():
             return path
     return Path("comparison").resolve()

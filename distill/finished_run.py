@@ -18,19 +18,20 @@ class FinishedRun:
     """``RUN_DIR`` of a run that saved its student; :meth:`load` brings its models and data up."""
 
     def __init__(self, path: str | os.PathLike, *, allow_code: bool = False):
-        self.dir = Path(os.path.expanduser(str(path)))
-        if not (self.dir / "config.yaml").is_file():
+        self.run = rundir.RunDir(path)
+        self.dir = self.run.path
+        if not self.run.is_run():
             raise ConfigError(f"{self.dir} is not a run directory (no config.yaml); pass the output_dir of a run")
-        if not (self.dir / "student").is_dir():
+        if not self.run.student.is_dir():
             raise ConfigError(f"{self.dir} has no student/ (the run did not finish); resume it with distill run --resume")
         rundir.check_links(self.dir)
-        self.cfg = load_config(self.dir / "config.yaml", [f"output_dir={self.dir}"])
+        self.cfg = load_config(self.run.config, [f"output_dir={self.dir}"])
         code = metrics.code_named(self.cfg.eval.metrics)
         if code and not allow_code:
             # A run directory may come from someone else: what its config names must not run unasked.
-            raise ConfigError(f"{self.dir / 'config.yaml'} names code to run (eval.metrics: {', '.join(code)}); "
+            raise ConfigError(f"{self.run.config} names code to run (eval.metrics: {', '.join(code)}); "
                               "pass --allow-code if you trust this run directory and that code")
-        self.previous = rundir.read_json(self.dir / "eval.json") or {}
+        self.previous = self.run.read_eval() or {}
 
     def lock(self) -> rundir.RunLock:
         """Post-training tools rewrite eval.json and report.md: one writer at a time."""
@@ -66,7 +67,7 @@ class Loaded:
 
 def saved_student(cfg: DistillConfig, run_dir: Path) -> None:
     """Points ``cfg`` at the run's saved student (a LoRA adapter loads with its base)."""
-    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(run_dir / "student"), {}, {}
+    cfg.student.path, cfg.student.architecture, cfg.student.prune = str(rundir.RunDir(run_dir).student), {}, {}
     cfg.student.init, cfg.student.init_layers, cfg.student.init_from = "random", [], None
     cfg.student.lora, cfg.student.quantization = None, "none"
 
@@ -119,11 +120,11 @@ def quantize_run(run_dir: str | os.PathLike, methods: list[str], *, allow_code: 
 
     for method in methods:  # every method checked before any work
         quantization_config(method)
-    if not (Path(os.path.expanduser(str(run_dir))) / "eval.json").is_file():
+    if not rundir.RunDir(run_dir).eval.is_file():
         raise ConfigError(f"{run_dir} is not a finished run (needs student/ and eval.json); run distill run first")
     run = FinishedRun(run_dir, allow_code=allow_code)
     with run.lock():  # it writes quantized/, eval.json and report.md: one writer
-        student_config = _pretrained(AutoConfig, str(run.dir / "student"), "the run's student/")
+        student_config = _pretrained(AutoConfig, str(run.run.student), "the run's student/")
         for method in methods:
             check_method_fits(student_config, method, model_class=build_task(run.cfg.task).auto_class)
         loaded = run.load()

@@ -18,9 +18,7 @@ if __name__ == "__main__":  # before the heavy imports below: a signal during th
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -36,7 +34,7 @@ from distill.progress import phase  # noqa: E402
 from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
                            validation_sets)
 from distill.teacher_source import build_source  # noqa: E402
-from distill.train import Preempted, build_optimizer, build_scheduler, fit, read_metrics, train_seconds, truncate_metrics  # noqa: E402
+from distill.train import Preempted, build_optimizer, build_scheduler, fit, train_seconds, truncate_metrics  # noqa: E402
 
 
 def _global_rank() -> int:
@@ -71,7 +69,7 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
                 rundir.clear_run(run_dir)
                 before -= set(rundir.RUN_OUTPUTS)
             rundir.check_links(run_dir)
-            (run_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
+            rundir.RunDir(run_dir).preempted.unlink(missing_ok=True)
         return _run(cfg, run_dir, resume=resume, ds_config=ds_config)
     except SetupInterrupted as stop:
         if stop.name == TERM:
@@ -79,7 +77,7 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
             raise Terminated("SIGTERM during setup: stopped before training, nothing to save") from None
         if main:  # the marker asks for a requeue: the directory may not exist yet when the signal came first thing
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_atomic(run_dir / checkpoint.PREEMPTED_MARKER, "stopped during setup, before any new checkpoint\n")
+            rundir.RunDir(run_dir).write(rundir.RunDir.PREEMPTED, "stopped during setup, before any new checkpoint\n")
         print("distill: SIGUSR1 during setup: stopped before training (nothing to save); marked PREEMPTED, continue with --resume",
               file=sys.stderr)
         return None
@@ -103,6 +101,8 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
 def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | None) -> dict | None:
     from accelerate.utils import set_seed
 
+    run = rundir.RunDir(run_dir)
+
     if cfg.eval.quantize:
         from distill.quantize import quantization_config
 
@@ -120,9 +120,9 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     accelerator = make_accelerator(cfg, ds_config)
     tune_cpu_allocator(cfg.train.cpu_allocator, accelerator.device)
     set_seed(cfg.train.seed)
-    latest = checkpoint.latest(run_dir / "checkpoints") if resume else None
+    latest = checkpoint.latest(run.checkpoints) if resume else None
     if resume and latest is None and accelerator.is_main_process:
-        print(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
+        print(f"--resume: no complete checkpoint in {run.checkpoints}; starting from step 0", file=sys.stderr)
     # checkpoint.load and checkpoint.to_universal verify a checkpoint before any library opens it.
     if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
         latest = checkpoint.to_universal(accelerator, latest)
@@ -152,7 +152,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     facts = {"student_trainable_params": trainable, "student_total_params": total}
     if accelerator.is_main_process:
         print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run.config)
     by_source = validation_sets(setup, cfg, accelerator)
     validation = [batch for batches in by_source.values() for batch in batches]
 
@@ -164,7 +164,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task,
                                          extra_metrics=cfg.eval.metrics)
         if accelerator.is_main_process:
-            rundir.write_atomic(run_dir / "initial_eval.json", json.dumps(initial, indent=2))
+            run.write_json(run.INITIAL_EVAL, initial)
 
     # The objective's parameters (projections) are prepared, optimized and checkpointed with the student.
     model = Distillee(student, objective, task, vocab)
@@ -178,7 +178,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         state.world_size = accelerator.num_processes
         if accelerator.is_main_process:
             print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
-            truncate_metrics(run_dir / "metrics.jsonl", state.step)
+            truncate_metrics(run.metrics, state.step)
     stream = train_stream(setup, cfg, accelerator, state.samples_consumed)
     tracker = None
     if accelerator.is_main_process:
@@ -201,13 +201,13 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             if hasattr(source, "close"):
                 source.close()
         lora = cfg.student.lora
-        save_student(accelerator, model, setup.tokenizer, run_dir / "student", merge_lora=lora is not None and lora.merge,
+        save_student(accelerator, model, setup.tokenizer, run.student, merge_lora=lora is not None and lora.merge,
                      base_quantization=cfg.student.quantization, model_class=task.auto_class)
         result = None
         if cfg.eval.at_end:
             del optimizer, student, model  # free optimizer state (and ZeRO shards) before evaluation
             # What was saved is what is evaluated: whole, on every process, whatever the sharding.
-            final_student = models.load_for_evaluation(run_dir / "student", accelerator.device, base_quantization=cfg.student.quantization,
+            final_student = models.load_for_evaluation(run.student, accelerator.device, base_quantization=cfg.student.quantization,
                                                        model_class=task.auto_class)
             if cached and teacher is None:  # the comparison in the report needs the teacher itself, after training
                 teacher = models.load_teacher(cfg.teacher, accelerator.device, model_class=task.auto_class)
@@ -218,12 +218,12 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
 
                 # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
                 tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
-                seconds = train_seconds(read_metrics(run_dir / "metrics.jsonl"))
+                seconds = train_seconds(run.records())
                 samples = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
                 tracker.summary({**result, **summary_metrics(result["rows"]), "train/runtime_seconds": seconds,
                                  "train/samples_per_second": samples / seconds if seconds else None})
         if tracker is not None:
-            tracker.log_model(run_dir / "student", kind="student", step=cfg.train.max_steps)
+            tracker.log_model(run.student, kind="student", step=cfg.train.max_steps)
     finally:
         if tracker is not None:
             tracker.close()
@@ -239,19 +239,13 @@ def model_facts(cfg: DistillConfig, student, teacher, trainable: int, total: int
 
 
 def _save_atomically(path: Path, write, *, needed: int = 0) -> None:
-    """``write(tmp)``, then ``tmp`` renamed to ``path``; a failed write leaves ``path`` untouched
-    and no partial ``tmp``, and a full disk is reported as one line."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """:func:`rundir.write_dir_atomic`, with a full disk reported as one line."""
     try:
-        write(tmp)
+        rundir.write_dir_atomic(path, write)
     except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if checkpoint.out_of_space(err, path.parent):
             raise DiskFull(checkpoint.disk_full_message(path.name, path.parent, needed=needed)) from None
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.rename(tmp, path)
 
 
 def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool = False, base_quantization: str = "none",
@@ -271,9 +265,9 @@ def save_student(accelerator, model, tokenizer, path: Path, *, merge_lora: bool 
         objective = accelerator.unwrap_model(model).objective
         model = accelerator.unwrap_model(model).student
         if objective_state:
-            _save_atomically(path.with_name("objective"), lambda tmp: save_objective(objective, objective_state, tmp))
+            _save_atomically(path.with_name(rundir.RunDir.OBJECTIVE), lambda tmp: save_objective(objective, objective_state, tmp))
         is_peft = hasattr(model, "peft_config")
-        target = path.with_name("adapter") if is_peft and merge_lora else path
+        target = path.with_name(rundir.RunDir.ADAPTER) if is_peft and merge_lora else path
 
         def write(tmp):
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)

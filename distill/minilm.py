@@ -21,6 +21,7 @@ import sysconfig
 from pathlib import Path
 
 from distill.config import ConfigError
+from distill.rundir import RunDir
 
 PACKAGES = ["asyncio", "email", "importlib", "logging", "multiprocessing", "xml"]
 RECIPE = {
@@ -135,6 +136,6 @@ def _build(out: Path, steps: int | None) -> None:
     ]
     print(f"fine-tuning all-MiniLM-L6-v2 on {train_file} ({steps or ft['steps']} steps; done once, then cached)")
     run(load_config(None, overrides))
-    os.rename(out / "finetune-run" / "student", out / "teacher")
+    os.rename(RunDir(out / "finetune-run").student, out / "teacher")
     shutil.rmtree(out / "finetune-run")
     os.rename(init_dir, out / "pretrained")  # the students start from its layers, as DistilBERT from the pretrained BERT

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.rundir import write_atomic
+from distill.rundir import RunDir, write_atomic
 
-PLOTS_DIR = "plots"
+PLOTS_DIR = RunDir.PLOTS
 # Validation metrics worth a panel, in this order, when the run logged them.
 VALIDATION_METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "accuracy", "macro_f1", "ce")
 
@@ -109,14 +109,12 @@ def speed_plot(records: list[dict], path: Path) -> Path | None:
 def draw_run(run_dir: Path, result: dict | None = None) -> list[Path]:
     """Draws RUN_DIR/plots/{loss,validation,speed}.png from metrics.jsonl, initial_eval.json and
     ``result`` (default: eval.json); returns the files drawn."""
-    from distill.rundir import read_json
-    from distill.train import read_metrics
-
-    records = read_metrics(run_dir / "metrics.jsonl")
-    result = result if result is not None else read_json(run_dir / "eval.json")
-    out = run_dir / PLOTS_DIR
+    run = RunDir(run_dir)
+    records = run.records()
+    result = result if result is not None else run.read_eval()
+    out = run.plots
     drawn = [loss_plot(records, out / "loss.png"),
-             validation_plot(records, result, read_json(run_dir / "initial_eval.json"), out / "validation.png"),
+             validation_plot(records, result, run.read_initial_eval(), out / "validation.png"),
              speed_plot(records, out / "speed.png")]
     return [p for p in drawn if p is not None]
 

@@ -24,6 +24,7 @@ import torch
 
 from distill.config import ConfigError
 from distill.progress import phase
+from distill.rundir import RunDir, write_dir_atomic
 
 METHODS = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
 
@@ -89,14 +90,12 @@ def quantize_model(source: str | os.PathLike, output: str | os.PathLike, method:
     config = quantization_config(method)
     check_method_fits(AutoConfig.from_pretrained(source), method, model_class=model_class)
     model = auto_class(model_class).from_pretrained(source, dtype=torch.float32, quantization_config=config)
-    output = Path(output)
-    tmp = output.with_name(f".tmp-{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # torchao's tensor subclasses are not safetensors-serializable yet.
-    model.save_pretrained(tmp, safe_serialization=method.startswith("bnb"))
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    shutil.rmtree(output, ignore_errors=True)
-    os.rename(tmp, output)
+    def write(tmp):
+        # torchao's tensor subclasses are not safetensors-serializable yet.
+        model.save_pretrained(tmp, safe_serialization=method.startswith("bnb"))
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+
+    write_dir_atomic(Path(output), write)
     return model.eval()
 
 
@@ -132,7 +131,7 @@ def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vo
     """
     rows = []
     for method in methods:
-        out = run_dir / "quantized" / method
+        out = RunDir(run_dir).quantized / method
         try:
             with phase(f"quantizing the student ({method}) and evaluating it"):
                 rows.append(_quantized_row(run_dir, out, method, teacher=teacher, validation=validation, vocab=vocab, device=device,
@@ -149,7 +148,7 @@ def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation
     from distill.tasks import CausalLM
 
     task = task or CausalLM()
-    quantized = quantize_model(run_dir / "student", out, method, model_class=task.auto_class)
+    quantized = quantize_model(RunDir(run_dir).student, out, method, model_class=task.auto_class)
     row = {"model": f"student+{method}", "params": evaluation.parameter_count(quantized), "disk_bytes": models.bytes_on_disk(out),
            "memory_bytes": quantized.get_memory_footprint(), "quantization": method,
            **evaluation.quality(quantized, teacher, validation, vocab=vocab, device=device, task=task, extra_metrics=eval_cfg.metrics)}

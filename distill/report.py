@@ -33,8 +33,9 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
         teacher_quality = evaluation.quality(teacher, teacher, validation, vocab=vocab, device=device, teacher_is_model=True, task=task,
                                              extra_metrics=ev.metrics)
         student_quality = evaluation.quality(student, teacher, validation, vocab=vocab, device=device, task=task, extra_metrics=ev.metrics)
-    if initial is None and (run_dir / "initial_eval.json").exists():
-        initial = json.loads((run_dir / "initial_eval.json").read_text())
+    run = rundir.RunDir(run_dir)
+    if initial is None and run.initial_eval.exists():
+        initial = json.loads(run.initial_eval.read_text())
     fidelity, full_memory = None, None
     if cfg.teacher.quantization != "none" and ev.teacher_fidelity:
         with phase("teacher fidelity: the full-precision teacher against the quantized one", quiet=quiet):
@@ -45,7 +46,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     sources = source_rows(cfg, task, student, teacher, by_source, vocab, device) if by_source else None
     if not accelerator.is_main_process:
         return None
-    student_dir = run_dir / "student"
+    student_dir = run.student
     pad_id = tokenizer.pad_token_id
     measure = downstream_measure(cfg, teacher, tokenizer, validation, device)
     for name, model, q, path in (("teacher", teacher, teacher_quality, cfg.teacher.path), ("student", student, student_quality, student_dir)):
@@ -98,12 +99,12 @@ def baseline_row(cfg: DistillConfig) -> dict | None:
     import yaml
 
     from distill.config import to_dict
-    from distill.rundir import read_json
 
-    path = Path(os.path.expanduser(cfg.eval.baseline))
+    baseline = rundir.RunDir(cfg.eval.baseline)
+    path = baseline.path
     try:
-        theirs = yaml.safe_load((path / "config.yaml").read_text())
-        student = next(r for r in (read_json(path / "eval.json") or {})["rows"] if r["model"] == "student")
+        theirs = yaml.safe_load(baseline.config.read_text())
+        student = next(r for r in (baseline.read_eval() or {})["rows"] if r["model"] == "student")
     except (OSError, ValueError, StopIteration, KeyError, TypeError):
         print(f"eval.baseline: {path} holds no evaluated run (config.yaml, eval.json); the report has no baseline row", file=sys.stderr)
         return None
@@ -221,8 +222,9 @@ def write_report(result: dict, run_dir: Path) -> None:
 
     drawn = plots.draw_run(run_dir, result)
     result["plots"] = [p.relative_to(run_dir).as_posix() for p in drawn]
-    rundir.write_atomic(run_dir / "eval.json", json.dumps(result, indent=2))
-    rundir.write_atomic(run_dir / "report.md", evaluation.markdown_report(result) + "\n".join(["", *plots.markdown(drawn, run_dir)]))
+    run = rundir.RunDir(run_dir)
+    run.write_json(run.EVAL, result)
+    run.write(run.REPORT, evaluation.markdown_report(result) + "\n".join(["", *plots.markdown(drawn, run_dir)]))
     print("\n" + evaluation.table(result["rows"]))
     for line in evaluation.summary_lines(result):
         print(line)

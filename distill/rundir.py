@@ -17,6 +17,7 @@ Torch-free, so that the launcher can check a directory before it starts any proc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -32,10 +33,85 @@ LOCK_FILE = "distill.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0
 MIN_FREE_BYTES = 16 * 2**20
+
+
+class RunDir:
+    """One run directory: the names of the files a run writes, reading them back, and writing them atomically.
+
+    Every module that opens a run (the job, eval, quantize, compare, plots, the report, sweeps, the
+    trackers, the model card) names its files through this class; no other module spells them.
+    """
+
+    CONFIG, EVAL, INITIAL_EVAL, REPORT, METRICS = "config.yaml", "eval.json", "initial_eval.json", "report.md", "metrics.jsonl"
+    CHECKPOINTS, STUDENT, ADAPTER, OBJECTIVE, QUANTIZED, PLOTS = "checkpoints", "student", "adapter", "objective", "quantized", "plots"
+    PREEMPTED = "PREEMPTED"  # written when SIGUSR1 stopped the job; the sbatch script requeues
+    TENSORBOARD, WANDB, WANDB_ID = "tensorboard", "wandb", ".wandb_id"
+    MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN_ID = "mlflow.db", "mlflow-artifacts", ".mlflow_run_id"
+    OUTPUTS = (CONFIG, CHECKPOINTS, STUDENT, ADAPTER, OBJECTIVE, QUANTIZED, EVAL, REPORT, INITIAL_EVAL, METRICS, PLOTS, PREEMPTED,
+               TENSORBOARD, WANDB, MLFLOW_DB, MLFLOW_ARTIFACTS, WANDB_ID, MLFLOW_RUN_ID)  # what --overwrite removes
+    MARKERS = (CONFIG, CHECKPOINTS, STUDENT)  # what makes a directory hold a run
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(os.path.expanduser(str(path)))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    config = property(lambda self: self.path / self.CONFIG)
+    eval = property(lambda self: self.path / self.EVAL)
+    initial_eval = property(lambda self: self.path / self.INITIAL_EVAL)
+    report = property(lambda self: self.path / self.REPORT)
+    metrics = property(lambda self: self.path / self.METRICS)
+    checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
+    student = property(lambda self: self.path / self.STUDENT)
+    adapter = property(lambda self: self.path / self.ADAPTER)
+    objective = property(lambda self: self.path / self.OBJECTIVE)
+    quantized = property(lambda self: self.path / self.QUANTIZED)
+    plots = property(lambda self: self.path / self.PLOTS)
+    preempted = property(lambda self: self.path / self.PREEMPTED)
+
+    def read_eval(self) -> dict | None:
+        return read_json(self.eval)
+
+    def read_initial_eval(self) -> dict | None:
+        return read_json(self.initial_eval)
+
+    def read_config(self) -> dict | None:
+        """The saved config as a plain mapping (None when missing or unreadable)."""
+        import yaml
+
+        try:
+            value = yaml.safe_load(self.config.read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def records(self) -> list[dict]:
+        """metrics.jsonl's records (torn lines skipped)."""
+        return read_metrics(self.metrics)
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        """``name`` in the run directory, written whole or not at all and never through a link."""
+        write_atomic(self.path / name, content)
+        return self.path / name
+
+    def write_json(self, name: str, value) -> Path:
+        return self.write(name, json.dumps(value, indent=2))
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def finished(self) -> bool:
+        """Saved its student and its evaluation, and was not stopped to be requeued."""
+        return self.student.is_dir() and self.eval.is_file() and not self.preempted.exists()
+
+
 # What a run writes; --overwrite removes exactly these.
-RUN_OUTPUTS = ("config.yaml", "checkpoints", "student", "adapter", "objective", "quantized", "eval.json", "report.md", "initial_eval.json",
-               "metrics.jsonl", "plots", "PREEMPTED", "tensorboard", "wandb", "mlflow.db", "mlflow-artifacts", ".wandb_id", ".mlflow_run_id")
-RUN_MARKERS = ("config.yaml", "checkpoints", "student")
+RUN_OUTPUTS = RunDir.OUTPUTS
+RUN_MARKERS = RunDir.MARKERS
 
 
 def read_json(path: Path) -> dict | None:
@@ -67,6 +143,22 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_dir_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a fresh folder beside ``path``, then renamed to ``path``: a failed write leaves
+    ``path`` as it was and no partial folder (the error is raised again for the caller to report)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.is_symlink():
+        path.unlink()
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
 
 
 def open_log(path: Path, *, append: bool):
@@ -321,3 +413,35 @@ def check_not_locked(run_dir: Path) -> None:
     if stale_reason(holder, age) is None:
         raise RunLocked(f"output_dir {run_dir} is in use by another distill job ({describe(holder, age)}); "
                         "wait for it to finish or choose another --output-dir")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn line (a write cut short by a kill) is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def train_seconds(records: list[dict]) -> float:
+    """Training time: each logged window's mean step time times the steps it covers."""
+    total, previous = 0.0, 0
+    for record in sorted((r for r in records if "train/loss" in r), key=lambda r: r["step"]):
+        if not isinstance(record.get("train/step_seconds"), (int, float)):
+            return math.nan  # a run logged before step times were recorded
+        total += record["train/step_seconds"] * (record["step"] - previous)
+        previous = record["step"]
+    return total
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops records after ``step`` (and torn lines) from metrics.jsonl, so a resumed run continues it cleanly."""
+    if not path.exists():
+        return
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -16,6 +16,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from distill.rundir import RunDir
+
 RECIPE = {
     "version": 2,
     "corpus_bytes": 1_500_000,
@@ -131,7 +133,7 @@ def train_baseline(out: Path) -> Path:
     AcceleratorState._reset_state(True)  # the teacher's training, in this process, set accelerate's singleton up
     GradientState._reset_state()
     run(load_config(None, overrides))
-    shutil.rmtree(out / "baseline" / "checkpoints", ignore_errors=True)
+    shutil.rmtree(RunDir(out / "baseline").checkpoints, ignore_errors=True)
     return out / "baseline"
 
 
@@ -189,6 +191,6 @@ def _build_teacher(out: Path) -> None:
     ]
     print(f"training the tiny teacher on {train_file} ({warm['steps']} steps; done once, then cached)")
     run(load_config(None, overrides))
-    os.rename(out / "warmup-run" / "student", out / "teacher")
+    os.rename(RunDir(out / "warmup-run").student, out / "teacher")
     shutil.rmtree(out / "warmup-run")
     shutil.rmtree(init_dir)

@@ -73,7 +73,7 @@ class Tracker:
         self.backend = cfg.backend
         self.cfg = cfg
         self.run_dir = run_dir
-        self._jsonl = rundir.open_log(run_dir / "metrics.jsonl", append=resume)
+        self._jsonl = rundir.open_log(rundir.RunDir(run_dir).metrics, append=resume)
         self._client = None
         self._config = config = redact(config)
         name = redact(cfg.run_name or run_dir.resolve().name)
@@ -86,7 +86,7 @@ class Tracker:
         elif cfg.backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self._client = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._client = SummaryWriter(log_dir=str(run_dir / rundir.RunDir.TENSORBOARD))
             self._client.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
         elif cfg.backend == "mlflow":
             # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI; put the user's back when the run ends.
@@ -129,7 +129,7 @@ class Tracker:
             numeric = {_mlflow_name(k): v for k, v in _flatten(values).items() if _numeric(v)}
             self._client.log_metrics(numeric)
             self._client.log_table({c: [_cell(row.get(c)) for row in rows] for c in columns}, artifact_file="report_rows.json")
-            for name in ("report.md", "eval.json", "config.yaml"):
+            for name in (rundir.RunDir.REPORT, rundir.RunDir.EVAL, rundir.RunDir.CONFIG):
                 if (self.run_dir / name).is_file():
                     self._client.log_artifact(str(self.run_dir / name))
             for path in plots:
@@ -216,7 +216,7 @@ def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
 
 def _run_id(run_dir: Path) -> str:
     """A stable W&B run id per run directory, so a resumed run continues the same record (--overwrite removes it: a new id)."""
-    path = run_dir / ".wandb_id"
+    path = run_dir / rundir.RunDir.WANDB_ID
     if not path.exists():
         import uuid
 
@@ -226,7 +226,7 @@ def _run_id(run_dir: Path) -> str:
 
 def _mlflow_uri(cfg: TrackingConfig, run_dir: Path) -> str:
     """The config's URI, else MLFLOW_TRACKING_URI, else a store inside the run directory."""
-    return cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    return cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / rundir.RunDir.MLFLOW_DB).resolve()}"
 
 
 def check_backend(cfg: TrackingConfig, run_dir: Path) -> None:
@@ -276,9 +276,9 @@ def _start_mlflow_run(mlflow, uri: str, cfg: TrackingConfig, run_dir: Path, name
         # A new experiment keeps its artifacts beside the run (not in ./mlruns of whatever directory the job started in),
         # unless a tracking server decides where they go.
         local = urlparse(uri).scheme in ("sqlite", "file", "")
-        mlflow.create_experiment(experiment, artifact_location=(run_dir / "mlflow-artifacts").resolve().as_uri() if local else None)
+        mlflow.create_experiment(experiment, artifact_location=(run_dir / rundir.RunDir.MLFLOW_ARTIFACTS).resolve().as_uri() if local else None)
     mlflow.set_experiment(experiment)
-    id_file = run_dir / ".mlflow_run_id"
+    id_file = run_dir / rundir.RunDir.MLFLOW_RUN_ID
     tags = {**{t: "true" for t in cfg.tags}, **({"distill.group": cfg.group} if cfg.group else {}),
             **({"mlflow.note.content": cfg.notes} if cfg.notes else {})}
     if resume and id_file.is_file():

@@ -9,8 +9,6 @@ where ``N`` is the number of unmasked targets in the whole step: every micro-bat
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import resource
 import sys
@@ -22,6 +20,8 @@ from pathlib import Path
 import torch
 
 from distill import checkpoint, rundir
+# The readers of metrics.jsonl live with the run directory; re-exported for the tools that named them here.
+from distill.rundir import read_metrics, train_seconds, truncate_metrics  # noqa: F401
 from distill.config import DistillConfig, TrainConfig
 from distill.data import TrainStream
 from distill.errors import NonFiniteLoss, TeacherUnavailable, Terminated
@@ -171,7 +171,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
     model.train()
     window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0, "steps": 0}
     fault = os.environ.get("DISTILL_FAULT")
-    saver = _Saver(accelerator, run_dir / "checkpoints", scheduler=scheduler, keep=tr.keep_checkpoints)
+    saver = _Saver(accelerator, rundir.RunDir(run_dir).checkpoints, scheduler=scheduler, keep=tr.keep_checkpoints)
     # Steps drawn ahead for a source that answers late: (micro-batches, samples consumed after them).
     # Only the steps trained count in the checkpoint, so a resumed stream draws the rest again.
     ahead: deque = deque()
@@ -292,37 +292,5 @@ def _stop_if_signalled(accelerator, saver: _Saver, state: checkpoint.TrainState,
         path = saver.root / f"step_{state.step:08d}" if saved else saver.save(state)
         stop = Preempted(state.step, path)
         if accelerator.is_main_process:
-            rundir.write_atomic(run_dir / checkpoint.PREEMPTED_MARKER, stop.marker + "\n")
+            rundir.RunDir(run_dir).write(rundir.RunDir.PREEMPTED, stop.marker + "\n")
         raise stop
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a torn line (a write cut short by a kill) is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def train_seconds(records: list[dict]) -> float:
-    """Training time: each logged window's mean step time times the steps it covers."""
-    total, previous = 0.0, 0
-    for record in sorted((r for r in records if "train/loss" in r), key=lambda r: r["step"]):
-        if not isinstance(record.get("train/step_seconds"), (int, float)):
-            return math.nan  # a run logged before step times were recorded
-        total += record["train/step_seconds"] * (record["step"] - previous)
-        previous = record["step"]
-    return total
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drops records after ``step`` (and torn lines) from metrics.jsonl, so a resumed run continues it cleanly."""
-    if not path.exists():
-        return
-    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
-    rundir.write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill import rundir
 from distill.config import ConfigError, lookup_field, load_config, to_dict
 
 SWEEP_FILE = "sweep.json"
@@ -41,9 +42,7 @@ class Run:
 
     def state(self) -> str:
         """finished (student saved and evaluated), started (resume it) or new."""
-        from distill import rundir
-
-        if (self.dir / "student").is_dir() and (self.dir / "eval.json").is_file() and not (self.dir / "PREEMPTED").exists():
+        if rundir.RunDir(self.dir).finished():
             return "finished"
         return "started" if rundir.holds_run(self.dir) else "new"
 
@@ -230,9 +229,7 @@ def record(sweep: Sweep, executor: str, *, slurm_job: str | None = None) -> None
              "executor": executor, "runs": list(runs.values()),
              "slurm_jobs": [*previous.get("slurm_jobs", []), *([slurm_job] if slurm_job else [])]}
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{SWEEP_FILE}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    rundir.write_atomic(path, json.dumps(value, indent=2))
 
 
 def run_command(sweep: Sweep, run: Run, store: str | None) -> list[str]:
@@ -433,10 +430,10 @@ echo "[distill] teacher pool: $(cat {url_file})"
 
 def figure(run: Run, metric: str) -> float | None:
     """``student.perplexity`` -> the student row's perplexity in the run's eval.json (None when absent)."""
-    from distill.rundir import read_json
+    from distill.rundir import RunDir
 
     model, _, key = metric.partition(".")
-    rows = (read_json(run.dir / "eval.json") or {}).get("rows", [])
+    rows = (RunDir(run.dir).read_eval() or {}).get("rows", [])
     value = next((r.get(key) for r in rows if r.get("model") == model), None)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
