@@ -1,0 +1,221 @@
+"""The checks a config's values get once its keys and types are known: one short function per
+section, then the rules that tie sections together, each named. Every message names the option to change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import typing
+from pathlib import Path
+
+from distill.config.schema import LOGITS, MIXTURE_SOURCE_KEYS, TERM_KEYS, DataConfig, DistillConfig, LossConfig, LossKind, loss_terms
+from distill.errors import ConfigError
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Checks values that types alone do not; messages name the option to change."""
+    for check in (check_teacher, check_student, check_data, check_loss, check_train, check_eval):
+        check(cfg)
+    for rule in CROSS_SECTION_RULES:
+        rule(cfg)
+
+
+def check_teacher(cfg: DistillConfig) -> None:
+    t = cfg.teacher
+    _check(bool(t.path), "teacher.path is required (a local model directory or a hub id)")
+    if t.source == "remote":
+        _check(bool(t.url.strip()), "teacher.source=remote needs teacher.url (the URL distill serve-teacher prints)")
+        for url in t.url.split(","):
+            _check(url.strip().startswith(("http://", "https://")), f"teacher.url: {url.strip()!r} is not an http:// or https:// URL")
+        _check(t.remote_timeout > 0, f"teacher.remote_timeout must be > 0 (got {t.remote_timeout})")
+        _check(t.prefetch >= 0, f"teacher.prefetch must be >= 0 (got {t.prefetch})")
+
+
+def check_student(cfg: DistillConfig) -> None:
+    s = cfg.student
+    if s.init == "teacher_layers":
+        _check(bool(s.architecture) or bool(s.init_layers), "student.init=teacher_layers needs student.init_layers or student.architecture.num_hidden_layers")
+        _check(set(s.architecture) <= {"num_hidden_layers"}, "student.init=teacher_layers keeps the teacher's widths; student.architecture may set "
+               f"only num_hidden_layers (got {', '.join(sorted(s.architecture))})")
+        _check(all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in s.init_layers),
+               f"student.init_layers must list teacher layers as integers >= 1 (got {s.init_layers!r})")
+        if s.init_layers and "num_hidden_layers" in s.architecture:
+            _check(len(s.init_layers) == s.architecture["num_hidden_layers"], "student.init_layers and student.architecture.num_hidden_layers disagree; set one")
+    else:
+        _check(not s.init_layers, "student.init_layers needs student.init=teacher_layers")
+        _check(not s.init_from, "student.init_from needs student.init=teacher_layers")
+    _check(sum(map(bool, (s.path, s.architecture or s.init_layers, s.prune))) == 1, "set exactly one of student.path, student.architecture and student.prune")
+    prunable = {"num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_size"}
+    for key, value in s.prune.items():
+        _check(key in prunable, f"student.prune.{key}: not prunable; use {', '.join(sorted(prunable))}")
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"student.prune.{key} must be an integer >= 1 (got {value!r})")
+    _check(s.prune_calibration_batches > 0, "student.prune_calibration_batches must be > 0")
+    if s.lora is not None:
+        _check(bool(s.path), "student.lora needs a pretrained base: set student.path")
+        _check(s.lora.r > 0 and s.lora.alpha > 0, "student.lora.r and student.lora.alpha must be > 0")
+        _check(0.0 <= s.lora.dropout < 1.0, f"student.lora.dropout must be in [0, 1) (got {s.lora.dropout})")
+        _check(bool(s.lora.target_modules), "student.lora.target_modules must name at least one module")
+    _check(s.quantization == "none" or s.lora is not None, "student.quantization needs student.lora: a quantized base can only train adapters")
+    for key, value in s.architecture.items():
+        _check(isinstance(key, str), f"student.architecture: keys must be config field names, got {key!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and key.startswith("num_"):
+            _check(value > 0, f"student.architecture.{key} must be > 0 (got {value})")
+
+
+def check_data(cfg: DistillConfig) -> None:
+    d = cfg.data
+    if d.mixture:
+        _check(not d.train_files and not d.dataset, "set data.mixture or data.train_files/data.dataset, not both (each source names its own files)")
+        check_mixture(d)
+    else:
+        _check(bool(d.train_files) != bool(d.dataset), "set exactly one of data.train_files and data.dataset")
+    _check(all(isinstance(f, str) for f in d.train_files + d.validation_files), "data.train_files and data.validation_files must list file paths")
+    _check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    _check(0.0 <= d.validation_split < 1.0, f"data.validation_split must be in [0, 1) (got {d.validation_split})")
+    _check(d.max_validation_sequences > 0, "data.max_validation_sequences must be > 0")
+    _check(not (d.messages_field and d.prompt_field), "set data.messages_field or data.prompt_field, not both: a conversation's prompt is its non-assistant turns")
+
+
+def check_loss(cfg: DistillConfig) -> None:
+    lo = cfg.loss
+    _check(lo.temperature > 0 and math.isfinite(lo.temperature), f"loss.temperature must be > 0 (got {lo.temperature})")
+    _check(0.0 <= lo.alpha <= 1.0, f"loss.alpha must be in [0, 1] (got {lo.alpha})")
+    _check(0.0 <= lo.jsd_beta <= 1.0, f"loss.jsd_beta must be in [0, 1] (got {lo.jsd_beta})")
+    _check(0.0 <= lo.skew_alpha < 1.0, f"loss.skew_alpha must be in [0, 1) (got {lo.skew_alpha})")
+    _check(lo.chunk_size >= 0, f"loss.chunk_size must be >= 0 (got {lo.chunk_size}; 0 sizes chunks by the vocabulary)")
+    check_terms(lo)
+
+
+def check_train(cfg: DistillConfig) -> None:
+    tr = cfg.train
+    _check(tr.lr > 0 and math.isfinite(tr.lr), f"train.lr must be > 0 (got {tr.lr})")
+    _check(tr.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {tr.weight_decay})")
+    _check(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.betas), f"train.betas must be two numbers in [0, 1) (got {tr.betas})")
+    _check(tr.micro_batch_size > 0, f"train.micro_batch_size must be > 0 (got {tr.micro_batch_size})")
+    _check(tr.grad_accum > 0, f"train.grad_accum must be > 0 (got {tr.grad_accum})")
+    _check(tr.max_steps > 0, f"train.max_steps must be > 0 (got {tr.max_steps})")
+    _check(0 <= tr.warmup_steps <= tr.max_steps, f"train.warmup_steps must be in [0, train.max_steps] (got {tr.warmup_steps})")
+    _check(tr.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (got {tr.max_grad_norm})")
+    for name in ("log_every", "eval_every", "save_every"):
+        _check(getattr(tr, name) >= 0, f"train.{name} must be >= 0")
+    _check(tr.log_every > 0, "train.log_every must be > 0")
+    _check(tr.stop_grace_seconds >= 0, f"train.stop_grace_seconds must be >= 0 (got {tr.stop_grace_seconds})")
+    _check(tr.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0 (got {tr.keep_checkpoints})")
+
+
+QUANTIZE_METHODS = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
+
+
+def check_eval(cfg: DistillConfig) -> None:
+    ev = cfg.eval
+    _check(ev.latency_new_tokens > 0 and ev.throughput_batch_size > 0 and ev.speed_repeats > 0, "eval.latency_new_tokens, eval.throughput_batch_size and eval.speed_repeats must be > 0")
+    _check(ev.speculative_prompts > 0 and ev.speculative_new_tokens > 0, "eval.speculative_prompts and eval.speculative_new_tokens must be > 0")
+    if ev.lm_eval is not None:
+        _check(bool(ev.lm_eval.tasks), "eval.lm_eval.tasks must name at least one task")
+        _check(all(isinstance(t, str) for t in ev.lm_eval.tasks), "eval.lm_eval.tasks must be task names")
+        _check(ev.lm_eval.batch_size > 0, "eval.lm_eval.batch_size must be > 0")
+        _check(ev.lm_eval.limit is None or ev.lm_eval.limit > 0, "eval.lm_eval.limit must be > 0")
+        _check(ev.lm_eval.num_fewshot is None or ev.lm_eval.num_fewshot >= 0, "eval.lm_eval.num_fewshot must be >= 0")
+    _check(bool(cfg.output_dir), "output_dir must not be empty")
+    for method in ev.quantize:
+        _check(method in QUANTIZE_METHODS, f"eval.quantize: unknown method {method!r}; use {', '.join(QUANTIZE_METHODS)}")
+
+
+# ----- rules between sections
+
+
+def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
+    """A store or a pool holds token targets of language models, and no features."""
+    t = cfg.teacher
+    if t.source not in ("cache", "remote"):
+        return
+    holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
+    _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
+    for i, spec in enumerate(loss_terms(cfg.loss)):
+        _check(spec.get("kind") in (LOGITS, "ce") or not float(spec.get("weight", 1.0)),
+               f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
+
+
+def rule_task_fits_student_data_and_eval(cfg: DistillConfig) -> None:
+    """What only some task kinds support: pruning, generative benchmarks, masking, chat data, prompts."""
+    task, d = cfg.task, cfg.data
+    _check(0.0 < task.mask_rate < 1.0, f"task.mask_rate must be in (0, 1) (got {task.mask_rate})")
+    if task.kind != "causal_lm":
+        _check(not cfg.student.prune, f"student.prune supports task.kind=causal_lm only; build the {task.kind} student with student.architecture or student.path")
+        _check(cfg.eval.lm_eval is None and not cfg.eval.speculative, f"eval.lm_eval and eval.speculative measure generative language models; unset them for task.kind={task.kind}")
+    _check(not d.messages_field or task.kind == "causal_lm", "data.messages_field is for task.kind=causal_lm")
+    if task.kind == "sequence_classification":
+        _check(d.prompt_field is None, "data.prompt_field is for causal_lm; a classifier's second text goes in data.text_pair_field")
+
+
+CROSS_SECTION_RULES = (rule_teacher_source_fits_task_and_terms, rule_task_fits_student_data_and_eval)
+
+
+TINY_DIR = "~/.cache/distill/tiny"
+
+
+def tiny_hint(path: str) -> str:
+    """A hint for a missing file of the bundled tiny default, which `distill prepare-tiny` builds."""
+    tiny = Path(os.path.expanduser(TINY_DIR))
+    local = Path(os.path.expanduser(path))
+    return "; build the bundled tiny default first with: distill prepare-tiny" if local == tiny or tiny in local.parents else ""
+
+
+def check_mixture(cfg: DataConfig) -> None:
+    """Fails at load time, naming ``data.mixture[i].key``, on a source that cannot be read."""
+    names = set()
+    for i, source in enumerate(cfg.mixture):
+        key = f"data.mixture[{i}]"
+        _check(isinstance(source, dict), f"{key}: expected a mapping such as {{name: code, weight: 1, train_files: [a.txt]}}, got {source!r}")
+        for name in source:
+            _check(name in MIXTURE_SOURCE_KEYS, f"unknown config key: {key}.{name} (a source takes {', '.join(sorted(MIXTURE_SOURCE_KEYS))})")
+        _check(isinstance(source.get("name"), str) and source["name"], f"{key}.name: each source needs a name")
+        _check(source["name"] not in names, f"{key}.name: {source['name']!r} is used twice")
+        names.add(source["name"])
+        weight = source.get("weight", 1.0)
+        _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight > 0, f"{key}.weight must be a number > 0 (got {weight!r})")
+        _check(bool(source.get("train_files")) != bool(source.get("dataset")), f"{key}: set exactly one of train_files and dataset")
+
+
+def check_terms(cfg: LossConfig) -> None:
+    """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from."""
+    if cfg.terms and (cfg.kind != "forward_kl" or cfg.alpha != 0.0):
+        raise ConfigError("set either loss.terms or the shorthand loss.kind / loss.alpha, not both "
+                          "(the shorthand is [{kind: logits, divergence: KIND, weight: 1-alpha}, {kind: ce, weight: alpha}])")
+    names = set()
+    for i, spec in enumerate(loss_terms(cfg)):
+        key = f"loss.terms[{i}]"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{kind: logits, weight: 0.5}}, got {spec!r}")
+        kind = spec.get("kind")
+        if kind not in TERM_KEYS:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERM_KEYS)} (got {kind!r})")
+        for name in spec:
+            if name not in TERM_KEYS[kind]:
+                raise ConfigError(f"unknown config key: {key}.{name} (a {kind} term takes {', '.join(sorted(TERM_KEYS[kind]))})")
+        weight = spec.get("weight", 1.0)
+        _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight >= 0, f"{key}.weight must be a number >= 0 (got {weight!r})")
+        if kind == LOGITS:
+            kinds = typing.get_args(LossKind)
+            _check(spec.get("divergence", cfg.kind) in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.get('divergence')!r})")
+            temperature = spec.get("temperature", cfg.temperature)
+            _check(not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0,
+                   f"{key}.temperature must be > 0 (got {temperature!r})")
+        if kind == "hidden":
+            _check(spec.get("distance", "mse") in ("mse", "cosine"), f"{key}.distance: must be mse or cosine (got {spec.get('distance')!r})")
+            for flag in ("embeddings", "projection"):
+                _check(isinstance(spec.get(flag, False), bool), f"{key}.{flag} must be true or false (got {spec.get(flag)!r})")
+        if kind == "attention":
+            _check(spec.get("mode", "auto") in ("auto", "maps", "relations"), f"{key}.mode: must be auto, maps or relations (got {spec.get('mode')!r})")
+            heads = spec.get("relation_heads", 1)
+            _check(not isinstance(heads, bool) and isinstance(heads, int) and heads > 0, f"{key}.relation_heads must be an integer > 0 (got {heads!r})")
+        if kind in ("hidden", "attention"):
+            layers = spec.get("layers", "uniform")
+            _check(layers == "uniform" or isinstance(layers, list), f"{key}.layers: expected 'uniform' or a list of [student_layer, teacher_layer] pairs (got {layers!r})")
+        _check(spec["name"] not in names, f"{key}.name: {spec['name']!r} is used twice; give each term its own name")
+        names.add(spec["name"])
