@@ -19,6 +19,7 @@ if __name__ == "__main__":  # before the heavy imports below: a signal during th
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -99,135 +100,203 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
 
 
 def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | None) -> dict | None:
-    from accelerate.utils import set_seed
-
+    """A run, step by step: what can fail without loading anything, the accelerator, the checkpoint to
+    resume from, the models, data and objective, the untrained student's evaluation, training, the
+    saved student, its final evaluation and the report."""
     run = rundir.RunDir(run_dir)
-
-    if cfg.eval.quantize:
-        from distill.quantize import quantization_config
-
-        for method in cfg.eval.quantize:  # a missing library fails now, not after training
-            quantization_config(method)
-    if cfg.eval.lm_eval is not None and cfg.eval.at_end:
-        from distill import downstream
-
-        downstream.check_tasks(cfg.eval.lm_eval)  # a missing harness, task or dataset fails now, not after training
-    if cfg.eval.metrics:
-        from distill import metrics
-
-        for name in cfg.eval.metrics:  # a metric that cannot load fails now, not after training
-            metrics.load(name)
-    accelerator = make_accelerator(cfg, ds_config)
-    tune_cpu_allocator(cfg.train.cpu_allocator, accelerator.device)
-    set_seed(cfg.train.seed)
-    latest = checkpoint.latest(run.checkpoints) if resume else None
-    if resume and latest is None and accelerator.is_main_process:
-        print(f"--resume: no complete checkpoint in {run.checkpoints}; starting from step 0", file=sys.stderr)
-    # checkpoint.load and checkpoint.to_universal verify a checkpoint before any library opens it.
-    if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
-        latest = checkpoint.to_universal(accelerator, latest)
-        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+    check_before_loading(cfg, run)
+    accelerator = start_accelerator(cfg, ds_config)
+    latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=ds_config)
     if accelerator.is_main_process:
         from distill.tracking import check_backend
 
         check_backend(cfg.tracking, run_dir)  # a tracker that cannot start fails now, not after the models load
-    cached = cfg.teacher.source in ("cache", "remote")  # the teacher's signal comes from elsewhere: it is not loaded for training
-    setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
-    store = stores.open_store(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "cache" else None
-    pool = service.open_pool(cfg, setup, quiet=not accelerator.is_main_process) if cfg.teacher.source == "remote" else None
-    task, student, teacher, vocab = setup.task, setup.student, setup.teacher, setup.vocab
-    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
-    if store is not None and store.method != "top_k":
-        check_sampled_targets(objective)
-    if accelerator.is_main_process and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
-        print(f"loss: {objective.path}", file=sys.stderr)
-    if ATTENTIONS in objective.student_wants:
-        models.use_eager_attention(student, teacher, quiet=not accelerator.is_main_process)
-    if cfg.eval.quantize:
-        from distill.quantize import check_method_fits
-
-        for method in cfg.eval.quantize:
-            check_method_fits(student.config, method, key="eval.quantize:", model_class=task.auto_class)
-    trainable, total = models.trainable_parameters(student)
-    facts = {"student_trainable_params": trainable, "student_total_params": total}
+    job = load(cfg, accelerator)
     if accelerator.is_main_process:
-        print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
         save_config(cfg, run.config)
-    by_source = validation_sets(setup, cfg, accelerator)
+    by_source = validation_sets(job.setup, cfg, accelerator)
     validation = [batch for batches in by_source.values() for batch in batches]
-
-    initial = None
-    if cfg.eval.at_end and cfg.eval.initial and latest is None:
-        if cfg.student.quantization == "none":  # a bitsandbytes base is placed when loaded, never moved
-            student.to(accelerator.device)
-        with phase(f"evaluating the untrained student on {len(validation)} validation batches", quiet=not accelerator.is_main_process):
-            initial = evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task,
-                                         extra_metrics=cfg.eval.metrics)
-        if accelerator.is_main_process:
-            run.write_json(run.INITIAL_EVAL, initial)
+    initial = evaluate_untrained(cfg, accelerator, job, validation, run) if cfg.eval.at_end and cfg.eval.initial and latest is None else None
 
     # The objective's parameters (projections) are prepared, optimized and checkpointed with the student.
-    model = Distillee(student, objective, task, vocab)
+    model = Distillee(job.student, job.objective, job.task, job.vocab)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(model).student  # evaluated as it trains (ZeRO-3's hooks are on its modules)
-    state = checkpoint.TrainState(world_size=accelerator.num_processes)
-    if latest is not None:
-        state = checkpoint.load(accelerator, latest, scheduler)
-        state.world_size = accelerator.num_processes
-        if accelerator.is_main_process:
-            print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
-            truncate_metrics(run.metrics, state.step)
-    stream = train_stream(setup, cfg, accelerator, state.samples_consumed)
+    state = resume_state(accelerator, latest, scheduler, run)
     tracker = None
     if accelerator.is_main_process:
         from distill.tracking import Tracker
 
-        tracker = Tracker(cfg.tracking, run_dir, {**to_dict(cfg), "models": model_facts(cfg, student, teacher, trainable, total)},
+        tracker = Tracker(cfg.tracking, run_dir, {**to_dict(cfg), "models": model_facts(cfg, student, job.teacher, *job.parameters)},
                           resume=latest is not None)
     try:
-        evaluate = lambda step: evaluation.quality(student, teacher, validation, vocab=vocab, device=accelerator.device, task=task)
-        source = build_source(cfg.teacher.source, teacher, task, vocab, objective.qkv_layers[1], store=store,
-                              source_names=[name for name, *_ in setup.sources], tail=cfg.teacher.cache_tail, client=pool)
-        try:
-            fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=task,
-                objective=objective, state=state, run_dir=run_dir, tracker=tracker, evaluate=evaluate)
-        except Preempted as stop:
-            if accelerator.is_main_process:
-                print(f"distill: {stop}", file=sys.stderr)
-            return None
-        finally:
-            if hasattr(source, "close"):
-                source.close()
+        evaluate = lambda step: evaluation.quality(student, job.teacher, validation, vocab=job.vocab, device=accelerator.device, task=job.task)
+        if not train(cfg, accelerator, job, model, optimizer, scheduler, state, run, tracker, evaluate):
+            return None  # preempted: a checkpoint and the PREEMPTED marker are written
         lora = cfg.student.lora
-        save_student(accelerator, model, setup.tokenizer, run.student, merge_lora=lora is not None and lora.merge,
-                     base_quantization=cfg.student.quantization, model_class=task.auto_class)
+        save_student(accelerator, model, job.setup.tokenizer, run.student, merge_lora=lora is not None and lora.merge,
+                     base_quantization=cfg.student.quantization, model_class=job.task.auto_class)
         result = None
         if cfg.eval.at_end:
             del optimizer, student, model  # free optimizer state (and ZeRO shards) before evaluation
-            # What was saved is what is evaluated: whole, on every process, whatever the sharding.
-            final_student = models.load_for_evaluation(run.student, accelerator.device, base_quantization=cfg.student.quantization,
-                                                       model_class=task.auto_class)
-            if cached and teacher is None:  # the comparison in the report needs the teacher itself, after training
-                teacher = models.load_teacher(cfg.teacher, accelerator.device, model_class=task.auto_class)
-            result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, vocab, run_dir, setup.tokenizer, initial, facts,
-                                             by_source=by_source if cfg.data.mixture else None)
-            if tracker is not None:
-                from distill.downstream import summary_metrics
-
-                # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
-                tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
-                seconds = train_seconds(run.records())
-                samples = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
-                tracker.summary({**result, **summary_metrics(result["rows"]), "train/runtime_seconds": seconds,
-                                 "train/samples_per_second": samples / seconds if seconds else None})
+            result = evaluate_saved_student(cfg, accelerator, job, validation, by_source, initial, run, tracker)
         if tracker is not None:
             tracker.log_model(run.student, kind="student", step=cfg.train.max_steps)
     finally:
         if tracker is not None:
             tracker.close()
     accelerator.wait_for_everyone()
+    return result
+
+
+def check_before_loading(cfg: DistillConfig, run: rundir.RunDir) -> None:
+    """What would fail only after training (a quantization library, an lm-eval task, a metric), checked before anything loads."""
+    if cfg.eval.quantize:
+        from distill.quantize import quantization_config  # torchao and bitsandbytes load when asked for
+
+        for method in cfg.eval.quantize:
+            quantization_config(method)
+    if cfg.eval.lm_eval is not None and cfg.eval.at_end:
+        from distill import downstream  # lm-eval is an optional dependency
+
+        downstream.check_tasks(cfg.eval.lm_eval)
+    if cfg.eval.metrics:
+        from distill import metrics  # evaluate loads when a metric is named
+
+        for name in cfg.eval.metrics:
+            metrics.load(name)
+
+
+def start_accelerator(cfg: DistillConfig, ds_config: str | None):
+    """The accelerator (DeepSpeed when ``ds_config``), the CPU allocator and the seed."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg, ds_config)
+    tune_cpu_allocator(cfg.train.cpu_allocator, accelerator.device)
+    set_seed(cfg.train.seed)
+    return accelerator
+
+
+def checkpoint_to_resume(accelerator, run: rundir.RunDir, *, resume: bool, ds_config: str | None) -> Path | None:
+    """The latest complete checkpoint with ``--resume`` (a universal copy under DeepSpeed at another world size).
+    checkpoint.load and checkpoint.to_universal verify a checkpoint before any library opens it."""
+    latest = checkpoint.latest(run.checkpoints) if resume else None
+    if resume and latest is None and accelerator.is_main_process:
+        print(f"--resume: no complete checkpoint in {run.checkpoints}; starting from step 0", file=sys.stderr)
+    if latest is not None and ds_config and checkpoint.saved_state(latest).world_size != accelerator.num_processes:
+        latest = checkpoint.to_universal(accelerator, latest)
+        accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+    return latest
+
+
+@dataclass
+class Loaded:
+    """What training needs, loaded and checked: models, data, the teacher's signal and the objective."""
+
+    setup: Setup
+    store: object
+    pool: object
+    objective: object
+    parameters: tuple[int, int]  # the student's trainable and total parameters
+
+    task = property(lambda self: self.setup.task)
+    student = property(lambda self: self.setup.student)
+    teacher = property(lambda self: self.setup.teacher)
+    vocab = property(lambda self: self.setup.vocab)
+
+    @property
+    def facts(self) -> dict:
+        return {"student_trainable_params": self.parameters[0], "student_total_params": self.parameters[1]}
+
+
+def load(cfg: DistillConfig, accelerator) -> Loaded:
+    """Models, tokenizer and data; the teacher's signal (the model, a store or a pool); the objective, checked against them."""
+    quiet = not accelerator.is_main_process
+    cached = cfg.teacher.source in ("cache", "remote")  # the teacher's signal comes from elsewhere: it is not loaded for training
+    setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
+    store = stores.open_store(cfg, setup, quiet=quiet) if cfg.teacher.source == "cache" else None
+    pool = service.open_pool(cfg, setup, quiet=quiet) if cfg.teacher.source == "remote" else None
+    task, student, teacher = setup.task, setup.student, setup.teacher
+    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
+    if store is not None and store.method != "top_k":
+        check_sampled_targets(objective)
+    if not quiet and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
+        print(f"loss: {objective.path}", file=sys.stderr)
+    if ATTENTIONS in objective.student_wants:
+        models.use_eager_attention(student, teacher, quiet=quiet)
+    if cfg.eval.quantize:
+        from distill.quantize import check_method_fits  # as in check_before_loading
+
+        for method in cfg.eval.quantize:
+            check_method_fits(student.config, method, key="eval.quantize:", model_class=task.auto_class)
+    trainable, total = models.trainable_parameters(student)
+    if not quiet:
+        print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
+    return Loaded(setup, store, pool, objective, (trainable, total))
+
+
+def evaluate_untrained(cfg: DistillConfig, accelerator, job: Loaded, validation: list[dict], run: rundir.RunDir) -> dict:
+    """The student before training, the report's initial_student row (initial_eval.json)."""
+    if cfg.student.quantization == "none":  # a bitsandbytes base is placed when loaded, never moved
+        job.student.to(accelerator.device)
+    with phase(f"evaluating the untrained student on {len(validation)} validation batches", quiet=not accelerator.is_main_process):
+        initial = evaluation.quality(job.student, job.teacher, validation, vocab=job.vocab, device=accelerator.device, task=job.task,
+                                     extra_metrics=cfg.eval.metrics)
+    if accelerator.is_main_process:
+        run.write_json(run.INITIAL_EVAL, initial)
+    return initial
+
+
+def resume_state(accelerator, latest: Path | None, scheduler, run: rundir.RunDir) -> checkpoint.TrainState:
+    """Step 0, or the checkpoint's step with model, optimizer, scheduler and generators restored (metrics.jsonl cut back to it)."""
+    if latest is None:
+        return checkpoint.TrainState(world_size=accelerator.num_processes)
+    state = checkpoint.load(accelerator, latest, scheduler)
+    state.world_size = accelerator.num_processes
+    if accelerator.is_main_process:
+        print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
+        truncate_metrics(run.metrics, state.step)
+    return state
+
+
+def train(cfg: DistillConfig, accelerator, job: Loaded, model, optimizer, scheduler, state, run: rundir.RunDir, tracker, evaluate) -> bool:
+    """The training loop over the rank's stream from the teacher's signal; False when preempted (SIGUSR1)."""
+    stream = train_stream(job.setup, cfg, accelerator, state.samples_consumed)
+    source = build_source(cfg.teacher.source, job.teacher, job.task, job.vocab, job.objective.qkv_layers[1], store=job.store,
+                          source_names=[name for name, *_ in job.setup.sources], tail=cfg.teacher.cache_tail, client=job.pool)
+    try:
+        fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=job.task,
+            objective=job.objective, state=state, run_dir=run.path, tracker=tracker, evaluate=evaluate)
+    except Preempted as stop:
+        if accelerator.is_main_process:
+            print(f"distill: {stop}", file=sys.stderr)
+        return False
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    return True
+
+
+def evaluate_saved_student(cfg: DistillConfig, accelerator, job: Loaded, validation, by_source, initial, run: rundir.RunDir, tracker) -> dict | None:
+    """What was saved is what is evaluated: whole, on every process, whatever the sharding. The report, and the trackers' summary."""
+    final_student = models.load_for_evaluation(run.student, accelerator.device, base_quantization=cfg.student.quantization,
+                                               model_class=job.task.auto_class)
+    teacher = job.teacher
+    if teacher is None:  # trained from a store or a pool: the comparison in the report needs the teacher itself
+        teacher = models.load_teacher(cfg.teacher, accelerator.device, model_class=job.task.auto_class)
+    result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, job.vocab, run.path, job.setup.tokenizer, initial,
+                                     job.facts, by_source=by_source if cfg.data.mixture else None)
+    if tracker is not None:
+        from distill.downstream import summary_metrics
+
+        # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
+        tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
+        seconds = train_seconds(run.records())
+        samples = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+        tracker.summary({**result, **summary_metrics(result["rows"]), "train/runtime_seconds": seconds,
+                         "train/samples_per_second": samples / seconds if seconds else None})
     return result
 
 
