@@ -81,12 +81,10 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
     sums = _sum_across_processes(sums)
     predictions, references = _gather(predictions), _gather(references)
     result = {"ce": sums[0].item() / max(sums[1].item(), 1.0), "tokens": int(sums[1].item())}
-    if task.metrics in ("lm", "masked"):
+    if task.perplexity:
         result["perplexity"] = math.exp(min(result["ce"], 80.0))
-    if task.metrics in ("masked", "classes"):
-        result.update(metrics.compute("accuracy", predictions=predictions, references=references))
-    if task.metrics == "classes":
-        result.update(metrics.compute("macro_f1", predictions=predictions, references=references))
+    for name in task.label_metrics:
+        result.update(metrics.compute(name, predictions=predictions, references=references))
     if teacher is not None and not teacher_is_model:
         result.update(metrics.compute("kl_to_teacher", predictions=_gather(kl)))
         result.update(metrics.compute("top1_agreement", predictions=predictions, references=_gather(teacher_predictions)))
@@ -177,7 +175,7 @@ def classifier_speed(model, batches: list[dict], *, device, batch_size: int, rep
 
 def measure_speed(model, batches: list[dict], *, task, device, eval_cfg, pad_id: int) -> dict:
     """The task's speed figures: generation latency for a language model, forward latency for a classifier."""
-    measure = speed if _task(task).metrics == "lm" else classifier_speed
+    measure = speed if _task(task).generates else classifier_speed
     return measure(model, batches, device=device, new_tokens=eval_cfg.latency_new_tokens, batch_size=eval_cfg.throughput_batch_size,
                    repeats=eval_cfg.speed_repeats, pad_id=pad_id)
 

@@ -274,8 +274,7 @@ def train(cfg: DistillConfig, accelerator, job: Loaded, model, optimizer, schedu
             print(f"distill: {stop}", file=sys.stderr)
         return False
     finally:
-        if hasattr(source, "close"):
-            source.close()
+        source.close()
     return True
 
 

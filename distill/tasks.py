@@ -25,7 +25,10 @@ class Task:
 
     kind: str
     causal: bool  # attention relations are masked causally
-    metrics: str  # "lm", "masked" or "classes": which figures evaluation reports
+    metrics: str  # "lm", "masked" or "classes": the family of figures evaluation reports, declared below
+    perplexity = True  # evaluation reports the perplexity of its targets
+    label_metrics: tuple[str, ...] = ()  # shipped metrics (distill.metrics) of predictions against references
+    generates = True  # speed is generation latency and throughput (else a forward per sequence)
     auto_class: str  # the transformers auto class teacher and student load with
     peft_task_type: str | None
 
@@ -121,6 +124,7 @@ class MaskedLM(Task):
     """
 
     kind, causal, metrics = "masked_lm", False, "masked"
+    label_metrics, generates = ("accuracy",), False
     fused_head = True
     auto_class, peft_task_type = "AutoModelForMaskedLM", None  # peft has no masked-LM task type: a plain PeftModel
 
@@ -147,6 +151,7 @@ class SequenceClassification(Task):
     """
 
     kind, causal, metrics = "sequence_classification", False, "classes"
+    perplexity, label_metrics, generates = False, ("accuracy", "macro_f1"), False
     auto_class, peft_task_type = "AutoModelForSequenceClassification", "SEQ_CLS"
 
     def feature_weights(self, batch: dict) -> torch.Tensor:

@@ -22,10 +22,41 @@ from distill.objective import TeacherOutputs
 from distill.sparse import SparseTargets
 
 
-class ModelSource:
+class TeacherSource:
+    """Where the teacher's signal for a batch comes from (``teacher.source``). A kind declares what it
+    can do: ``prefetches`` (asked ahead of the step, so the loop waits for it apart), ``scores_new_text``
+    (it can answer text it has not seen before, which a store cannot)."""
+
+    kind = ""
+    prefetches = False
+    scores_new_text = True
+
+    @classmethod
+    def build(cls, *, model, task, vocab: int, qkv_layers: set[int], store, source_names, tail: str, client) -> "TeacherSource":
+        raise NotImplementedError
+
+    def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
+        raise NotImplementedError
+
+    def prefetch(self, batches: list[dict]) -> None:
+        """Asks for the signal of ``batches`` ahead of time (``prefetches`` sources)."""
+
+    def wait(self, batches: list[dict]) -> Exception | None:
+        """Blocks until the signal of ``batches`` is here; the source's failure is returned, not raised."""
+        return None
+
+    def close(self) -> None:
+        """Releases what the source holds (threads, connections)."""
+
+
+class ModelSource(TeacherSource):
     """The frozen teacher model, forwarded in this process without autograd."""
 
     kind = "model"
+
+    @classmethod
+    def build(cls, *, model, task, vocab, qkv_layers, store, source_names, tail, client):
+        return cls(model, task, vocab, qkv_layers)
 
     def __init__(self, model, task, vocab: int, qkv_layers: set[int] = frozenset()):
         self.model, self.task, self.vocab, self.qkv_layers = model, task, vocab, qkv_layers
@@ -39,11 +70,16 @@ class ModelSource:
             return self.task.outputs(self.model, batch, wants, self.vocab, self.qkv_layers)
 
 
-class CacheSource:
+class CacheSource(TeacherSource):
     """A teacher store (:mod:`distill.store`): the top-k targets of each batch row, read by the row's
     (source, index), so any stream order, resume point or world size reads the right ones."""
 
     kind = "cache"
+    scores_new_text = False
+
+    @classmethod
+    def build(cls, *, model, task, vocab, qkv_layers, store, source_names, tail, client):
+        return cls(store, task, list(source_names), tail=tail)
 
     def __init__(self, store, task, source_names: list[str], split: str = "training", tail: str = "bucket"):
         self.store, self.task, self.names, self.split, self.tail = store, task, source_names, split, tail
@@ -61,11 +97,16 @@ class CacheSource:
         return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device))
 
 
-class RemoteSource:
+class RemoteSource(TeacherSource):
     """A teacher pool (``distill serve-teacher``): each micro-batch's targets are requested over HTTP,
     ahead of time when the loop calls :meth:`prefetch`, and matched to the batch by its contents."""
 
     kind = "remote"
+    prefetches = True
+
+    @classmethod
+    def build(cls, *, model, task, vocab, qkv_layers, store, source_names, tail, client):
+        return cls(client, task, tail=tail)
 
     def __init__(self, client, task, tail: str = "bucket", workers: int = 4):
         self.client, self.task, self.tail = client, task, tail
@@ -126,9 +167,7 @@ SOURCES = {ModelSource.kind: ModelSource, CacheSource.kind: CacheSource, RemoteS
 
 
 def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, store=None, source_names=(), tail: str = "bucket",
-                 client=None):
-    if kind == CacheSource.kind:
-        return CacheSource(store, task, list(source_names), tail=tail)
-    if kind == RemoteSource.kind:
-        return RemoteSource(client, task, tail=tail)
-    return ModelSource(model, task, vocab, qkv_layers)
+                 client=None) -> TeacherSource:
+    """The ``teacher.source`` kind's source: the in-process model, a store (``store``) or a pool (``client``)."""
+    return SOURCES[kind].build(model=model, task=task, vocab=vocab, qkv_layers=qkv_layers, store=store, source_names=source_names,
+                               tail=tail, client=client)

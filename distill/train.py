@@ -175,7 +175,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
     # Steps drawn ahead for a source that answers late: (micro-batches, samples consumed after them).
     # Only the steps trained count in the checkpoint, so a resumed stream draws the rest again.
     ahead: deque = deque()
-    late = hasattr(source, "wait") and bool(objective.wants)
+    late = source.prefetches and bool(objective.wants)
     waited_seconds = trained_seconds = 0.0  # waiting for a late source's targets; training (this session)
     depth = cfg.teacher.prefetch if late else 0
     SIGNALS.enter("training")
