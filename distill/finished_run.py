@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from distill import metrics, report, rundir
-from distill.config import ConfigError, DistillConfig, load_config
+from distill.config import ConfigError, DistillConfig, load_config, loss_terms, user_term
 
 
 class FinishedRun:
@@ -26,10 +26,11 @@ class FinishedRun:
             raise ConfigError(f"{self.dir} has no student/ (the run did not finish); resume it with distill run --resume")
         rundir.check_links(self.dir)
         self.cfg = load_config(self.run.config, [f"output_dir={self.dir}"])
-        code = metrics.code_named(self.cfg.eval.metrics)
+        code = [f"eval.metrics: {', '.join(names)}" for names in [metrics.code_named(self.cfg.eval.metrics)] if names]
+        code += [f"loss.terms[{i}].kind: {spec['kind']}" for i, spec in enumerate(loss_terms(self.cfg.loss)) if user_term(spec.get("kind"))]
         if code and not allow_code:
             # A run directory may come from someone else: what its config names must not run unasked.
-            raise ConfigError(f"{self.run.config} names code to run (eval.metrics: {', '.join(code)}); "
+            raise ConfigError(f"{self.run.config} names code to run ({'; '.join(code)}); "
                               "pass --allow-code if you trust this run directory and that code")
         self.previous = self.run.read_eval() or {}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.config import LOGITS, LossConfig, loss_terms
+from distill.config import LOGITS, LossConfig, loss_terms, user_term
 from distill.errors import ConfigError
 from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
@@ -29,7 +29,14 @@ from distill.sparse import SparseTargets, bucket_forward_kl_and_grad, buckets, s
 
 
 class Term(nn.Module):
-    """One named, weighted term; :meth:`per_token` is its loss at each target."""
+    """One named, weighted term; :meth:`per_token` is its loss at each target.
+
+    A term of the user's own derives from this class in a file of theirs (``loss.terms: [{kind:
+    path/to/my_term.py:MyTerm, ...}]``): ``__init__(name, weight, **its options)``, ``wants`` (the
+    teacher's ``logits``, or nothing) and :meth:`per_token` (float32 ``[N]`` from the student's and
+    the teacher's logits ``[N, V]`` and the targets ``[N]``). Its parameters, if any, are trained,
+    sharded and checkpointed with the student, like a projection's.
+    """
 
     wants: frozenset = frozenset()
 
@@ -222,6 +229,38 @@ def _feature_term(spec: dict, key: str, student, teacher, causal: bool):
     return AttentionTerm(name, weight, pairs=pairs, mode=mode, relation_heads=heads, causal=causal)
 
 
+def load_term_class(kind: str, key: str) -> type:
+    """The class of ``kind: path/to/file.py:Class``, imported from that file (which runs its code)."""
+    import importlib.util
+    import os
+
+    path, name = user_term(kind)
+    path = os.path.abspath(os.path.expanduser(path))
+    spec = importlib.util.spec_from_file_location(f"distill_user_term_{abs(hash(path))}", path)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: any error it raises while loading
+        raise ConfigError(f"{key}.kind: cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Term)):
+        raise ConfigError(f"{key}.kind: {path} has no class {name} derived from distill.objective.Term")
+    return cls
+
+
+def _user_term(spec: dict, key: str) -> Term:
+    """A term of the user's own: its class built with ``(name, weight, **the spec's other options)``."""
+    import inspect
+
+    cls = load_term_class(spec["kind"], key)
+    options = {k: v for k, v in spec.items() if k not in ("kind", "name", "weight")}
+    try:
+        inspect.signature(cls).bind(spec["name"], float(spec.get("weight", 1.0)), **options)
+    except TypeError as err:
+        raise ConfigError(f"{key}: {cls.__name__} does not take these options ({err})") from None
+    return cls(spec["name"], float(spec.get("weight", 1.0)), **options)
+
+
 def fused_path(setting: str, task, student) -> tuple[bool, str]:
     """(whether logit terms run fused, a line saying which path and why) for ``loss.fused``."""
     if setting == "never":
@@ -254,6 +293,8 @@ def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool
                                     jsd_beta=float(spec.get("jsd_beta", cfg.jsd_beta)), skew_alpha=float(spec.get("skew_alpha", cfg.skew_alpha))))
         elif spec["kind"] == "ce":
             terms.append(CrossEntropyTerm(name, weight))
+        elif user_term(spec["kind"]):
+            terms.append(_user_term(spec, f"loss.terms[{i}]"))
         else:
             terms.append(_feature_term(spec, f"loss.terms[{i}]", student, teacher, causal))
     fused, path = fused_path(cfg.fused, task, student)

@@ -9,7 +9,7 @@ import os
 import typing
 from pathlib import Path
 
-from distill.config.schema import LOGITS, MIXTURE_SOURCE_KEYS, TERM_KEYS, DataConfig, DistillConfig, LossConfig, LossKind, loss_terms
+from distill.config.schema import LOGITS, MIXTURE_SOURCE_KEYS, TERM_KEYS, DataConfig, DistillConfig, LossConfig, LossKind, loss_terms, user_term
 from distill.errors import ConfigError
 
 def _check(ok: bool, message: str) -> None:
@@ -137,6 +137,8 @@ def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
     holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
     _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
     for i, spec in enumerate(loss_terms(cfg.loss)):
+        _check(not user_term(spec.get("kind")) or not float(spec.get("weight", 1.0)),
+               f"loss.terms[{i}]: a term of your own ({spec.get('kind')}) is given the teacher model's logits; use teacher.source=model")
         _check(spec.get("kind") in (LOGITS, "ce") or not float(spec.get("weight", 1.0)),
                f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
 
@@ -193,9 +195,12 @@ def check_terms(cfg: LossConfig) -> None:
         if not isinstance(spec, dict):
             raise ConfigError(f"{key}: expected a mapping such as {{kind: logits, weight: 0.5}}, got {spec!r}")
         kind = spec.get("kind")
-        if kind not in TERM_KEYS:
-            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERM_KEYS)} (got {kind!r})")
-        for name in spec:
+        own = user_term(kind)
+        if kind not in TERM_KEYS and own is None:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERM_KEYS)} (got {kind!r}), or path/to/file.py:Class for a term of your own")
+        if own is not None:  # its options are the class's own arguments, checked when it is built
+            _check(Path(os.path.expanduser(own[0])).is_file(), f"{key}.kind: the term's file {own[0]} does not exist")
+        for name in spec if own is None else ():
             if name not in TERM_KEYS[kind]:
                 raise ConfigError(f"unknown config key: {key}.{name} (a {kind} term takes {', '.join(sorted(TERM_KEYS[kind]))})")
         weight = spec.get("weight", 1.0)

@@ -202,8 +202,23 @@ def loss_terms(cfg: LossConfig) -> list[dict]:
     """``loss.terms`` with names filled in, or the terms the ``loss.kind`` / ``loss.alpha`` shorthand stands for."""
     if not cfg.terms:
         return [{"kind": LOGITS, "name": "kd", "divergence": cfg.kind, "weight": 1.0 - cfg.alpha}, {"kind": "ce", "name": "ce", "weight": cfg.alpha}]
-    return [{**spec, "name": spec.get("name", "kd" if spec.get("kind") == LOGITS else spec.get("kind"))} if isinstance(spec, dict) else spec
-            for spec in cfg.terms]
+    return [{**spec, "name": spec.get("name", _default_name(spec.get("kind")))} if isinstance(spec, dict) else spec for spec in cfg.terms]
+
+
+def _default_name(kind) -> str:
+    """kd for the logits term, the class for a term of the user's own, else the kind."""
+    if kind == LOGITS:
+        return "kd"
+    own = user_term(kind)
+    return own[1] if own else kind
+
+
+def user_term(kind) -> tuple[str, str] | None:
+    """(file, class) of a term of the user's own, ``kind: path/to/my_term.py:MyTerm``; None for a shipped kind."""
+    if not isinstance(kind, str) or ".py:" not in kind:
+        return None
+    path, _, name = kind.rpartition(":")
+    return (path, name) if path.endswith(".py") and name.isidentifier() else None
 
 
 def teacher_needed(cfg: LossConfig) -> bool:
