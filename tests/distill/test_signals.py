@@ -114,6 +114,16 @@ def test_an_in_process_run_restores_the_signal_handlers(tiny, corpus, tmp_path):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
 # 0.05 s apart from the process's start to 0.75 s: the `distill` command, argparse, the config and torch importing.
 EARLY = [round(0.05 * i, 2) for i in range(1, 16)]
 
@@ -130,7 +140,13 @@ def test_a_stop_signal_in_the_first_instants_is_handled(tiny, corpus, tmp_path):
         sets = [a for o in job_overrides(tiny, corpus, out, "train.max_steps=3") for a in ("--set", o)]
         proc = subprocess.Popen([str(command), "run", str(EMPTY_CONFIG), *sets], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
+        start = time.monotonic()
         time.sleep(delay)
+        # The interpreter's own start (tens of ms, longer on a busy machine) comes before any code of ours: at an
+        # instant inside it, the signal goes as soon as the process catches it, which must be long before the heavy imports.
+        while not catches(proc.pid, signum):
+            assert proc.poll() is None and time.monotonic() - start < 5.0, "no handler 5 s after start"
+            time.sleep(0.001)
         proc.send_signal(signum)
         code, _, err = finish(proc)
         if signum == signal.SIGUSR1:
