@@ -60,6 +60,7 @@ class HiddenTerm(nn.Module):
     """
 
     wants = frozenset({HIDDEN})
+    features = True  # sums over the task's feature positions itself (distill.objective)
 
     def __init__(self, name: str, weight: float, *, pairs: list[tuple[int, int]], distance: str, student_width: int, teacher_width: int,
                  projection: bool | None = None):
@@ -72,7 +73,7 @@ class HiddenTerm(nn.Module):
                               f"differs from the teacher's {teacher_width}; remove projection: false")
         self.projections = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in pairs) if projected else None
 
-    def forward(self, student, teacher, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, student, teacher, weights: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         total = 0.0
         for i, (s, t) in enumerate(self.pairs):
             h_s, h_t = student.hidden_states[s], teacher.hidden_states[t]
@@ -118,6 +119,8 @@ class AttentionTerm(nn.Module):
     ``relation_heads`` heads, which works whatever the head counts and widths. ``auto`` picks maps
     when the head counts agree and relations otherwise.
     """
+
+    features = True
 
     def __init__(self, name: str, weight: float, *, pairs: list[tuple[int, int]], mode: str, relation_heads: int, causal: bool):
         super().__init__()

@@ -29,7 +29,7 @@ from distill import store as stores  # noqa: E402
 from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
-from distill.objective import FEATURE_TERMS, Distillee, build_objective, check_sampled_targets, save_objective, split_state_dict  # noqa: E402
+from distill.objective import Distillee, build_objective, check_sampled_targets, save_objective, split_state_dict  # noqa: E402
 from distill.progress import phase  # noqa: E402
 # Setup's steps, re-exported for the tools and tests that named them here.
 from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
@@ -222,7 +222,7 @@ def load(cfg: DistillConfig, accelerator) -> Loaded:
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
     if store is not None and store.method != "top_k":
         check_sampled_targets(objective)
-    if not quiet and any(t.weight > 0 and not isinstance(t, FEATURE_TERMS) for t in objective.terms):
+    if not quiet and any(t.weight > 0 and not t.features for t in objective.terms):
         print(f"loss: {objective.path}", file=sys.stderr)
     if ATTENTIONS in objective.student_wants:
         models.use_eager_attention(student, teacher, quiet=quiet)

@@ -20,80 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.config import LOGITS, LossConfig, loss_terms, user_term
+from distill.config import LOGITS, LossConfig, loss_terms
 from distill.errors import ConfigError
-from distill.feature_terms import QKV, AttentionTerm, HiddenTerm, check_relations, layer_pairs, qkv_modules
+from distill.feature_terms import QKV
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
-from distill.losses import IGNORE_INDEX, cross_entropy, cross_entropy_and_grad, divergence, forward_kl_and_grad, term_sums
-from distill.sparse import SparseTargets, bucket_forward_kl_and_grad, buckets, spread
-
-
-class Term(nn.Module):
-    """One named, weighted term; :meth:`per_token` is its loss at each target.
-
-    A term of the user's own derives from this class in a file of theirs (``loss.terms: [{kind:
-    path/to/my_term.py:MyTerm, ...}]``): ``__init__(name, weight, **its options)``, ``wants`` (the
-    teacher's ``logits``, or nothing) and :meth:`per_token` (float32 ``[N]`` from the student's and
-    the teacher's logits ``[N, V]`` and the targets ``[N]``). Its parameters, if any, are trained,
-    sharded and checkpointed with the student, like a projection's.
-    """
-
-    wants: frozenset = frozenset()
-
-    def __init__(self, name: str, weight: float, scale: float = 1.0):
-        super().__init__()
-        self.name, self.weight, self.scale = name, weight, scale
-
-    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def closed_form(self, teacher_logits):
-        """``fn(student_logits, teacher_logits, labels, student_log_probs) -> (per-token loss, its
-        gradient with respect to student_logits)`` when the term has one for this teacher signal
-        (``student_log_probs(T)``: the student's log-probabilities at T, shared by the terms); else
-        None, and the fused path differentiates :meth:`per_token` with autograd."""
-        return None
-
-
-class LogitsTerm(Term):
-    """A divergence between the teacher's and the student's distributions at temperature T."""
-
-    wants = frozenset({LOGITS})
-
-    def __init__(self, name: str, weight: float, *, divergence_kind: str, temperature: float, jsd_beta: float, skew_alpha: float):
-        super().__init__(name, weight, scale=temperature**2)
-        self.temperature, self.divergence_kind = temperature, divergence_kind
-        self.fn = divergence(divergence_kind, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
-        # On a store's sparse targets: the same divergence between k + 1 buckets already at temperature T.
-        self.bucket_fn = divergence(divergence_kind, temperature=1.0, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
-
-    def per_token(self, student_logits, teacher_logits, labels):
-        if teacher_logits is None:  # weight 0: the teacher is not run; the term is reported as 0
-            return _unreported(student_logits, None, labels)
-        if isinstance(teacher_logits, SparseTargets):
-            if teacher_logits.tail_mode == "uniform":
-                return self.fn(student_logits, spread(teacher_logits, student_logits.shape[-1]))
-            return self.bucket_fn(*buckets(student_logits, teacher_logits, self.temperature))
-        return self.fn(student_logits, teacher_logits)
-
-    def closed_form(self, teacher_logits):
-        if self.divergence_kind != "forward_kl":
-            return None
-        if isinstance(teacher_logits, SparseTargets):
-            if teacher_logits.tail_mode != "bucket":
-                return None
-            return lambda s, t, labels, log_probs: bucket_forward_kl_and_grad(s, t, self.temperature, log_s=log_probs(self.temperature))
-        return lambda s, t, labels, log_probs: forward_kl_and_grad(s, t, temperature=self.temperature, log_s=log_probs(self.temperature))
-
-
-class CrossEntropyTerm(Term):
-    """The task's hard-label loss."""
-
-    def per_token(self, student_logits, teacher_logits, labels):
-        return cross_entropy(student_logits, teacher_logits, labels)
-
-    def closed_form(self, teacher_logits):
-        return lambda s, t, labels, log_probs: cross_entropy_and_grad(s, labels, log_s=log_probs(1.0))
+from distill.losses import IGNORE_INDEX, term_sums
+from distill.logit_terms import CrossEntropyTerm, LogitsTerm, Term, _unreported  # noqa: F401  (Term: the base of a user's own term)
+from distill.sparse import SparseTargets
+from distill.terms import kind_of
 
 
 @dataclass
@@ -113,7 +47,6 @@ class Outputs:
 
 
 TeacherOutputs = Outputs
-FEATURE_TERMS = (HiddenTerm, AttentionTerm)
 
 
 class Objective(nn.Module):
@@ -150,7 +83,7 @@ class Objective(nn.Module):
             vocab: the shared vocabulary the logits are cut to (fused: the student's whole output layer when None).
             report: compute zero-weight terms too (they only inform the log); otherwise they are 0.
         """
-        token_terms = [t for t in self.terms if not isinstance(t, FEATURE_TERMS)]
+        token_terms = [t for t in self.terms if not t.features]
         fns = [t.per_token if report or t.weight > 0 else _unreported for t in token_terms]
         if student.features is not None:
             vocab = vocab or student.head.out_features
@@ -164,13 +97,11 @@ class Objective(nn.Module):
         anchor = student.features if student.features is not None else student.logits
         sums = []
         for term in self.terms:
-            if not isinstance(term, FEATURE_TERMS):
+            if not term.features:
                 sums.append(next(token_sums))
             elif teacher is None or term.weight == 0:
                 # Not computed, reported as 0; its parameters still join the graph (DDP/ZeRO expect their gradients).
                 sums.append(sum((p.sum() for p in term.parameters()), anchor.new_zeros((), dtype=torch.float32)) * 0.0)
-            elif isinstance(term, HiddenTerm):
-                sums.append(term(student, teacher, feature_weights))
             else:
                 sums.append(term(student, teacher, feature_weights, attention_mask))
         return torch.stack([s.float() for s in sums])
@@ -179,10 +110,6 @@ class Objective(nn.Module):
         """The step loss (a sum over targets) from :meth:`sums`."""
         weights = torch.tensor([t.weight * t.scale for t in self.terms], dtype=sums.dtype, device=sums.device)
         return (sums * weights).sum()
-
-
-def _unreported(student_logits, _teacher, _labels) -> torch.Tensor:
-    return student_logits.new_zeros(student_logits.shape[0], dtype=torch.float32)
 
 
 def _at_every_position(sparse: SparseTargets, labels: torch.Tensor) -> SparseTargets:
@@ -195,70 +122,6 @@ def _at_every_position(sparse: SparseTargets, labels: torch.Tensor) -> SparseTar
                          sparse.tail_mode)
     full.ids[mask], full.logprobs[mask], full.tail[mask] = sparse.ids, sparse.logprobs.float(), sparse.tail.float()
     return full
-
-
-def _dims(model) -> dict:
-    config = model.config
-    return {"layers": config.num_hidden_layers, "width": config.hidden_size, "heads": config.num_attention_heads}
-
-
-def _feature_term(spec: dict, key: str, student, teacher, causal: bool):
-    if student is None or teacher is None:
-        raise ConfigError(f"{key}: a {spec['kind']} term needs both the student and the teacher model")
-    s, t = _dims(student), _dims(teacher)
-    name, weight = spec["name"], float(spec.get("weight", 1.0))
-    if spec["kind"] == "hidden":
-        pairs = layer_pairs(spec.get("layers", "uniform"), s["layers"], t["layers"], embeddings=bool(spec.get("embeddings", False)),
-                            key=f"{key}.layers", first=0)
-        return HiddenTerm(name, weight, pairs=pairs, distance=spec.get("distance", "mse"), student_width=s["width"],
-                          teacher_width=t["width"], projection=spec.get("projection"))
-    pairs = layer_pairs(spec.get("layers", "uniform"), s["layers"], t["layers"], embeddings=False, key=f"{key}.layers", first=1)
-    mode = spec.get("mode", "auto")
-    if mode == "auto":
-        mode = "maps" if s["heads"] == t["heads"] else "relations"
-    if mode == "maps" and s["heads"] != t["heads"]:
-        raise ConfigError(f"{key}.mode: maps needs equal head counts (student {s['heads']}, teacher {t['heads']}); use mode: relations")
-    heads = int(spec.get("relation_heads", t["heads"]))
-    if mode == "relations":
-        for model, who, layers in ((student, "student", {p[0] for p in pairs}), (teacher, "teacher", {p[1] for p in pairs})):
-            check_relations(model, layers, who, f"{key}.mode")
-            for layer, modules in qkv_modules(model).items():
-                widths = {m.out_features for m in modules if hasattr(m, "out_features")}
-                if layer in layers and any(w % heads for w in widths):
-                    raise ConfigError(f"{key}.relation_heads: {heads} does not divide the {who}'s q/k/v widths {sorted(widths)}; choose a common divisor")
-    return AttentionTerm(name, weight, pairs=pairs, mode=mode, relation_heads=heads, causal=causal)
-
-
-def load_term_class(kind: str, key: str) -> type:
-    """The class of ``kind: path/to/file.py:Class``, imported from that file (which runs its code)."""
-    import importlib.util
-    import os
-
-    path, name = user_term(kind)
-    path = os.path.abspath(os.path.expanduser(path))
-    spec = importlib.util.spec_from_file_location(f"distill_user_term_{abs(hash(path))}", path)
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except Exception as err:  # the user's file: any error it raises while loading
-        raise ConfigError(f"{key}.kind: cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    cls = getattr(module, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Term)):
-        raise ConfigError(f"{key}.kind: {path} has no class {name} derived from distill.objective.Term")
-    return cls
-
-
-def _user_term(spec: dict, key: str) -> Term:
-    """A term of the user's own: its class built with ``(name, weight, **the spec's other options)``."""
-    import inspect
-
-    cls = load_term_class(spec["kind"], key)
-    options = {k: v for k, v in spec.items() if k not in ("kind", "name", "weight")}
-    try:
-        inspect.signature(cls).bind(spec["name"], float(spec.get("weight", 1.0)), **options)
-    except TypeError as err:
-        raise ConfigError(f"{key}: {cls.__name__} does not take these options ({err})") from None
-    return cls(spec["name"], float(spec.get("weight", 1.0)), **options)
 
 
 def fused_path(setting: str, task, student) -> tuple[bool, str]:
@@ -284,19 +147,8 @@ def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool
     whose layer maps and projections are checked and built here, before training. With ``task``
     and ``student``, ``loss.fused`` decides whether logit terms run from the output layers' inputs.
     """
-    terms = []
-    for i, spec in enumerate(loss_terms(cfg)):
-        name, weight = spec["name"], float(spec.get("weight", 1.0))
-        if spec["kind"] == LOGITS:
-            terms.append(LogitsTerm(name, weight, divergence_kind=spec.get("divergence", cfg.kind),
-                                    temperature=float(spec.get("temperature", cfg.temperature)),
-                                    jsd_beta=float(spec.get("jsd_beta", cfg.jsd_beta)), skew_alpha=float(spec.get("skew_alpha", cfg.skew_alpha))))
-        elif spec["kind"] == "ce":
-            terms.append(CrossEntropyTerm(name, weight))
-        elif user_term(spec["kind"]):
-            terms.append(_user_term(spec, f"loss.terms[{i}]"))
-        else:
-            terms.append(_feature_term(spec, f"loss.terms[{i}]", student, teacher, causal))
+    terms = [kind_of(spec["kind"]).build(spec, f"loss.terms[{i}]", loss=cfg, student=student, teacher=teacher, causal=causal)
+             for i, spec in enumerate(loss_terms(cfg))]
     fused, path = fused_path(cfg.fused, task, student)
     return Objective(terms, chunk_size=cfg.chunk_size, fused=fused, path=path)
 
@@ -357,7 +209,8 @@ def check_sampled_targets(objective) -> None:
     distribution at temperature 1 without bias; only the forward KL's gradient is linear in it, and
     another temperature would need the probabilities of ids never drawn. Refuses the other terms."""
     for term in objective.terms:
-        if isinstance(term, LogitsTerm) and term.weight and (term.divergence_kind != "forward_kl" or term.temperature != 1.0):
-            raise ConfigError(f"loss term {term.name!r} ({term.divergence_kind} at temperature {term.temperature:g}): sampled teacher targets give "
+        problem = term.sampled_targets_problem()
+        if problem:
+            raise ConfigError(f"loss term {term.name!r} ({problem}): sampled teacher targets give "
                               "an unbiased forward KL at temperature 1 only; use divergence forward_kl at temperature 1, or a top-k store "
                               "(distill cache-teacher --targets top_k)")

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import typing
 from pathlib import Path
 
-from distill.config.schema import LOGITS, MIXTURE_SOURCE_KEYS, TERM_KEYS, DataConfig, DistillConfig, LossConfig, LossKind, loss_terms, user_term
+from distill.config.schema import MIXTURE_SOURCE_KEYS, DataConfig, DistillConfig, LossConfig, loss_terms
 from distill.errors import ConfigError
+from distill.terms import TERMS, UserTerm, kind_of
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -137,9 +137,10 @@ def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
     holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
     _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
     for i, spec in enumerate(loss_terms(cfg.loss)):
-        _check(not user_term(spec.get("kind")) or not float(spec.get("weight", 1.0)),
+        kind, weighted = kind_of(spec.get("kind")), bool(float(spec.get("weight", 1.0)))
+        _check(kind is not UserTerm or not weighted,
                f"loss.terms[{i}]: a term of your own ({spec.get('kind')}) is given the teacher model's logits; use teacher.source=model")
-        _check(spec.get("kind") in (LOGITS, "ce") or not float(spec.get("weight", 1.0)),
+        _check(not kind.features or not weighted,
                f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
 
 
@@ -185,7 +186,7 @@ def check_mixture(cfg: DataConfig) -> None:
 
 
 def check_terms(cfg: LossConfig) -> None:
-    """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from."""
+    """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from (each kind checks its own keys)."""
     if cfg.terms and (cfg.kind != "forward_kl" or cfg.alpha != 0.0):
         raise ConfigError("set either loss.terms or the shorthand loss.kind / loss.alpha, not both "
                           "(the shorthand is [{kind: logits, divergence: KIND, weight: 1-alpha}, {kind: ce, weight: alpha}])")
@@ -194,33 +195,14 @@ def check_terms(cfg: LossConfig) -> None:
         key = f"loss.terms[{i}]"
         if not isinstance(spec, dict):
             raise ConfigError(f"{key}: expected a mapping such as {{kind: logits, weight: 0.5}}, got {spec!r}")
-        kind = spec.get("kind")
-        own = user_term(kind)
-        if kind not in TERM_KEYS and own is None:
-            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERM_KEYS)} (got {kind!r}), or path/to/file.py:Class for a term of your own")
-        if own is not None:  # its options are the class's own arguments, checked when it is built
-            _check(Path(os.path.expanduser(own[0])).is_file(), f"{key}.kind: the term's file {own[0]} does not exist")
-        for name in spec if own is None else ():
-            if name not in TERM_KEYS[kind]:
-                raise ConfigError(f"unknown config key: {key}.{name} (a {kind} term takes {', '.join(sorted(TERM_KEYS[kind]))})")
+        kind = kind_of(spec.get("kind"))
+        if kind is None:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERMS)} (got {spec.get('kind')!r}), or path/to/file.py:Class for a term of your own")
+        for name in spec if kind is not UserTerm else ():  # a term of the user's own takes its class's arguments, checked when built
+            if name not in kind.keys:
+                raise ConfigError(f"unknown config key: {key}.{name} (a {kind.kind} term takes {', '.join(sorted(kind.keys))})")
         weight = spec.get("weight", 1.0)
         _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight >= 0, f"{key}.weight must be a number >= 0 (got {weight!r})")
-        if kind == LOGITS:
-            kinds = typing.get_args(LossKind)
-            _check(spec.get("divergence", cfg.kind) in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.get('divergence')!r})")
-            temperature = spec.get("temperature", cfg.temperature)
-            _check(not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0,
-                   f"{key}.temperature must be > 0 (got {temperature!r})")
-        if kind == "hidden":
-            _check(spec.get("distance", "mse") in ("mse", "cosine"), f"{key}.distance: must be mse or cosine (got {spec.get('distance')!r})")
-            for flag in ("embeddings", "projection"):
-                _check(isinstance(spec.get(flag, False), bool), f"{key}.{flag} must be true or false (got {spec.get(flag)!r})")
-        if kind == "attention":
-            _check(spec.get("mode", "auto") in ("auto", "maps", "relations"), f"{key}.mode: must be auto, maps or relations (got {spec.get('mode')!r})")
-            heads = spec.get("relation_heads", 1)
-            _check(not isinstance(heads, bool) and isinstance(heads, int) and heads > 0, f"{key}.relation_heads must be an integer > 0 (got {heads!r})")
-        if kind in ("hidden", "attention"):
-            layers = spec.get("layers", "uniform")
-            _check(layers == "uniform" or isinstance(layers, list), f"{key}.layers: expected 'uniform' or a list of [student_layer, teacher_layer] pairs (got {layers!r})")
+        kind.check(spec, key, cfg)
         _check(spec["name"] not in names, f"{key}.name: {spec['name']!r} is used twice; give each term its own name")
         names.add(spec["name"])

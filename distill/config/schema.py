@@ -88,14 +88,6 @@ class DataConfig:
 
 
 LOGITS = "logits"  # the teacher output a logit term asks for, and that term's kind
-TERM_KEYS = {
-    LOGITS: {"kind", "name", "weight", "divergence", "temperature", "jsd_beta", "skew_alpha"},
-    "ce": {"kind", "name", "weight"},
-    "hidden": {"kind", "name", "weight", "layers", "embeddings", "distance", "projection"},
-    "attention": {"kind", "name", "weight", "layers", "mode", "relation_heads"},
-}
-
-
 @dataclass
 class LossConfig:
     kind: LossKind = option("forward_kl", "Distillation divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd.")
@@ -219,11 +211,6 @@ def user_term(kind) -> tuple[str, str] | None:
         return None
     path, _, name = kind.rpartition(":")
     return (path, name) if path.endswith(".py") and name.isidentifier() else None
-
-
-def teacher_needed(cfg: LossConfig) -> bool:
-    """Whether a term with a weight asks the teacher for anything (every kind but ce does)."""
-    return any(spec["kind"] != "ce" and float(spec.get("weight", 1.0)) > 0 for spec in loss_terms(cfg))
 
 
 def to_dict(cfg: DistillConfig) -> dict:
