@@ -32,6 +32,11 @@ class Task:
     auto_class: str  # the transformers auto class teacher and student load with
     peft_task_type: str | None
 
+    @classmethod
+    def from_config(cls, cfg) -> "Task":
+        """The task of ``task.*`` (a kind's own settings, such as masking, come from it)."""
+        return cls()
+
     @staticmethod
     def targets(batch: dict) -> torch.Tensor:
         return batch["labels"]
@@ -128,6 +133,10 @@ class MaskedLM(Task):
     fused_head = True
     auto_class, peft_task_type = "AutoModelForMaskedLM", None  # peft has no masked-LM task type: a plain PeftModel
 
+    @classmethod
+    def from_config(cls, cfg) -> "MaskedLM":
+        return cls(cfg.mask_rate, cfg.mask_seed)
+
     def __init__(self, mask_rate: float = 0.15, mask_seed: int = 0):
         self.mask_rate, self.mask_seed = mask_rate, mask_seed
 
@@ -190,6 +199,4 @@ def build_task(cfg) -> Task:
     """The task of ``task.*`` (a TaskConfig, or just its kind)."""
     if isinstance(cfg, str):
         return TASKS[cfg]()
-    if cfg.kind == MaskedLM.kind:
-        return MaskedLM(cfg.mask_rate, cfg.mask_seed)
-    return TASKS[cfg.kind]()
+    return TASKS[cfg.kind].from_config(cfg)
