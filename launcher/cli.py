@@ -319,7 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill a large causal LM (the teacher) into a small one (the student).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
+    for add in (_add_job_commands, _add_teacher_commands, _add_model_commands, _add_experiment_commands, _add_build_commands):
+        add(commands, formatter)
+    return parser
 
+
+def _add_job_commands(commands, formatter) -> None:
+    """run, launch, submit: a job in this process, on many processes, or through SLURM."""
     run = commands.add_parser("run", help="run a distillation job in this process", epilog=_options_epilog(), formatter_class=formatter,
                               description="Train the student against the teacher, save it to OUTPUT_DIR/student and write the report.")
     _add_config_arguments(run)
@@ -354,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true", help="print the script and exit")
     submit.set_defaults(func=cmd_submit)
 
+
+def _add_teacher_commands(commands, formatter) -> None:
+    """cache-teacher, serve-teacher: the teacher's targets computed once, or served to many students."""
     cache = commands.add_parser("cache-teacher", help="run the teacher once over a job's data and store its top-k targets (teacher.source=cache)",
                                 description="Write a content-addressed teacher store: per target token, the teacher's top-k ids and log-probabilities "
                                             "and the log of the remaining mass, for the job's training and validation sequences. Interrupted, it "
@@ -381,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_arguments(serve)
     serve.set_defaults(func=cmd_serve_teacher)
 
+
+def _add_model_commands(commands, formatter) -> None:
+    """prune, quantize, eval: a model or a finished run's student, after training."""
     pr = commands.add_parser("prune", help="structurally prune a model (layers, heads, MLP neurons, hidden channels) to a directory",
                              description="Rank layers, attention heads, MLP neurons and hidden channels by their activations on calibration "
                                          "text (Minitron-style), remove the least important, and save a smaller model with save_pretrained.")
@@ -418,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "refused without it, since a run directory may come from someone else")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_experiment_commands(commands, formatter) -> None:
+    """compare, sweep: many runs side by side."""
     cmp = commands.add_parser("compare", help="put many runs (or a sweep) side by side: table, CSV and plots",
                               description="One table over the runs: the settings that differ between them and the student's figures "
                                           "(quality against the teacher, size, latency, throughput, trainable parameters, steps, training "
@@ -460,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slurm_arguments(slurm_options, unit="task", default_name="the sweep directory's name")
     sw.set_defaults(func=cmd_sweep)
 
+
+def _add_build_commands(commands, formatter) -> None:
+    """prepare-tiny, prepare-minilm: the bundled examples, built once."""
     builds = (
         ("prepare-tiny", "build the bundled tiny corpus, tokenizer and trained teacher (no download)",
          "Build a small corpus from the Python standard library's sources, a BPE tokenizer, and a small Llama teacher trained on it; "
@@ -474,7 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
         build.add_argument("--dir", default=f"~/.cache/distill/{folder}", help=f"where to build it (default: ~/.cache/distill/{folder}, which {config} uses)")
         build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
         build.set_defaults(func=func)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
