@@ -78,3 +78,12 @@ def test_no_import_circles():
 
 def test_the_circle_finder_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_package_of_the_library_is_in_the_wheel():
+    """pyproject.toml lists the packages by hand (the launcher is renamed in the wheel): a new subpackage must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("distill", *init.parent.relative_to(PACKAGES["distill"]).parts)) for init in PACKAGES["distill"].rglob("__init__.py")}
+    assert found - listed == set()
