@@ -364,16 +364,6 @@ def validation_batches(sequences, *, batch_size: int, limit: int, pad_id: int, r
     return [collate(rows_at(sequences, indices[j : j + batch_size]), pad_id) for j in range(0, len(indices), batch_size)]
 
 
-def sources(cfg: DataConfig) -> list[tuple[str, float, DataConfig]]:
-    """``(name, weight, its DataConfig)`` of each source: the mixture's, or the one data.* describes."""
-    import dataclasses
-
-    if not cfg.mixture:
-        return [("data", 1.0, cfg)]
-    return [(s["name"], float(s.get("weight", 1.0)), dataclasses.replace(cfg, mixture=[], **{k: v for k, v in s.items() if k not in ("name", "weight")}))
-            for s in cfg.mixture]
-
-
 class MixtureStream:
     """Deterministic, resumable micro-batches drawn from several sources by weight.
 

@@ -24,17 +24,16 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from distill import checkpoint, evaluation, models, report, rundir, service  # noqa: E402
-from distill import store as stores  # noqa: E402
+from distill import checkpoint, evaluation, models, report, rundir  # noqa: E402
 from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
-from distill.objective import Distillee, build_objective, check_sampled_targets, save_objective, split_state_dict  # noqa: E402
+from distill.objective import Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.progress import phase  # noqa: E402
 # Setup's steps, re-exported for the tools and tests that named them here.
 from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
                            validation_sets)
-from distill.teacher_source import build_source  # noqa: E402
+from distill.teacher_source import SOURCES, build_source  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, train_seconds, truncate_metrics  # noqa: E402
 
 
@@ -196,8 +195,7 @@ class Loaded:
     """What training needs, loaded and checked: models, data, the teacher's signal and the objective."""
 
     setup: Setup
-    store: object
-    pool: object
+    opened: object  # what the teacher's signal is read from (a store, a pool's client), or None for the model itself
     objective: object
     parameters: tuple[int, int]  # the student's trainable and total parameters
 
@@ -214,14 +212,12 @@ class Loaded:
 def load(cfg: DistillConfig, accelerator) -> Loaded:
     """Models, tokenizer and data; the teacher's signal (the model, a store or a pool); the objective, checked against them."""
     quiet = not accelerator.is_main_process
-    cached = cfg.teacher.source in ("cache", "remote")  # the teacher's signal comes from elsewhere: it is not loaded for training
-    setup = Setup(cfg, accelerator.device, load_teacher=not cached and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
-    store = stores.open_store(cfg, setup, quiet=quiet) if cfg.teacher.source == "cache" else None
-    pool = service.open_pool(cfg, setup, quiet=quiet) if cfg.teacher.source == "remote" else None
+    source = SOURCES[cfg.teacher.source]  # a store or a pool gives the signal without the teacher: it is then not loaded for training
+    setup = Setup(cfg, accelerator.device, load_teacher=source.runs_teacher and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
+    opened = source.open(cfg, setup, quiet=quiet)
     task, student, teacher = setup.task, setup.student, setup.teacher
     objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
-    if store is not None and store.method != "top_k":
-        check_sampled_targets(objective)
+    source.check_objective(opened, objective)
     if not quiet and any(t.weight > 0 and not t.features for t in objective.terms):
         print(f"loss: {objective.path}", file=sys.stderr)
     if ATTENTIONS in objective.student_wants:
@@ -234,7 +230,7 @@ def load(cfg: DistillConfig, accelerator) -> Loaded:
     trainable, total = models.trainable_parameters(student)
     if not quiet:
         print(f"student: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})", file=sys.stderr)
-    return Loaded(setup, store, pool, objective, (trainable, total))
+    return Loaded(setup, opened, objective, (trainable, total))
 
 
 def evaluate_untrained(cfg: DistillConfig, accelerator, job: Loaded, validation: list[dict], run: rundir.RunDir) -> dict:
@@ -264,8 +260,8 @@ def resume_state(accelerator, latest: Path | None, scheduler, run: rundir.RunDir
 def train(cfg: DistillConfig, accelerator, job: Loaded, model, optimizer, scheduler, state, run: rundir.RunDir, tracker, evaluate) -> bool:
     """The training loop over the rank's stream from the teacher's signal; False when preempted (SIGUSR1)."""
     stream = train_stream(job.setup, cfg, accelerator, state.samples_consumed)
-    source = build_source(cfg.teacher.source, job.teacher, job.task, job.vocab, job.objective.qkv_layers[1], store=job.store,
-                          source_names=[name for name, *_ in job.setup.sources], tail=cfg.teacher.cache_tail, client=job.pool)
+    source = build_source(cfg.teacher.source, job.teacher, job.task, job.vocab, job.objective.qkv_layers[1], opened=job.opened,
+                          source_names=[name for name, *_ in job.setup.sources], tail=cfg.teacher.cache_tail)
     try:
         fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=job.task,
             objective=job.objective, state=state, run_dir=run.path, tracker=tracker, evaluate=evaluate)

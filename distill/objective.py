@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.config import LOGITS, LossConfig, loss_terms
+from distill.config import LOGITS, LossConfig
 from distill.errors import ConfigError
 from distill.feature_terms import QKV
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
 from distill.losses import IGNORE_INDEX, term_sums
 from distill.logit_terms import CrossEntropyTerm, LogitsTerm, Term, _unreported  # noqa: F401  (Term: the base of a user's own term)
 from distill.sparse import SparseTargets
-from distill.terms import kind_of
+from distill.terms import kind_of, parse_terms
 
 
 @dataclass
@@ -147,8 +147,8 @@ def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool
     whose layer maps and projections are checked and built here, before training. With ``task``
     and ``student``, ``loss.fused`` decides whether logit terms run from the output layers' inputs.
     """
-    terms = [kind_of(spec["kind"]).build(spec, f"loss.terms[{i}]", loss=cfg, student=student, teacher=teacher, causal=causal)
-             for i, spec in enumerate(loss_terms(cfg))]
+    terms = [kind_of(spec.kind).build(spec, f"loss.terms[{i}]", student=student, teacher=teacher, causal=causal)
+             for i, spec in enumerate(parse_terms(cfg))]
     fused, path = fused_path(cfg.fused, task, student)
     return Objective(terms, chunk_size=cfg.chunk_size, fused=fused, path=path)
 

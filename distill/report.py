@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from distill import evaluation, models, rundir
-from distill.config import DistillConfig, loss_terms
+from distill.config import DistillConfig, data_sources, loss_terms
 
 
 def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
@@ -178,7 +178,7 @@ SOURCE_METRICS = ("perplexity", "accuracy", "macro_f1", "kl_to_teacher", "top1_a
 
 def source_rows(cfg: DistillConfig, task, student, teacher, by_source: dict, vocab: int, device) -> list[dict]:
     """One row per source and model (teacher, student), then each model's total weighted by the sources' weights."""
-    weights = {s["name"]: float(s.get("weight", 1.0)) for s in cfg.data.mixture}
+    weights = {source.name: source.weight for source in data_sources(cfg.data)}
     rows = []
     for name, batches in by_source.items():
         for model_name, model in (("teacher", teacher), ("student", student)):

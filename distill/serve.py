@@ -50,7 +50,7 @@ class BuiltinEngine:
 
     def targets(self, batch: dict):
         """(SparseTargets on the CPU, each row's target count) of a checked batch."""
-        from distill.store import batch_targets
+        from distill.cache_teacher import batch_targets
 
         return batch_targets(self.source, self.task, {name: t.to(self.device) for name, t in batch.items()}, self.vocab, self.k)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from distill import data, models
-from distill.config import ConfigError, DistillConfig, read_ds_config
+from distill.config import ConfigError, DistillConfig, data_sources, read_ds_config
 from distill.progress import phase
 from distill.tasks import build_task
 
@@ -149,7 +149,7 @@ class Setup:
         if cfg.student.path:
             models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
-        raw = [(name, weight, source, data.load_raw(source)) for name, weight, source in data.sources(cfg.data)]
+        raw = [(source.name, source.weight, source.data, data.load_raw(source.data)) for source in data_sources(cfg.data)]
         self.student = self.vocab = None
         if not load_student:  # distill cache-teacher: the teacher and the data only
             pass

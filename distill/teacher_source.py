@@ -4,9 +4,11 @@ The training loop never knows where the teacher's signal comes from. ``model`` r
 teacher in this process; ``cache`` reads its precomputed top-k targets from a store
 (:mod:`distill.store`); ``remote`` asks a teacher pool for them (:mod:`distill.service`).
 
-A source that answers late (``remote``) also has ``prefetch(batches)``, called by the loop as soon
-as it knows the micro-batches of a coming step, and ``wait(batches)``, which blocks until their
-targets are here (or returns why they cannot come).
+Each kind declares what it needs and can do (``runs_teacher``, ``prefetches``, ``scores_new_text``),
+opens what it reads before step 0 (:meth:`TeacherSource.open`: a store, a pool's client) and refuses an
+objective it cannot serve. A source that answers late (``remote``) also has ``prefetch(batches)``, called
+by the loop as soon as it knows the micro-batches of a coming step, and ``wait(batches)``, which blocks
+until their targets are here (or returns why they cannot come).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from distill import service, store as stores
 from distill.errors import ConfigError, TeacherUnavailable
-from distill.objective import TeacherOutputs
+from distill.objective import TeacherOutputs, check_sampled_targets
 from distill.sparse import SparseTargets
 
 
@@ -28,11 +31,21 @@ class TeacherSource:
     (it can answer text it has not seen before, which a store cannot)."""
 
     kind = ""
+    runs_teacher = True  # the teacher model runs in the training processes (which then load it)
     prefetches = False
     scores_new_text = True
 
     @classmethod
-    def build(cls, *, model, task, vocab: int, qkv_layers: set[int], store, source_names, tail: str, client) -> "TeacherSource":
+    def open(cls, cfg, setup, *, quiet: bool = False):
+        """What the signal is read from (a store, a pool's client), opened and checked against the job before step 0; None when nothing is."""
+        return None
+
+    @classmethod
+    def check_objective(cls, opened, objective) -> None:
+        """Refuses, in one line, an objective that what was opened cannot serve."""
+
+    @classmethod
+    def build(cls, *, model, task, vocab: int, qkv_layers: set[int], opened, source_names, tail: str) -> "TeacherSource":
         raise NotImplementedError
 
     def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
@@ -55,7 +68,7 @@ class ModelSource(TeacherSource):
     kind = "model"
 
     @classmethod
-    def build(cls, *, model, task, vocab, qkv_layers, store, source_names, tail, client):
+    def build(cls, *, model, task, vocab, qkv_layers, opened, source_names, tail):
         return cls(model, task, vocab, qkv_layers)
 
     def __init__(self, model, task, vocab: int, qkv_layers: set[int] = frozenset()):
@@ -75,11 +88,21 @@ class CacheSource(TeacherSource):
     (source, index), so any stream order, resume point or world size reads the right ones."""
 
     kind = "cache"
+    runs_teacher = False
     scores_new_text = False
 
     @classmethod
-    def build(cls, *, model, task, vocab, qkv_layers, store, source_names, tail, client):
-        return cls(store, task, list(source_names), tail=tail)
+    def open(cls, cfg, setup, *, quiet=False):
+        return stores.open_store(cfg, setup, quiet=quiet)
+
+    @classmethod
+    def check_objective(cls, opened, objective):
+        if opened.method != "top_k":
+            check_sampled_targets(objective)
+
+    @classmethod
+    def build(cls, *, model, task, vocab, qkv_layers, opened, source_names, tail):
+        return cls(opened, task, list(source_names), tail=tail)
 
     def __init__(self, store, task, source_names: list[str], split: str = "training", tail: str = "bucket"):
         self.store, self.task, self.names, self.split, self.tail = store, task, source_names, split, tail
@@ -102,11 +125,16 @@ class RemoteSource(TeacherSource):
     ahead of time when the loop calls :meth:`prefetch`, and matched to the batch by its contents."""
 
     kind = "remote"
+    runs_teacher = False
     prefetches = True
 
     @classmethod
-    def build(cls, *, model, task, vocab, qkv_layers, store, source_names, tail, client):
-        return cls(client, task, tail=tail)
+    def open(cls, cfg, setup, *, quiet=False):
+        return service.open_pool(cfg, setup, quiet=quiet)
+
+    @classmethod
+    def build(cls, *, model, task, vocab, qkv_layers, opened, source_names, tail):
+        return cls(opened, task, tail=tail)
 
     def __init__(self, client, task, tail: str = "bucket", workers: int = 4):
         self.client, self.task, self.tail = client, task, tail
@@ -166,8 +194,7 @@ class RemoteSource(TeacherSource):
 SOURCES = {ModelSource.kind: ModelSource, CacheSource.kind: CacheSource, RemoteSource.kind: RemoteSource}
 
 
-def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, store=None, source_names=(), tail: str = "bucket",
-                 client=None) -> TeacherSource:
-    """The ``teacher.source`` kind's source: the in-process model, a store (``store``) or a pool (``client``)."""
-    return SOURCES[kind].build(model=model, task=task, vocab=vocab, qkv_layers=qkv_layers, store=store, source_names=source_names,
-                               tail=tail, client=client)
+def build_source(kind: str, model, task, vocab: int, qkv_layers: set[int] = frozenset(), *, opened=None, source_names=(),
+                 tail: str = "bucket") -> TeacherSource:
+    """The ``teacher.source`` kind's source: the in-process model, or what :meth:`TeacherSource.open` opened (a store, a pool's client)."""
+    return SOURCES[kind].build(model=model, task=task, vocab=vocab, qkv_layers=qkv_layers, opened=opened, source_names=source_names, tail=tail)

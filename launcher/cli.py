@@ -154,10 +154,10 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
         from distill_launcher.launch import executable
 
-        command = [executable("torchrun"), "--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "distill.store", *argv]
+        command = [executable("torchrun"), "--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "distill.cache_teacher", *argv]
         print(" ".join(command), file=sys.stderr)
         return subprocess.run(command).returncode
-    from distill.store import main as store_main
+    from distill.cache_teacher import main as store_main
 
     return store_main(argv)
 

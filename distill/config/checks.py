@@ -8,9 +8,9 @@ import math
 import os
 from pathlib import Path
 
-from distill.config.schema import MIXTURE_SOURCE_KEYS, DataConfig, DistillConfig, LossConfig, loss_terms
+from distill.config.schema import DataConfig, DistillConfig, LossConfig, data_sources
 from distill.errors import ConfigError
-from distill.terms import TERMS, UserTerm, kind_of
+from distill.terms import UserTerm, kind_of, parse_terms
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -136,12 +136,12 @@ def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
         return
     holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
     _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
-    for i, spec in enumerate(loss_terms(cfg.loss)):
-        kind, weighted = kind_of(spec.get("kind")), bool(float(spec.get("weight", 1.0)))
+    for i, spec in enumerate(parse_terms(cfg.loss)):
+        kind, weighted = kind_of(spec.kind), spec.weight > 0
         _check(kind is not UserTerm or not weighted,
-               f"loss.terms[{i}]: a term of your own ({spec.get('kind')}) is given the teacher model's logits; use teacher.source=model")
+               f"loss.terms[{i}]: a term of your own ({spec.kind}) is given the teacher model's logits; use teacher.source=model")
         _check(not kind.features or not weighted,
-               f"loss.terms[{i}]: a {spec.get('kind')} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
+               f"loss.terms[{i}]: a {spec.kind} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
 
 
 def rule_task_fits_student_data_and_eval(cfg: DistillConfig) -> None:
@@ -171,38 +171,12 @@ def tiny_hint(path: str) -> str:
 
 def check_mixture(cfg: DataConfig) -> None:
     """Fails at load time, naming ``data.mixture[i].key``, on a source that cannot be read."""
-    names = set()
-    for i, source in enumerate(cfg.mixture):
-        key = f"data.mixture[{i}]"
-        _check(isinstance(source, dict), f"{key}: expected a mapping such as {{name: code, weight: 1, train_files: [a.txt]}}, got {source!r}")
-        for name in source:
-            _check(name in MIXTURE_SOURCE_KEYS, f"unknown config key: {key}.{name} (a source takes {', '.join(sorted(MIXTURE_SOURCE_KEYS))})")
-        _check(isinstance(source.get("name"), str) and source["name"], f"{key}.name: each source needs a name")
-        _check(source["name"] not in names, f"{key}.name: {source['name']!r} is used twice")
-        names.add(source["name"])
-        weight = source.get("weight", 1.0)
-        _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight > 0, f"{key}.weight must be a number > 0 (got {weight!r})")
-        _check(bool(source.get("train_files")) != bool(source.get("dataset")), f"{key}: set exactly one of train_files and dataset")
+    data_sources(cfg)
 
 
 def check_terms(cfg: LossConfig) -> None:
-    """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from (each kind checks its own keys)."""
+    """Fails at load time, naming ``loss.terms[i].key``, on anything a term cannot be built from (each kind parses and checks its own spec)."""
     if cfg.terms and (cfg.kind != "forward_kl" or cfg.alpha != 0.0):
         raise ConfigError("set either loss.terms or the shorthand loss.kind / loss.alpha, not both "
                           "(the shorthand is [{kind: logits, divergence: KIND, weight: 1-alpha}, {kind: ce, weight: alpha}])")
-    names = set()
-    for i, spec in enumerate(loss_terms(cfg)):
-        key = f"loss.terms[{i}]"
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{key}: expected a mapping such as {{kind: logits, weight: 0.5}}, got {spec!r}")
-        kind = kind_of(spec.get("kind"))
-        if kind is None:
-            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERMS)} (got {spec.get('kind')!r}), or path/to/file.py:Class for a term of your own")
-        for name in spec if kind is not UserTerm else ():  # a term of the user's own takes its class's arguments, checked when built
-            if name not in kind.keys:
-                raise ConfigError(f"unknown config key: {key}.{name} (a {kind.kind} term takes {', '.join(sorted(kind.keys))})")
-        weight = spec.get("weight", 1.0)
-        _check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight >= 0, f"{key}.weight must be a number >= 0 (got {weight!r})")
-        kind.check(spec, key, cfg)
-        _check(spec["name"] not in names, f"{key}.name: {spec['name']!r} is used twice; give each term its own name")
-        names.add(spec["name"])
+    parse_terms(cfg)

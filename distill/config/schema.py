@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from distill.errors import ConfigError
+
 def option(default: Any, help: str) -> Any:
     """A config field with a default and its one-line help text."""
     if isinstance(default, (list, dict)):
@@ -188,6 +190,40 @@ class DistillConfig:
 MIXTURE_SOURCE_KEYS = {"name", "weight", "train_files", "validation_files", "dataset", "dataset_config", "train_split", "validation_split_name",
                        "validation_split", "text_unit", "text_field", "prompt_field", "messages_field", "chat_template", "label_field",
                        "text_pair_field"}
+
+
+@dataclass
+class DataSource:
+    """One source of the training data, typed: an entry of ``data.mixture`` (its ``data.*`` keys applied over the
+    job's ``data.*``), or the one source ``data.*`` describes without a mixture (named ``data``, weight 1)."""
+
+    name: str
+    weight: float
+    data: DataConfig  # what this source reads, as a DataConfig without a mixture
+
+
+def data_sources(cfg: DataConfig) -> list[DataSource]:
+    """``data.mixture`` parsed into its sources (each checked, naming ``data.mixture[i].key``), or data.*'s one source."""
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    if not cfg.mixture:
+        return [DataSource("data", 1.0, cfg)]
+    sources = []
+    for i, source in enumerate(cfg.mixture):
+        key = f"data.mixture[{i}]"
+        check(isinstance(source, dict), f"{key}: expected a mapping such as {{name: code, weight: 1, train_files: [a.txt]}}, got {source!r}")
+        for name in source:
+            check(name in MIXTURE_SOURCE_KEYS, f"unknown config key: {key}.{name} (a source takes {', '.join(sorted(MIXTURE_SOURCE_KEYS))})")
+        check(isinstance(source.get("name"), str) and source["name"], f"{key}.name: each source needs a name")
+        check(source["name"] not in {s.name for s in sources}, f"{key}.name: {source['name']!r} is used twice")
+        weight = source.get("weight", 1.0)
+        check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight > 0, f"{key}.weight must be a number > 0 (got {weight!r})")
+        check(bool(source.get("train_files")) != bool(source.get("dataset")), f"{key}: set exactly one of train_files and dataset")
+        own = {k: v for k, v in source.items() if k not in ("name", "weight")}
+        sources.append(DataSource(source["name"], float(weight), dataclasses.replace(cfg, mixture=[], **own)))
+    return sources
 
 
 def loss_terms(cfg: LossConfig) -> list[dict]:

@@ -1,15 +1,16 @@
-"""The objective's term kinds, one file each (its keys, checks, what it asks of the teacher, how it builds),
+"""The objective's term kinds, one file each (its typed spec, checks, what it asks of the teacher, how it builds),
 looked up by ``loss.terms[i].kind``; a term of the user's own loads by path (:mod:`distill.terms.user`).
 
-Torch-free: the config checks every spec with these when it loads; the modules are built by
-:func:`distill.objective.build_objective`.
+Torch-free: the config parses every spec into its kind's dataclass when it loads (:func:`parse_terms`);
+the modules are built by :func:`distill.objective.build_objective`.
 """
 
 from __future__ import annotations
 
-from distill.config.schema import user_term
+from distill.config.schema import loss_terms, user_term
+from distill.errors import ConfigError
 from distill.terms.attention import Attention
-from distill.terms.base import TermKind
+from distill.terms.base import TermKind, TermSpec
 from distill.terms.ce import CrossEntropy
 from distill.terms.hidden import Hidden
 from distill.terms.logits import Logits
@@ -23,8 +24,24 @@ def kind_of(kind) -> type[TermKind] | None:
     return TERMS.get(kind) if isinstance(kind, str) and kind in TERMS else UserTerm if user_term(kind) else None
 
 
+def parse_terms(loss) -> list[TermSpec]:
+    """``loss.terms`` (or the terms its ``loss.kind`` / ``loss.alpha`` shorthand stands for) as typed specs, each checked
+    by its kind; fails naming ``loss.terms[i].key``. ``loss``: ``loss.*``."""
+    specs = []
+    for i, mapping in enumerate(loss_terms(loss)):
+        key = f"loss.terms[{i}]"
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{kind: logits, weight: 0.5}}, got {mapping!r}")
+        kind = kind_of(mapping.get("kind"))
+        if kind is None:
+            raise ConfigError(f"{key}.kind: must be one of {', '.join(TERMS)} (got {mapping.get('kind')!r}), or path/to/file.py:Class for a term of your own")
+        spec = kind.parse(mapping, key, loss)
+        if spec.name in {s.name for s in specs}:
+            raise ConfigError(f"{key}.name: {spec.name!r} is used twice; give each term its own name")
+        specs.append(spec)
+    return specs
+
+
 def teacher_needed(loss) -> bool:
     """Whether a term with a weight asks the teacher for anything (``loss``: ``loss.*``)."""
-    from distill.config.schema import loss_terms
-
-    return any(kind_of(spec["kind"]).uses_teacher and float(spec.get("weight", 1.0)) > 0 for spec in loss_terms(loss))
+    return any(kind_of(spec.kind).uses_teacher and spec.weight > 0 for spec in parse_terms(loss))

@@ -1,7 +1,11 @@
-"""What every objective term kind declares: the keys its spec takes, its checks (at config load, torch-free),
-what it asks of the teacher, and how it builds its module (:mod:`distill.objective`, :mod:`distill.feature_terms`)."""
+"""What every objective term kind declares: its typed spec (a dataclass with the keys it takes), its checks
+(at config load, torch-free), what it asks of the teacher, and how it builds its module
+(:mod:`distill.logit_terms`, :mod:`distill.feature_terms`)."""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 from distill.errors import ConfigError
 
@@ -11,19 +15,49 @@ def check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@dataclass
+class TermSpec:
+    """One entry of ``loss.terms``, typed: what every kind takes. A kind's spec adds its own fields."""
+
+    kind: str
+    name: str
+    weight: float = 1.0
+
+
 class TermKind:
-    """One kind of term (``loss.terms[i].kind``). A spec is the term's mapping in ``loss.terms`` (name filled in)."""
+    """One kind of term (``loss.terms[i].kind``): its spec, its checks, what it asks of the teacher, how it builds."""
 
     kind = ""
-    keys: frozenset = frozenset({"kind", "name", "weight"})  # what a spec of this kind may hold
+    Spec: type[TermSpec] = TermSpec
     uses_teacher = True  # a weighted term of this kind makes the teacher run
     features = False  # it compares the teacher's features (hidden states, attention), which a store or a pool does not give
 
     @classmethod
-    def check(cls, spec: dict, key: str, loss) -> None:
-        """The kind's own checks of ``spec`` (keys and weight are checked for every kind); ``loss`` is ``loss.*``."""
+    def keys(cls) -> list[str]:
+        """What a spec of this kind may hold."""
+        return [f.name for f in dataclasses.fields(cls.Spec)]
 
     @classmethod
-    def build(cls, spec: dict, key: str, *, loss, student, teacher, causal: bool):
+    def defaults(cls, loss) -> dict:
+        """Values a spec takes from ``loss.*`` when it does not set them (the logits term's shorthand options)."""
+        return {}
+
+    @classmethod
+    def parse(cls, mapping: dict, key: str, loss) -> TermSpec:
+        """``mapping`` (its name filled in) as this kind's spec; unknown keys and a bad weight fail here, then :meth:`check`."""
+        for name in mapping:
+            check(name in cls.keys(), f"unknown config key: {key}.{name} (a {cls.kind} term takes {', '.join(sorted(cls.keys()))})")
+        weight = mapping.get("weight", 1.0)
+        check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight >= 0, f"{key}.weight must be a number >= 0 (got {weight!r})")
+        spec = cls.Spec(**{**cls.defaults(loss), **mapping, "weight": float(weight)})
+        cls.check(spec, key)
+        return spec
+
+    @classmethod
+    def check(cls, spec: TermSpec, key: str) -> None:
+        """The kind's own checks of ``spec`` (keys and weight are checked for every kind)."""
+
+    @classmethod
+    def build(cls, spec: TermSpec, key: str, *, student, teacher, causal: bool):
         """The term's module (an ``nn.Module`` with ``name``, ``weight``, ``scale``, ``wants``, ``features``)."""
         raise NotImplementedError

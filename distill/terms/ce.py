@@ -10,7 +10,7 @@ class CrossEntropy(TermKind):
     uses_teacher = False
 
     @classmethod
-    def build(cls, spec, key, *, loss, student, teacher, causal):
-        from distill.logit_terms import CrossEntropyTerm
+    def build(cls, spec, key, *, student, teacher, causal):
+        from distill.logit_terms import CrossEntropyTerm  # torch: the config reads the kinds without it
 
-        return CrossEntropyTerm(spec["name"], float(spec.get("weight", 1.0)))
+        return CrossEntropyTerm(spec.name, spec.weight)

@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import typing
+from dataclasses import dataclass
 
 from distill.config.schema import LOGITS, LossKind
-from distill.terms.base import TermKind, check
+from distill.terms.base import TermKind, TermSpec, check
+
+
+@dataclass
+class LogitsSpec(TermSpec):
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
 
 
 class Logits(TermKind):
     kind = LOGITS
-    keys = frozenset({"kind", "name", "weight", "divergence", "temperature", "jsd_beta", "skew_alpha"})
+    Spec = LogitsSpec
 
     @classmethod
-    def check(cls, spec, key, loss):
+    def defaults(cls, loss):
+        return {"divergence": loss.kind, "temperature": loss.temperature, "jsd_beta": loss.jsd_beta, "skew_alpha": loss.skew_alpha}
+
+    @classmethod
+    def check(cls, spec, key):
         kinds = typing.get_args(LossKind)
-        check(spec.get("divergence", loss.kind) in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.get('divergence')!r})")
-        temperature = spec.get("temperature", loss.temperature)
-        check(not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature > 0,
-              f"{key}.temperature must be > 0 (got {temperature!r})")
+        check(spec.divergence in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.divergence!r})")
+        check(not isinstance(spec.temperature, bool) and isinstance(spec.temperature, (int, float)) and spec.temperature > 0,
+              f"{key}.temperature must be > 0 (got {spec.temperature!r})")
 
     @classmethod
-    def build(cls, spec, key, *, loss, student, teacher, causal):
-        from distill.logit_terms import LogitsTerm
+    def build(cls, spec, key, *, student, teacher, causal):
+        from distill.logit_terms import LogitsTerm  # torch: the config reads the kinds without it
 
-        return LogitsTerm(spec["name"], float(spec.get("weight", 1.0)), divergence_kind=spec.get("divergence", loss.kind),
-                          temperature=float(spec.get("temperature", loss.temperature)), jsd_beta=float(spec.get("jsd_beta", loss.jsd_beta)),
-                          skew_alpha=float(spec.get("skew_alpha", loss.skew_alpha)))
+        return LogitsTerm(spec.name, spec.weight, divergence_kind=spec.divergence, temperature=float(spec.temperature),
+                          jsd_beta=float(spec.jsd_beta), skew_alpha=float(spec.skew_alpha))

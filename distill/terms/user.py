@@ -6,40 +6,49 @@ is read), and a config read back from a run directory that names one is refused 
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config.schema import user_term
 from distill.errors import ConfigError
-from distill.terms.base import TermKind, check
+from distill.terms.base import TermKind, TermSpec, check
+
+
+@dataclass
+class UserTermSpec(TermSpec):
+    options: dict = field(default_factory=dict)  # the spec's other keys: the class's keyword arguments, checked when it is built
 
 
 class UserTerm(TermKind):
     kind = "path/to/file.py:Class"
+    Spec = UserTermSpec
 
     @classmethod
-    def check(cls, spec, key, loss):
-        path, _ = user_term(spec["kind"])
+    def parse(cls, mapping, key, loss):
+        common = {k: mapping[k] for k in ("kind", "name", "weight") if k in mapping}
+        return super().parse({**common, "options": {k: v for k, v in mapping.items() if k not in common}}, key, loss)
+
+    @classmethod
+    def check(cls, spec, key):
+        path, _ = user_term(spec.kind)
         check(Path(path).expanduser().is_file(), f"{key}.kind: the term's file {path} does not exist")
 
     @classmethod
-    def build(cls, spec, key, *, loss, student, teacher, causal):
-        import inspect
-
-        term_class = load_class(spec["kind"], key)
-        options = {k: v for k, v in spec.items() if k not in ("kind", "name", "weight")}
+    def build(cls, spec, key, *, student, teacher, causal):
+        term_class = load_class(spec.kind, key)
         try:
-            inspect.signature(term_class).bind(spec["name"], float(spec.get("weight", 1.0)), **options)
+            inspect.signature(term_class).bind(spec.name, spec.weight, **spec.options)
         except TypeError as err:
             raise ConfigError(f"{key}: {term_class.__name__} does not take these options ({err})") from None
-        return term_class(spec["name"], float(spec.get("weight", 1.0)), **options)
+        return term_class(spec.name, spec.weight, **spec.options)
 
 
 def load_class(kind: str, key: str) -> type:
     """The class of ``kind: path/to/file.py:Class``, imported from that file (which runs its code)."""
-    import importlib.util
-    import os
-
-    from distill.logit_terms import Term
+    from distill.logit_terms import Term  # torch: the config reads the kinds without it
 
     path, name = user_term(kind)
     path = os.path.abspath(os.path.expanduser(path))

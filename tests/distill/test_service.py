@@ -215,7 +215,7 @@ def test_a_student_trains_from_the_pool_as_from_the_store(pool, tiny, corpus, tm
     err = capfd.readouterr().err
     assert f"teacher: pool {url} (builtin engine, top-{K} of 320 ids, key " in err and "the teacher model is not loaded for training" in err
     assert "teacher: this process waited " in err and " bytes per target token on the wire" in err
-    from distill.store import build
+    from distill.cache_teacher import build
 
     store = tmp_path / "store"
     build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=store)

@@ -335,7 +335,7 @@ def test_mixed_targets_are_exact_at_the_head_unbiased_beyond_and_less_noisy_than
 
 @pytest.mark.parametrize("method, held", [("sampled", f"{K} sampled"), ("mixed", f"top-{K // 2} and {K // 2} sampled")])
 def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl_only(method, held, store, tiny, corpus, tmp_path, capfd):
-    from distill.store import build
+    from distill.cache_teacher import build
 
     one, two = tmp_path / "one", tmp_path / "two"
     build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=one, shard_rows=16, method=method)  # here, one process

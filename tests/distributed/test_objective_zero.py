@@ -94,7 +94,7 @@ def test_a_teacher_store_trains_two_zero3_ranks_like_one_process(tiny, corpus, t
     """The store is read by each batch row's identity, so 2 ranks at micro-batch 2 follow 1 process at 4."""
     from conftest import job_overrides
     from distill.config import load_config
-    from distill.store import build
+    from distill.cache_teacher import build
 
     store = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=8, out=tmp_path / "store", shard_rows=32)
     sets = ("teacher.source=cache", f"teacher.cache={store}", "loss.alpha=0.2", "eval.at_end=false")
