@@ -7,6 +7,7 @@ runs it as a teacher source (:mod:`distill.teacher_source`), which itself reads 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
@@ -108,7 +109,6 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m distill.cache_teacher CONFIG --top-k K [--set ...]``: one process of ``distill cache-teacher`` (RANK/WORLD_SIZE from the launcher)."""
-    import argparse
 
     parser = argparse.ArgumentParser(prog="distill cache-teacher")
     parser.add_argument("config")

@@ -24,10 +24,14 @@ Any piece that cannot be restored is an error that names its file.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
+import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,10 +143,9 @@ def disk_full_message(what: str, where: Path, *, needed: int) -> str:
 
 def rng_state() -> dict:
     """Every generator this process draws from, as JSON-able lists."""
-    import random
 
-    import numpy as np
-    import torch
+    import numpy as np  # this module stays free of numpy until it is needed
+    import torch  # this module stays free of torch until it is needed
 
     algorithm, keys, position, has_gauss, cached = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
@@ -158,10 +161,9 @@ def rng_state() -> dict:
 
 def restore_rng(path: Path) -> None:
     """Restores what :func:`rng_state` saved; any failure names the file."""
-    import random
 
-    import numpy as np
-    import torch
+    import numpy as np  # this module stays free of numpy until it is needed
+    import torch  # this module stays free of torch until it is needed
 
     try:
         state = json.loads(path.read_text())
@@ -178,8 +180,6 @@ def restore_rng(path: Path) -> None:
 
 
 def _allowed_globals() -> list:
-    import importlib
-
     allowed = []
     for module, name in _DEEPSPEED_GLOBALS:
         try:
@@ -200,8 +200,8 @@ def verify(path: Path) -> None:
     calling it. Plain (non-torch) pickles are refused unread. safetensors headers and JSON files
     are parsed. Python files that DeepSpeed copies in (``zero_to_fp32.py``) are never run.
     """
-    import torch
-    from safetensors import safe_open
+    import torch  # this module stays free of torch until it is needed
+    from safetensors import safe_open  # this module stays free of safetensors until it is needed
 
     allowed = _allowed_globals()
     for file in checkpoint_files(path):
@@ -290,8 +290,6 @@ def to_universal(accelerator, path: Path) -> Path:
     another world size; DeepSpeed's universal checkpoint format stores it per parameter. The
     conversion runs once, on the main process, into ``universal-step_N`` beside the original.
     """
-    import subprocess
-    import sys
 
     target = path.parent / f"universal-{path.name}"
     if accelerator.is_main_process and not (target / STATE_FILE).is_file():

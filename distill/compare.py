@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-
+from distill import plots
 from distill.errors import ConfigError
 from distill.rundir import RunDir, train_seconds
 
@@ -110,7 +110,7 @@ def _groups(runs: list[dict], field: str, label: str) -> dict:
 
 def table(runs: list[dict], sort: str):
     """The comparison as a pandas DataFrame, sorted by ``sort`` (best first)."""
-    import pandas as pd
+    import pandas as pd  # start-up time: pandas loads only when this runs
 
     settings = pd.DataFrame([run["settings"] for run in runs]).astype(object)
     differing = [c for c in settings.columns if settings[c].map(repr).nunique() > 1]
@@ -147,8 +147,6 @@ def flags(runs: list[dict]) -> list[str]:
 
 
 def curves_plot(runs: list[dict], path: Path) -> Path:
-    from distill import plots
-
     fig, axes = plots.figure(2)
     for run in runs:
         steps, values = plots.series(run["records"], "train/loss")
@@ -168,7 +166,6 @@ def curves_plot(runs: list[dict], path: Path) -> Path:
 
 def tradeoff_plot(frame, quality: str, cost: str, group: str | None, path: Path) -> Path:
     """Quality against a cost, one marker per run, each group's Pareto front joined and starred."""
-    from distill import plots
 
     fig, (ax,) = plots.figure(1)
     sign = -1 if quality in HIGHER_IS_BETTER else 1

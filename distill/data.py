@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import sys
 from pathlib import Path
 
 import torch
@@ -22,9 +24,8 @@ FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "js
 
 def quiet_progress_off_terminal() -> None:
     """datasets' per-map progress bars help on a terminal and flood a log file."""
-    import sys
 
-    import datasets
+    import datasets  # start-up time: datasets loads only when this runs
 
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
@@ -45,7 +46,7 @@ def _builder_for(files: list[str], key: str) -> str:
 
 
 def _load_files(files: list[str], key: str, text_unit: str):
-    import datasets
+    import datasets  # start-up time: datasets loads only when this runs
 
     builder = _builder_for(files, key)
     paths = [os.path.expanduser(f) for f in files]
@@ -66,7 +67,7 @@ def _load_files(files: list[str], key: str, text_unit: str):
 
 
 def _load_named(cfg: DataConfig, split: str):
-    import datasets
+    import datasets  # start-up time: datasets loads only when this runs
 
     local = Path(os.path.expanduser(cfg.dataset))
     if local.is_dir():
@@ -256,7 +257,6 @@ def tokenize_masked(dataset, tokenizer, cfg: DataConfig, split_name: str, *, rat
     The choices for a row come from ``random.Random("seed:split:row")``: deterministic per
     sequence, independent of batching, world size and resume.
     """
-    import random
 
     if tokenizer.mask_token_id is None:
         raise ConfigError("task.kind=masked_lm needs a tokenizer with a mask token; the teacher's tokenizer has none (is it a masked LM?)")

@@ -22,12 +22,13 @@ import torch
 
 from distill.config import ConfigError, LmEvalConfig
 from distill.errors import first_line
+from distill.models import output_vocab
 
 
 def _lm_eval():
     try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
+        import lm_eval  # optional dependency (distill[lm-eval])
+        from lm_eval.tasks import TaskManager  # optional dependency (distill[lm-eval])
     except ImportError:
         raise ConfigError("eval.lm_eval needs lm-evaluation-harness: pip install 'distill[lm-eval]' (or pip install lm-eval)") from None
     return lm_eval, TaskManager
@@ -66,7 +67,7 @@ def check_tasks(cfg: LmEvalConfig):
 
 
 def _task_dict(cfg: LmEvalConfig, manager) -> dict:
-    from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks import get_task_dict  # optional dependency (distill[lm-eval])
 
     try:
         return get_task_dict(list(cfg.tasks), manager)
@@ -80,7 +81,7 @@ def _task_dict(cfg: LmEvalConfig, manager) -> dict:
 def lm_eval_scores(model, tokenizer, cfg: LmEvalConfig, manager) -> dict:
     """``{"lm_eval/TASK/METRIC": value, "lm_eval/TASK/METRIC_stderr": stderr}`` for ``model``."""
     lm_eval, _ = _lm_eval()
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # optional dependency (distill[lm-eval])
 
     was_training = model.training
     model.eval()
@@ -133,8 +134,6 @@ def _generate(model, prompt, *, device, new_tokens: int, draft=None) -> torch.Te
 
 
 def vocab_mismatch(teacher, draft) -> str | None:
-    from distill.models import output_vocab
-
     t, d = output_vocab(teacher), output_vocab(draft)
     return None if t == d else f"not measured: the teacher's and the draft's vocabularies differ ({t} vs {d} ids)"
 

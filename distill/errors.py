@@ -23,9 +23,12 @@ Exit codes (the README lists them):
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import traceback
 
+from distill import noise
 from distill.redaction import redact
 
 
@@ -99,8 +102,6 @@ def report(err: BaseException) -> int:
 
 
 def print_redacted_traceback(err: BaseException) -> None:
-    import traceback
-
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     print(redact(text), file=sys.stderr, end="", flush=True)
 
@@ -114,7 +115,6 @@ def main_guard(fn, *args, **kwargs) -> int:
     Under ``distill launch`` (which sets DISTILL_EXIT_DIR) each job process also records its code,
     because torchrun and the deepspeed launcher replace a failed process's code by their own.
     """
-    from distill import noise
 
     noise.install()
     code = _guarded(fn, *args, **kwargs)
@@ -153,8 +153,6 @@ def _guarded(fn, *args, **kwargs) -> int:
         print("distill: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:
-        import errno
-
         if err.errno == errno.ENOSPC:  # a write outside the guarded saves (a log, a report)
             where = f" writing {err.filename}" if err.filename else ""
             return report(DiskFull(f"no space left on device{where}; free space and rerun (with --resume when checkpoints exist)"))

@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from distill import metrics
+from distill.downstream import report_tables
 from distill.losses import IGNORE_INDEX, forward_kl
+from distill.tasks import CausalLM
 
 
 def _sum_across_processes(values: torch.Tensor) -> torch.Tensor:
@@ -31,8 +35,6 @@ def _on(batch: dict, device) -> dict:
 
 
 def _task(task):
-    from distill.tasks import CausalLM
-
     return task or CausalLM()
 
 
@@ -58,7 +60,6 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
     ``teacher`` may be None (no comparison); ``teacher_is_model`` skips the duplicate forward
     when the teacher itself is evaluated.
     """
-    from distill import metrics
 
     task = _task(task)
     was_training = model.training
@@ -96,7 +97,6 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
 
 def metric_name(name: str) -> str:
     """A metric's short name: a hub name as given, a path by its file or folder name."""
-    from pathlib import Path
 
     return Path(name).stem if ("/" in name or name.endswith(".py")) else name
 
@@ -266,8 +266,6 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def markdown_report(result: dict) -> str:
-    from distill.downstream import report_tables
-
     if result.get("task", "causal_lm") == "causal_lm":
         about = (f"Validation: {result['validation_tokens']:,} target tokens. Perplexity and KL are per token; "
                  "KL(T||S) is the forward KL from the teacher at temperature 1; latency is greedy decoding at batch 1, ")

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from distill import metrics, report, rundir
-from distill.config import ConfigError, DistillConfig, load_config, loss_terms, user_term
+from distill import downstream, metrics, report, rundir
+from distill.config import ConfigError, DistillConfig, LmEvalConfig, load_config, loss_terms, user_term, validate
+from distill.models import _pretrained
+from distill.quantize import check_method_fits, quantization_config, quantized_rows
+from distill.setup import Setup, make_accelerator, validation_sets
+from distill.tasks import build_task
 
 
 class FinishedRun:
@@ -49,7 +53,6 @@ class FinishedRun:
 
     def load(self) -> "Loaded":
         """Teacher, the saved student, tokenizer and validation batches, as the job loads them."""
-        from distill.setup import Setup, make_accelerator, validation_sets
 
         saved_student(self.cfg, self.dir)
         accelerator = make_accelerator(self.cfg)
@@ -94,8 +97,6 @@ def evaluate_run(run_dir: str | os.PathLike, *, lm_eval_tasks: list[str] | None 
 
 
 def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool) -> None:
-    from distill.config import LmEvalConfig, validate
-
     if tasks:
         lm = cfg.eval.lm_eval or LmEvalConfig()
         lm.tasks = list(dict.fromkeys([*lm.tasks, *tasks]))
@@ -105,19 +106,13 @@ def _add_downstream(cfg: DistillConfig, tasks, include, limit, speculative: bool
     cfg.eval.speculative = cfg.eval.speculative or speculative
     validate(cfg)
     if cfg.eval.lm_eval is not None:
-        from distill import downstream
-
         downstream.check_tasks(cfg.eval.lm_eval)
 
 
 def quantize_run(run_dir: str | os.PathLike, methods: list[str], *, allow_code: bool = False) -> dict:
     """``distill quantize``: quantizes RUN_DIR/student with each method and adds its row to the report
     (metric code the run's config names runs only with ``allow_code``)."""
-    from transformers import AutoConfig
-
-    from distill.models import _pretrained
-    from distill.quantize import check_method_fits, quantization_config, quantized_rows
-    from distill.tasks import build_task
+    from transformers import AutoConfig  # start-up time: transformers loads only when this runs
 
     for method in methods:  # every method checked before any work
         quantization_config(method)

@@ -23,17 +23,22 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 
-from distill import checkpoint, evaluation, models, report, rundir  # noqa: E402
+# quantize, downstream and metrics load torchao, bitsandbytes, lm-eval and evaluate only when a method, task or metric is named.
+from distill import checkpoint, downstream, evaluation, metrics, models, report, rundir  # noqa: E402
 from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
+from distill.downstream import summary_metrics  # noqa: E402
 from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
 from distill.objective import Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.progress import phase  # noqa: E402
+from distill.quantize import check_method_fits, quantization_config  # noqa: E402
 # Setup's steps, re-exported for the tools and tests that named them here.
 from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
                            validation_sets)
 from distill.teacher_source import SOURCES, build_source  # noqa: E402
+from distill.tracking import Tracker, check_backend  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, train_seconds, truncate_metrics  # noqa: E402
 
 
@@ -107,8 +112,6 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     accelerator = start_accelerator(cfg, ds_config)
     latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=ds_config)
     if accelerator.is_main_process:
-        from distill.tracking import check_backend
-
         check_backend(cfg.tracking, run_dir)  # a tracker that cannot start fails now, not after the models load
     job = load(cfg, accelerator)
     if accelerator.is_main_process:
@@ -126,8 +129,6 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     state = resume_state(accelerator, latest, scheduler, run)
     tracker = None
     if accelerator.is_main_process:
-        from distill.tracking import Tracker
-
         tracker = Tracker(cfg.tracking, run_dir, {**to_dict(cfg), "models": model_facts(cfg, student, job.teacher, *job.parameters)},
                           resume=latest is not None)
     try:
@@ -152,26 +153,16 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
 
 def check_before_loading(cfg: DistillConfig, run: rundir.RunDir) -> None:
     """What would fail only after training (a quantization library, an lm-eval task, a metric), checked before anything loads."""
-    if cfg.eval.quantize:
-        from distill.quantize import quantization_config  # torchao and bitsandbytes load when asked for
-
-        for method in cfg.eval.quantize:
-            quantization_config(method)
+    for method in cfg.eval.quantize:
+        quantization_config(method)
     if cfg.eval.lm_eval is not None and cfg.eval.at_end:
-        from distill import downstream  # lm-eval is an optional dependency
-
         downstream.check_tasks(cfg.eval.lm_eval)
-    if cfg.eval.metrics:
-        from distill import metrics  # evaluate loads when a metric is named
-
-        for name in cfg.eval.metrics:
-            metrics.load(name)
+    for name in cfg.eval.metrics:
+        metrics.load(name)
 
 
 def start_accelerator(cfg: DistillConfig, ds_config: str | None):
     """The accelerator (DeepSpeed when ``ds_config``), the CPU allocator and the seed."""
-    from accelerate.utils import set_seed
-
     accelerator = make_accelerator(cfg, ds_config)
     tune_cpu_allocator(cfg.train.cpu_allocator, accelerator.device)
     set_seed(cfg.train.seed)
@@ -223,8 +214,6 @@ def load(cfg: DistillConfig, accelerator) -> Loaded:
     if ATTENTIONS in objective.student_wants:
         models.use_eager_attention(student, teacher, quiet=quiet)
     if cfg.eval.quantize:
-        from distill.quantize import check_method_fits  # as in check_before_loading
-
         for method in cfg.eval.quantize:
             check_method_fits(student.config, method, key="eval.quantize:", model_class=task.auto_class)
     trainable, total = models.trainable_parameters(student)
@@ -284,8 +273,6 @@ def evaluate_saved_student(cfg: DistillConfig, accelerator, job: Loaded, validat
     result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, job.vocab, run.path, job.setup.tokenizer, initial,
                                      job.facts, by_source=by_source if cfg.data.mixture else None)
     if tracker is not None:
-        from distill.downstream import summary_metrics
-
         # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
         tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
         seconds = train_seconds(run.records())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.config.schema import LOGITS
+from distill.term_names import LOGITS
 from distill.losses import cross_entropy, cross_entropy_and_grad, divergence, forward_kl_and_grad
 from distill.sparse import SparseTargets, bucket_forward_kl_and_grad, buckets, spread
 

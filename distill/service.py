@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,17 +84,17 @@ def is_loopback(host: str) -> bool:
 
 def encode_batch(batch: dict) -> bytes:
     """A collated batch's fields the teacher needs, as safetensors bytes (int32: ids fit, and half of int64 on the wire)."""
-    import torch
-    from safetensors.torch import save
+    import torch  # this module stays free of torch until it is needed
+    from safetensors.torch import save  # this module stays free of safetensors until it is needed
 
     return save({name: batch[name].to("cpu", torch.int32).contiguous() for name in BATCH_FIELDS})
 
 
 def decode_targets(body: bytes):
     """The :class:`distill.sparse.SparseTargets` of an answer (the store's shard layout)."""
-    from safetensors.torch import load
+    from safetensors.torch import load  # this module stays free of safetensors until it is needed
 
-    from distill.sparse import SparseTargets
+    from distill.sparse import SparseTargets  # loads torch: this module stays torch-free until it is needed
 
     tensors = load(body)
     return SparseTargets(tensors["ids"], tensors["logprobs"], tensors["tail"])
@@ -107,11 +109,11 @@ class Limits:
 
 def decode_batch(body: bytes, *, vocab_rows: int, max_length: int, limits: Limits) -> dict:
     """A request's batch, checked so that nothing in it can crash or exhaust the teacher; raises :class:`BadRequest`."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    import torch  # this module stays free of torch until it is needed
+    from safetensors import SafetensorError  # this module stays free of safetensors until it is needed
+    from safetensors.torch import load  # this module stays free of safetensors until it is needed
 
-    from distill.losses import IGNORE_INDEX
+    from distill.losses import IGNORE_INDEX  # loads torch: this module stays torch-free until it is needed
 
     try:
         tensors = load(body)
@@ -153,7 +155,7 @@ class Client:
     """
 
     def __init__(self, urls: list[str], token: str | None, *, timeout: float, request_timeout: float = 600.0):
-        import httpx
+        import httpx  # start-up time: httpx loads only when this runs
 
         self.urls, self.timeout, self._next = [u.rstrip("/") for u in urls], timeout, 0
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -172,7 +174,7 @@ class Client:
 
     def _call(self, method: str, path: str, *, member: str | None = None, **kwargs):
         """The answer of the first pool member that gives one (of ``member`` only, when given); retries until ``timeout``."""
-        import httpx
+        import httpx  # start-up time: httpx loads only when this runs
 
         deadline, delay, last = time.monotonic() + self.timeout, 0.25, ""
         while True:
@@ -211,7 +213,6 @@ class Client:
 def probe(urls: str, timeout: float = 5.0) -> int:
     """0 when every member of ``urls`` (comma-separated) answers ``/readyz`` with 200, else 1; for
     scripts that wait for a pool (slurm/teacher_pool.sbatch). Standard library only: it starts fast."""
-    import urllib.request
 
     for url in urls.split(","):
         try:
@@ -233,9 +234,7 @@ def _reason(answer) -> str:
 def open_pool(cfg, setup, *, quiet: bool = False) -> "Client":
     """A client of the teacher pool at ``teacher.url``, after checking (before step 0) that every
     member serves this job's teacher, tokenizer and task."""
-    import sys
-
-    from distill import models, store as stores
+    from distill import models, store as stores  # load torch: this module stays torch-free until it is needed
 
     urls = [url.strip() for url in cfg.teacher.url.split(",") if url.strip()]
     client = Client(urls, read_token(cfg.teacher.token_file, what="teacher.token_file"), timeout=cfg.teacher.remote_timeout)

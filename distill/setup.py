@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from distill import data, models
 from distill.config import ConfigError, DistillConfig, data_sources, read_ds_config
 from distill.progress import phase
+from distill.prune import PruneTarget, check_target, importance, prune
 from distill.tasks import build_task
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -64,9 +67,8 @@ def _register_cpu_deepspeed_ranks() -> None:
     (so every rank would read the same data and write the same files). Start the gloo process
     group here and record the real ranks before the Accelerator copies them.
     """
-    import deepspeed
-    import torch.distributed as dist
-    from accelerate.state import PartialState
+    import deepspeed  # optional dependency (distill[deepspeed])
+    from accelerate.state import PartialState  # start-up time: accelerate loads only when this runs
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     atexit.register(_unlink_shm_buffer, dist.get_rank())
@@ -105,7 +107,6 @@ def tune_cpu_allocator(mode: str, device) -> bool:
     """
     if mode != "cached" or torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
         return False
-    import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -115,8 +116,8 @@ def tune_cpu_allocator(mode: str, device) -> bool:
 
 
 def make_accelerator(cfg: DistillConfig, ds_config: str | None = None):
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin
+    from accelerate import Accelerator  # start-up time: accelerate loads only when this runs
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin  # start-up time: accelerate loads only when this runs
 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -154,8 +155,6 @@ class Setup:
         if not load_student:  # distill cache-teacher: the teacher and the data only
             pass
         elif cfg.student.prune:
-            from distill.prune import PruneTarget, check_target
-
             config = models.teacher_config(cfg.teacher)
             check_target(config, PruneTarget(**cfg.student.prune))  # before any model is loaded
             models.check_seq_len(config, cfg.data.seq_len, "teacher")
@@ -180,7 +179,6 @@ class Setup:
 
     def _pruned_student(self, cfg: DistillConfig, device):
         """The full-precision teacher pruned to student.prune, ranked on the first training batches."""
-        from distill.prune import PruneTarget, importance, prune
 
         reuse = self.teacher is not None and cfg.teacher.quantization == "none"
         full = self.teacher if reuse else models.load_teacher(cfg.teacher, device, quantized=False)

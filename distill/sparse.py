@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save
 
 from distill.losses import forward_kl_and_grad, log_probs
 
@@ -165,7 +166,6 @@ def spread(teacher: SparseTargets, vocab: int) -> torch.Tensor:
 def encode(targets: SparseTargets, counts: list[int], vocab: int) -> bytes:
     """The targets of some rows as a shard's bytes (safetensors; the layout in the module's docstring).
     The teacher service (:mod:`distill.service`) answers in the same bytes."""
-    from safetensors.torch import save
 
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     tensors = {"ids": targets.ids.to(torch.int16 if vocab <= 32767 else torch.int32), "logprobs": targets.logprobs.half(),

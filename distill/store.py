@@ -30,16 +30,22 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load
 
+from distill import models
 from distill.config.schema import data_sources
 from distill.errors import ConfigError, first_line
 from distill.rundir import write_atomic
+from distill.setup import Setup
+
 # The targets' format and math live in distill.sparse; re-exported for the store's readers.
-from distill.sparse import (METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forward_kl_and_grad, buckets, encode, mixed,  # noqa: F401
-                            sample, spread, top_k)
+from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forward_kl_and_grad, buckets, encode, mixed, sample, spread, top_k  # noqa: F401
 
 FORMAT = 1
 LOGPROB_SLACK = 1e-2  # a stored log-probability may round above 0 by float16's step near 0, never more
@@ -97,7 +103,6 @@ def _tokenizer_hash(tokenizer) -> str:
 
 def sequences_hash(sequences) -> str:
     """sha256 of every row's input ids and targets, in order: what the store's rows are."""
-    import numpy as np
 
     digest = hashlib.sha256()
     for row in sequences:
@@ -108,8 +113,6 @@ def sequences_hash(sequences) -> str:
 
 
 def _data_identity(source_cfg) -> dict:
-    from dataclasses import asdict
-
     fields = {k: v for k, v in asdict(source_cfg).items() if k not in ("seed", "max_validation_sequences", "mixture", "train_files", "validation_files")}
     for key in ("train_files", "validation_files"):
         fields[key] = {name: file_hash(Path(os.path.expanduser(name))) for name in getattr(source_cfg, key)}
@@ -266,7 +269,6 @@ class Store:
 
     def _shard(self, split: str, name: str, index: int):
         """(an open, memory-mapped shard, its row offsets): rows are read by slice, never the whole shard."""
-        from safetensors import SafetensorError, safe_open
 
         key = (split, name, index)
         if key not in self._open:
@@ -288,7 +290,6 @@ class Store:
         the vocabulary, log-probabilities and tails at most 0 and never NaN, row offsets in order. Read
         once, whole: the values checked are the bytes hashed (a manifest rewritten together with its
         shards still cannot feed the loss an index out of range or a NaN)."""
-        from safetensors.torch import load
 
         if expected is None:
             raise ConfigError(f"teacher.cache: the manifest records no sha256 for shard {f}; rebuild the store with distill cache-teacher")
@@ -328,7 +329,6 @@ class Store:
 
 def open_store(cfg, setup, *, quiet: bool = False) -> "Store":
     """The teacher store of ``teacher.cache`` (or the one built for this job), checked against the job before step 0."""
-    from distill import models
 
     ident = identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None)
     path = cfg.teacher.cache or find(ident)
@@ -362,7 +362,6 @@ def find(ident: dict) -> Path | None:
 def store_for(cfg) -> Path | None:
     """The complete store under :func:`cache_root` built for ``cfg``'s teacher and data, if any
     (the tokenizer and data are read to compute the identity; no model is loaded)."""
-    from distill.setup import Setup
 
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False, load_student=False)
     return find(identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None))

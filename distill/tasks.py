@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from distill import data, models
 from distill.config import LOGITS
 from distill.errors import ConfigError
 from distill.feature_terms import ATTENTIONS, HIDDEN, QKV, captured_qkv
@@ -79,7 +80,6 @@ class Task:
     @staticmethod
     def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:
         """The width of the distributions the two models are compared over (the shared vocabulary)."""
-        from distill import models
 
         if teacher is None:
             return models.output_vocab(student)
@@ -114,8 +114,6 @@ class CausalLM(Task):
 
     @staticmethod
     def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
-        from distill import data
-
         return data.tokenize(raw, tokenizer, cfg, split_name)
 
 
@@ -147,8 +145,6 @@ class MaskedLM(Task):
         return mask * targets / mask.sum(-1, keepdim=True).clamp(min=1)
 
     def tokenize(self, raw, tokenizer, cfg, split_name: str, model_config):
-        from distill import data
-
         return data.tokenize_masked(raw, tokenizer, cfg, split_name, rate=self.mask_rate, seed=self.mask_seed)
 
 
@@ -169,8 +165,6 @@ class SequenceClassification(Task):
 
     @staticmethod
     def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
-        from distill import data
-
         return data.tokenize_labelled(raw, tokenizer, cfg, split_name, _label2id(model_config))
 
     @staticmethod

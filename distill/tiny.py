@@ -11,12 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
 import sys
 import sysconfig
 from pathlib import Path
 
+import yaml
+
+from distill.config import load_config
 from distill.rundir import RunDir
+from distill.shared_build import build_once
 
 RECIPE = {
     "version": 2,
@@ -62,8 +68,8 @@ def write_corpus(out: Path) -> tuple[Path, Path]:
 
 def train_tokenizer(corpus: Path, out: Path, *, vocab_size: int = RECIPE["vocab_size"]):
     """A byte-level BPE tokenizer (no unknown tokens) with <pad>, <s> and </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # start-up time: tokenizers loads only when this runs
+    from transformers import PreTrainedTokenizerFast  # start-up time: transformers loads only when this runs
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,8 +93,6 @@ def write_lm_eval_task(text_file: Path, out: Path, *, name: str = LM_EVAL_TASK, 
     drawn from elsewhere in the file. Written as ``OUT/NAME.yaml`` (lm-eval's task format, data by
     absolute path) and ``OUT/NAME.jsonl``; pass OUT as ``eval.lm_eval.include_path``.
     """
-    import random
-    import re
 
     lines = Path(text_file).read_text().splitlines()
     words = re.compile(r"[A-Za-z_][A-Za-z_0-9]{2,}")
@@ -112,7 +116,6 @@ def write_lm_eval_task(text_file: Path, out: Path, *, name: str = LM_EVAL_TASK, 
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
     }
-    import yaml
 
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -121,14 +124,13 @@ def write_lm_eval_task(text_file: Path, out: Path, *, name: str = LM_EVAL_TASK, 
 
 def train_baseline(out: Path) -> Path:
     """OUT/baseline: the tiny default's student trained on the data alone, the same steps; configs/tiny.yaml's eval.baseline."""
-    from distill.config import load_config
-    from distill.job import run
+    from distill.job import run  # loads torch: this module stays torch-free until it is needed
 
     print(f"training the CE-only baseline student ({RECIPE['baseline'][-1]}; done once, then cached)")
     overrides = [f"teacher.path={out / 'teacher'}", "teacher.dtype=float32", f"data.train_files=[{out / 'train.txt'}]",
                  f"data.validation_files=[{out / 'validation.txt'}]", *RECIPE["baseline"], "train.log_every=50", "eval.speed=false",
                  "eval.initial=false", "tracking.backend=none", f"output_dir={out / 'baseline'}"]
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState  # start-up time: accelerate loads only when this runs
 
     AcceleratorState._reset_state(True)  # the teacher's training, in this process, set accelerate's singleton up
     GradientState._reset_state()
@@ -144,7 +146,6 @@ def _fingerprint() -> str:
 
 def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bool = False) -> Path:
     """Builds (or reuses) ``DIR/{train,validation}.txt`` and ``DIR/teacher``; concurrent calls build it once (:func:`build_once`)."""
-    from distill.shared_build import build_once
 
     out = Path(os.path.expanduser(str(directory)))
 
@@ -168,11 +169,10 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/tiny", *, force: bo
 
 def _build_teacher(out: Path) -> None:
     """The corpus, the tokenizer and the trained teacher, into the empty folder ``out``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # this module stays free of torch until it is needed
+    from transformers import LlamaConfig, LlamaForCausalLM  # start-up time: transformers loads only when this runs
 
-    from distill.config import load_config
-    from distill.job import run
+    from distill.job import run  # loads torch: this module stays torch-free until it is needed
 
     train_file, validation_file = write_corpus(out)
     init_dir = out / "teacher-init"

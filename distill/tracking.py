@@ -15,7 +15,9 @@ import configparser
 import json
 import netrc
 import os
+import re
 import sys
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -84,7 +86,7 @@ class Tracker:
             sys.argv = redact(list(sys.argv))
             self._client = _start_wandb(cfg, run_dir, name, config)
         elif cfg.backend == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # start-up time: tensorboard loads only for tracking.backend=tensorboard
 
             self._client = SummaryWriter(log_dir=str(run_dir / rundir.RunDir.TENSORBOARD))
             self._client.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
@@ -113,14 +115,14 @@ class Tracker:
         columns = list(dict.fromkeys(k for row in rows for k in row))  # the report's rows as one table
         plots = [self.run_dir / p for p in values.get("plots", []) if (self.run_dir / p).is_file()]
         if self.backend == "wandb":
-            import wandb
+            import wandb  # start-up time: wandb loads only when this runs
 
             self._client.summary.update({k: v for k, v in values.items() if not isinstance(v, (list, dict)) or k == "objective"})
             table = wandb.Table(columns=columns, data=[[_cell(row.get(c)) for c in columns] for row in rows])
             self._client.log({"final/report": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
         elif self.backend == "tensorboard":
             self._client.add_text("eval", "```\n" + json.dumps({**values, "rows": rows}, indent=2) + "\n```")
-            from matplotlib.image import imread
+            from matplotlib.image import imread  # start-up time: matplotlib loads only when this runs
 
             for path in plots:
                 self._client.add_image(f"plots/{path.stem}", imread(path)[..., :3], dataformats="HWC")
@@ -148,7 +150,7 @@ class Tracker:
         if self.cfg.log_model == "false" or (kind == "checkpoint") != (self.cfg.log_model == "checkpoints"):
             return
         if self.backend == "wandb":
-            import wandb
+            import wandb  # start-up time: wandb loads only when this runs
 
             name = f"{'model' if kind == 'student' else 'checkpoint'}-{self._client.id}"
             artifact = wandb.Artifact(name, type="model", metadata={"step": step, "kind": kind})
@@ -179,7 +181,6 @@ def _cell(value):
 
 def _mlflow_name(key: str) -> str:
     """MLflow metric names allow alphanumerics and _ - . space : / only ("student+bnb_4bit/..." has a +)."""
-    import re
 
     return re.sub(r"[^\w\-. :/]", "_", key)
 
@@ -196,7 +197,7 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
     try:
-        import wandb
+        import wandb  # may be missing: the except names what to install
     except ImportError:
         raise ConfigError("tracking.backend=wandb needs wandb: pip install wandb (or set tracking.backend=none)") from None
     mode, why = wandb_mode()
@@ -218,8 +219,6 @@ def _run_id(run_dir: Path) -> str:
     """A stable W&B run id per run directory, so a resumed run continues the same record (--overwrite removes it: a new id)."""
     path = run_dir / rundir.RunDir.WANDB_ID
     if not path.exists():
-        import uuid
-
         rundir.write_atomic(path, uuid.uuid4().hex[:12])
     return path.read_text().strip()
 
@@ -240,7 +239,7 @@ def check_backend(cfg: TrackingConfig, run_dir: Path) -> None:
         raise ConfigError(f"tracking.backend={cfg.backend} needs {cfg.backend}: pip install {cfg.backend} (or set tracking.backend=none)") from None
     if cfg.backend != "mlflow":
         return
-    import httpx
+    import httpx  # start-up time: httpx loads only when this runs
 
     uri = _mlflow_uri(cfg, run_dir)
     scheme = urlparse(uri).scheme
@@ -258,7 +257,7 @@ def check_backend(cfg: TrackingConfig, run_dir: Path) -> None:
 
 def _start_mlflow(cfg: TrackingConfig, run_dir: Path, name: str, config: dict, *, resume: bool):
     try:
-        import mlflow
+        import mlflow  # may be missing: the except names what to install
     except ImportError:
         raise ConfigError("tracking.backend=mlflow needs mlflow: pip install mlflow (or set tracking.backend=none)") from None
     uri = _mlflow_uri(cfg, run_dir)

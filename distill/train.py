@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from distill import checkpoint, rundir
-# The readers of metrics.jsonl live with the run directory; re-exported for the tools that named them here.
-from distill.rundir import read_metrics, train_seconds, truncate_metrics  # noqa: F401
 from distill.config import DistillConfig, TrainConfig
 from distill.data import TrainStream
 from distill.errors import NonFiniteLoss, TeacherUnavailable, Terminated
 from distill.evaluation import synchronize
+
+# The readers of metrics.jsonl live with the run directory; re-exported for the tools that named them here.
+from distill.rundir import read_metrics, train_seconds, truncate_metrics  # noqa: F401
 from distill.signals import SIGNALS
 
 
@@ -62,14 +64,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # start-up time: bitsandbytes loads only when this runs
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # start-up time: transformers loads only when this runs
 
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
@@ -162,7 +164,6 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
         evaluate: ``fn(step) -> dict`` of validation metrics, called on every process.
         tracker: receives logged metrics; None on processes other than the main one.
     """
-    from tqdm.auto import tqdm
 
     tr = cfg.train
     # Redrawn often on a terminal, every 10 s in a log file.

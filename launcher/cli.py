@@ -12,10 +12,22 @@ if __name__ == "__main__":  # python -m distill_launcher.cli (the sbatch scripts
     SIGNALS.install()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from distill.config import iter_options  # noqa: E402
+# Torch-free, all of them; the commands' heavy modules (the job, evaluation, the teacher's server) load inside each command.
+from distill import rundir  # noqa: E402
+from distill.compare import compare  # noqa: E402
+from distill.config import iter_options, load_config  # noqa: E402
+from distill.errors import ConfigError, main_guard  # noqa: E402
+from distill.signals import SIGNALS  # noqa: E402
+from distill_launcher import sweep as sweeps  # noqa: E402
+from distill_launcher.launch import Topology, build_command, executable, launch, resolve_ds_config, run_launch  # noqa: E402
+from distill_launcher.slurm import SlurmRequest, render_pool_script, render_script, submit  # noqa: E402
 
 
 def _options_epilog() -> str:
@@ -43,10 +55,6 @@ def _check_run_dir(cfg, args: argparse.Namespace, *, keep: bool = True):
     Without ``keep``, a directory made only to check it is removed again: the job creates it, and
     knows then that a run failing in setup should leave nothing behind.
     """
-    import os
-    from pathlib import Path
-
-    from distill import rundir
 
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
     created = rundir.check_writable(run_dir)
@@ -60,21 +68,18 @@ def _check_run_dir(cfg, args: argparse.Namespace, *, keep: bool = True):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from distill.signals import SIGNALS
-
     SIGNALS.install()  # from the start: a signal while torch imports is acted on when setup begins
-    from distill.config import load_config
 
     cfg = load_config(args.config, _overrides(args))  # fails before anything heavy is imported
     _check_run_dir(cfg, args, keep=False)
-    from distill.job import run
+    from distill.job import run  # loads torch: only this command pays for it
 
     run(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.finished_run import evaluate_run
+    from distill.finished_run import evaluate_run  # loads torch: only this command pays for it
 
     evaluate_run(args.run_dir, lm_eval_tasks=args.lm_eval, lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
                  speculative=args.speculative, allow_code=args.allow_code)
@@ -82,23 +87,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_tiny(args: argparse.Namespace) -> int:
-    from distill.tiny import prepare
+    from distill.tiny import prepare  # loads torch: only this command pays for it
 
     prepare(args.dir, force=args.force)
     return 0
 
 
 def cmd_prepare_minilm(args: argparse.Namespace) -> int:
-    from distill.minilm import prepare
+    from distill.minilm import prepare  # loads torch: only this command pays for it
 
     prepare(args.dir, force=args.force)
     return 0
 
 
 def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
-    from distill.config import load_config
-    from distill_launcher.launch import Topology, build_command, launch, resolve_ds_config, run_launch
-
     cfg = load_config(args.config, _overrides(args))  # fail here, once, rather than on every process
     explicit = _explicit_topology(args)
     topology = Topology(**{name: getattr(args, name) for name in explicit})
@@ -110,19 +112,11 @@ def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from distill.config import load_config
-    from distill_launcher.slurm import render_pool_script, render_script, submit
-
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
     if not args.dry_run:
         _check_run_dir(cfg, args)
         if args.overwrite:  # now, once: the job itself always runs with --resume, so a requeue continues
-            from distill import rundir
-
             rundir.clear_run(run_dir)
     # Every node must find the run directory at the same absolute path (a shared file system).
     overrides = [o for o in _overrides(args) if not o.startswith("output_dir=")] + [f"output_dir={run_dir}"]
@@ -143,44 +137,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from distill.config import load_config
-
     load_config(args.config, _overrides(args))  # a bad config fails here, once
     argv = [args.config, "--top-k", str(args.top_k), "--shard-rows", str(args.shard_rows), "--targets", args.targets,
             *[a for o in _overrides(args) for a in ("--set", o)],
             *(["--out", args.out] if args.out else [])]
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
-        from distill_launcher.launch import executable
 
         command = [executable("torchrun"), "--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "distill.cache_teacher", *argv]
         print(" ".join(command), file=sys.stderr)
         return subprocess.run(command).returncode
-    from distill.cache_teacher import main as store_main
+    from distill.cache_teacher import main as store_main  # loads torch: only this command pays for it
 
     return store_main(argv)
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    from distill.serve import run_from_args
+    from distill.serve import run_from_args  # loads torch: only this command pays for it
 
     return run_from_args(args)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from distill.compare import compare
-
     compare(args.runs, out=args.out, sort=args.sort)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import shlex
-
-    from distill.errors import ConfigError
-    from distill_launcher import sweep as sweeps
-
     plan = sweeps.plan(args.config, args.overrides, args.grid, sweep_dir=args.sweep_dir, draws=args.random, seed=args.seed,
                        use_store=args.teacher_store == "auto", pool=args.teacher_pool)
     print(f"[sweep] {plan.dir}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})")
@@ -203,16 +185,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if failed and args.search != "optuna":
         print(f"[sweep] {failed} of {len(plan.runs)} runs failed; run the same command again to retry them (finished runs are skipped)",
               file=sys.stderr)
-    from distill.compare import compare
 
     compare([str(plan.dir)])
     return 1 if failed else 0
 
 
 def _submit_sweep(plan, args: argparse.Namespace) -> int:
-    from distill_launcher import sweep as sweeps
-    from distill_launcher.slurm import submit
-
     request = _slurm_request(args, nodes=1, job_name=plan.name)
     script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs))
     gpus = args.gpus_per_node if args.teacher_gpus is None else args.teacher_gpus
@@ -242,7 +220,7 @@ def _submit_sweep(plan, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from distill.prune import PruneTarget, prune_directory
+    from distill.prune import PruneTarget, prune_directory  # loads torch: only this command pays for it
 
     target = PruneTarget(num_hidden_layers=args.layers, num_attention_heads=args.heads, intermediate_size=args.intermediate,
                          hidden_size=args.hidden)
@@ -256,7 +234,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from distill.finished_run import quantize_run
+    from distill.finished_run import quantize_run  # loads torch: only this command pays for it
 
     quantize_run(args.run_dir, args.method, allow_code=args.allow_code)
     return 0
@@ -306,9 +284,6 @@ def _add_pool_arguments(group) -> None:
 
 
 def _slurm_request(args: argparse.Namespace, *, nodes: int, job_name: str):
-    from distill_launcher.launch import resolve_ds_config
-    from distill_launcher.slurm import SlurmRequest
-
     return SlurmRequest(nodes=nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
                         partition=args.partition, account=args.account, time=args.time, launcher=args.launcher,
                         ds_config=resolve_ds_config(args.ds_config), signal_seconds=args.signal_seconds, master_port=args.master_port,
@@ -385,7 +360,7 @@ def _add_teacher_commands(commands, formatter) -> None:
                                             "out (the teacher store's format). Concurrent requests are batched together. Binds loopback unless "
                                             "--host says otherwise, which needs a token. Endpoints: /healthz, /readyz, /v1/identity, "
                                             "/v1/targets, /metrics.")
-    from distill.serve import build_parser as serve_arguments
+    from distill.serve import build_parser as serve_arguments  # loads torch: only this command pays for it
 
     serve_arguments(serve)
     serve.set_defaults(func=cmd_serve_teacher)
@@ -496,8 +471,6 @@ def _add_build_commands(commands, formatter) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Every error maps to one line and its exit code (distill.errors), as under the launchers."""
-    from distill.errors import main_guard
-    from distill.signals import SIGNALS
 
     args = build_parser().parse_args(argv)
     if args.func is not cmd_run:  # only a job acts on the stop signals that distill_launcher.entry caught

@@ -13,6 +13,6 @@ from distill.signals import SIGNALS
 
 def main() -> int:
     SIGNALS.install()
-    from distill_launcher.cli import main as cli_main
+    from distill_launcher.cli import main as cli_main  # start-up time: distill_launcher.cli loads torch; only this command needs it
 
     return cli_main()

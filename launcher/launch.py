@@ -8,15 +8,21 @@ Every launcher starts the same entry point, ``python -m distill.job``, on every 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import read_ds_config
-from distill.errors import LaunchError  # noqa: F401  (re-exported)
+from distill.errors import (
+    EXIT_DIR_ENV,
+    LaunchError,  # noqa: F401  (re-exported)
+    launched_exit_code,
+)
 
 
 def shipped(name: str) -> Path:
@@ -89,8 +95,6 @@ class Command:
     env: dict = field(default_factory=dict)  # added to the inherited environment
 
     def shell(self) -> str:
-        import shlex
-
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         return (prefix + " " if prefix else "") + shlex.join(self.argv)
 
@@ -177,7 +181,7 @@ def _signal_job_processes(launcher_pid: int, signum: int) -> None:
     SIGUSR1 asks each job process to checkpoint and stop; torchrun's and DeepSpeed's launchers
     do not handle it and would die of it, orphaning the processes that are saving.
     """
-    import psutil
+    import psutil  # start-up time: the command line stays free of psutil until a command needs it
 
     try:
         children = psutil.Process(launcher_pid).children(recursive=True)
@@ -197,9 +201,6 @@ def launch(command: Command) -> int:
     SIGINT and SIGTERM go to the launcher's whole process group; SIGUSR1 (checkpoint and stop)
     goes to the job processes.
     """
-    import tempfile
-
-    from distill.errors import EXIT_DIR_ENV, launched_exit_code
 
     exit_dir = tempfile.mkdtemp(prefix="distill-exit-")
     env = {**os.environ, **command.env, EXIT_DIR_ENV: exit_dir}

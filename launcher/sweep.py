@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -27,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill import rundir
-from distill.config import ConfigError, lookup_field, load_config, to_dict
+from distill.config import ConfigError, load_config, lookup_field, to_dict
+from distill.rundir import RunDir
+from distill_launcher import slurm
+from distill_launcher.slurm import _directive_value, _directives, fill_template, launch_command
 
 SWEEP_FILE = "sweep.json"
 # The settings a run's own directory and name decide; they never make two sweeps different.
@@ -104,7 +108,7 @@ def run_name(point: dict[str, str]) -> str:
 
 def base_settings(config: str, overrides: list[str]) -> dict:
     """The resolved base config as flat settings (what makes two sweeps the same sweep)."""
-    from distill.compare import flat_settings
+    from distill.compare import flat_settings  # start-up time: distill.compare loads torch; only this command needs it
 
     flat = flat_settings(to_dict(load_config(config, overrides)))
     return {k: v for k, v in flat.items() if k not in OWN_SETTINGS}
@@ -145,7 +149,7 @@ class Sweep:
         settings = to_dict(cfg)
         key = json.dumps({k: settings[k] for k in ("teacher", "data", "task")}, sort_keys=True)
         if key not in self.stores:
-            from distill.store import store_for
+            from distill.store import store_for  # start-up time: distill.store loads torch; only this command needs it
 
             self.stores[key] = store_for(cfg)
         path = self.stores[key]
@@ -298,14 +302,12 @@ def run_local(sweep: Sweep, *, parallel: int = 1) -> int:
 
 def serve_command(sweep: Sweep, *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable) -> list[str]:
     """``distill serve-teacher`` for the sweep's base config (its teacher, tokenizer and task), without the token option."""
-    from distill_launcher import slurm
 
     return slurm.serve_command(sweep.config, sweep.base, host=host, port=port, top_k=top_k, engine=engine, python=python)
 
 
 def _new_token(path: Path) -> None:
     """A random token in ``path``, readable by the user only (created so, never chmod-ed after)."""
-    import secrets
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
@@ -321,7 +323,7 @@ def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeou
     if not sweep.pool or all(run.state() == "finished" for run in sweep.runs):
         yield
         return
-    from distill.service import probe
+    from distill.service import probe  # start-up time: distill.service loads torch; only this command needs it
 
     _new_token(sweep.pool_dir / "token")
     address = sweep.pool_dir / "url"
@@ -358,7 +360,6 @@ def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeou
 
 def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engine: str, python: str = sys.executable) -> str:
     """The sbatch script of the sweep's pool job (slurm/sweep_pool.sbatch): serves until the array is gone."""
-    from distill_launcher.slurm import _directive_value, _directives, fill_template
 
     if gpus < 0 or not 0 < port < 65536:
         raise ConfigError(f"--teacher-gpus must be >= 0 and --teacher-port in [1, 65535] (got {gpus}, {port})")
@@ -388,7 +389,6 @@ def _last_line(path: Path) -> str:
 
 def render_array(sweep: Sweep, request, *, parallel: int, python: str = sys.executable) -> tuple[str, list[Run]]:
     """One SLURM job array over the unfinished runs: task i runs ``distill launch ... --resume`` for run i."""
-    from distill_launcher.slurm import _directive_value, _directives, fill_template, launch_command
 
     request.check()
     pending = [run for run in sweep.runs if run.state() != "finished"]
@@ -430,7 +430,6 @@ echo "[distill] teacher pool: $(cat {url_file})"
 
 def figure(run: Run, metric: str) -> float | None:
     """``student.perplexity`` -> the student row's perplexity in the run's eval.json (None when absent)."""
-    from distill.rundir import RunDir
 
     model, _, key = metric.partition(".")
     rows = (RunDir(run.dir).read_eval() or {}).get("rows", [])
@@ -443,10 +442,10 @@ def run_optuna(sweep: Sweep, *, trials: int, metric: str, seed: int) -> int:
     each trial is a normal run of the sweep. The study lives in SWEEP_DIR/optuna.db: run the same
     command again to continue it up to ``trials``. Returns the number of failed trials."""
     try:
-        import optuna
+        import optuna  # optional dependency (distill[sweep])
     except ImportError:
         raise ConfigError("--search optuna needs optuna: pip install optuna (or pip install -e '.[sweep]')") from None
-    from distill.compare import HIGHER_IS_BETTER
+    from distill.compare import HIGHER_IS_BETTER  # start-up time: distill.compare loads torch; only this command needs it
 
     model, _, key = metric.partition(".")
     if not model or not key:

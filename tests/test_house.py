@@ -34,6 +34,12 @@ def imports(name: str, path: Path, modules: dict) -> set[str]:
                 candidate = candidate.rpartition(".")[0]
             if candidate and candidate != name:
                 targets.add(candidate)
+            # Importing a.b.c runs the packages a and a.b first (but not the importer's own packages, already loading).
+            parent = candidate.rpartition(".")[0]
+            while parent:
+                if parent in modules and not name.startswith(parent + "."):
+                    targets.add(parent)
+                parent = parent.rpartition(".")[0]
     return targets
 
 
@@ -87,3 +93,18 @@ def test_every_package_of_the_library_is_in_the_wheel():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(("distill", *init.parent.relative_to(PACKAGES["distill"]).parts)) for init in PACKAGES["distill"].rglob("__init__.py")}
     assert found - listed == set()
+
+
+def test_every_torch_free_module_imports_first():
+    """Each module of the torch-free packages the command line loads at start imports on its own, in a fresh interpreter: no package
+    half-loaded by another that needs it (as distill.terms once was by distill.config)."""
+    import subprocess
+    import sys
+
+    light = [name for name in project_modules() if name.startswith(("distill.config", "distill.terms", "distill_launcher"))]
+    failed = []
+    for name in light:
+        result = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=REPO)
+        if result.returncode:
+            failed.append(f"{name}: {result.stderr.strip().splitlines()[-1]}")
+    assert not failed, "\n".join(failed)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from distill.config.schema import DataConfig, DistillConfig, LossConfig, data_sources
 from distill.errors import ConfigError
-from distill.terms import UserTerm, kind_of, parse_terms
+from distill.terms.registry import kind_of, parse_terms
+from distill.terms.user import UserTerm
 
 def _check(ok: bool, message: str) -> None:
     if not ok:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from distill.errors import ConfigError
+# The objective's names, shared with distill.terms (which must not import distill.config while it loads).
+from distill.term_names import LOGITS, LossKind, loss_terms, user_term  # noqa: F401
 
 def option(default: Any, help: str) -> Any:
     """A config field with a default and its one-line help text."""
@@ -21,7 +23,6 @@ def option(default: Any, help: str) -> Any:
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
 @dataclass
@@ -89,7 +90,6 @@ class DataConfig:
     mixture: list = option([], "Several named sources sampled by weight, instead of data.train_files/data.dataset: [{name: code, weight: 0.7, train_files: [...], validation_files: [...]}, ...]; each source may also set its own dataset, splits, text_unit and fields. Validation is reported per source.")
 
 
-LOGITS = "logits"  # the teacher output a logit term asks for, and that term's kind
 @dataclass
 class LossConfig:
     kind: LossKind = option("forward_kl", "Distillation divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd.")
@@ -224,29 +224,6 @@ def data_sources(cfg: DataConfig) -> list[DataSource]:
         own = {k: v for k, v in source.items() if k not in ("name", "weight")}
         sources.append(DataSource(source["name"], float(weight), dataclasses.replace(cfg, mixture=[], **own)))
     return sources
-
-
-def loss_terms(cfg: LossConfig) -> list[dict]:
-    """``loss.terms`` with names filled in, or the terms the ``loss.kind`` / ``loss.alpha`` shorthand stands for."""
-    if not cfg.terms:
-        return [{"kind": LOGITS, "name": "kd", "divergence": cfg.kind, "weight": 1.0 - cfg.alpha}, {"kind": "ce", "name": "ce", "weight": cfg.alpha}]
-    return [{**spec, "name": spec.get("name", _default_name(spec.get("kind")))} if isinstance(spec, dict) else spec for spec in cfg.terms]
-
-
-def _default_name(kind) -> str:
-    """kd for the logits term, the class for a term of the user's own, else the kind."""
-    if kind == LOGITS:
-        return "kd"
-    own = user_term(kind)
-    return own[1] if own else kind
-
-
-def user_term(kind) -> tuple[str, str] | None:
-    """(file, class) of a term of the user's own, ``kind: path/to/my_term.py:MyTerm``; None for a shipped kind."""
-    if not isinstance(kind, str) or ".py:" not in kind:
-        return None
-    path, _, name = kind.rpartition(":")
-    return (path, name) if path.endswith(".py") and name.isidentifier() else None
 
 
 def to_dict(cfg: DistillConfig) -> dict:

@@ -23,7 +23,7 @@ def code_named(names) -> list[str]:
 def load(name: str):
     """The ``evaluate`` metric ``name``: a shipped one, a module path, or a hub name (cached per process)."""
     if name not in _LOADED:
-        import evaluate
+        import evaluate  # start-up time: evaluate loads only when this runs
 
         target = str(SHIPPED.get(name, name))
         try:

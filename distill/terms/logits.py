@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from distill.config.schema import LOGITS, LossKind
+from distill.term_names import LOGITS, LossKind
 from distill.terms.base import TermKind, TermSpec, check
 
 

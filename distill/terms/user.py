@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config.schema import user_term
+from distill.term_names import user_term
 from distill.errors import ConfigError
 from distill.terms.base import TermKind, TermSpec, check
 
