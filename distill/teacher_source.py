@@ -58,6 +58,10 @@ class TeacherSource:
         """Blocks until the signal of ``batches`` is here; the source's failure is returned, not raised."""
         return None
 
+    def transfer_summary(self) -> str:
+        """What the signal cost to fetch, for the line a late source prints after training ("" when nothing)."""
+        return ""
+
     def close(self) -> None:
         """Releases what the source holds (threads, connections)."""
 
@@ -185,6 +189,9 @@ class RemoteSource(TeacherSource):
         self.wire_bytes, self.targets = self.wire_bytes + size, self.targets + expected
         sparse.tail_mode = self.tail
         return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device))
+
+    def transfer_summary(self) -> str:
+        return f", {self.wire_bytes / self.targets:.0f} bytes per target token on the wire" if self.targets else ""
 
     def close(self) -> None:
         self.requests.shutdown(wait=False, cancel_futures=True)

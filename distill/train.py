@@ -164,61 +164,34 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
         evaluate: ``fn(step) -> dict`` of validation metrics, called on every process.
         tracker: receives logged metrics; None on processes other than the main one.
     """
-
     tr = cfg.train
     # Redrawn often on a terminal, every 10 s in a log file.
     progress = tqdm(total=tr.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_main_process,
                     dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     model.train()
-    window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0, "steps": 0}
+    window, session = _Window(), _Window()  # since the last log; this session (for a late source's waiting)
     fault = os.environ.get("DISTILL_FAULT")
     saver = _Saver(accelerator, rundir.RunDir(run_dir).checkpoints, scheduler=scheduler, keep=tr.keep_checkpoints)
-    # Steps drawn ahead for a source that answers late: (micro-batches, samples consumed after them).
-    # Only the steps trained count in the checkpoint, so a resumed stream draws the rest again.
-    ahead: deque = deque()
     late = source.prefetches and bool(objective.wants)
-    waited_seconds = trained_seconds = 0.0  # waiting for a late source's targets; training (this session)
-    depth = cfg.teacher.prefetch if late else 0
+    ahead = _Lookahead(stream, source, tr, depth=cfg.teacher.prefetch if late else 0)
     SIGNALS.enter("training")
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
             _injected_fault(fault, state.step + 1, accelerator.process_index)
-            while len(ahead) < 1 + min(depth, tr.max_steps - state.step - 1):
-                ahead.append(([stream.next_batch() for _ in range(tr.grad_accum)], stream.samples_consumed))
-                if depth:
-                    source.prefetch(ahead[-1][0])
-            batches, consumed = ahead.popleft()
+            batches, consumed = ahead.next(state.step)
             waited = _teacher_ready(source, batches, accelerator, saver, state) if late else 0.0
             logged = (state.step + 1) % tr.log_every == 0 or state.step + 1 == tr.max_steps
             result = train_step(model, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
                                 task=task, objective=objective, report=logged)
-            state.step += 1
-            state.samples_consumed = consumed
-            window["tokens"] += result.tokens
-            window["seconds"] += time.perf_counter() - start
-            window["teacher_seconds"] += result.teacher_seconds + waited
-            waited_seconds += result.teacher_seconds + waited
-            trained_seconds += time.perf_counter() - start
-            window["steps"] += 1
-            if result.skipped:
-                if tr.on_nonfinite == "stop":
-                    raise NonFiniteLoss(f"non-finite loss at step {state.step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
-                if accelerator.is_main_process:
-                    progress.write(f"step {state.step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
+            state.step, state.samples_consumed = state.step + 1, consumed
+            for totals in (window, session):
+                totals.add(result, seconds=time.perf_counter() - start, waited=waited)
+            _check_finite(result, state.step, tr, progress if accelerator.is_main_process else None)
             progress.update(1)
             if logged:
-                metrics = {
-                    "train/loss": result.loss, **{f"train/{name}_loss": value for name, value in result.terms.items()},
-                    "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
-                    "train/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-                    "train/teacher_time_share": window["teacher_seconds"] / max(window["seconds"], 1e-9),
-                    # The mean step time of the window: summed over the records, the run's training time.
-                    "train/step_seconds": window["seconds"] / max(window["steps"], 1),
-                    "train/peak_memory_bytes": peak_memory_bytes(accelerator.device),
-                    "train/skipped": result.skipped,
-                }
-                window = {"tokens": 0, "seconds": 0.0, "teacher_seconds": 0.0, "steps": 0}
+                metrics = window.metrics(result, scheduler, accelerator.device)
+                window = _Window()
                 progress.set_postfix(loss=f"{result.loss:.4f}", **{name: f"{value:.4f}" for name, value in result.terms.items()}, refresh=False)
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
@@ -235,12 +208,67 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
                 _stop_if_signalled(accelerator, saver, state, saved=bool(saved), grace=tr.stop_grace_seconds, run_dir=run_dir)
     finally:
         progress.close()  # ends the bar's line, so an error prints on its own
-    if late and accelerator.is_main_process and trained_seconds:
-        wire = f", {source.wire_bytes / source.targets:.0f} bytes per target token on the wire" if getattr(source, "targets", 0) else ""
-        print(f"teacher: this process waited {waited_seconds:.1f} s for the teacher's targets in {trained_seconds:.1f} s of training "
-              f"({waited_seconds / trained_seconds:.1%}){wire}", file=sys.stderr)
+    if late and accelerator.is_main_process and session.seconds:
+        print(f"teacher: this process waited {session.teacher_seconds:.1f} s for the teacher's targets in {session.seconds:.1f} s of training "
+              f"({session.teacher_seconds / session.seconds:.1%}){source.transfer_summary()}", file=sys.stderr)
     SIGNALS.enter("finishing")
     return state
+
+
+class _Lookahead:
+    """The stream's coming steps, drawn ahead for a source that answers late (``depth`` steps, each prefetched):
+    (micro-batches, samples consumed after them). Only the steps trained count in the checkpoint, so a
+    resumed stream draws the rest again."""
+
+    def __init__(self, stream: TrainStream, source, tr: TrainConfig, depth: int):
+        self.stream, self.source, self.tr, self.depth = stream, source, tr, depth
+        self.steps: deque = deque()
+
+    def next(self, step: int) -> tuple[list[dict], int]:
+        while len(self.steps) < 1 + min(self.depth, self.tr.max_steps - step - 1):
+            self.steps.append(([self.stream.next_batch() for _ in range(self.tr.grad_accum)], self.stream.samples_consumed))
+            if self.depth:
+                self.source.prefetch(self.steps[-1][0])
+        return self.steps.popleft()
+
+
+@dataclass
+class _Window:
+    """Totals over steps: the log window's rates, or the session's time waiting for the teacher."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    teacher_seconds: float = 0.0  # computing or waiting for the teacher's signal
+    steps: int = 0
+
+    def add(self, result: "StepResult", *, seconds: float, waited: float) -> None:
+        self.tokens += result.tokens
+        self.seconds += seconds
+        self.teacher_seconds += result.teacher_seconds + waited
+        self.steps += 1
+
+    def metrics(self, result: "StepResult", scheduler, device) -> dict:
+        """The logged record of the window ending with ``result``."""
+        return {
+            "train/loss": result.loss, **{f"train/{name}_loss": value for name, value in result.terms.items()},
+            "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
+            "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "train/teacher_time_share": self.teacher_seconds / max(self.seconds, 1e-9),
+            # The mean step time of the window: summed over the records, the run's training time.
+            "train/step_seconds": self.seconds / max(self.steps, 1),
+            "train/peak_memory_bytes": peak_memory_bytes(device),
+            "train/skipped": result.skipped,
+        }
+
+
+def _check_finite(result: "StepResult", step: int, tr: TrainConfig, progress) -> None:
+    """A skipped (non-finite) step stops the run, or is reported and passed over (``train.on_nonfinite``)."""
+    if not result.skipped:
+        return
+    if tr.on_nonfinite == "stop":
+        raise NonFiniteLoss(f"non-finite loss at step {step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
+    if progress is not None:
+        progress.write(f"step {step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
 
 
 def _teacher_ready(source, batches: list[dict], accelerator, saver: "_Saver", state: checkpoint.TrainState) -> float:
