@@ -23,6 +23,7 @@ from distill.fused import HEAD_INPUTS, chunk_rows, teacher_chunks
 from distill.losses import IGNORE_INDEX
 from distill.setup import Setup, tune_cpu_allocator
 from distill.sparse import METHODS, PICK, SparseTargets
+from distill.tasks import build_task
 from distill.store import _claim, _finish, _shard_name, cache_root, identity, key_of, shard_count, write_shard
 from distill.teacher_source import ModelSource
 
@@ -63,14 +64,14 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
     """
     if method not in METHODS:  # before any model is loaded
         raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
+    if not build_task(cfg.task).token_targets:
+        raise ConfigError(f"task.kind={cfg.task.kind}: the teacher store holds token targets of language models (causal_lm, masked_lm)")
     device = device or torch.device("cpu")
     tune_cpu_allocator(cfg.train.cpu_allocator, device)
     setup = Setup(cfg, device, load_teacher=True, load_student=False)
     vocab = min(models.output_vocab(setup.teacher), len(setup.tokenizer))
     if not 0 < k <= vocab:
         raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
-    if setup.task.kind not in ("causal_lm", "masked_lm"):
-        raise ConfigError(f"task.kind={setup.task.kind}: the teacher store holds token targets of language models (causal_lm, masked_lm)")
     ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method)
     key = key_of(ident)
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))

@@ -42,7 +42,7 @@ class BuiltinEngine:
         from distill.teacher_source import ModelSource  # loads torch: this module stays torch-free until it is needed
 
         self.task = build_task(cfg.task)
-        if self.task.kind not in ("causal_lm", "masked_lm"):
+        if not self.task.token_targets:
             raise ConfigError(f"task.kind={self.task.kind}: the teacher service serves token targets of language models (causal_lm, masked_lm)")
         tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
                                           cfg.student.revision if cfg.student.path else cfg.teacher.revision)

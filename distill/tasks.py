@@ -30,6 +30,7 @@ class Task:
     perplexity = True  # evaluation reports the perplexity of its targets
     label_metrics: tuple[str, ...] = ()  # shipped metrics (distill.metrics) of predictions against references
     generates = True  # speed is generation latency and throughput (else a forward per sequence)
+    token_targets = True  # its targets are vocabulary tokens, whose sparse top-k a store holds and a pool serves
     auto_class: str  # the transformers auto class teacher and student load with
     peft_task_type: str | None
 
@@ -156,7 +157,7 @@ class SequenceClassification(Task):
     """
 
     kind, causal, metrics = "sequence_classification", False, "classes"
-    perplexity, label_metrics, generates = False, ("accuracy", "macro_f1"), False
+    perplexity, label_metrics, generates, token_targets = False, ("accuracy", "macro_f1"), False, False
     auto_class, peft_task_type = "AutoModelForSequenceClassification", "SEQ_CLS"
 
     def feature_weights(self, batch: dict) -> torch.Tensor:

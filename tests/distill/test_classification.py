@@ -151,3 +151,17 @@ def test_text_pairs(labelled, tmp_path):
     one = data.tokenize_labelled(raw.select([0]), tokenizer, DataConfig(text_field="first", text_pair_field="second", seq_len=512), "training",
                                  dict(zip(LABELS, range(3))))
     assert one[0]["input_ids"] == tokenizer(rows[0]["text"], rows[1]["text"], truncation=True, max_length=512)["input_ids"]
+
+
+def test_a_classifier_has_no_token_targets_to_store_or_serve(labelled, tmp_path):
+    """A store and a pool hold the top-k of vocabulary tokens; a classifier's teacher is refused by both in one line."""
+    from distill.cache_teacher import build
+    from distill.config import load_config
+    from distill.serve import BuiltinEngine
+
+    cfg = load_config(None, classifier_job(labelled, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="task.kind=sequence_classification: the teacher store holds token targets"):
+        build(cfg, k=4, out=tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ConfigError, match="task.kind=sequence_classification: the teacher service serves token targets"):
+        BuiltinEngine(cfg, 4, torch.device("cpu"))
