@@ -81,9 +81,7 @@ def file_hash(path: Path) -> str:
     if key not in known:
         known[key] = _sha256_file(path)
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, memo)
+        write_atomic(memo, json.dumps(known))
     return known[key]
 
 
