@@ -71,20 +71,10 @@ def tiny(tmp_path_factory, corpus) -> dict:
 SERIAL = ("tests/slurm/", "tests/launcher/test_sweep.py", "tests/distributed/test_exit_codes.py", "tests/launcher/test_wheel.py", "tests/gpu/")
 
 
-# The longest single tests (minutes each), handed out first so that neither worker is left with one at the end.
-FIRST = ("tests/test_quickstart.py", "tests/test_minilm_example.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    """The serial group first (one worker takes it whole), then the longest tests, then the rest in their order."""
-    def place(item) -> int:
-        path = Path(item.fspath).relative_to(REPO).as_posix()
-        return 0 if path.startswith(SERIAL) else 1 if path.startswith(FIRST) else 2
-
     for item in items:
-        if place(item) == 0:
+        if Path(item.fspath).relative_to(REPO).as_posix().startswith(SERIAL):
             item.add_marker(pytest.mark.xdist_group("serial"))
-    items.sort(key=place)  # stable: each file keeps its order
 
 
 def job_overrides(tiny: dict, corpus: dict, out: Path, *extra: str) -> list[str]:
