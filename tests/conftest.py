@@ -65,18 +65,6 @@ def tiny(tmp_path_factory, corpus) -> dict:
     return {"root": root, "teacher": str(root / "teacher"), "student": str(root / "student"), "tokenizer": tokenizer}
 
 
-# Test files whose tests must not overlap with each other under pytest-xdist: the one-node SLURM cluster (the
-# submissions and the sweeps on it), fixed master ports (the exit-code launches, the wheel's deepspeed launch),
-# and the one GPU.
-SERIAL = ("tests/slurm/", "tests/launcher/test_sweep.py", "tests/distributed/test_exit_codes.py", "tests/launcher/test_wheel.py", "tests/gpu/")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if Path(item.fspath).relative_to(REPO).as_posix().startswith(SERIAL):
-            item.add_marker(pytest.mark.xdist_group("serial"))
-
-
 def job_overrides(tiny: dict, corpus: dict, out: Path, *extra: str) -> list[str]:
     """A small, fast job on the tiny models; ``extra`` overrides win."""
     return [
