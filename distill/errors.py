@@ -44,6 +44,12 @@ class ConfigError(DistillError, ValueError):
     exit_code = 2
 
 
+def check(ok: bool, message: str) -> None:
+    """Raises ConfigError(``message``) unless ``ok``: the config's and the kinds' checks, one line each."""
+    if not ok:
+        raise ConfigError(message)
+
+
 class LaunchError(ConfigError):
     """A bad launch request (launcher, topology, SLURM options)."""
 

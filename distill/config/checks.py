@@ -10,12 +10,9 @@ from pathlib import Path
 
 from distill.config.schema import DataConfig, DistillConfig, LossConfig, data_sources
 from distill.errors import ConfigError
+from distill.errors import check as _check  # every value check below: one line, naming the option
 from distill.terms.registry import kind_of, parse_terms
 from distill.terms.user import UserTerm
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def validate(cfg: DistillConfig) -> None:

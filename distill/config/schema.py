@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from distill.errors import ConfigError
+from distill.errors import check
 # The objective's names, shared with distill.terms (which must not import distill.config while it loads).
 from distill.term_names import LOGITS, LossKind, loss_terms, user_term  # noqa: F401
 
@@ -204,10 +204,6 @@ class DataSource:
 
 def data_sources(cfg: DataConfig) -> list[DataSource]:
     """``data.mixture`` parsed into its sources (each checked, naming ``data.mixture[i].key``), or data.*'s one source."""
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
     if not cfg.mixture:
         return [DataSource("data", 1.0, cfg)]
     sources = []

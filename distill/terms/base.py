@@ -7,12 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from distill.errors import ConfigError
-
-
-def check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+from distill.errors import check
 
 
 @dataclass
