@@ -23,12 +23,14 @@ FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "js
 
 
 def quiet_progress_off_terminal() -> None:
-    """datasets' per-map progress bars help on a terminal and flood a log file."""
+    """datasets' per-map progress bars and transformers' weight-loading bars help on a terminal and flood a log file."""
 
     import datasets  # start-up time: datasets loads only when this runs
+    from transformers.utils import logging as transformers_logging  # start-up time: transformers loads only when this runs
 
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
+        transformers_logging.disable_progress_bar()
 
 
 def _builder_for(files: list[str], key: str) -> str:

@@ -18,6 +18,7 @@ if __name__ == "__main__":  # before the heavy imports below: a signal during th
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -26,10 +27,10 @@ import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 # quantize, downstream and metrics load torchao, bitsandbytes, lm-eval and evaluate only when a method, task or metric is named.
-from distill import checkpoint, downstream, evaluation, metrics, models, report, rundir  # noqa: E402
+from distill import checkpoint, downstream, evaluation, launched, metrics, models, report, rundir  # noqa: E402
 from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
 from distill.downstream import summary_metrics  # noqa: E402
-from distill.errors import DiskFull, Terminated, main_guard  # noqa: E402
+from distill.errors import DiskFull, LaunchError, Terminated, main_guard  # noqa: E402
 from distill.feature_terms import ATTENTIONS  # noqa: E402
 from distill.objective import Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.progress import phase  # noqa: E402
@@ -47,7 +48,7 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = None, overwrite: bool = False) -> dict | None:
+def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = None, overwrite: bool = False, dry_run: bool = False) -> dict | None:
     """Runs the whole job; returns the evaluation (on the main process).
 
     The main process first checks the run directory, refuses to reuse one that holds a run
@@ -57,6 +58,8 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
         ds_config: path of a DeepSpeed JSON config; the student is then prepared by DeepSpeed
             (ZeRO), while the teacher stays outside its engine, whole on every process.
         overwrite: delete what an earlier run wrote into the run directory first.
+        dry_run: load and check everything, print the plan and stop before training; what the run
+            directory did not hold before is removed again.
     """
     run_dir = Path(os.path.expanduser(cfg.output_dir))
     main = _global_rank() == 0
@@ -75,7 +78,9 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
                 before -= set(rundir.RUN_OUTPUTS)
             rundir.check_links(run_dir)
             rundir.RunDir(run_dir).preempted.unlink(missing_ok=True)
-        return _run(cfg, run_dir, resume=resume, ds_config=ds_config)
+        result = _run(cfg, run_dir, resume=resume, ds_config=ds_config, dry_run=dry_run)
+        undo = dry_run
+        return result
     except SetupInterrupted as stop:
         if stop.name == TERM:
             undo = not resume
@@ -103,21 +108,36 @@ def run(cfg: DistillConfig, *, resume: bool = False, ds_config: str | None = Non
             SIGNALS.uninstall()
 
 
-def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | None) -> dict | None:
-    """A run, step by step: what can fail without loading anything, the accelerator, the checkpoint to
-    resume from, the models, data and objective, the untrained student's evaluation, training, the
-    saved student, its final evaluation and the report."""
+def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | None, dry_run: bool = False) -> dict | None:
+    """A run, step by step: what can fail without loading anything, the launcher's request and the
+    accelerator, the checkpoint to resume from, the models, data and objective, the plan, the
+    untrained student's evaluation, training, the saved student, its final evaluation and the report."""
     run = rundir.RunDir(run_dir)
     check_before_loading(cfg, run)
-    accelerator = start_accelerator(cfg, ds_config)
-    latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=ds_config)
+    launch = launched.request(cfg, ds_config)
+    if _global_rank() == 0:
+        for note in launch.notes:
+            print(f"distill: {note}", file=sys.stderr)
+    accelerator = start_accelerator(cfg, launch.ds_config)
+    if accelerator.num_processes != launch.world_size:
+        raise LaunchError(f"{launch.launcher} started {launch.world_size} processes but accelerate sees {accelerator.num_processes}; "
+                          "start the job with distill launch, or see the README's launching section")
+    latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=launch.ds_config)
     if accelerator.is_main_process:
         check_backend(cfg.tracking, run_dir)  # a tracker that cannot start fails now, not after the models load
     job = load(cfg, accelerator)
-    if accelerator.is_main_process:
-        save_config(cfg, run.config)
+    resolve_steps(cfg, job.setup, accelerator.num_processes, quiet=not accelerator.is_main_process)
     by_source = validation_sets(job.setup, cfg, accelerator)
     validation = [batch for batches in by_source.values() for batch in batches]
+    if accelerator.is_main_process:
+        for line in launched.plan(cfg, accelerator, launch) + (dry_plan(cfg, job, by_source) if dry_run else []):
+            print(f"distill: {line}", file=sys.stderr)
+    if dry_run:
+        if accelerator.is_main_process:
+            print("distill: --dry-run: everything loaded and checked; stopping before training (nothing written)", file=sys.stderr)
+        return None
+    if accelerator.is_main_process:
+        save_config(cfg, run.config)
     initial = evaluate_untrained(cfg, accelerator, job, validation, run) if cfg.eval.at_end and cfg.eval.initial and latest is None else None
 
     # The objective's parameters (projections) are prepared, optimized and checkpointed with the student.
@@ -149,6 +169,43 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             tracker.close()
     accelerator.wait_for_everyone()
     return result
+
+
+def resolve_steps(cfg: DistillConfig, setup: Setup, world_size: int, *, quiet: bool) -> None:
+    """train.epochs as optimizer steps, and a warm-up longer than the run clipped to it, each with a
+    note; in ``cfg`` itself, so the saved config.yaml holds the steps that ran."""
+    tr = cfg.train
+    if tr.epochs is not None:
+        sequences = sum(len(train) for _, _, train, _ in setup.sources)
+        per_step = tr.micro_batch_size * tr.grad_accum * world_size
+        tr.max_steps = max(1, math.ceil(tr.epochs * sequences / per_step))
+        if not quiet:
+            print(f"distill: train.epochs={tr.epochs:g}: {tr.max_steps:,} steps ({sequences:,} training sequences, {per_step} a step)",
+                  file=sys.stderr)
+        tr.epochs = None  # the steps are now the run's length (resumed at another world size, the epochs are counted again)
+    if tr.warmup_steps > tr.max_steps:
+        if not quiet:
+            print(f"distill: train.warmup_steps={tr.warmup_steps} is longer than the run (train.max_steps={tr.max_steps}): clipped to "
+                  f"{tr.max_steps}", file=sys.stderr)
+        tr.warmup_steps = tr.max_steps
+
+
+def dry_plan(cfg: DistillConfig, job: "Loaded", by_source: dict) -> list[str]:
+    """What --dry-run adds to the plan: what was loaded, and how the objective pairs them."""
+    teacher = job.teacher
+    loaded = f"{teacher.num_parameters():,} parameters" if teacher is not None else "not loaded for training"
+    quantization = f", {cfg.teacher.quantization}" if cfg.teacher.quantization != "none" else ""
+    lines = [f"teacher: {cfg.teacher.path} (source {cfg.teacher.source}{quantization}; {loaded})",
+             f"student: {job.parameters[0]:,} trainable of {job.parameters[1]:,} parameters"
+             + (f", LoRA r={cfg.student.lora.r}" if cfg.student.lora is not None else "")]
+    for name, weight, train, _ in job.setup.sources:
+        lines.append(f"data: {len(train):,} training sequences" if not cfg.data.mixture else
+                     f"data: source {name}: {len(train):,} training sequences (weight {weight:g})")
+    rows = sum(len(batch["input_ids"]) for batches in by_source.values() for batch in batches)
+    lines.append(f"validation: {rows:,} sequences in {sum(len(b) for b in by_source.values())} batches")
+    lines.append("objective: " + ", ".join(f"{t.name} x{t.weight:g}" for t in job.objective.terms))
+    lines.append(f"output: {cfg.output_dir}")
+    return lines
 
 
 def check_before_loading(cfg: DistillConfig, run: rundir.RunDir) -> None:
@@ -349,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--ds-config", help="DeepSpeed JSON config (ZeRO) for the student")
+    # --deepspeed_config is DeepSpeed's own spelling (what a script started by the deepspeed launcher takes).
+    parser.add_argument("--ds-config", "--deepspeed_config", "--deepspeed-config", dest="ds_config", help="DeepSpeed JSON config (ZeRO) for the student")
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's flag beside --deepspeed_config: implied
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # launchers' legacy flag; LOCAL_RANK is used
     args = parser.parse_args(argv)
     return main_guard(lambda: run(load_config(args.config, args.overrides), resume=args.resume, ds_config=args.ds_config,

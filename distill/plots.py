@@ -40,20 +40,40 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def loss_plot(records: list[dict], path: Path) -> Path | None:
-    """The training loss and each named term of the objective against steps."""
+TERM_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)))  # a term's line style: a term equal to the total (one term) still shows
+
+
+def loss_figure(records: list[dict]):
+    """The training loss and each named term of the objective against steps; None without any.
+
+    The total is drawn wide and pale, each term on top of it thin, in a style of its own and with
+    sparse markers, so that a term equal to the total (an objective of one term) stays visible;
+    its label says so."""
     keys = ["train/loss"] + sorted({k for r in records for k in r if k.startswith("train/") and k.endswith("_loss")})
     drawn = [(k, *series(records, k)) for k in keys]
     drawn = [d for d in drawn if d[1]]
     if not drawn:
         return None
     fig, (ax,) = figure(1)
-    for key, steps, values in drawn:
-        ax.plot(steps, values, label=key.removeprefix("train/"), linewidth=2.0 if key == "train/loss" else 1.2)
+    total = dict(zip(drawn[0][1], drawn[0][2])) if drawn[0][0] == "train/loss" else {}
+    for i, (key, steps, values) in enumerate(drawn):
+        label = key.removeprefix("train/")
+        if key == "train/loss":
+            ax.plot(steps, values, label=label, linewidth=4.0, alpha=0.45)
+            continue
+        if total and all(abs(total.get(s, float("nan")) - v) <= 1e-6 * max(1.0, abs(v)) for s, v in zip(steps, values)):
+            label += " (= loss)"
+        ax.plot(steps, values, label=label, linewidth=1.3, linestyle=TERM_STYLES[(i - 1) % len(TERM_STYLES)], marker="o",
+                markersize=3, markevery=max(1, len(steps) // 12))
     ax.set(xlabel="step", ylabel="loss (per target token)", title="training loss and its terms")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return save(fig, path)
+    return fig
+
+
+def loss_plot(records: list[dict], path: Path) -> Path | None:
+    fig = loss_figure(records)
+    return save(fig, path) if fig is not None else None
 
 
 def validation_plot(records: list[dict], result: dict | None, initial: dict | None, path: Path) -> Path | None:

@@ -19,21 +19,21 @@ import torch.distributed as dist
 
 from distill import data, models
 from distill.config import ConfigError, DistillConfig, data_sources, read_ds_config
+from distill.launched import PRECISION  # noqa: F401  (train.precision as accelerate names it; re-exported)
 from distill.progress import phase
 from distill.prune import PruneTarget, check_target, importance, prune
 from distill.tasks import build_task
 
-PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def deepspeed_config(path: str, cfg: DistillConfig, world_size: int) -> dict:
+def deepspeed_config(path: str | dict, cfg: DistillConfig, world_size: int) -> dict:
     """The DeepSpeed config with every "auto" value that the job owns filled in.
 
     The shipped configs leave batch sizes, clipping and precision as "auto" so that one file
     serves every model; this job knows them, and accelerate can only infer them from a
     prepared dataloader, which the job does not use.
     """
-    ds = read_ds_config(path)
+    ds = read_ds_config(path) if not isinstance(path, dict) else dict(path)
     tr = cfg.train
     owned = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
@@ -115,15 +115,24 @@ def tune_cpu_allocator(mode: str, device) -> bool:
         return False
 
 
-def make_accelerator(cfg: DistillConfig, ds_config: str | None = None):
+def make_accelerator(cfg: DistillConfig, ds_config: str | dict | None = None):
     from accelerate import Accelerator  # start-up time: accelerate loads only when this runs
     from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin  # start-up time: accelerate loads only when this runs
 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     plugin = None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not ds_config and not torch.cuda.is_available():
+        # Without it accelerate gives each CPU process a world of its own (under torchrun or deepspeed).
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     if ds_config:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        # accelerate's CPU state has no DeepSpeed (it would train plain DDP): DeepSpeed picks its CPU accelerator itself.
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+        # accelerate config's DeepSpeed answers, already read into the config (distill.launched): accelerate refuses
+        # them beside the whole config the job gives its plugin.
+        for key in [k for k in os.environ if k.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_")) or k == "ACCELERATE_CONFIG_DS_FIELDS"]:
+            del os.environ[key]
         # accelerate reads this while it sets up the process group (accelerate launch
         # --use_deepspeed sets it; the deepspeed launcher and torchrun do not).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from distill import checkpoint, rundir
 from distill.config import DistillConfig, TrainConfig
 from distill.data import TrainStream
 from distill.errors import NonFiniteLoss, TeacherUnavailable, Terminated
 from distill.evaluation import synchronize
+from distill.progress import StepProgress
 
 # The readers of metrics.jsonl live with the run directory; re-exported for the tools that named them here.
 from distill.rundir import read_metrics, train_seconds, truncate_metrics  # noqa: F401
@@ -165,9 +165,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
         tracker: receives logged metrics; None on processes other than the main one.
     """
     tr = cfg.train
-    # Redrawn often on a terminal, every 10 s in a log file.
-    progress = tqdm(total=tr.max_steps, initial=state.step, desc="distill", disable=not accelerator.is_main_process,
-                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    progress = StepProgress(tr.max_steps, state.step, enabled=accelerator.is_main_process)
     model.train()
     window, session = _Window(), _Window()  # since the last log; this session (for a late source's waiting)
     fault = os.environ.get("DISTILL_FAULT")
@@ -187,16 +185,18 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             state.step, state.samples_consumed = state.step + 1, consumed
             for totals in (window, session):
                 totals.add(result, seconds=time.perf_counter() - start, waited=waited)
-            _check_finite(result, state.step, tr, progress if accelerator.is_main_process else None)
-            progress.update(1)
+            _check_finite(result, state.step, tr, progress)
+            progress.step()
             if logged:
                 metrics = window.metrics(result, scheduler, accelerator.device)
                 window = _Window()
-                progress.set_postfix(loss=f"{result.loss:.4f}", **{name: f"{value:.4f}" for name, value in result.terms.items()}, refresh=False)
+                progress.logged(state.step, metrics)
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
             if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
-                metrics = {f"eval/{k}": v for k, v in evaluate(state.step).items()}
+                measured = evaluate(state.step)
+                progress.evaluated(state.step, measured)
+                metrics = {f"eval/{k}": v for k, v in measured.items()}
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
             saved = tr.save_every and (state.step % tr.save_every == 0 or state.step == tr.max_steps)
@@ -261,14 +261,13 @@ class _Window:
         }
 
 
-def _check_finite(result: "StepResult", step: int, tr: TrainConfig, progress) -> None:
+def _check_finite(result: "StepResult", step: int, tr: TrainConfig, progress: StepProgress) -> None:
     """A skipped (non-finite) step stops the run, or is reported and passed over (``train.on_nonfinite``)."""
     if not result.skipped:
         return
     if tr.on_nonfinite == "stop":
         raise NonFiniteLoss(f"non-finite loss at step {step}; lower train.lr, check the data, or set train.on_nonfinite=skip")
-    if progress is not None:
-        progress.write(f"step {step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
+    progress.write(f"step {step}: non-finite loss, step skipped (train.on_nonfinite=skip)")
 
 
 def _teacher_ready(source, batches: list[dict], accelerator, saver: "_Saver", state: checkpoint.TrainState) -> float:

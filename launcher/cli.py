@@ -13,6 +13,7 @@ if __name__ == "__main__":  # python -m distill_launcher.cli (the sbatch scripts
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import platform  # noqa: E402
 import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -22,7 +23,8 @@ from pathlib import Path  # noqa: E402
 # Torch-free, all of them; the commands' heavy modules (the job, evaluation, the teacher's server) load inside each command.
 from distill import rundir  # noqa: E402
 from distill.compare import compare  # noqa: E402
-from distill.config import iter_options, load_config  # noqa: E402
+from distill import __version__  # noqa: E402
+from distill.config import config_yaml, iter_options, load_config  # noqa: E402
 from distill.errors import ConfigError, main_guard  # noqa: E402
 from distill.signals import SIGNALS  # noqa: E402
 from distill_launcher import sweep as sweeps  # noqa: E402
@@ -71,10 +73,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     SIGNALS.install()  # from the start: a signal while torch imports is acted on when setup begins
 
     cfg = load_config(args.config, _overrides(args))  # fails before anything heavy is imported
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     _check_run_dir(cfg, args, keep=False)
     from distill.job import run  # loads torch: only this command pays for it
 
-    run(cfg, resume=args.resume, overwrite=args.overwrite)
+    run(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
     return 0
 
 
@@ -105,7 +110,8 @@ def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     explicit = _explicit_topology(args)
     topology = Topology(**{name: getattr(args, name) for name in explicit})
     command = build_command(args.launcher, args.config, _overrides(args), topology, ds_config=resolve_ds_config(args.ds_config),
-                            resume=args.resume, overwrite=args.overwrite, accelerate_config=args.accelerate_config, explicit=explicit)
+                            resume=args.resume, overwrite=args.overwrite, accelerate_config=args.accelerate_config, explicit=explicit,
+                            precision=cfg.train.precision)
     if not args.dry_run and args.node_rank in (None, 0):
         _check_run_dir(cfg, args, keep=False)
     return run_launch(command, dry_run=args.dry_run, launch_fn=launch_fn or launch)
@@ -292,6 +298,7 @@ def _slurm_request(args: argparse.Namespace, *, nodes: int, job_name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill a large causal LM (the teacher) into a small one (the student).")
+    parser.add_argument("--version", action="version", version=f"distill {__version__} (Python {platform.python_version()})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
     for add in (_add_job_commands, _add_teacher_commands, _add_model_commands, _add_experiment_commands, _add_build_commands):
@@ -305,6 +312,10 @@ def _add_job_commands(commands, formatter) -> None:
                               description="Train the student against the teacher, save it to OUTPUT_DIR/student and write the report.")
     _add_config_arguments(run)
     _add_reuse_arguments(run)
+    run.add_argument("--print-config", action="store_true", help="print the resolved config (every option, defaults included, as YAML) and exit")
+    run.add_argument("--dry-run", action="store_true",
+                     help="load and check the models, tokenizer, data and objective, print the run's plan and exit before training; "
+                          "leaves no run directory behind")
     run.set_defaults(func=cmd_run)
 
     launch = commands.add_parser("launch", help="run a job on several processes/nodes through accelerate, deepspeed or torchrun",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import read_ds_config
+from distill.launched import PRECISION
 from distill.errors import (
     EXIT_DIR_ENV,
     LaunchError,  # noqa: F401  (re-exported)
@@ -101,13 +102,14 @@ class Command:
 
 def build_command(launcher: str, config: str, overrides: list[str], topology: Topology, *, ds_config: str | None = None,
                   resume: bool = False, overwrite: bool = False, cpu: bool | None = None, accelerate_config: str | None = None,
-                  explicit: set | None = None) -> Command:
+                  explicit: set | None = None, precision: str | None = None) -> Command:
     """The exact command that starts ``topology.nproc_per_node`` job processes on this node.
 
     Args:
         cpu: force CPU processes (gloo); by default, CPU when no CUDA device is visible.
         accelerate_config: the user's ``accelerate config`` file (accelerate only); then only the
             topology fields named in ``explicit`` are passed, so the file decides the rest.
+        precision: the job's ``train.precision``, passed to accelerate launch without a config file.
     """
     if launcher not in LAUNCHERS:
         raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)} (got {launcher!r})")
@@ -135,7 +137,7 @@ def build_command(launcher: str, config: str, overrides: list[str], topology: To
             argv += ["--no_ssh", f"--node_rank={t.node_rank}"]
         argv += ["--no_local_rank", "--module", "distill.job", *job]
     elif accelerate_config:
-        argv = _accelerate_with_config_file(accelerate_config, t, explicit or set(), ds_config)
+        argv, env = _accelerate_with_config_file(accelerate_config, t, explicit or set(), ds_config, cpu)
         argv += ["-m", "distill.job", *job]
     else:
         argv = ["accelerate", "launch", f"--num_processes={t.nproc_per_node * t.nnodes}", f"--num_machines={t.nnodes}",
@@ -149,24 +151,47 @@ def build_command(launcher: str, config: str, overrides: list[str], topology: To
             argv += ["--multi_gpu"]
         if cpu and not ds_config:
             env["ACCELERATE_USE_CPU"] = "true"
+        if precision:  # the job's train.precision, so that accelerate's default ("no") does not disagree with it
+            argv.append(f"--mixed_precision={PRECISION[precision]}")
         argv += ["-m", "distill.job", *job]
     return Command(argv=argv, env=env)
 
 
-def _accelerate_with_config_file(path: str, t: Topology, explicit: set, ds_config: str | None) -> list[str]:
-    """``accelerate launch --config_file FILE`` plus only the topology options given on the command line."""
+def _accelerate_with_config_file(path: str, t: Topology, explicit: set, ds_config: str | None, cpu: bool) -> tuple[list[str], dict]:
+    """``accelerate launch --config_file FILE`` plus only the topology options given on the command line.
+
+    accelerate starts the processes of a CPU config (``distributed_type: MULTI_CPU``, or several
+    processes without a GPU) only through mpirun; without an ``mpirun_hostfile`` it would start one.
+    Then the command asks for its torchrun-based launcher (``--multi_gpu``) with ACCELERATE_USE_CPU,
+    which starts them all on CPU over gloo.
+    """
+    import yaml  # start-up time: only a launch with a config file reads YAML here
+
     file = Path(os.path.expanduser(path))
     if not file.is_file():
         raise LaunchError(f"--accelerate-config: file not found: {path}")
+    try:
+        settings = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LaunchError(f"--accelerate-config {path}: not valid YAML ({err})") from None
+    if not isinstance(settings, dict):
+        raise LaunchError(f"--accelerate-config {path}: expected accelerate's config (a mapping)")
     argv = ["accelerate", "launch", f"--config_file={file.resolve()}"]
+    processes = t.nproc_per_node * t.nnodes if {"nproc_per_node", "nnodes"} & explicit else int(settings.get("num_processes") or 1)
     if "nproc_per_node" in explicit or "nnodes" in explicit:
-        argv.append(f"--num_processes={t.nproc_per_node * t.nnodes}")
+        argv.append(f"--num_processes={processes}")
     flags = {"nnodes": f"--num_machines={t.nnodes}", "node_rank": f"--machine_rank={t.node_rank}",
              "master_addr": f"--main_process_ip={t.master_addr}", "master_port": f"--main_process_port={t.master_port}"}
     argv += [flag for name, flag in flags.items() if name in explicit]
+    env = {}
     if ds_config:
         argv += ["--use_deepspeed", f"--deepspeed_config_file={ds_config}"]
-    return argv
+    kind = str(settings.get("distributed_type", "NO"))
+    on_cpu = cpu or bool(settings.get("use_cpu")) or kind == "MULTI_CPU"
+    if not ds_config and kind in ("NO", "MULTI_CPU") and on_cpu and processes > 1 and not settings.get("mpirun_hostfile"):
+        argv.append("--multi_gpu")
+        env["ACCELERATE_USE_CPU"] = "true"
+    return argv, env
 
 
 def _cuda_visible() -> bool:

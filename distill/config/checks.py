@@ -97,7 +97,8 @@ def check_train(cfg: DistillConfig) -> None:
     _check(tr.micro_batch_size > 0, f"train.micro_batch_size must be > 0 (got {tr.micro_batch_size})")
     _check(tr.grad_accum > 0, f"train.grad_accum must be > 0 (got {tr.grad_accum})")
     _check(tr.max_steps > 0, f"train.max_steps must be > 0 (got {tr.max_steps})")
-    _check(0 <= tr.warmup_steps <= tr.max_steps, f"train.warmup_steps must be in [0, train.max_steps] (got {tr.warmup_steps})")
+    _check(tr.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {tr.warmup_steps})")
+    _check(tr.epochs is None or (tr.epochs > 0 and math.isfinite(tr.epochs)), f"train.epochs must be > 0 (got {tr.epochs})")
     _check(tr.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (got {tr.max_grad_norm})")
     for name in ("log_every", "eval_every", "save_every"):
         _check(getattr(tr, name) >= 0, f"train.{name} must be >= 0")

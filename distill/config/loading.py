@@ -6,6 +6,7 @@ resolved config back (credentials redacted).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -38,8 +39,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Di
     for item in overrides:
         apply_override(data, item)
     cfg = from_dict(DistillConfig, data, prefix="")
+    if cfg.train.epochs is not None and "max_steps" in (data.get("train") or {}):
+        raise ConfigError(f"train.epochs={cfg.train.epochs:g} and train.max_steps={cfg.train.max_steps} are both set: keep one "
+                          "(epochs counts passes over the training data, max_steps optimizer steps)")
     validate(cfg)
     return cfg
+
+
+def unknown_key(key: str, known) -> ConfigError:
+    """The error for an unknown ``key`` (dotted), with the nearest known spelling when one is close."""
+    *section, last = key.split(".")
+    close = difflib.get_close_matches(last, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {'.'.join([*section, close[0]])}?" if close else ""
+    return ConfigError(f"unknown config key: {key}{hint}")
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -69,7 +81,7 @@ def lookup_field(parts: list[str]) -> dataclasses.Field:
             return found
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if part not in fields:
-            raise ConfigError(f"unknown config key: {'.'.join(parts[: i + 1])}")
+            raise unknown_key(".".join(parts[: i + 1]), fields)
         found = fields[part]
         cls = typing.get_type_hints(cls)[part]
         if typing.get_origin(cls) in (typing.Union, types.UnionType):  # Optional[Section]
@@ -85,7 +97,7 @@ def from_dict(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown config key: {prefix}{key}")
+            raise unknown_key(f"{prefix}{key}", names)
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
@@ -141,6 +153,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this file, not user input
 
 
+def config_yaml(cfg: DistillConfig) -> str:
+    """The resolved config (every option, defaults included) as YAML, with credentials redacted."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
+
+
 def save_config(cfg: DistillConfig, path: str | os.PathLike) -> None:
-    """Writes the resolved config as YAML, with credentials redacted."""
-    write_atomic(Path(path), yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+    """Writes :func:`config_yaml` to ``path``."""
+    write_atomic(Path(path), config_yaml(cfg))

@@ -243,3 +243,16 @@ def test_eval_and_quantize_are_writers_too(tmp_path):
             result = distill_cli(*argv)
             assert result.returncode == 6, result.stderr[-2000:]
             assert f"pid {os.getpid()}" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_loss_plot_keeps_a_term_equal_to_the_total_visible():
+    """An objective of one term logs a term equal to the total loss; both lines stay visible."""
+    from distill.plots import loss_figure
+
+    records = [{"step": s, "train/loss": 3.0 / s, "train/kd_loss": 3.0 / s, "train/ce_loss": 4.0 / s} for s in range(1, 21)]
+    (ax,) = loss_figure(records).axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"loss", "kd_loss (= loss)", "ce_loss"}
+    styles = [(line.get_linestyle(), line.get_linewidth(), line.get_marker()) for line in lines.values()]
+    assert len(set(styles)) == 3  # no line drawn exactly over another in the same style
+    assert lines["loss"].get_linewidth() > lines["kd_loss (= loss)"].get_linewidth() and lines["loss"].get_alpha() < 1

@@ -59,6 +59,11 @@ def test_two_processes_follow_the_one_process_loss_curve(tiny, corpus, tmp_path,
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # Rank 0 alone logs: one record per step, not one per process.
     assert losses(out) == pytest.approx(one_process_reference, rel=1e-5)
+    # The plan every run prints: what the launcher started, how, and the batch it makes.
+    name = {"accelerate": "accelerate launch"}.get(launcher, launcher)
+    backend = f"DeepSpeed ZeRO-{ds_config[4]} (cpu, gloo)" if ds_config else "DDP (cpu, gloo)"
+    assert f"distill: launch: 2 processes ({name}), {backend}" in result.stderr, result.stderr[-3000:]
+    assert "micro-batch 2 x grad_accum 1 x 2 processes = 4 sequences of up to 64 tokens (256 tokens) a step" in result.stderr
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.num_hidden_layers == 1
@@ -122,3 +127,51 @@ def test_lora_student_under_zero(tiny, corpus, tmp_path, launcher, ds_config):
     base = AutoModelForCausalLM.from_pretrained(tiny["student"])
     assert merged.config.num_hidden_layers == base.config.num_hidden_layers
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def accelerate_launch(tiny, corpus, out: Path, accelerate_args: list[str], *sets: str, env: dict | None = None, timeout: float = 600):
+    """The user's own `accelerate launch ... -m distill.job CONFIG`, not distill's launcher."""
+    overrides = job_overrides(tiny, corpus, out, f"train.max_steps={STEPS}", "train.micro_batch_size=2", "eval.speed=false", *sets)
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text("{}\n")
+    argv = [str(Path(sys.executable).parent / "accelerate"), "launch", "-q", *accelerate_args, "--main_process_port", str(free_port()),
+            "-m", "distill.job", str(config), *[a for o in overrides for a in ("--set", o)]]
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+MULTI_CPU = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n"
+
+
+def test_a_multi_cpu_accelerate_config_runs_two_processes_or_says_why_not(tiny, corpus, tmp_path, one_process_reference):
+    """accelerate starts a MULTI_CPU config's processes only through mpirun: alone it starts one. Then the job
+    refuses in one line instead of training alone; distill launch starts them all."""
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text(MULTI_CPU)
+    alone = accelerate_launch(tiny, corpus, tmp_path / "alone", ["--config_file", str(config)])
+    assert alone.returncode != 0 and "distill: error: accelerate launch started one process for a config of several" in alone.stderr
+    assert "distill launch --accelerate-config FILE" in alone.stderr and not (tmp_path / "alone").exists()
+    out = tmp_path / "run"
+    result = launch(tiny, corpus, out, "--accelerate-config", str(config))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "--multi_gpu" in result.stdout and "distill: launch: 2 processes (accelerate launch), DDP (cpu, gloo)" in result.stderr
+    assert losses(out) == pytest.approx(one_process_reference, rel=1e-5)
+
+
+def test_deepspeed_and_precision_come_from_accelerates_config(tiny, corpus, tmp_path, one_process_reference):
+    """`accelerate launch` with a DEEPSPEED config file (ZeRO-2 from its deepspeed_config_file, bf16): the job
+    runs DeepSpeed on both processes in the launcher's precision, and says that it overrode train.precision."""
+    config = tmp_path / "deepspeed.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nmixed_precision: bf16\nnum_machines: 1\n"
+                      f"num_processes: 2\ndeepspeed_config:\n  deepspeed_config_file: {REPO / 'ds_configs' / 'zero2.json'}\n"
+                      "  zero3_init_flag: false\n")
+    out = tmp_path / "run"
+    result = accelerate_launch(tiny, corpus, out, ["--config_file", str(config)], env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "distill: precision: accelerate launch asks for bf16, train.precision is fp32: the launcher's bf16 wins" in result.stderr
+    assert ("distill: launch: 2 processes (accelerate launch), DeepSpeed ZeRO-2 (cpu, gloo) from accelerate's deepspeed_config_file, "
+            "precision bf16") in result.stderr
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    assert losses(out) == pytest.approx(one_process_reference, rel=0.05)  # bf16 rounding, the same descent

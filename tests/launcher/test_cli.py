@@ -34,3 +34,48 @@ def test_config_errors_exit_nonzero_with_one_line(tmp_path):
 def test_eval_of_a_non_run_directory(tmp_path):
     result = distill_cli("eval", str(tmp_path))
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_version_print_config_and_did_you_mean(tmp_path):
+    import yaml
+
+    from distill import __version__
+
+    assert distill_cli("--version").stdout.startswith(f"distill {__version__} (Python ")
+    config = tmp_path / "job.yaml"
+    config.write_text("teacher: {path: t, url: 'http://bob:hunter2@pool:8765'}\nstudent: {path: s}\ndata: {train_files: [a.txt]}\ntrain: {lr: 1e-3}\n")
+    printed = distill_cli("run", str(config), "--print-config", "--set", "loss.kind=jsd")
+    assert printed.returncode == 0, printed.stderr
+    resolved = yaml.safe_load(printed.stdout)
+    assert resolved["train"]["lr"] == 1e-3 and resolved["loss"]["kind"] == "jsd" and resolved["train"]["max_steps"] == 1000  # defaults too
+    assert "hunter2" not in printed.stdout
+    typo = distill_cli("run", str(config), "--set", "train.warmup_step=10")
+    assert typo.returncode == 2 and typo.stderr.strip() == "distill: error: unknown config key: train.warmup_step; did you mean train.warmup_steps?"
+    both = distill_cli("run", str(config), "--set", "train.epochs=2", "--set", "train.max_steps=10")
+    assert both.returncode == 2 and both.stderr.strip() == ("distill: error: train.epochs=2 and train.max_steps=10 are both set: keep one "
+                                                            "(epochs counts passes over the training data, max_steps optimizer steps)")
+    config.write_text("teacher: {path: t}\nstudent: {path: s}\ndata: {train_files: [a.txt]}\ntrian: {lr: 1e-3}\n")
+    assert distill_cli("run", str(config)).stderr.strip() == "distill: error: unknown config key: trian; did you mean train?"
+
+
+def test_dry_run_loads_checks_and_plans_then_leaves_nothing(tiny, corpus, tmp_path):
+    """--dry-run loads and pairs everything, prints the plan (train.epochs counted as steps, a warm-up longer than
+    the run clipped, each with a note) and stops before training, leaving no run directory."""
+    from conftest import job_overrides
+
+    config = tmp_path / "job.yaml"
+    config.write_text("{}\n")
+    out = tmp_path / "run"
+    sets = [a for o in job_overrides(tiny, corpus, out, "train.warmup_steps=50", "train.grad_accum=2") if not o.startswith("train.max_steps")
+            for a in ("--set", o)]
+    result = distill_cli("run", str(config), *sets, "--set", "train.epochs=0.5", "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sequences = int(result.stderr.split("distill: data: ")[1].split(" training sequences")[0].replace(",", ""))
+    steps = -(-sequences // 2 // 8)  # ceil(0.5 x sequences / (4 x 2 x 1))
+    assert f"distill: train.epochs=0.5: {steps} steps ({sequences:,} training sequences, 8 a step)" in result.stderr
+    assert f"distill: train.warmup_steps=50 is longer than the run (train.max_steps={steps}): clipped to {steps}" in result.stderr
+    assert "distill: launch: 1 process (no launcher), cpu, precision fp32" in result.stderr
+    assert f"micro-batch 4 x grad_accum 2 x 1 process = 8 sequences of up to 64 tokens (512 tokens) a step; {steps} steps (warm-up {steps})" in result.stderr
+    assert "distill: objective: kd x1, ce x0" in result.stderr and "distill: validation: 16 sequences" in result.stderr
+    assert "--dry-run: everything loaded and checked" in result.stderr and "| model" not in result.stdout
+    assert not out.exists()

@@ -126,3 +126,75 @@ def test_accelerate_config_file_is_passed_with_only_the_given_topology(tmp_path)
                                     "--output-dir", str(tmp_path / "run")])
     assert cmd_launch(args, launch_fn=lambda command: captured.append(command) or 0) == 0
     assert f"--config_file={own}" in captured[0].argv and "--num_processes=2" in captured[0].argv
+
+
+def _job():
+    from distill.config import load_config
+
+    return load_config(None, ["teacher.path=t", "student.path=s", "data.train_files=[a.txt]", "train.grad_accum=2"])
+
+
+ACCELERATE = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
+
+
+def test_the_launchers_request_is_read_from_its_environment(tmp_path):
+    """What each launcher sets, as the real ones set it (the end-to-end runs: tests/distributed/test_launchers.py)."""
+    from distill.launched import request
+
+    cfg = _job()
+    alone = request(cfg, None, {})
+    assert (alone.world_size, alone.launcher, alone.ds_config, alone.notes) == (1, "no launcher", None, [])
+    # accelerate config's DeepSpeed answers (no file): a config the job fills, and what it overrides, said.
+    inline = request(cfg, None, {**ACCELERATE, "WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    assert inline.world_size == 2 and inline.ds_source == "accelerate's deepspeed_config"
+    assert inline.ds_config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "stage3_gather_16bit_weights_on_model_save": True}
+    assert inline.notes == ["DeepSpeed: accelerate's config has gradient_accumulation_steps=4, train.grad_accum is 2: train.grad_accum wins "
+                            "(the job owns the step)"]
+    # The job's own --ds-config wins over accelerate's file, and says so; a missing file is one line.
+    own = tmp_path / "own.json"
+    own.write_text("{}")
+    theirs = request(cfg, str(own), {**ACCELERATE, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "/x/zero3.json"})
+    assert theirs.ds_config == str(own) and theirs.notes == [f"DeepSpeed config: the job's --ds-config {own} wins over accelerate's /x/zero3.json"]
+    with pytest.raises(LaunchError, match="accelerate's deepspeed_config_file /x/zero3.json does not exist"):
+        request(cfg, None, {**ACCELERATE, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "/x/zero3.json"})
+    # The deepspeed launcher without a DeepSpeed config trains plain DDP, and says so.
+    bare = request(cfg, None, {"WORLD_SIZE": "2", "RANK": "0", "CROSS_RANK": "0", "LOCAL_SIZE": "2"})
+    assert bare.launcher == "deepspeed" and "without a DeepSpeed config" in bare.notes[0]
+    # accelerate's simple launcher asked for several processes started one: refused, not trained alone.
+    with pytest.raises(LaunchError, match="accelerate launch started one process for a config of several"):
+        request(cfg, None, {**ACCELERATE, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+
+
+@pytest.mark.parametrize("launcher, ours, wins, note", [
+    ("bf16", "fp32", "bf16", "precision: accelerate launch asks for bf16, train.precision is fp32: the launcher's bf16 wins"),
+    ("no", "bf16", "bf16", "precision: accelerate launch's mixed_precision is 'no' (its default), train.precision is bf16: train.precision=bf16 wins"),
+    ("bf16", "bf16", "bf16", None),
+    ("no", "fp32", "fp32", None),
+])
+def test_the_launchers_precision_wins_unless_it_is_accelerates_default(launcher, ours, wins, note):
+    from distill.launched import request
+
+    cfg = _job()
+    cfg.train.precision = ours
+    result = request(cfg, None, {**ACCELERATE, "ACCELERATE_MIXED_PRECISION": launcher})
+    assert cfg.train.precision == wins and result.notes == ([note] if note else [])
+
+
+def test_fp8_from_the_launcher_is_one_line():
+    from distill.launched import request
+
+    with pytest.raises(LaunchError, match="asks for mixed precision fp8"):
+        request(_job(), None, {**ACCELERATE, "ACCELERATE_MIXED_PRECISION": "fp8"})
+
+
+def test_distill_launch_passes_the_jobs_precision_and_starts_a_cpu_configs_processes(tmp_path):
+    cmd = build_command("accelerate", "job.yaml", [], Topology(2), cpu=True, precision="bf16")
+    assert "--mixed_precision=bf16" in cmd.argv
+    multi_cpu = tmp_path / "multi_cpu.yaml"
+    multi_cpu.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n")
+    cmd = build_command("accelerate", "job.yaml", [], Topology(), cpu=True, accelerate_config=str(multi_cpu), explicit=set())
+    assert "--multi_gpu" in cmd.argv and cmd.env == {"ACCELERATE_USE_CPU": "true"}
+    with_mpi = tmp_path / "mpi.yaml"
+    with_mpi.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nmpirun_hostfile: hosts\n")  # accelerate's own way: left to it
+    assert "--multi_gpu" not in build_command("accelerate", "job.yaml", [], Topology(), cpu=True, accelerate_config=str(with_mpi), explicit=set()).argv
