@@ -39,7 +39,7 @@ from distill.quantize import check_method_fits, quantization_config  # noqa: E40
 from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
                            validation_sets)
 from distill.teacher_source import SOURCES, build_source  # noqa: E402
-from distill.tracking import Tracker, check_backend  # noqa: E402
+from distill.tracking import Tracker, check_backends  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, train_seconds, truncate_metrics  # noqa: E402
 
 
@@ -123,8 +123,24 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         raise LaunchError(f"{launch.launcher} started {launch.world_size} processes but accelerate sees {accelerator.num_processes}; "
                           "start the job with distill launch, or see the README's launching section")
     latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=launch.ds_config)
+    tracker = None
     if accelerator.is_main_process:
-        check_backend(cfg.tracking, run_dir)  # a tracker that cannot start fails now, not after the models load
+        check_backends(cfg.tracking, run_dir)  # a tracker that cannot start is one line now, before anything loads
+        if not dry_run:
+            tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)  # started before the models load
+    failed = True
+    try:
+        result = _load_train_report(cfg, accelerator, launch, run, latest, tracker, dry_run=dry_run)
+        failed = False
+        return result
+    finally:
+        if tracker is not None:
+            tracker.close(failed=failed)
+
+
+def _load_train_report(cfg: DistillConfig, accelerator, launch, run: rundir.RunDir, latest: Path | None, tracker, *, dry_run: bool):
+    """The models, data and objective, the plan, the untrained student's evaluation, training, the
+    saved student, its final evaluation and the report (``tracker``: the main process's, started)."""
     job = load(cfg, accelerator)
     resolve_steps(cfg, job.setup, accelerator.num_processes, quiet=not accelerator.is_main_process)
     by_source = validation_sets(job.setup, cfg, accelerator)
@@ -147,26 +163,20 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     model, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(model).student  # evaluated as it trains (ZeRO-3's hooks are on its modules)
     state = resume_state(accelerator, latest, scheduler, run)
-    tracker = None
-    if accelerator.is_main_process:
-        tracker = Tracker(cfg.tracking, run_dir, {**to_dict(cfg), "models": model_facts(cfg, student, job.teacher, *job.parameters)},
-                          resume=latest is not None)
-    try:
-        evaluate = lambda step: evaluation.quality(student, job.teacher, validation, vocab=job.vocab, device=accelerator.device, task=job.task)
-        if not train(cfg, accelerator, job, model, optimizer, scheduler, state, run, tracker, evaluate):
-            return None  # preempted: a checkpoint and the PREEMPTED marker are written
-        lora = cfg.student.lora
-        save_student(accelerator, model, job.setup.tokenizer, run.student, merge_lora=lora is not None and lora.merge,
-                     base_quantization=cfg.student.quantization, model_class=job.task.auto_class)
-        result = None
-        if cfg.eval.at_end:
-            del optimizer, student, model  # free optimizer state (and ZeRO shards) before evaluation
-            result = evaluate_saved_student(cfg, accelerator, job, validation, by_source, initial, run, tracker)
-        if tracker is not None:
-            tracker.log_model(run.student, kind="student", step=cfg.train.max_steps)
-    finally:
-        if tracker is not None:
-            tracker.close()
+    if tracker is not None:
+        tracker.add_config({**to_dict(cfg), "models": model_facts(cfg, student, job.teacher, *job.parameters)})
+    evaluate = lambda step: evaluation.quality(student, job.teacher, validation, vocab=job.vocab, device=accelerator.device, task=job.task)
+    if not train(cfg, accelerator, job, model, optimizer, scheduler, state, run, tracker, evaluate):
+        return None  # preempted: a checkpoint and the PREEMPTED marker are written
+    lora = cfg.student.lora
+    save_student(accelerator, model, job.setup.tokenizer, run.student, merge_lora=lora is not None and lora.merge,
+                 base_quantization=cfg.student.quantization, model_class=job.task.auto_class)
+    result = None
+    if cfg.eval.at_end:
+        del optimizer, student, model  # free optimizer state (and ZeRO shards) before evaluation
+        result = evaluate_saved_student(cfg, accelerator, job, validation, by_source, initial, run, tracker)
+    if tracker is not None:
+        tracker.log_model(run.student, kind="student", step=cfg.train.max_steps, task=job.task.kind)
     accelerator.wait_for_everyone()
     return result
 
@@ -330,8 +340,9 @@ def evaluate_saved_student(cfg: DistillConfig, accelerator, job: Loaded, validat
     result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, job.vocab, run.path, job.setup.tokenizer, initial,
                                      job.facts, by_source=by_source if cfg.data.mixture else None)
     if tracker is not None:
-        # In the history too (and metrics.jsonl), so a tracker's summary and the report agree.
-        tracker.log(report.final_metrics(result["rows"]), step=cfg.train.max_steps)
+        # In the history too (and metrics.jsonl), so a tracker's summary and the report agree: the final evaluation under
+        # the report's names, and the student's under the names the mid-run evaluations used (eval/perplexity, ...).
+        tracker.log({**report.final_metrics(result["rows"]), **report.final_eval_metrics(result["rows"])}, step=cfg.train.max_steps)
         seconds = train_seconds(run.records())
         samples = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
         tracker.summary({**result, **summary_metrics(result["rows"]), "train/runtime_seconds": seconds,

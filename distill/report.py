@@ -171,6 +171,17 @@ def final_metrics(rows: list[dict]) -> dict:
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+QUALITY_METRICS = ("ce", "tokens", "perplexity", "kl_to_teacher", "top1_agreement", "accuracy", "macro_f1")
+
+
+def final_eval_metrics(rows: list[dict]) -> dict:
+    """The saved student's final evaluation under the names the mid-run evaluations log (``eval/perplexity``), so a
+    tracker's last value and summary of each is the final one."""
+    student = next((row for row in rows if row.get("model") == "student"), {})
+    return {f"eval/{key}": float(value) for key, value in student.items()
+            if (key in QUALITY_METRICS or key.startswith("metric/")) and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 SOURCE_METRICS = ("perplexity", "accuracy", "macro_f1", "kl_to_teacher", "top1_agreement")
 
 

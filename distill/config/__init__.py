@@ -14,7 +14,7 @@ Everything is re-exported here, so ``from distill.config import load_config, Dis
 from distill.config.checks import check_mixture, check_terms, tiny_hint, validate  # noqa: F401
 from distill.config.loading import apply_override, config_yaml, from_dict, load_config, lookup_field, save_config  # noqa: F401
 from distill.config.schema import *  # noqa: F401,F403
-from distill.config.schema import LOGITS, MIXTURE_SOURCE_KEYS, DataSource, data_sources, loss_terms, iter_options, option, to_dict, user_term  # noqa: F401
+from distill.config.schema import LOGITS, MIXTURE_SOURCE_KEYS, TRACKER_NAMES, DataSource, data_sources, loss_terms, iter_options, option, to_dict, trackers, user_term  # noqa: F401
 from distill.terms.registry import TERMS, parse_terms, teacher_needed  # noqa: F401  (the term kinds: distill.terms)
 from distill.ds_config import JOB_OWNED_DS_SECTIONS, read_ds_config  # noqa: F401
 from distill.errors import ConfigError  # noqa: F401  (the config's error type)

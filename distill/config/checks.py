@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from distill.config.schema import DataConfig, DistillConfig, LossConfig, data_sources
+from distill.config.schema import TRACKER_NAMES, DataConfig, DistillConfig, LossConfig, data_sources
 from distill.errors import ConfigError
 from distill.errors import check as _check  # every value check below: one line, naming the option
 from distill.terms.registry import kind_of, parse_terms
@@ -17,7 +17,7 @@ from distill.terms.user import UserTerm
 
 def validate(cfg: DistillConfig) -> None:
     """Checks values that types alone do not; messages name the option to change."""
-    for check in (check_teacher, check_student, check_data, check_loss, check_train, check_eval):
+    for check in (check_teacher, check_student, check_data, check_loss, check_train, check_eval, check_tracking):
         check(cfg)
     for rule in CROSS_SECTION_RULES:
         rule(cfg)
@@ -179,3 +179,10 @@ def check_terms(cfg: LossConfig) -> None:
         raise ConfigError("set either loss.terms or the shorthand loss.kind / loss.alpha, not both "
                           "(the shorthand is [{kind: logits, divergence: KIND, weight: 1-alpha}, {kind: ce, weight: alpha}])")
     parse_terms(cfg)
+
+
+def check_tracking(cfg: DistillConfig) -> None:
+    names = [name.strip() for item in cfg.tracking.backend for name in str(item).split(",") if name.strip()]
+    for name in names:
+        _check(name in (*TRACKER_NAMES, "none"), f"tracking.backend: unknown tracker {name!r}; use {', '.join(TRACKER_NAMES)} or none")
+    _check("none" not in names or len(set(names)) == 1, f"tracking.backend: none cannot be combined with a tracker (got {', '.join(names)})")

@@ -156,7 +156,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: Literal["wandb", "tensorboard", "mlflow", "none"] = option("wandb", "Experiment tracker: wandb (offline when no API key is configured), tensorboard, mlflow or none. metrics.jsonl is always written.")
+    backend: list = option(["wandb"], "Experiment trackers, one or several at once (as report_to): wandb (offline when no API key is configured), tensorboard, mlflow, or none; e.g. [wandb, tensorboard] or --set tracking.backend=wandb,tensorboard. metrics.jsonl is always written.")
     project: str = option("distill", "Tracker project (W&B project, MLflow experiment).")
     run_name: Optional[str] = option(None, "Run name; defaults to the run directory's name.")
     mlflow_tracking_uri: Optional[str] = option(None, "MLflow tracking URI; defaults to a local store in the run directory.")
@@ -221,6 +221,15 @@ def data_sources(cfg: DataConfig) -> list[DataSource]:
         own = {k: v for k, v in source.items() if k not in ("name", "weight")}
         sources.append(DataSource(source["name"], float(weight), dataclasses.replace(cfg, mixture=[], **own)))
     return sources
+
+
+TRACKER_NAMES = ("wandb", "tensorboard", "mlflow")
+
+
+def trackers(tracking: TrackingConfig) -> list[str]:
+    """``tracking.backend`` as tracker names (a list, or comma-separated names; none: no tracker), in the order given."""
+    names = [name.strip() for item in tracking.backend for name in str(item).split(",") if name.strip()]
+    return [name for name in dict.fromkeys(names) if name != "none"]
 
 
 def to_dict(cfg: DistillConfig) -> dict:

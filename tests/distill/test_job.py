@@ -101,18 +101,29 @@ def test_mlflow_records_readable(tiny, corpus, tmp_path):
     import mlflow
 
     run_dir, _ = run_job(tiny, corpus, tmp_path / "ml", "tracking.backend=mlflow", "eval.speed=false", "tracking.project=tiny-exp",
-                         "tracking.group=sweep-1", "tracking.tags=[kd, tiny]", "tracking.notes=a first try")
+                         "tracking.group=sweep-1", "tracking.tags=[kd, tiny]", "tracking.notes=a first try", "tracking.log_model=end")
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny-exp")
     (run,) = client.search_runs([experiment.experiment_id])
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 6
     assert run.data.params["loss.kind"] == "forward_kl"
     tags = run.data.tags
     assert tags["distill.group"] == "sweep-1" and "kd" in tags and "tiny" in tags and tags["mlflow.note.content"] == "a first try"
     # The final evaluation is in the history, as the report has it.
-    (final,) = client.get_metric_history(run.info.run_id, "final_student_perplexity")
+    (final,) = client.get_metric_history(run.info.run_id, "final/student/perplexity")
     assert final.step == 6 and final.value == pytest.approx(json.loads((run_dir / "eval.json").read_text())["rows"][-1]["perplexity"])
+    # One naming rule: the project's own names, as in W&B and TensorBoard.
+    assert {"train/loss", "train/lr", "eval/perplexity", "final/student/perplexity", "train/runtime_seconds"} <= set(run.data.metrics)
+    assert not [name for name in run.data.metrics if name.startswith("train_")]
+    # The student as an MLflow transformers model: loads back through mlflow with its tokenizer.
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    try:
+        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+        components = mlflow.transformers.load_model(logged.model_uri, return_type="components")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert logged.name == "student" and components["model"].config.num_hidden_layers == 1 and components["tokenizer"] is not None
 
 
 def test_wandb_offline_run_and_no_secrets_anywhere(tiny, corpus, tmp_path, monkeypatch):
@@ -220,7 +231,7 @@ def test_mlflow_honours_its_variables_logs_checkpoints_and_resumes_its_run(tiny,
     assert not (run_dir / "mlflow.db").exists() and os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{store}"
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}")
     (run,) = client.search_runs([client.get_experiment_by_name("team-exp").experiment_id])  # --resume continued the same run
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, 7))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
     saved = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert saved == {"checkpoint/step_00000002", "checkpoint/step_00000004", "checkpoint/step_00000006"}
     assert not client.list_artifacts(run.info.run_id, "student")  # checkpoints, not the final student
@@ -259,3 +270,43 @@ def test_a_resumed_wandb_run_continues_its_id_and_an_overwritten_one_gets_a_new_
     assert (run_dir / ".wandb_id").read_text() != first
     (run,) = [r.run for r in read_wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
     assert run.run_id != first
+
+
+def test_wandb_and_tensorboard_at_once_with_the_final_evaluation_under_the_mid_run_names(tiny, corpus, tmp_path, monkeypatch):
+    """tracking.backend as a list (report_to): both records, each with the final evaluation as the last eval/ value,
+    W&B's console log kept, and no endpoint in any tracker's config or in HParams (only the settings the run chose)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import read_wandb_records
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir, result = run_job(tiny, corpus, tmp_path / "both", "tracking.backend=wandb,tensorboard", "eval.speed=false", "train.eval_every=3",
+                              "teacher.url=http://pool.internal:8765", "loss.temperature=2.0", "tracking.system_metrics=false")
+    final = next(r for r in result["rows"] if r["model"] == "student")["perplexity"]
+    records = read_wandb_records(run_dir)
+    kinds = lambda kind: [r for r in records if r.WhichOneof("record_type") == kind]
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in kinds("history")]
+    mid_run = [h["eval/perplexity"] for h in history if "eval/perplexity" in h]
+    assert len(mid_run) == 2 and mid_run[-1] == pytest.approx(final) and mid_run[0] != pytest.approx(final)
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in kinds("summary") for item in r.summary.update}
+    assert summary["eval/perplexity"] == pytest.approx(final)
+    config = {item.key: json.loads(item.value_json) for r in kinds("config") for item in r.config.update} | \
+             {item.key: json.loads(item.value_json) for item in kinds("run")[0].run.config.update}
+    assert "url" not in config["teacher"] and "token_file" not in config["teacher"] and config["loss"]["temperature"] == 2.0
+    assert "pool.internal" not in "".join(str(p.read_bytes()) for p in (run_dir / "wandb").rglob("*") if p.is_file())
+    (log,) = list((run_dir / "wandb").glob("offline-run-*/files/output.log"))
+    assert "eval at step 3/6: " in log.read_text()  # what the job printed while the run was open
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("eval/perplexity")][-1] == pytest.approx(final, rel=1e-5)
+    (hparams_dir,) = [p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]
+    hp = EventAccumulator(str(hparams_dir))
+    hp.Reload()
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = hp.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    chosen = set(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+    assert {"loss.temperature", "loss.kind", "train.lr", "train.max_steps", "teacher.path"} <= chosen
+    assert not {k for k in chosen if k.startswith(("teacher.url", "teacher.token_file", "tracking.", "output_dir"))}
+    assert len(chosen) < 40, sorted(chosen)  # the choices of this run, not every setting
