@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -127,22 +128,55 @@ def baseline_row(cfg: DistillConfig) -> dict | None:
     return {**student, "model": "baseline"}
 
 
+def hub_name(path: str | None) -> str | None:
+    """The hub id of a model or dataset given as ``path``: a hub id itself (``org/name``), or the id inside a local copy of the
+    hub's cache (``.../models--org--name/snapshots/HASH``); None for a local directory of one's own."""
+    if not path:
+        return None
+    cached = re.search(r"(?:models|datasets)--([^/]+?)--([^/]+)", path)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if os.path.exists(os.path.expanduser(path)) or path.startswith(("/", ".", "~")):
+        return None
+    return path if re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", path) else None
+
+
+def model_name(path: str) -> str:
+    """How the card names a model: its hub id, else its directory's name (never a local cache path)."""
+    return hub_name(path) or Path(os.path.expanduser(path)).name or path
+
+
+def card_metadata(cfg: DistillConfig, *, lora: bool) -> dict:
+    """The model card's YAML front matter: what the hub indexes (base model, datasets, license, tags, pipeline)."""
+    datasets = [hub_name(source.data.dataset) for source in data_sources(cfg.data) if source.data.dataset]
+    front = {"library_name": "peft" if lora else "transformers",
+             "base_model": hub_name(cfg.student.path) if lora else hub_name(cfg.teacher.path),
+             "datasets": [d for d in dict.fromkeys(datasets) if d] or None,
+             "license": cfg.student.license,
+             "tags": ["distillation", "knowledge-distillation", cfg.task.kind],
+             "pipeline_tag": {"causal_lm": "text-generation", "masked_lm": "fill-mask", "sequence_classification": "text-classification"}[cfg.task.kind]}
+    return {key: value for key, value in front.items() if value is not None}
+
+
 def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path, *, auto_class: str) -> None:
-    """student/README.md: what the student is, how it was made and how it compares, ready for ``push_to_hub``."""
+    """student/README.md: what the student is, how it was made and how it compares, ready for ``distill push``.
+
+    A LoRA adapter's base model is the pretrained student it adapts; a whole student's ``base_model`` is the teacher it
+    was distilled from (where the teacher has a hub id)."""
     if not student_dir.is_dir():
         return
 
     lora = cfg.student.lora is not None and not cfg.student.lora.merge
-    data = cfg.data.dataset or ", ".join(str(f) for f in cfg.data.train_files) or "a data mixture"
-    front = {"library_name": "peft" if lora else "transformers", "tags": ["distillation", "knowledge-distillation", cfg.task.kind],
-             "pipeline_tag": {"causal_lm": "text-generation", "masked_lm": "fill-mask", "sequence_classification": "text-classification"}[cfg.task.kind]}
+    teacher = model_name(cfg.teacher.path)
+    data = cfg.data.dataset or ", ".join(Path(str(f)).name for f in cfg.data.train_files) or "a data mixture"
     objective = "; ".join(f"{t.get('name', t.get('kind'))} (" + ", ".join(f"{k} {v}" for k, v in t.items() if k != "name") + ")"
                           if isinstance(t, dict) else str(t) for t in result["objective"])
+    loader = "AutoPeftModelForCausalLM" if lora else auto_class
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {student_dir.parent.name}: a student distilled from {cfg.teacher.path}", "",
+        "---", yaml.safe_dump(card_metadata(cfg, lora=lora), sort_keys=False).strip(), "---", "",
+        f"# {student_dir.parent.name}: a student distilled from {teacher}", "",
         f"This {'LoRA adapter' if lora else 'model'} was trained by knowledge distillation with distill: "
-        f"it learned to match the teacher `{cfg.teacher.path}`"
+        f"it learned to match the teacher `{teacher}`"
         + (f" (loaded in {cfg.teacher.quantization})" if cfg.teacher.quantization != "none" else "") + ".", "",
         "## Training", "",
         f"- data: {data} (sequences of {cfg.data.seq_len} tokens)",
@@ -154,12 +188,15 @@ def write_model_card(cfg: DistillConfig, result: dict, student_dir: Path, *, aut
         f"On the run's validation data ({result['validation_tokens']:,} targets), every model measured by the same code:", "",
         evaluation.table(result["rows"]), "",
         "## Intended use", "",
-        f"A smaller, faster stand-in for `{cfg.teacher.path}` on text like its training data, or a draft model for the teacher's "
+        f"A smaller, faster stand-in for `{teacher}` on text like its training data, or a draft model for the teacher's "
         "speculative decoding. It inherits the teacher's limitations and biases and has not been evaluated beyond the table above.", "",
         "## Loading", "",
+        "PATH is this folder, or the hub repository it was pushed to (`distill push RUN_DIR REPO_ID`).", "",
         "```python",
-        ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)" if lora else
-         f"from transformers import {auto_class}\nmodel = {auto_class}.from_pretrained(PATH)"),
+        f"from transformers import AutoTokenizer{'' if lora else ', ' + auto_class}" + ("\nfrom peft import AutoPeftModelForCausalLM" if lora else ""),
+        "",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        f"model = {loader}.from_pretrained(PATH)",
         "```", "",
     ]
     rundir.write_atomic(student_dir / "README.md", "\n".join(lines))

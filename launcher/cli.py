@@ -26,6 +26,7 @@ from distill.compare import compare  # noqa: E402
 from distill import __version__  # noqa: E402
 from distill.config import config_yaml, iter_options, load_config  # noqa: E402
 from distill.errors import ConfigError, main_guard  # noqa: E402
+from distill.push import plan, push  # noqa: E402
 from distill.signals import SIGNALS  # noqa: E402
 from distill_launcher import sweep as sweeps  # noqa: E402
 from distill_launcher.launch import Topology, build_command, executable, launch, resolve_ds_config, run_launch  # noqa: E402
@@ -246,6 +247,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    upload = plan(args.run_dir, args.repo_id, adapter=args.adapter, quantized=tuple(args.quantized), private=args.private, revision=args.revision)
+    push(upload, dry_run=args.dry_run)
+    return 0
+
+
 def _add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
     reuse = parser.add_mutually_exclusive_group()
     reuse.add_argument("--resume", action="store_true", help="continue the run in the run directory from its latest complete checkpoint")
@@ -415,6 +422,20 @@ def _add_model_commands(commands, formatter) -> None:
     ev.add_argument("--allow-code", action="store_true", help="run the metric modules that RUN_DIR/config.yaml names (eval.metrics); "
                                                             "refused without it, since a run directory may come from someone else")
     ev.set_defaults(func=cmd_eval)
+
+    ps = commands.add_parser("push", help="upload a finished run's student, tokenizer, model card, report and plots to the Hugging Face Hub",
+                             description="Create REPO_ID on the hub (if it does not exist) and upload, in one commit: the student and its tokenizer "
+                                         "and model card at the repository's root, the report, evaluation, config and plots under distill/, and "
+                                         "what you choose of the adapter and the quantized students. Needs a token with write access "
+                                         "(hf auth login, or HF_TOKEN).")
+    ps.add_argument("run_dir", help="the output_dir of a finished run")
+    ps.add_argument("repo_id", help="the hub repository, user-or-org/name")
+    ps.add_argument("--private", action="store_true", help="create the repository private")
+    ps.add_argument("--revision", help="branch to commit to (default: the repository's main branch)")
+    ps.add_argument("--adapter", action="store_true", help="also upload the LoRA adapter (adapter/) of a run whose student was merged")
+    ps.add_argument("--quantized", nargs="+", default=[], metavar="METHOD", help="also upload these quantized students (quantized/METHOD/)")
+    ps.add_argument("--dry-run", action="store_true", help="print the files and the hub calls and send nothing")
+    ps.set_defaults(func=cmd_push)
 
 
 def _add_experiment_commands(commands, formatter) -> None:

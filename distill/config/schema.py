@@ -65,6 +65,7 @@ class StudentConfig:
     prune_calibration_batches: int = option(8, "Training micro-batches used to rank what student.prune removes.")
     lora: Optional[LoraConfig] = option(None, "Train LoRA adapters (peft) on a pretrained student (student.path) instead of all its weights; the base stays frozen.")
     quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the pretrained student's frozen base quantized (QLoRA with student.lora).")
+    license: Optional[str] = option(None, "License of the saved student, in its model card's metadata (a hub license id such as apache-2.0, llama3.1 or other); the teacher's license terms usually bind what is distilled from it.")
 
 
 @dataclass

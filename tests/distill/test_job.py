@@ -310,3 +310,53 @@ def test_wandb_and_tensorboard_at_once_with_the_final_evaluation_under_the_mid_r
     assert {"loss.temperature", "loss.kind", "train.lr", "train.max_steps", "teacher.path"} <= chosen
     assert not {k for k in chosen if k.startswith(("teacher.url", "teacher.token_file", "tracking.", "output_dir"))}
     assert len(chosen) < 40, sorted(chosen)  # the choices of this run, not every setting
+
+
+def test_the_model_card_carries_hub_metadata_and_a_snippet_that_loads_tokenizer_and_model(finished_run, tmp_path):
+    import yaml as pyyaml
+
+    from distill.config import load_config
+    from distill.report import card_metadata
+
+    card = (finished_run / "student" / "README.md").read_text()
+    front = pyyaml.safe_load(card.split("---")[1])
+    assert front["tags"][0] == "distillation" and "base_model" not in front  # a local teacher of one's own has no hub id
+    assert str(finished_run.parent) not in card.split("## Evaluation")[0]  # the teacher by its name, not a local path
+    snippet = card.split("```python\n")[1].split("```")[0].replace("PATH", repr(str(finished_run / "student")))
+    scope = {}
+    exec(snippet, scope)  # the card's own snippet: the tokenizer and the model, loaded
+    assert scope["tokenizer"]("def f():")["input_ids"] and scope["model"].config.num_hidden_layers == 1
+    cfg = load_config(None, ["teacher.path=/home/me/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/0e9e39f",
+                             "student.architecture={num_hidden_layers: 2}", "data.dataset=HuggingFaceFW/fineweb-edu", "student.license=llama3.1"])
+    assert card_metadata(cfg, lora=False) == {"library_name": "transformers", "base_model": "meta-llama/Llama-3.1-8B",
+                                              "datasets": ["HuggingFaceFW/fineweb-edu"], "license": "llama3.1",
+                                              "tags": ["distillation", "knowledge-distillation", "causal_lm"], "pipeline_tag": "text-generation"}
+
+
+def test_push_shows_what_it_would_upload_and_refuses_in_one_line(finished_run, tmp_path):
+    """No hub is reachable here: what a push would send (files and calls) by --dry-run, and its one-line refusals."""
+    from conftest import distill_cli
+
+    no_token = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
+    planned = distill_cli("push", str(finished_run), "me/tiny-student", "--private", "--dry-run", env=no_token)
+    assert planned.returncode == 0, planned.stderr
+    lines = planned.stdout.splitlines()
+    assert lines[0].startswith("create_repo(repo_id='me/tiny-student', repo_type='model', private=True, exist_ok=True); "
+                               "upload_folder(repo_id='me/tiny-student', revision=None, commit_message='distill: the student of run run')")
+    sent = {line.split()[0] for line in lines[1:]}
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "distill/report.md", "distill/eval.json",
+            "distill/config.yaml", "distill/plots/loss.png"} <= sent
+    assert not [name for name in sent if name.startswith(("checkpoints/", "adapter/", "quantized/"))]
+    refused = [
+        (("push", str(finished_run), "me/tiny-student"), no_token, 2, "no Hugging Face token: run `hf auth login` or set HF_TOKEN"),
+        (("push", str(tmp_path), "me/x"), no_token, 2, "is not a finished run (needs student/ and eval.json)"),
+        (("push", str(finished_run), "not a repo"), no_token, 2, "REPO_ID 'not a repo' is not a hub repository id"),
+        (("push", str(finished_run), "me/x", "--quantized", "bnb_4bit", "--dry-run"), no_token, 2, "--quantized bnb_4bit: "),
+        (("push", str(finished_run), "me/x", "--adapter", "--dry-run"), no_token, 2, "--adapter: "),
+        # A token, but no hub (offline here; a refused token where the hub answers): one line, exit 1.
+        (("push", str(finished_run), "me/tiny-student"), {"HF_TOKEN": "hf_not_a_real_token"}, 1, "cannot push to me/tiny-student: "),
+    ]
+    for args, env, code, message in refused:
+        result = distill_cli(*args, env=env, timeout=300)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
+        assert result.returncode == code and len(errors) == 1 and message in errors[0], (args, result.stderr[-2000:])
