@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 # quantize, downstream and metrics load torchao, bitsandbytes, lm-eval and evaluate only when a method, task or metric is named.
-from distill import checkpoint, downstream, evaluation, launched, metrics, models, report, rundir  # noqa: E402
+from distill import checkpoint, downstream, evaluation, extras, launched, metrics, models, report, rundir  # noqa: E402
 from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
 from distill.downstream import summary_metrics  # noqa: E402
 from distill.errors import DiskFull, LaunchError, Terminated, main_guard  # noqa: E402
@@ -113,8 +113,9 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     accelerator, the checkpoint to resume from, the models, data and objective, the plan, the
     untrained student's evaluation, training, the saved student, its final evaluation and the report."""
     run = rundir.RunDir(run_dir)
-    check_before_loading(cfg, run)
     launch = launched.request(cfg, ds_config)
+    extras.check_job(cfg, launch.ds_config)  # a missing extra is one line, naming it, before anything loads
+    check_before_loading(cfg, run)
     if _global_rank() == 0:
         for note in launch.notes:
             print(f"distill: {note}", file=sys.stderr)

@@ -242,7 +242,7 @@ def apply_lora(model, lora, *, task_type: str = "CAUSAL_LM"):
     try:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # optional dependency (distill[peft])
     except ImportError:
-        raise ConfigError("student.lora needs peft: pip install peft") from None
+        raise ConfigError("student.lora needs peft: pip install 'distill[peft]' (or pip install peft)") from None
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if "Linear" in type(module).__name__}
     missing = [m for m in lora.target_modules if m not in names]
     if missing:

@@ -50,7 +50,7 @@ def quantization_config(method: str):
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig  # optional dependency (distill[quantize])
     except ImportError:
-        raise ConfigError(f"--method {method} needs torchao: pip install torchao") from None
+        raise ConfigError(f"--method {method} needs torchao: pip install 'distill[quantize]' (or pip install torchao)") from None
     from transformers import TorchAoConfig  # start-up time: transformers loads only when this runs
 
     return TorchAoConfig(Int8WeightOnlyConfig() if method == "int8_weight_only" else Int8DynamicActivationInt8WeightConfig())

@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill import extras
 from distill.config import load_config
 from distill.errors import ConfigError, main_guard
 from distill.rundir import write_atomic
@@ -445,6 +446,8 @@ def run_from_args(args) -> int:
         raise ConfigError("--top-k, --max-tokens, --max-batch-tokens and --max-request-mb must be > 0")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65535] (got {args.port})")
+    for module in ("uvicorn", "starlette"):
+        extras.require(module, "distill serve-teacher")
     cfg = load_config(args.config, args.overrides)
     token = read_token(args.token_file, what="--token-file")
     limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens)

@@ -21,7 +21,7 @@ import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # Torch-free, all of them; the commands' heavy modules (the job, evaluation, the teacher's server) load inside each command.
-from distill import rundir  # noqa: E402
+from distill import extras, rundir  # noqa: E402
 from distill.compare import compare  # noqa: E402
 from distill import __version__  # noqa: E402
 from distill.config import config_yaml, iter_options, load_config  # noqa: E402
@@ -108,6 +108,7 @@ def cmd_prepare_minilm(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
     cfg = load_config(args.config, _overrides(args))  # fail here, once, rather than on every process
+    extras.check_job(cfg, args.ds_config)
     explicit = _explicit_topology(args)
     topology = Topology(**{name: getattr(args, name) for name in explicit})
     command = build_command(args.launcher, args.config, _overrides(args), topology, ds_config=resolve_ds_config(args.ds_config),
@@ -120,6 +121,7 @@ def cmd_launch(args: argparse.Namespace, launch_fn=None) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
+    extras.check_job(cfg, args.ds_config)
     run_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
     if not args.dry_run:
         _check_run_dir(cfg, args)

@@ -259,7 +259,7 @@ def executable(name: str) -> str:
     """The launcher program: on PATH, or beside this Python (a virtual environment not activated)."""
     found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if found is None:
-        hint = {"deepspeed": "pip install deepspeed", "accelerate": "pip install accelerate", "torchrun": "pip install torch"}[name]
+        hint = {"deepspeed": "pip install 'distill[deepspeed]'", "accelerate": "pip install accelerate", "torchrun": "pip install torch"}[name]
         raise LaunchError(f"{name} is not on PATH; {hint} (or choose another --launcher)")
     return found
 

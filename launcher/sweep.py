@@ -444,7 +444,7 @@ def run_optuna(sweep: Sweep, *, trials: int, metric: str, seed: int) -> int:
     try:
         import optuna  # optional dependency (distill[sweep])
     except ImportError:
-        raise ConfigError("--search optuna needs optuna: pip install optuna (or pip install -e '.[sweep]')") from None
+        raise ConfigError("--search optuna needs optuna: pip install 'distill[sweep]' (or pip install optuna)") from None
     from distill.compare import HIGHER_IS_BETTER  # start-up time: distill.compare loads torch; only this command needs it
 
     model, _, key = metric.partition(".")
