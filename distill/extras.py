@@ -30,7 +30,10 @@ EXTRAS = {
 
 
 def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, a half-removed install
+        return False
 
 
 def require(module: str, feature: str) -> None:

@@ -108,3 +108,21 @@ def test_every_torch_free_module_imports_first():
         if result.returncode:
             failed.append(f"{name}: {result.stderr.strip().splitlines()[-1]}")
     assert not failed, "\n".join(failed)
+
+
+def test_no_module_imports_an_extras_package_when_it_loads():
+    """The core install (no extras) must run the default job: a package an extra brings (distill.extras.EXTRAS) is imported only
+    inside the function that needs it, never when a module loads; the end-to-end proof is benchmarks/install_size.py --smoke."""
+    from distill.extras import EXTRAS
+
+    offenders = []
+    for name, path in project_modules().items():
+        for node in ast.parse(path.read_text()).body:  # module level only: imports inside functions and classes' methods are deferred
+            if isinstance(node, (ast.If, ast.Try)):  # a guarded import at module level still runs when the module loads
+                nested = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            else:
+                nested = [node] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            for imp in nested:
+                modules = [alias.name for alias in imp.names] if isinstance(imp, ast.Import) else [imp.module or ""]
+                offenders += [f"{name}: {m}" for m in modules if m.split(".")[0] in EXTRAS]
+    assert offenders == []

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, distill_cli
 from distill.config import iter_options
 
@@ -79,3 +81,34 @@ def test_dry_run_loads_checks_and_plans_then_leaves_nothing(tiny, corpus, tmp_pa
     assert "distill: objective: kd x1, ce x0" in result.stderr and "distill: validation: 16 sequences" in result.stderr
     assert "--dry-run: everything loaded and checked" in result.stderr and "| model" not in result.stdout
     assert not out.exists()
+
+
+BLOCKING = """
+import sys
+from importlib.machinery import PathFinder
+found = PathFinder.find_spec
+def find_spec(cls, name, path=None, target=None):  # the package is not on the path, as far as Python's import system can tell
+    return None if name.split(".")[0] in {blocked!r} else found(name, path, target)
+PathFinder.find_spec = classmethod(find_spec)
+from distill_launcher.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("blocked, args, message", [
+    ("mlflow", ["run", "{config}", "--set", "tracking.backend=[wandb, mlflow]"], "tracking.backend=mlflow needs mlflow: pip install 'distill[mlflow]'"),
+    ("tensorboard", ["run", "{config}", "--set", "tracking.backend=tensorboard"], "needs tensorboard: pip install 'distill[tensorboard]'"),
+    ("peft", ["run", "{config}", "--set", "student.lora={r: 4}"], "student.lora needs peft: pip install 'distill[peft]'"),
+    ("deepspeed", ["launch", "{config}", "--nproc-per-node", "2", "--ds-config", "zero2", "--dry-run"], "needs deepspeed: pip install 'distill[deepspeed]'"),
+    ("uvicorn", ["serve-teacher", "{config}"], "distill serve-teacher needs uvicorn: pip install 'distill[serve]'"),
+])
+def test_a_feature_whose_extra_is_missing_is_one_line_naming_it(tmp_path, blocked, args, message):
+    """Before any model loads (the models here do not even exist), with the run directory left as it was."""
+    config = tmp_path / "job.yaml"
+    config.write_text(f"teacher: {{path: {tmp_path / 'no-teacher'}}}\nstudent: {{path: {tmp_path / 'no-student'}}}\n"
+                      f"data: {{train_files: [{tmp_path / 'a.txt'}]}}\noutput_dir: {tmp_path / 'run'}\n")
+    argv = [a.replace("{config}", str(config)) for a in args]
+    result = subprocess.run([sys.executable, "-c", BLOCKING.format(blocked={blocked}, argv=argv)], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"distill: error: {result.stderr.split('error: ')[1].strip()}"]
+    assert message in result.stderr and not (tmp_path / "run").exists(), result.stderr[-2000:]
