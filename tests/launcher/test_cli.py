@@ -19,6 +19,15 @@ def test_help_lists_every_option():
         assert distill_cli(command, "--help").returncode == 0
 
 
+def test_the_readmes_configuration_reference_has_every_option():
+    readme = (REPO / "README.md").read_text()
+    reference = readme[readme.index("## Configuration reference"):readme.index("\n## ", readme.index("## Configuration reference") + 5)]
+    # A row may group a section's keys: `student.lora.r`, `.alpha`, ...
+    missing = [key for key, _, _ in iter_options()
+               if f"`{key}`" not in reference and not (key.count(".") == 2 and f"`.{key.rsplit('.', 1)[1]}`" in reference)]
+    assert missing == []
+
+
 def test_cli_does_not_import_torch():
     code = "import sys, distill_launcher.cli; distill_launcher.cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
