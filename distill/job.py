@@ -126,6 +126,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=launch.ds_config)
     tracker = None
     if accelerator.is_main_process:
+        if latest is not None:  # metrics.jsonl cut back to the checkpoint's step before the trackers open it to append
+            truncate_metrics(run.metrics, checkpoint.saved_state(latest).step)
         check_backends(cfg.tracking, run_dir)  # a tracker that cannot start is one line now, before anything loads
         if not dry_run:
             tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)  # started before the models load
@@ -303,14 +305,13 @@ def evaluate_untrained(cfg: DistillConfig, accelerator, job: Loaded, validation:
 
 
 def resume_state(accelerator, latest: Path | None, scheduler, run: rundir.RunDir) -> checkpoint.TrainState:
-    """Step 0, or the checkpoint's step with model, optimizer, scheduler and generators restored (metrics.jsonl cut back to it)."""
+    """Step 0, or the checkpoint's step with model, optimizer, scheduler and generators restored."""
     if latest is None:
         return checkpoint.TrainState(world_size=accelerator.num_processes)
     state = checkpoint.load(accelerator, latest, scheduler)
     state.world_size = accelerator.num_processes
     if accelerator.is_main_process:
         print(f"resuming from {latest} (step {state.step})", file=sys.stderr)
-        truncate_metrics(run.metrics, state.step)
     return state
 
 

@@ -23,7 +23,6 @@ from pathlib import Path  # noqa: E402
 # Torch-free, all of them; the commands' heavy modules (the job, evaluation, the teacher's server) load inside each command.
 from distill import extras, rundir  # noqa: E402
 from distill.compare import compare  # noqa: E402
-from distill import __version__  # noqa: E402
 from distill.config import config_yaml, iter_options, load_config  # noqa: E402
 from distill.errors import ConfigError, main_guard  # noqa: E402
 from distill.push import plan, push  # noqa: E402
@@ -305,9 +304,21 @@ def _slurm_request(args: argparse.Namespace, *, nodes: int, job_name: str):
                         job_name=args.job_name or job_name)
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject reads it from distill.__version__), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("distill")
+    except metadata.PackageNotFoundError:  # a checkout on the path, not installed
+        import distill  # a source checkout: its own __init__ says the version
+
+        return getattr(distill, "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distill a large causal LM (the teacher) into a small one (the student).")
-    parser.add_argument("--version", action="version", version=f"distill {__version__} (Python {platform.python_version()})")
+    parser.add_argument("--version", action="version", version=f"distill {version()} (Python {platform.python_version()})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
     for add in (_add_job_commands, _add_teacher_commands, _add_model_commands, _add_experiment_commands, _add_build_commands):

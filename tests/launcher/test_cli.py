@@ -50,9 +50,9 @@ def test_eval_of_a_non_run_directory(tmp_path):
 def test_version_print_config_and_did_you_mean(tmp_path):
     import yaml
 
-    from distill import __version__
+    from importlib.metadata import version
 
-    assert distill_cli("--version").stdout.startswith(f"distill {__version__} (Python ")
+    assert distill_cli("--version").stdout.startswith(f"distill {version('distill')} (Python ")
     config = tmp_path / "job.yaml"
     config.write_text("teacher: {path: t, url: 'http://bob:hunter2@pool:8765'}\nstudent: {path: s}\ndata: {train_files: [a.txt]}\ntrain: {lr: 1e-3}\n")
     printed = distill_cli("run", str(config), "--print-config", "--set", "loss.kind=jsd")
