@@ -127,15 +127,19 @@ def backend(accelerator) -> str:
     return {"NO": text, "MULTI_CPU": f"DDP ({text})", "MULTI_GPU": f"DDP ({text})"}.get(kind, f"{kind} ({text})")
 
 
-def plan(cfg: DistillConfig, accelerator, launch: Request) -> list[str]:
-    """The lines every run prints at start: world size, backend, ZeRO stage, precision, micro-batch,
-    accumulation and the effective batch in tokens, and the steps."""
-    tr = cfg.train
-    sequences = tr.micro_batch_size * tr.grad_accum * accelerator.num_processes
-    tokens = sequences * cfg.data.seq_len
+def launch_line(cfg: DistillConfig, accelerator, launch: Request) -> str:
+    """What every run prints first, once the processes are up: world size, launcher, backend and ZeRO stage, precision."""
+    n = accelerator.num_processes
     source = f" from {launch.ds_source}" if launch.ds_source else ""
-    return [f"launch: {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''} ({launch.launcher}), "
-            f"{backend(accelerator)}{source}, precision {tr.precision}",
-            f"batch: micro-batch {tr.micro_batch_size} x grad_accum {tr.grad_accum} x {accelerator.num_processes} process"
-            f"{'es' if accelerator.num_processes > 1 else ''} = {sequences} sequences of up to {cfg.data.seq_len} tokens "
-            f"({tokens:,} tokens) a step; {tr.max_steps:,} steps (warm-up {tr.warmup_steps}), up to {tokens * tr.max_steps:,} tokens"]
+    return f"launch: {n} process{'es' if n > 1 else ''} ({launch.launcher}), {backend(accelerator)}{source}, precision {cfg.train.precision}"
+
+
+def batch_line(cfg: DistillConfig, world_size: int) -> str:
+    """What every run prints once the data is loaded (train.epochs counted): micro-batch, accumulation, the effective batch in
+    sequences and tokens, and the steps."""
+    tr = cfg.train
+    sequences = tr.micro_batch_size * tr.grad_accum * world_size
+    tokens = sequences * cfg.data.seq_len
+    return (f"batch: micro-batch {tr.micro_batch_size} x grad_accum {tr.grad_accum} x {world_size} process{'es' if world_size > 1 else ''} "
+            f"= {sequences} sequences of up to {cfg.data.seq_len} tokens ({tokens:,} tokens) a step; {tr.max_steps:,} steps "
+            f"(warm-up {tr.warmup_steps}), up to {tokens * tr.max_steps:,} tokens")
