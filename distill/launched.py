@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from distill.config import DistillConfig
+from distill.config import DistillConfig, read_ds_config
 from distill.errors import LaunchError
 
 # The job's train.precision as accelerate names it, and back.
@@ -62,6 +62,9 @@ def request(cfg: DistillConfig, ds_config: str | None, env=None) -> Request:
         result.notes.append("the deepspeed launcher started this job without a DeepSpeed config: the student trains under plain DDP; "
                             "pass --ds-config FILE (or --deepspeed_config FILE) for ZeRO")
     _precision(cfg, env.get("ACCELERATE_MIXED_PRECISION"), result.notes)
+    if result.ds_config is not None:
+        ds = result.ds_config if isinstance(result.ds_config, dict) else read_ds_config(result.ds_config)
+        _deepspeed_precision(cfg, ds, result.notes)
     return result
 
 
@@ -95,6 +98,19 @@ def _deepspeed(cfg: DistillConfig, ds_config: str | None, env, notes: list[str])
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {"zero_optimization": zero}, "accelerate's deepspeed_config"
+
+
+def _deepspeed_precision(cfg: DistillConfig, ds: dict, notes: list[str]) -> None:
+    """A DeepSpeed config that sets bf16 or fp16 ``enabled`` (not "auto") decides the precision, as the deepspeed launcher's
+    scripts expect; where train.precision differs, one line says so."""
+    for name in ("bf16", "fp16"):
+        enabled = (ds.get(name) or {}).get("enabled", "auto")
+        if enabled == "auto" or not isinstance(enabled, bool) or enabled == (cfg.train.precision == name):
+            continue
+        wins = name if enabled else "fp32"
+        notes.append(f"precision: the DeepSpeed config has {name}.enabled={str(enabled).lower()}, train.precision is {cfg.train.precision}: "
+                     f"the DeepSpeed config's {wins} wins")
+        cfg.train.precision = wins
 
 
 def _precision(cfg: DistillConfig, launcher: str | None, notes: list[str]) -> None:

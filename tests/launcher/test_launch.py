@@ -198,3 +198,19 @@ def test_distill_launch_passes_the_jobs_precision_and_starts_a_cpu_configs_proce
     with_mpi = tmp_path / "mpi.yaml"
     with_mpi.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nmpirun_hostfile: hosts\n")  # accelerate's own way: left to it
     assert "--multi_gpu" not in build_command("accelerate", "job.yaml", [], Topology(), cpu=True, accelerate_config=str(with_mpi), explicit=set()).argv
+
+
+def test_a_deepspeed_configs_own_precision_wins_and_says_so(tmp_path):
+    from distill.launched import request
+    from distill.setup import deepspeed_config
+
+    cfg = _job()
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    result = request(cfg, str(ds), {"WORLD_SIZE": "2", "CROSS_RANK": "0", "LOCAL_SIZE": "2"})
+    assert cfg.train.precision == "bf16"
+    assert result.notes == ["precision: the DeepSpeed config has bf16.enabled=true, train.precision is fp32: the DeepSpeed config's bf16 wins"]
+    assert deepspeed_config(str(ds), cfg, 2)["bf16"]["enabled"] is True  # and the config the engine gets agrees
+    cfg.train.precision = "bf16"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
+    assert request(cfg, str(ds), {}).notes == [] and cfg.train.precision == "bf16"  # "auto": the job's
