@@ -18,7 +18,6 @@ if __name__ == "__main__":  # before the heavy imports below: a signal during th
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 # quantize, downstream and metrics load torchao, bitsandbytes, lm-eval and evaluate only when a method, task or metric is named.
-from distill import checkpoint, downstream, evaluation, extras, launched, metrics, models, report, rundir  # noqa: E402
+from distill import checkpoint, downstream, evaluation, extras, launched, metrics, models, plan, report, rundir  # noqa: E402
 from distill.config import DistillConfig, load_config, save_config, teacher_needed, to_dict  # noqa: E402
 from distill.downstream import summary_metrics  # noqa: E402
 from distill.errors import DiskFull, LaunchError, Terminated, main_guard  # noqa: E402
@@ -36,8 +35,8 @@ from distill.objective import Distillee, build_objective, save_objective, split_
 from distill.progress import phase  # noqa: E402
 from distill.quantize import check_method_fits, quantization_config  # noqa: E402
 # Setup's steps, re-exported for the tools and tests that named them here.
-from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, train_stream, tune_cpu_allocator,  # noqa: E402,F401
-                           validation_sets)
+from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, resolve_steps, train_stream,  # noqa: E402,F401
+                           tune_cpu_allocator, validation_sets)
 from distill.teacher_source import SOURCES, build_source  # noqa: E402
 from distill.tracking import Tracker, check_backends  # noqa: E402
 from distill.train import Preempted, build_optimizer, build_scheduler, fit, train_seconds, truncate_metrics  # noqa: E402
@@ -117,6 +116,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     extras.check_job(cfg, launch.ds_config)  # a missing extra is one line, naming it, before anything loads
     check_before_loading(cfg, run)
     if _global_rank() == 0:
+        check_backends(cfg.tracking, run_dir)  # a tracker that cannot start is one line now, before anything loads
         for note in launch.notes:
             print(f"distill: {note}", file=sys.stderr)
     accelerator = start_accelerator(cfg, launch.ds_config)
@@ -124,13 +124,12 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
         raise LaunchError(f"{launch.launcher} started {launch.world_size} processes but accelerate sees {accelerator.num_processes}; "
                           "start the job with distill launch, or see the README's launching section")
     if accelerator.is_main_process:
-        print(f"distill: {launched.launch_line(cfg, accelerator, launch)}", file=sys.stderr)
+        print(f"distill: {plan.launch_line(cfg, accelerator, launch)}", file=sys.stderr)
     latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=launch.ds_config)
     tracker = None
     if accelerator.is_main_process:
         if latest is not None:  # metrics.jsonl cut back to the checkpoint's step before the trackers open it to append
             truncate_metrics(run.metrics, checkpoint.saved_state(latest).step)
-        check_backends(cfg.tracking, run_dir)  # a tracker that cannot start is one line now, before anything loads
         if not dry_run:
             tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)  # started before the models load
     failed = True
@@ -147,11 +146,11 @@ def _load_train_report(cfg: DistillConfig, accelerator, run: rundir.RunDir, late
     """The models, data and objective, the plan, the untrained student's evaluation, training, the
     saved student, its final evaluation and the report (``tracker``: the main process's, started)."""
     job = load(cfg, accelerator)
-    resolve_steps(cfg, job.setup, accelerator.num_processes, quiet=not accelerator.is_main_process)
+    resolve_steps(cfg, job.setup, accelerator.num_processes, quiet=not accelerator.is_main_process)  # train.epochs, the warm-up
     by_source = validation_sets(job.setup, cfg, accelerator)
     validation = [batch for batches in by_source.values() for batch in batches]
     if accelerator.is_main_process:
-        for line in [launched.batch_line(cfg, accelerator.num_processes)] + (dry_plan(cfg, job, by_source) if dry_run else []):
+        for line in [plan.batch_line(cfg, accelerator.num_processes)] + (plan.loaded_lines(cfg, job, by_source) if dry_run else []):
             print(f"distill: {line}", file=sys.stderr)
     if dry_run:
         if accelerator.is_main_process:
@@ -184,43 +183,6 @@ def _load_train_report(cfg: DistillConfig, accelerator, run: rundir.RunDir, late
         tracker.log_model(run.student, kind="student", step=cfg.train.max_steps, task=job.task.kind)
     accelerator.wait_for_everyone()
     return result
-
-
-def resolve_steps(cfg: DistillConfig, setup: Setup, world_size: int, *, quiet: bool) -> None:
-    """train.epochs as optimizer steps, and a warm-up longer than the run clipped to it, each with a
-    note; in ``cfg`` itself, so the saved config.yaml holds the steps that ran."""
-    tr = cfg.train
-    if tr.epochs is not None:
-        sequences = sum(len(train) for _, _, train, _ in setup.sources)
-        per_step = tr.micro_batch_size * tr.grad_accum * world_size
-        tr.max_steps = max(1, math.ceil(tr.epochs * sequences / per_step))
-        if not quiet:
-            print(f"distill: train.epochs={tr.epochs:g}: {tr.max_steps:,} steps ({sequences:,} training sequences, {per_step} a step)",
-                  file=sys.stderr)
-        tr.epochs = None  # the steps are now the run's length (resumed at another world size, the epochs are counted again)
-    if tr.warmup_steps > tr.max_steps:
-        if not quiet:
-            print(f"distill: train.warmup_steps={tr.warmup_steps} is longer than the run (train.max_steps={tr.max_steps}): clipped to "
-                  f"{tr.max_steps}", file=sys.stderr)
-        tr.warmup_steps = tr.max_steps
-
-
-def dry_plan(cfg: DistillConfig, job: "Loaded", by_source: dict) -> list[str]:
-    """What --dry-run adds to the plan: what was loaded, and how the objective pairs them."""
-    teacher = job.teacher
-    loaded = f"{teacher.num_parameters():,} parameters" if teacher is not None else "not loaded for training"
-    quantization = f", {cfg.teacher.quantization}" if cfg.teacher.quantization != "none" else ""
-    lines = [f"teacher: {cfg.teacher.path} (source {cfg.teacher.source}{quantization}; {loaded})",
-             f"student: {job.parameters[0]:,} trainable of {job.parameters[1]:,} parameters"
-             + (f", LoRA r={cfg.student.lora.r}" if cfg.student.lora is not None else "")]
-    for name, weight, train, _ in job.setup.sources:
-        lines.append(f"data: {len(train):,} training sequences" if not cfg.data.mixture else
-                     f"data: source {name}: {len(train):,} training sequences (weight {weight:g})")
-    rows = sum(len(batch["input_ids"]) for batches in by_source.values() for batch in batches)
-    lines.append(f"validation: {rows:,} sequences in {sum(len(b) for b in by_source.values())} batches")
-    lines.append("objective: " + ", ".join(f"{t.name} x{t.weight:g}" for t in job.objective.terms))
-    lines.append(f"output: {cfg.output_dir}")
-    return lines
 
 
 def check_before_loading(cfg: DistillConfig, run: rundir.RunDir) -> None:

@@ -128,34 +128,3 @@ def _precision(cfg: DistillConfig, launcher: str | None, notes: list[str]) -> No
     notes.append(f"precision: accelerate launch asks for {launcher}, train.precision is {cfg.train.precision}: "
                  f"the launcher's {launcher} wins")
     cfg.train.precision = FROM_ACCELERATE[launcher]
-
-
-def backend(accelerator) -> str:
-    """How the processes run: accelerate's distributed type, the device, the process group's backend and the ZeRO stage."""
-    kind = accelerator.distributed_type.value
-    text = f"{accelerator.device.type}"
-    group = getattr(accelerator.state, "backend", None)
-    if accelerator.num_processes > 1 and group:
-        text += f", {group}"
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        return f"DeepSpeed ZeRO-{plugin.zero_stage} ({text})"
-    return {"NO": text, "MULTI_CPU": f"DDP ({text})", "MULTI_GPU": f"DDP ({text})"}.get(kind, f"{kind} ({text})")
-
-
-def launch_line(cfg: DistillConfig, accelerator, launch: Request) -> str:
-    """What every run prints first, once the processes are up: world size, launcher, backend and ZeRO stage, precision."""
-    n = accelerator.num_processes
-    source = f" from {launch.ds_source}" if launch.ds_source else ""
-    return f"launch: {n} process{'es' if n > 1 else ''} ({launch.launcher}), {backend(accelerator)}{source}, precision {cfg.train.precision}"
-
-
-def batch_line(cfg: DistillConfig, world_size: int) -> str:
-    """What every run prints once the data is loaded (train.epochs counted): micro-batch, accumulation, the effective batch in
-    sequences and tokens, and the steps."""
-    tr = cfg.train
-    sequences = tr.micro_batch_size * tr.grad_accum * world_size
-    tokens = sequences * cfg.data.seq_len
-    return (f"batch: micro-batch {tr.micro_batch_size} x grad_accum {tr.grad_accum} x {world_size} process{'es' if world_size > 1 else ''} "
-            f"= {sequences} sequences of up to {cfg.data.seq_len} tokens ({tokens:,} tokens) a step; {tr.max_steps:,} steps "
-            f"(warm-up {tr.warmup_steps}), up to {tokens * tr.max_steps:,} tokens")

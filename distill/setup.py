@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import math
 import os
 import sys
 from pathlib import Path
@@ -210,6 +211,25 @@ def validation_sets(setup: Setup, cfg: DistillConfig, accelerator) -> dict[str, 
                                           pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index,
                                           world_size=accelerator.num_processes)
             for name, _, _, validation in setup.sources}
+
+
+def resolve_steps(cfg: DistillConfig, setup: Setup, world_size: int, *, quiet: bool) -> None:
+    """train.epochs as optimizer steps, and a warm-up longer than the run clipped to it, each with a
+    note; in ``cfg`` itself, so the saved config.yaml holds the steps that ran."""
+    tr = cfg.train
+    if tr.epochs is not None:
+        sequences = sum(len(train) for _, _, train, _ in setup.sources)
+        per_step = tr.micro_batch_size * tr.grad_accum * world_size
+        tr.max_steps = max(1, math.ceil(tr.epochs * sequences / per_step))
+        if not quiet:
+            print(f"distill: train.epochs={tr.epochs:g}: {tr.max_steps:,} steps ({sequences:,} training sequences, {per_step} a step)",
+                  file=sys.stderr)
+        tr.epochs = None  # the steps are now the run's length (resumed at another world size, the epochs are counted again)
+    if tr.warmup_steps > tr.max_steps:
+        if not quiet:
+            print(f"distill: train.warmup_steps={tr.warmup_steps} is longer than the run (train.max_steps={tr.max_steps}): clipped to "
+                  f"{tr.max_steps}", file=sys.stderr)
+        tr.warmup_steps = tr.max_steps
 
 
 def train_stream(setup: Setup, cfg: DistillConfig, accelerator, samples_consumed: int):
