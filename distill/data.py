@@ -17,7 +17,7 @@ import torch
 
 from distill.config import ConfigError, DataConfig, tiny_hint
 from distill.errors import first_line
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, UNLABELED
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -216,21 +216,31 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
     return sequences.with_format("python")
 
 
-def tokenize_labelled(dataset, tokenizer, cfg: DataConfig, split_name: str, label2id: dict[str, int]):
+def unlabelled(value) -> bool:
+    """A row without a hard label: null, an empty string, NaN (pandas' missing value)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value)
+
+
+def tokenize_labelled(dataset, tokenizer, cfg: DataConfig, split_name: str, label2id: dict[str, int], *, keep_unlabelled: bool = True):
     """Tokenizes labelled rows (``data.text_field``, optional ``data.text_pair_field``, ``data.label_field``)
     into ``{input_ids, label}`` with the tokenizer's own special tokens, cut to ``data.seq_len``.
 
-    Labels are class ids, or names mapped through the teacher's ``label2id``.
+    Labels are class ids, or names mapped through the teacher's ``label2id``. A row without one
+    (:func:`unlabelled`, or every row when ``data.label_field`` is "") gets :data:`UNLABELED`, or is
+    left out without ``keep_unlabelled`` (validation: accuracy needs a label).
     """
     key = "data.label_field"
-    if cfg.label_field not in dataset.column_names:
-        raise ConfigError(f"{key}: column {cfg.label_field!r} not in the {split_name} data (columns: {', '.join(dataset.column_names)})")
+    if cfg.label_field and cfg.label_field not in dataset.column_names:
+        raise ConfigError(f"{key}: column {cfg.label_field!r} not in the {split_name} data (columns: {', '.join(dataset.column_names)}); "
+                          "a source of unlabelled text sets label_field: \"\"")
     if cfg.text_pair_field and cfg.text_pair_field not in dataset.column_names:
         raise ConfigError(f"data.text_pair_field: column {cfg.text_pair_field!r} not in the {split_name} data "
                           f"(columns: {', '.join(dataset.column_names)})")
     classes = len(label2id)
 
     def label_id(value):
+        if unlabelled(value):
+            return UNLABELED
         if isinstance(value, str) and value in label2id:
             return label2id[value]
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -243,11 +253,18 @@ def tokenize_labelled(dataset, tokenizer, cfg: DataConfig, split_name: str, labe
     def encode(batch):
         pairs = batch[cfg.text_pair_field] if cfg.text_pair_field else None
         encoded = tokenizer(batch[cfg.text_field], pairs, truncation=True, max_length=cfg.seq_len)
-        return {"input_ids": encoded["input_ids"], "label": [label_id(v) for v in batch[cfg.label_field]]}
+        labels = batch[cfg.label_field] if cfg.label_field else [None] * len(encoded["input_ids"])
+        return {"input_ids": encoded["input_ids"], "label": [label_id(v) for v in labels]}
 
     sequences = dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc=f"tokenizing {split_name}")
-    if len(sequences) == 0:
-        raise ConfigError(f"the {split_name} data has no labelled rows; check data.train_files and data.label_field")
+    if not keep_unlabelled:
+        before = len(sequences)
+        sequences = sequences.filter(lambda row: row["label"] != UNLABELED, desc=f"labelled {split_name} rows")
+        if len(sequences) < before:
+            print(f"the {split_name} data: {before - len(sequences):,} of {before:,} rows have no label and are left out (accuracy needs one)",
+                  file=sys.stderr)
+    if len(sequences) == 0 and (keep_unlabelled or cfg.label_field):  # a source without labels (label_field "") is not validated
+        raise ConfigError(f"the {split_name} data has no {'' if keep_unlabelled else 'labelled '}rows; check data.train_files and data.label_field")
     return sequences.with_format("python")
 
 

@@ -256,6 +256,9 @@ def summary_lines(result: dict) -> list[str]:
         shown = (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:.2f}")
         lines.append(f"against the baseline (the same student, data and steps, without the teacher): {metric} {shown(baseline[metric])} -> "
                      f"{shown(student[metric])} distilled ({abs(change):.1%} {'better' if better else 'worse'})")
+    if result.get("train_rows_unlabelled"):
+        lines.append(f"training rows seen: {result['train_rows_labelled']:,} labelled, {result['train_rows_unlabelled']:,} without a label "
+                     "(the teacher's terms only)")
     trainable, total = result.get("student_trainable_params"), result.get("student_total_params")
     if trainable and total and trainable < total:
         lines.append(f"trained parameters: {trainable:,} of {total:,} ({trainable / total:.2%}; LoRA adapters)")

@@ -303,8 +303,12 @@ def evaluate_saved_student(cfg: DistillConfig, accelerator, job: Loaded, validat
     teacher = job.teacher
     if teacher is None:  # trained from a store or a pool: the comparison in the report needs the teacher itself
         teacher = models.load_teacher(cfg.teacher, accelerator.device, model_class=job.task.auto_class)
+    facts = dict(job.facts)
+    if job.task.row_labels:  # the rows training saw, from the logged windows (metrics.jsonl is cut back on resume, so they add up)
+        records = run.records()
+        facts.update({f"train_rows_{kind}": int(sum(r.get(f"train/{kind}_rows", 0) for r in records)) for kind in ("labelled", "unlabelled")})
     result = report.final_evaluation(cfg, accelerator, final_student, teacher, validation, job.vocab, run.path, job.setup.tokenizer, initial,
-                                     job.facts, by_source=by_source if cfg.data.mixture else None)
+                                     facts, by_source=by_source if cfg.data.mixture else None)
     if tracker is not None:
         # In the history too (and metrics.jsonl), so a tracker's summary and the report agree: the final evaluation under
         # the report's names, and the student's under the names the mid-run evaluations used (eval/perplexity, ...).

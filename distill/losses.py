@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# A target without a hard label (a classifier's unlabelled row): the teacher's terms use it, the label's (ce) give it 0.
+UNLABELED = -1
 
 
 def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -112,8 +114,8 @@ PerToken = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.T
 
 
 def cross_entropy(student_logits: torch.Tensor, _teacher_logits, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token hard-label cross-entropy in float32 (masked tokens give garbage; callers mask)."""
-    return F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none")
+    """Per-token hard-label cross-entropy in float32: 0 at an :data:`UNLABELED` target (masked tokens give garbage; callers mask)."""
+    return F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none") * (labels >= 0)
 
 
 def forward_kl_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,

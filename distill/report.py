@@ -231,7 +231,7 @@ def source_rows(cfg: DistillConfig, task, student, teacher, by_source: dict, voc
             q = evaluation.quality(model, teacher, batches, vocab=vocab, device=device, task=task, teacher_is_model=model is teacher)
             rows.append({"source": name, "weight": weights[name], "model": model_name, "targets": q["tokens"],
                          **{k: q[k] for k in SOURCE_METRICS if k in q}})
-    total = sum(weights.values())
+    total = sum(weights[name] for name in by_source)  # the validated sources (one of unlabelled text has no validation)
     for model_name in ("teacher", "student"):
         mine = [r for r in rows if r["model"] == model_name and r["source"] in weights]
         rows.append({"source": "weighted total", "weight": total, "model": model_name, "targets": sum(r["targets"] for r in mine),

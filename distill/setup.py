@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from distill import data, models
-from distill.config import ConfigError, DistillConfig, data_sources, read_ds_config
+from distill.config import ConfigError, DistillConfig, data_sources, read_ds_config, teacher_needed
 from distill.launched import PRECISION  # noqa: F401  (train.precision as accelerate names it; re-exported)
+from distill.losses import UNLABELED
 from distill.progress import phase
 from distill.prune import PruneTarget, check_target, importance, prune
 from distill.tasks import build_task
@@ -183,6 +184,8 @@ class Setup:
                          task.tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
                         for name, weight, source, (train, validation) in raw]
         self.train_sequences = self.sources[0][2]  # the stream draws from every source (train_stream)
+        if task.row_labels and load_student:
+            check_unlabelled(self.sources, cfg)
         if load_student and cfg.student.prune:
             self.student = self._pruned_student(cfg, device)
             self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
@@ -206,11 +209,27 @@ def _split(split: str, source: str, cfg: DistillConfig) -> str:
 
 
 def validation_sets(setup: Setup, cfg: DistillConfig, accelerator) -> dict[str, list[dict]]:
-    """This process's share of each source's validation batches (every rank gets as many)."""
+    """This process's share of each source's validation batches (every rank gets as many); a source of unlabelled text has none."""
     return {name: data.validation_batches(validation, batch_size=cfg.train.micro_batch_size, limit=cfg.data.max_validation_sequences,
                                           pad_id=setup.tokenizer.pad_token_id, rank=accelerator.process_index,
                                           world_size=accelerator.num_processes)
-            for name, _, _, validation in setup.sources}
+            for name, _, _, validation in setup.sources if len(validation)}
+
+
+def check_unlabelled(sources: list, cfg: DistillConfig) -> None:
+    """Rows without a label train the teacher's terms only: counted and said, and refused in one line when no weighted term
+    uses the teacher (an objective of hard labels alone would learn nothing from them)."""
+    counts = {name: (sum(1 for label in train["label"] if label == UNLABELED), len(train)) for name, _, train, _ in sources}
+    unlabelled, total = sum(u for u, _ in counts.values()), sum(n for _, n in counts.values())
+    if not unlabelled:
+        return
+    if not teacher_needed(cfg.loss):
+        where = ", ".join(f"{name}: {u:,} of {n:,}" for name, (u, n) in counts.items() if u)
+        raise ConfigError(f"{unlabelled:,} of {total:,} training rows have no label ({where}), and the objective uses hard labels only "
+                          "(loss.alpha=1 or ce terms alone); give those rows a label, leave them out, or add a teacher term (loss.alpha < 1)")
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"data: {total - unlabelled:,} labelled and {unlabelled:,} unlabelled training rows; the unlabelled ones train the teacher's "
+              "terms only (ce skips them)", file=sys.stderr)
 
 
 def resolve_steps(cfg: DistillConfig, setup: Setup, world_size: int, *, quiet: bool) -> None:

@@ -17,7 +17,7 @@ from distill.config import LOGITS
 from distill.errors import ConfigError
 from distill.feature_terms import ATTENTIONS, HIDDEN, QKV, captured_qkv
 from distill.fused import HEAD_INPUTS, head_bypassed
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, UNLABELED
 from distill.objective import Outputs
 
 
@@ -31,6 +31,7 @@ class Task:
     label_metrics: tuple[str, ...] = ()  # shipped metrics (distill.metrics) of predictions against references
     generates = True  # speed is generation latency and throughput (else a forward per sequence)
     token_targets = True  # its targets are vocabulary tokens, whose sparse top-k a store holds and a pool serves
+    row_labels = False  # each target is a row with a hard label or none (UNLABELED): the log counts both
     auto_class: str  # the transformers auto class teacher and student load with
     peft_task_type: str | None
 
@@ -72,6 +73,10 @@ class Task:
 
     def target_count(self, batch: dict) -> int:
         return int((self.targets(batch) != IGNORE_INDEX).sum())
+
+    def unlabelled_count(self, batch: dict) -> int:
+        """Targets without a hard label (only a row-labelled task has any)."""
+        return int((self.targets(batch) == UNLABELED).sum())
 
     def eval_logits(self, model, batch: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[N, vocab]`` logits, ``[N]`` targets) of every target position, masked ones included."""
@@ -157,7 +162,7 @@ class SequenceClassification(Task):
     """
 
     kind, causal, metrics = "sequence_classification", False, "classes"
-    perplexity, label_metrics, generates, token_targets = False, ("accuracy", "macro_f1"), False, False
+    perplexity, label_metrics, generates, token_targets, row_labels = False, ("accuracy", "macro_f1"), False, False, True
     auto_class, peft_task_type = "AutoModelForSequenceClassification", "SEQ_CLS"
 
     def feature_weights(self, batch: dict) -> torch.Tensor:
@@ -166,7 +171,8 @@ class SequenceClassification(Task):
 
     @staticmethod
     def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
-        return data.tokenize_labelled(raw, tokenizer, cfg, split_name, _label2id(model_config))
+        # Unlabelled rows train the teacher's terms; validation keeps the labelled ones (accuracy needs a label).
+        return data.tokenize_labelled(raw, tokenizer, cfg, split_name, _label2id(model_config), keep_unlabelled=split_name.startswith("training"))
 
     @staticmethod
     def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:

@@ -55,6 +55,7 @@ class StepResult:
     loss: float
     terms: dict  # term name -> its sum over the step's targets / N
     tokens: int
+    unlabelled: int  # targets without a hard label (a classifier's unlabelled rows), among ``tokens``
     grad_norm: float | None
     teacher_seconds: float
     skipped: bool
@@ -77,13 +78,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
 
 
-def global_target_count(batches: list[dict], accelerator, task) -> int:
-    """Unmasked targets in this optimizer step, summed over micro-batches and processes.
+def global_target_count(batches: list[dict], accelerator, task) -> tuple[int, int]:
+    """Unmasked targets in this optimizer step, summed over micro-batches and processes, and how many of them have no hard label.
 
     Known before the first backward, so every micro-batch can be divided by the same count.
     """
-    local = sum(task.target_count(b) for b in batches)
-    return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum").item())
+    local = [sum(task.target_count(b) for b in batches), sum(task.unlabelled_count(b) for b in batches)]
+    tokens, unlabelled = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum").tolist()
+    return int(tokens), int(unlabelled)
 
 
 def _all_finite(value: torch.Tensor, accelerator) -> bool:
@@ -103,7 +105,7 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
         objective: the named, weighted terms (:mod:`distill.objective`), the same as ``model``'s.
         report: whether the step is logged; zero-weight terms (reported, not trained on) are computed only then.
     """
-    tokens = global_target_count(batches, accelerator, task)
+    tokens, unlabelled = global_target_count(batches, accelerator, task)
     sums = torch.zeros(len(objective.terms), dtype=torch.float64, device=accelerator.device)
     teacher_seconds, finite, grad_norm = 0.0, True, None
     for batch in batches:
@@ -134,7 +136,7 @@ def train_step(model, source, batches: list[dict], *, accelerator, optimizer, sc
                 optimizer.zero_grad(set_to_none=True)
     means = accelerator.reduce(sums, reduction="sum") / max(tokens, 1)
     loss = float(objective.total(means)) if finite else float("nan")
-    return StepResult(loss=loss, terms=dict(zip(objective.names, means.tolist())), tokens=tokens, grad_norm=grad_norm,
+    return StepResult(loss=loss, terms=dict(zip(objective.names, means.tolist())), tokens=tokens, unlabelled=unlabelled, grad_norm=grad_norm,
                       teacher_seconds=teacher_seconds, skipped=not finite)
 
 
@@ -188,7 +190,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             _check_finite(result, state.step, tr, progress)
             progress.step()
             if logged:
-                metrics = window.metrics(result, scheduler, accelerator.device)
+                metrics = window.metrics(result, scheduler, accelerator.device, row_labels=task.row_labels)
                 window = _Window()
                 progress.logged(state.step, metrics)
                 if tracker is not None:
@@ -237,19 +239,22 @@ class _Window:
     """Totals over steps: the log window's rates, or the session's time waiting for the teacher."""
 
     tokens: int = 0
+    unlabelled: int = 0
     seconds: float = 0.0
     teacher_seconds: float = 0.0  # computing or waiting for the teacher's signal
     steps: int = 0
 
     def add(self, result: "StepResult", *, seconds: float, waited: float) -> None:
         self.tokens += result.tokens
+        self.unlabelled += result.unlabelled
         self.seconds += seconds
         self.teacher_seconds += result.teacher_seconds + waited
         self.steps += 1
 
-    def metrics(self, result: "StepResult", scheduler, device) -> dict:
-        """The logged record of the window ending with ``result``."""
-        return {
+    def metrics(self, result: "StepResult", scheduler, device, *, row_labels: bool = False) -> dict:
+        """The logged record of the window ending with ``result``; with ``row_labels``, the window's labelled and unlabelled rows."""
+        rows = {"train/labelled_rows": self.tokens - self.unlabelled, "train/unlabelled_rows": self.unlabelled} if row_labels else {}
+        return {**rows,
             "train/loss": result.loss, **{f"train/{name}_loss": value for name, value in result.terms.items()},
             "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": result.grad_norm,
             "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),

@@ -171,6 +171,26 @@ def labelled(tmp_path_factory, tiny) -> dict:
     return {"root": root, "teacher": str(root / "teacher"), "train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
 
 
+def classifier_job(labelled, out, *extra):
+    return ["task.kind=sequence_classification", f"teacher.path={labelled['teacher']}", "teacher.dtype=float32",
+            "student.architecture={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
+            f"data.train_files=[{labelled['train']}]", f"data.validation_files=[{labelled['validation']}]",
+            "data.seq_len=48", "data.max_validation_sequences=120", "train.micro_batch_size=16", "train.max_steps=40", "train.lr=3e-3",
+            "train.log_every=5", "eval.speed_repeats=1", "eval.throughput_batch_size=4", "tracking.backend=none", f"output_dir={out}", *extra]
+
+
+def few_labels(labelled, root) -> list[str]:
+    """A fifth of the training rows keep their label (one of them null), the rest are plain text without a label column:
+    the data.mixture of a labelled source and an unlabelled one."""
+    rows = [json.loads(line) for line in open(labelled["train"])]
+    kept = [dict(r) for r in rows[::5]]
+    kept[0]["label"] = None  # a row without a label inside the labelled file
+    (root / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for i, r in enumerate(rows) if i % 5))
+    return ["data.train_files=[]", f"data.mixture=[{{name: labelled, weight: 0.4, train_files: [{root / 'labelled.jsonl'}]}}, "
+                                   f"{{name: text, weight: 0.6, train_files: [{root / 'text.jsonl'}], label_field: ''}}]"]
+
+
 @pytest.fixture(scope="session")
 def bert(tmp_path_factory, corpus) -> dict:
     """A WordPiece tokenizer trained on the corpus and a 2-layer BERT masked-LM teacher trained on it

@@ -7,17 +7,9 @@ import re
 import pytest
 import torch
 
-from conftest import LABELS, read_metrics, reset_accelerate
+from conftest import LABELS, classifier_job, few_labels, read_metrics, reset_accelerate
 from distill import data
 from distill.config import ConfigError, DataConfig
-
-def classifier_job(labelled, out, *extra):
-    return ["task.kind=sequence_classification", f"teacher.path={labelled['teacher']}", "teacher.dtype=float32",
-            "student.architecture={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
-            f"data.train_files=[{labelled['train']}]", f"data.validation_files=[{labelled['validation']}]",
-            "data.seq_len=48", "data.max_validation_sequences=120", "train.micro_batch_size=16", "train.max_steps=40", "train.lr=3e-3",
-            "train.log_every=5", "eval.speed_repeats=1", "eval.throughput_batch_size=4", "tracking.backend=none", f"output_dir={out}", *extra]
-
 
 def _run(labelled, out, *extra):
     from distill.config import load_config
@@ -165,3 +157,51 @@ def test_a_classifier_has_no_token_targets_to_store_or_serve(labelled, tmp_path)
     assert not (tmp_path / "store").exists()
     with pytest.raises(ConfigError, match="task.kind=sequence_classification: the teacher service serves token targets"):
         BuiltinEngine(cfg, 4, torch.device("cpu"))
+
+
+def test_unlabelled_rows_train_the_teachers_terms_and_are_counted(labelled, tmp_path, capsys):
+    """The teacher's terms train on every row, ce on the labelled ones; the run says how many of each it had and saw."""
+    mixture = few_labels(labelled, tmp_path)
+    result = _run(labelled, tmp_path / "run", *mixture, "loss.kind=forward_kl", "loss.alpha=0.5", "loss.temperature=2.0", "train.max_steps=20")
+    err = capsys.readouterr().err
+    assert "data: 119 labelled and 481 unlabelled training rows; the unlabelled ones train the teacher's terms only" in err
+    assert result["train_rows_labelled"] + result["train_rows_unlabelled"] == 20 * 16  # every row the 20 steps drew, counted once
+    assert result["train_rows_unlabelled"] > result["train_rows_labelled"] > 0
+    metrics = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    assert sum(m["train/unlabelled_rows"] for m in metrics) == result["train_rows_unlabelled"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["student"]["accuracy"] > rows["initial_student"]["accuracy"]
+    # Only the labelled source is validated (accuracy needs labels); the weighted total is then its own figures.
+    by_source = {(r["source"], r["model"]): r for r in result["sources"]}
+    assert {source for source, _ in by_source} == {"labelled", "weighted total"}
+    assert by_source[("weighted total", "student")]["accuracy"] == pytest.approx(by_source[("labelled", "student")]["accuracy"])
+
+
+def test_an_objective_of_labels_alone_refuses_unlabelled_rows(labelled, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("481 of 600 training rows have no label (labelled: 1 of 120, text: 480 of 480), and the "
+                                                    "objective uses hard labels only")):
+        _run(labelled, tmp_path / "run", *few_labels(labelled, tmp_path), "loss.alpha=1.0")
+
+
+def test_cross_entropy_gives_an_unlabelled_target_nothing():
+    from distill.losses import UNLABELED, cross_entropy
+
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels = torch.tensor([0, UNLABELED, 2, UNLABELED])
+    loss = cross_entropy(logits, None, labels)
+    assert loss[1] == 0 and loss[3] == 0 and loss[0] > 0 and loss[2] > 0
+    loss.sum().backward()
+    assert torch.all(logits.grad[[1, 3]] == 0) and torch.any(logits.grad[[0, 2]] != 0)
+
+
+def test_unlabelled_validation_rows_are_left_out_and_an_unlabelled_source_is_not_validated(labelled, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(labelled["teacher"])
+    raw = data.load_raw(DataConfig(train_files=[labelled["train"]]))[0].select(range(10))
+    raw = raw.map(lambda row, i: {"label": None if i % 2 else row["label"]}, with_indices=True)
+    label2id = {n: i for i, n in enumerate(LABELS)}
+    training = data.tokenize_labelled(raw, tokenizer, DataConfig(), "training", label2id)
+    assert [row["label"] for row in training].count(-1) == 5
+    assert len(data.tokenize_labelled(raw, tokenizer, DataConfig(), "validation", label2id, keep_unlabelled=False)) == 5
+    assert len(data.tokenize_labelled(raw, tokenizer, DataConfig(label_field=""), "validation", label2id, keep_unlabelled=False)) == 0

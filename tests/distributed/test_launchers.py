@@ -175,3 +175,33 @@ def test_deepspeed_and_precision_come_from_accelerates_config(tiny, corpus, tmp_
 
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "bf16"
     assert losses(out) == pytest.approx(one_process_reference, rel=0.05)  # bf16 rounding, the same descent
+
+
+def test_unlabelled_rows_under_zero_follow_the_one_process_curve(labelled, tmp_path):
+    """A classifier trained on labelled and unlabelled rows (ce skips the unlabelled ones): 2 ZeRO-2 processes at micro-batch 2
+    follow 1 process at micro-batch 4, and count the same rows."""
+    from conftest import classifier_job, few_labels
+
+    def overrides(out, micro):
+        return classifier_job(labelled, out, *few_labels(labelled, tmp_path), "loss.alpha=0.5", f"train.max_steps={STEPS}",
+                              f"train.micro_batch_size={micro}", "train.log_every=1", "eval.speed=false", "eval.initial=false")
+
+    run_job_sets = overrides(tmp_path / "one", 4)
+    from distill.config import load_config
+    from distill.job import run
+
+    reference = run(load_config(None, run_job_sets))
+    reset_accelerate()
+    out = tmp_path / "two"
+    config = tmp_path / "two.yaml"
+    config.write_text("{}\n")
+    argv = [sys.executable, "-m", "distill_launcher.cli", "launch", str(config), "--launcher", "deepspeed", "--nproc-per-node", "2",
+            "--ds-config", "zero2", "--master-port", str(free_port()), *[a for o in overrides(out, 2) for a in ("--set", o)]]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert [m["train/unlabelled_rows"] for m in read_metrics(out) if "train/loss" in m] == \
+           [m["train/unlabelled_rows"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
+    two = json.loads((out / "eval.json").read_text())
+    assert two["train_rows_unlabelled"] == reference["train_rows_unlabelled"] > 0
