@@ -3,8 +3,8 @@
 ``accelerate launch``, ``deepspeed`` and ``torchrun`` say how many processes there are, whether
 the student runs under DeepSpeed (and with which config) and in which precision, each in its own
 environment variables; a TRL or Trainer script takes them from there, and so does the job. Where
-the job's own config disagrees, one line says so and says which wins. Torch-free: the environment
-and the config are all it reads (:func:`request` is a pure function of them).
+the job's own config disagrees, one line says so and says which wins. Torch-free: :func:`request`
+reads the environment, the config and the DeepSpeed config file the launch names.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def request(cfg: DistillConfig, ds_config: str | None, env=None) -> Request:
         raise LaunchError("accelerate launch started one process for a config of several: accelerate starts MULTI_CPU processes only "
                           "through mpirun (mpirun_hostfile in its config); run `distill launch --accelerate-config FILE`, which starts them, "
                           "or `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --config_file FILE ...`")
-    result = Request(world_size=int(env.get("WORLD_SIZE", "1") or 1), launcher=launcher)
+    size = next((env[k] for k in ("WORLD_SIZE", *MPI_WORLD_SIZE) if env.get(k)), "1")  # under mpirun, the MPI's own variable
+    result = Request(world_size=int(size), launcher=launcher)
     result.ds_config, result.ds_source = _deepspeed(cfg, ds_config, env, result.notes)
     if launcher == "deepspeed" and result.ds_config is None:
         result.notes.append("the deepspeed launcher started this job without a DeepSpeed config: the student trains under plain DDP; "

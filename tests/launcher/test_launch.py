@@ -214,3 +214,9 @@ def test_a_deepspeed_configs_own_precision_wins_and_says_so(tmp_path):
     cfg.train.precision = "bf16"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
     assert request(cfg, str(ds), {}).notes == [] and cfg.train.precision == "bf16"  # "auto": the job's
+
+
+def test_under_mpirun_the_world_size_is_the_mpis():
+    from distill.launched import request
+
+    assert request(_job(), None, {**ACCELERATE, "MASTER_ADDR": "n0", "PMI_SIZE": "4", "PMI_RANK": "0"}).world_size == 4
