@@ -123,8 +123,6 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     if accelerator.num_processes != launch.world_size:
         raise LaunchError(f"{launch.launcher} started {launch.world_size} processes but accelerate sees {accelerator.num_processes}; "
                           "start the job with distill launch, or see the README's launching section")
-    if accelerator.is_main_process:
-        print(f"distill: {plan.launch_line(cfg, accelerator, launch)}", file=sys.stderr)
     latest = checkpoint_to_resume(accelerator, run, resume=resume, ds_config=launch.ds_config)
     tracker = None
     if accelerator.is_main_process:
@@ -134,7 +132,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)  # started before the models load
     failed = True
     try:
-        result = _load_train_report(cfg, accelerator, run, latest, tracker, dry_run=dry_run)
+        result = _load_train_report(cfg, accelerator, launch, run, latest, tracker, dry_run=dry_run)
         failed = False
         return result
     finally:
@@ -142,7 +140,7 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
             tracker.close(failed=failed)
 
 
-def _load_train_report(cfg: DistillConfig, accelerator, run: rundir.RunDir, latest: Path | None, tracker, *, dry_run: bool):
+def _load_train_report(cfg: DistillConfig, accelerator, launch, run: rundir.RunDir, latest: Path | None, tracker, *, dry_run: bool):
     """The models, data and objective, the plan, the untrained student's evaluation, training, the
     saved student, its final evaluation and the report (``tracker``: the main process's, started)."""
     job = load(cfg, accelerator)
@@ -150,7 +148,8 @@ def _load_train_report(cfg: DistillConfig, accelerator, run: rundir.RunDir, late
     by_source = validation_sets(job.setup, cfg, accelerator)
     validation = [batch for batches in by_source.values() for batch in batches]
     if accelerator.is_main_process:
-        for line in [plan.batch_line(cfg, accelerator.num_processes)] + (plan.loaded_lines(cfg, job, by_source) if dry_run else []):
+        lines = [plan.launch_line(cfg, accelerator, launch), plan.batch_line(cfg, accelerator.num_processes)]
+        for line in lines + (plan.loaded_lines(cfg, job, by_source) if dry_run else []):
             print(f"distill: {line}", file=sys.stderr)
     if dry_run:
         if accelerator.is_main_process:

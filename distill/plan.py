@@ -1,6 +1,7 @@
-"""The plan a run prints: the launch (world size, launcher, backend and ZeRO stage, precision) as soon
-as the processes are up, the batch (micro-batch, accumulation, the effective batch in tokens, the
-steps) once the data is loaded, and, with ``--dry-run``, what was loaded. Torch-free."""
+"""The plan a run prints once its models and data are loaded, before the first step (a setup that
+fails before then prints only its one-line error): the launch (world size, launcher, backend and
+ZeRO stage, precision), the batch (micro-batch, accumulation, the effective batch in tokens, the
+steps), and, with ``--dry-run``, what was loaded. Torch-free."""
 
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ def backend(accelerator) -> str:
 
 
 def launch_line(cfg: DistillConfig, accelerator, launch: Request) -> str:
-    """What every run prints first, once the processes are up: world size, launcher, backend and ZeRO stage, precision."""
+    """The plan's first line: world size, launcher, backend and ZeRO stage, precision."""
     n = accelerator.num_processes
     source = f" from {launch.ds_source}" if launch.ds_source else ""
     return f"launch: {n} process{'es' if n > 1 else ''} ({launch.launcher}), {backend(accelerator)}{source}, precision {cfg.train.precision}"
 
 
 def batch_line(cfg: DistillConfig, world_size: int) -> str:
-    """What every run prints once the data is loaded (train.epochs counted): micro-batch, accumulation, the effective batch in
-    sequences and tokens, and the steps."""
+    """The plan's second line (train.epochs counted): micro-batch, accumulation, the effective batch in sequences and tokens, and
+    the steps."""
     tr = cfg.train
     sequences = tr.micro_batch_size * tr.grad_accum * world_size
     tokens = sequences * cfg.data.seq_len
