@@ -340,9 +340,9 @@ class RunLock:
                 except FileExistsError:
                     self._take_over_if_stale()
                     continue
+                self.held = True  # ours from here: a stop signal raised inside start() below still releases it
                 self._thread = threading.Thread(target=self._heartbeat, name="distill-lock-heartbeat", daemon=True)
                 self._thread.start()
-                self.held = True
                 return self
         finally:
             private.unlink(missing_ok=True)
@@ -385,7 +385,7 @@ class RunLock:
         self.held = False
         self.path.with_name(f".{LOCK_FILE}.{self.info['token']}").unlink(missing_ok=True)
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():  # a signal may have come before start() ran
             self._thread.join(timeout=5)
         if (_read(self.path) or {}).get("token") == self.info["token"]:
             self.path.unlink(missing_ok=True)

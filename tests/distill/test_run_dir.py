@@ -256,3 +256,21 @@ def test_the_loss_plot_keeps_a_term_equal_to_the_total_visible():
     styles = [(line.get_linestyle(), line.get_linewidth(), line.get_marker()) for line in lines.values()]
     assert len(set(styles)) == 3  # no line drawn exactly over another in the same style
     assert lines["loss"].get_linewidth() > lines["kd_loss (= loss)"].get_linewidth() and lines["loss"].get_alpha() < 1
+
+
+def test_a_lock_interrupted_before_its_heartbeat_started_still_releases(tmp_path, monkeypatch):
+    """A stop signal raises inside acquire(): between taking the lock file and starting the heartbeat thread."""
+    import threading
+
+    from distill import rundir
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # what a signal handler's exception looks like to the code it interrupts
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    lock = rundir.RunLock(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    assert lock.held and (tmp_path / rundir.LOCK_FILE).exists()
+    lock.release()  # no "cannot join thread before it is started"
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
