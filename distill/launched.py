@@ -18,8 +18,8 @@ from distill.errors import LaunchError
 # The job's train.precision as accelerate names it, and back.
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 FROM_ACCELERATE = {accelerate: ours for ours, accelerate in PRECISION.items()}
-# What an MPI launcher (accelerate's way of starting MULTI_CPU processes) sets for the world size.
-MPI_WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+# The world size as torchrun/deepspeed set it, then as an MPI launcher (accelerate's way of starting MULTI_CPU processes) does.
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclass
@@ -50,13 +50,13 @@ def request(cfg: DistillConfig, ds_config: str | None, env=None) -> Request:
     precision); raises a LaunchError for a launch that cannot do what it was asked."""
     env = os.environ if env is None else env
     launcher = launcher_name(env)
-    if launcher == "accelerate launch" and "MASTER_ADDR" in env and not any(k in env for k in MPI_WORLD_SIZE):
+    if launcher == "accelerate launch" and "MASTER_ADDR" in env and not any(k in env for k in WORLD_SIZE_VARS):
         # accelerate's simple launcher sets MASTER_ADDR only when asked for several processes, and
         # starts one: a MULTI_CPU config without mpirun would train alone, silently.
         raise LaunchError("accelerate launch started one process for a config of several: accelerate starts MULTI_CPU processes only "
                           "through mpirun (mpirun_hostfile in its config); run `distill launch --accelerate-config FILE`, which starts them, "
                           "or `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --config_file FILE ...`")
-    size = next((env[k] for k in ("WORLD_SIZE", *MPI_WORLD_SIZE) if env.get(k)), "1")  # under mpirun, the MPI's own variable
+    size = next((env[k] for k in WORLD_SIZE_VARS if env.get(k)), "1")  # under mpirun, the MPI's own variable
     result = Request(world_size=int(size), launcher=launcher)
     result.ds_config, result.ds_source = _deepspeed(cfg, ds_config, env, result.notes)
     if launcher == "deepspeed" and result.ds_config is None:

@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml  # already loaded with distill.config
+
 from distill.config import read_ds_config
 from distill.launched import PRECISION
 from distill.errors import (
@@ -165,8 +167,6 @@ def _accelerate_with_config_file(path: str, t: Topology, explicit: set, ds_confi
     Then the command asks for its torchrun-based launcher (``--multi_gpu``) with ACCELERATE_USE_CPU,
     which starts them all on CPU over gloo.
     """
-    import yaml  # start-up time: only a launch with a config file reads YAML here
-
     file = Path(os.path.expanduser(path))
     if not file.is_file():
         raise LaunchError(f"--accelerate-config: file not found: {path}")
