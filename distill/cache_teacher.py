@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
-from distill import data, models
-from distill.config import load_config
+from distill import data
+from distill.config import LOGITS, load_config
 from distill.errors import ConfigError, main_guard
 from distill.fused import HEAD_INPUTS, chunk_rows, teacher_chunks
 from distill.losses import IGNORE_INDEX
 from distill.setup import Setup, tune_cpu_allocator
 from distill.sparse import METHODS, PICK, SparseTargets
-from distill.tasks import build_task
 from distill.store import _claim, _finish, _shard_name, cache_root, identity, key_of, shard_count, write_shard
 from distill.teacher_source import ModelSource
+
+DEFAULT_K = 64  # targets per token when --top-k is not given (a classifier with fewer classes keeps them all)
 
 
 def _targets_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device, method: str = "top_k", generator=None
@@ -42,18 +43,18 @@ def batch_targets(source, task, batch: dict, vocab: int, k: int, method: str = "
     from the output layer's inputs, so no ``[tokens, vocab]`` tensor of the whole batch exists.
     """
     labels = task.targets(batch)
-    counts = (labels != IGNORE_INDEX).sum(-1).tolist()
-    outputs = source.signal(batch, frozenset({HEAD_INPUTS}))
+    counts = (labels != IGNORE_INDEX).reshape(len(labels), -1).sum(-1).tolist()  # a classifier's row is one target
+    outputs = source.signal(batch, frozenset({HEAD_INPUTS if task.fused_head else LOGITS}))
     chunk = teacher_chunks(outputs, labels, vocab)
     total = sum(counts)
     rows = chunk_rows(vocab)
     parts = [PICK[method](chunk(start, min(start + rows, total)), k, generator) for start in range(0, total, rows)]
     if not parts:
-        return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0)), counts
+        return SparseTargets.empty(k), counts
     return SparseTargets.cat(parts).to("cpu"), counts
 
 
-def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print,
+def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print,
           method: str = "top_k") -> Path:
     """Runs the teacher over the job's training and validation sequences and writes (or completes) the store.
 
@@ -64,14 +65,14 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
     """
     if method not in METHODS:  # before any model is loaded
         raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
-    if not build_task(cfg.task).token_targets:
-        raise ConfigError(f"task.kind={cfg.task.kind}: the teacher store holds token targets of language models (causal_lm, masked_lm)")
     device = device or torch.device("cpu")
     tune_cpu_allocator(cfg.train.cpu_allocator, device)
     setup = Setup(cfg, device, load_teacher=True, load_student=False)
-    vocab = min(models.output_vocab(setup.teacher), len(setup.tokenizer))
+    vocab = setup.task.width(setup.teacher, setup.tokenizer)
+    k = k or min(DEFAULT_K, vocab)
     if not 0 < k <= vocab:
-        raise ConfigError(f"--top-k {k} must be between 1 and the vocabulary size ({vocab})")
+        what = "number of classes" if setup.task.row_labels else "vocabulary size"
+        raise ConfigError(f"--top-k {k} must be between 1 and the {what} ({vocab})")
     ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method)
     key = key_of(ident)
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))
@@ -98,7 +99,7 @@ def build(cfg, *, k: int, out: Path | None = None, shard_rows: int = 256, rank: 
                 generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
             parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator)
                      for j in range(0, len(rows), batch)]
-            targets = SparseTargets.cat([p for p, _ in parts])
+            targets = SparseTargets.cat([p for p, _ in parts]) if parts else SparseTargets.empty(k)  # a split without rows (an unlabelled source's validation)
             write_shard(target, targets, [c for _, counts in parts for c in counts], vocab)
             done += 1
         if done:
@@ -113,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="distill cache-teacher")
     parser.add_argument("config")
-    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--top-k", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out")
     parser.add_argument("--shard-rows", type=int, default=256)
     parser.add_argument("--targets", choices=METHODS, default="top_k")
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.shard_rows < 1:
+    if (args.top_k is not None and args.top_k < 1) or args.shard_rows < 1:
         parser.error("--top-k and --shard-rows must be >= 1")
 
     def go(args):

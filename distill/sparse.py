@@ -38,6 +38,10 @@ class SparseTargets:
         return self.ids.shape[0]
 
     @staticmethod
+    def empty(k: int) -> "SparseTargets":
+        return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))
+
+    @staticmethod
     def cat(parts: list["SparseTargets"], tail_mode: str = "bucket") -> "SparseTargets":
         return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")), tail_mode)
 

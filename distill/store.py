@@ -38,7 +38,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
-from distill import models
 from distill.config.schema import data_sources
 from distill.errors import ConfigError, first_line
 from distill.rundir import write_atomic
@@ -334,8 +333,8 @@ def open_store(cfg, setup, *, quiet: bool = False) -> "Store":
         raise ConfigError(f"teacher.source=cache: no teacher store for this job's teacher and data under {cache_root()}; "
                           "build one with distill cache-teacher CONFIG, or set teacher.cache")
     store = Store(Path(os.path.expanduser(str(path))), ident)
-    if models.output_vocab(setup.student) < store.vocab:
-        raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
+    if setup.task.width(setup.student) < store.vocab:
+        raise ConfigError(f"the student's vocabulary ({setup.task.width(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
     setup.vocab = store.vocab
     if not quiet:
         held = {"top_k": f"top-{store.k}", "sampled": f"{store.k} sampled", "mixed": f"top-{store.k // 2} and {store.k - store.k // 2} sampled"}[store.method]

@@ -30,7 +30,7 @@ class Task:
     perplexity = True  # evaluation reports the perplexity of its targets
     label_metrics: tuple[str, ...] = ()  # shipped metrics (distill.metrics) of predictions against references
     generates = True  # speed is generation latency and throughput (else a forward per sequence)
-    token_targets = True  # its targets are vocabulary tokens, whose sparse top-k a store holds and a pool serves
+    token_targets = True  # its targets are vocabulary tokens, whose sparse top-k a pool serves (a store holds any task's)
     row_labels = False  # each target is a row with a hard label or none (UNLABELED): the log counts both
     auto_class: str  # the transformers auto class teacher and student load with
     peft_task_type: str | None
@@ -82,6 +82,12 @@ class Task:
         """(``[N, vocab]`` logits, ``[N]`` targets) of every target position, masked ones included."""
         logits = self.logits(model, batch, vocab)
         return logits.reshape(-1, logits.shape[-1]), self.targets(batch).reshape(-1)
+
+    @staticmethod
+    def width(model, tokenizer=None) -> int:
+        """The width of one model's distributions (its output vocabulary, cut to the tokenizer's when given)."""
+        vocab = models.output_vocab(model)
+        return vocab if tokenizer is None else min(vocab, len(tokenizer))
 
     @staticmethod
     def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:
@@ -173,6 +179,10 @@ class SequenceClassification(Task):
     def tokenize(raw, tokenizer, cfg, split_name: str, model_config):
         # Unlabelled rows train the teacher's terms; validation keeps the labelled ones (accuracy needs a label).
         return data.tokenize_labelled(raw, tokenizer, cfg, split_name, _label2id(model_config), keep_unlabelled=split_name.startswith("training"))
+
+    @staticmethod
+    def width(model, tokenizer=None) -> int:
+        return model.config.num_labels
 
     @staticmethod
     def shared_outputs(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:

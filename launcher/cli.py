@@ -146,7 +146,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     load_config(args.config, _overrides(args))  # a bad config fails here, once
-    argv = [args.config, "--top-k", str(args.top_k), "--shard-rows", str(args.shard_rows), "--targets", args.targets,
+    argv = [args.config, *(["--top-k", str(args.top_k)] if args.top_k else []), "--shard-rows", str(args.shard_rows), "--targets", args.targets,
             *[a for o in _overrides(args) for a in ("--set", o)],
             *(["--out", args.out] if args.out else [])]
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
@@ -375,7 +375,8 @@ def _add_teacher_commands(commands, formatter) -> None:
                                             "continues where it stopped. Jobs with teacher.source=cache then train without loading the teacher.",
                                 epilog=_options_epilog(), formatter_class=formatter)
     _add_config_arguments(cache)
-    cache.add_argument("--top-k", type=int, default=64, help="targets kept per token (default: 64); with --targets sampled, the draws per token")
+    cache.add_argument("--top-k", type=int, help="targets kept per token (default: 64, or every class of a classifier); with --targets sampled, "
+                                                 "the draws per token")
     cache.add_argument("--targets", choices=["top_k", "sampled", "mixed"], default="top_k",
                        help="top_k: the teacher's k most likely ids; sampled: k ids drawn from the teacher's distribution, kept with their "
                             "frequencies (an unbiased estimate: Sparse Logit Sampling); mixed: the top k/2 ids exactly and k/2 drawn from the "

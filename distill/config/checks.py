@@ -129,12 +129,13 @@ def check_eval(cfg: DistillConfig) -> None:
 
 
 def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
-    """A store or a pool holds token targets of language models, and no features."""
+    """A store holds targets of any task, a pool token targets of language models; neither holds features."""
     t = cfg.teacher
     if t.source not in ("cache", "remote"):
         return
     holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
-    _check(cfg.task.kind in ("causal_lm", "masked_lm"), f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model")
+    _check(t.source == "cache" or cfg.task.kind in ("causal_lm", "masked_lm"),
+           f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model or cache")
     for i, spec in enumerate(parse_terms(cfg.loss)):
         kind, weighted = kind_of(spec.kind), spec.weight > 0
         _check(kind is not UserTerm or not weighted,

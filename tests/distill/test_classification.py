@@ -145,18 +145,39 @@ def test_text_pairs(labelled, tmp_path):
     assert one[0]["input_ids"] == tokenizer(rows[0]["text"], rows[1]["text"], truncation=True, max_length=512)["input_ids"]
 
 
-def test_a_classifier_has_no_token_targets_to_store_or_serve(labelled, tmp_path):
-    """A store and a pool hold the top-k of vocabulary tokens; a classifier's teacher is refused by both in one line."""
+def test_a_classifier_store_holds_every_class_and_trains_unlabelled_rows_as_the_teacher_does(labelled, tmp_path, capsys):
+    """A store of a classifier holds the teacher's distribution over its classes for every row, labelled
+    or not; a student trained from it follows the in-process teacher's curve. A pool still refuses it."""
     from distill.cache_teacher import build
     from distill.config import load_config
     from distill.serve import BuiltinEngine
+    from distill.store import Store
 
-    cfg = load_config(None, classifier_job(labelled, tmp_path / "run"))
-    with pytest.raises(ConfigError, match="task.kind=sequence_classification: the teacher store holds token targets"):
-        build(cfg, k=4, out=tmp_path / "store")
-    assert not (tmp_path / "store").exists()
+    mixture = few_labels(labelled, tmp_path)
+    common = [*mixture, "loss.kind=forward_kl", "loss.alpha=0.5", "loss.temperature=2.0", "train.max_steps=6", "train.log_every=1", "eval.at_end=false"]
+    cfg = load_config(None, classifier_job(labelled, tmp_path / "run", *common))
+    with pytest.raises(ConfigError, match=re.escape("--top-k 4 must be between 1 and the number of classes (3)")):
+        build(cfg, k=4, out=tmp_path / "bad")
+    store = build(cfg, out=tmp_path / "store", log=lambda line: None)
+    opened = Store(store)
+    assert (opened.k, opened.vocab) == (3, 3)
+    targets = opened.rows("training", "text", [0, 1, 2])  # the unlabelled source has targets too: one per row
+    assert targets.ids.shape == (3, 3) and torch.allclose(targets.logprobs.float().exp().sum(-1), torch.ones(3), atol=1e-2)
+
+    reset_accelerate()
+    _run(labelled, tmp_path / "model", *common)
+    reset_accelerate()
+    _run(labelled, tmp_path / "cached", *common, "teacher.source=cache", f"teacher.cache={store}")
+    assert f"teacher: store {store} (top-3 of 3 ids)" in capsys.readouterr().err
+    model, cached = ([m for m in read_metrics(tmp_path / name) if "train/loss" in m] for name in ("model", "cached"))
+    assert len(model) == len(cached) == 6
+    for a, b in zip(model, cached):  # float16 log-probabilities: the same curve to about 1e-3
+        assert b["train/kd_loss"] == pytest.approx(a["train/kd_loss"], rel=5e-3)
+        assert b["train/unlabelled_rows"] == a["train/unlabelled_rows"]
     with pytest.raises(ConfigError, match="task.kind=sequence_classification: the teacher service serves token targets"):
         BuiltinEngine(cfg, 4, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="teacher.source=remote serves token targets of language models; task.kind=sequence_classification needs"):
+        load_config(None, classifier_job(labelled, tmp_path / "run", "teacher.source=remote", "teacher.url=http://127.0.0.1:1"))
 
 
 def test_unlabelled_rows_train_the_teachers_terms_and_are_counted(labelled, tmp_path, capsys):

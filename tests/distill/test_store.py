@@ -276,7 +276,6 @@ def test_a_uniform_tail_is_the_dense_teacher_with_its_tail_spread_evenly(tempera
 
 @pytest.mark.parametrize("sets, message", [
     (["loss.terms=[{kind: logits}, {kind: hidden}]"], "loss.terms[1]: a hidden term needs the teacher's features, which the store does not hold"),
-    (["task.kind=sequence_classification"], "teacher.source=cache holds token targets of language models"),
     (["loss.chunk_size=-1"], "loss.chunk_size must be >= 0"),
 ])
 def test_what_a_store_cannot_serve_fails_when_the_config_loads(sets, message):
