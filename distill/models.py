@@ -49,6 +49,14 @@ def load_tokenizer(path: str, key: str, revision: str | None = None):
     return tokenizer
 
 
+def load_masked_lm(path: str, key: str, device):
+    """A masked LM (``AutoModelForMaskedLM``) in eval mode on ``device``, frozen: data.augment's word predictions."""
+    from transformers import AutoModelForMaskedLM  # start-up time: transformers loads only when this runs
+
+    model = _pretrained(AutoModelForMaskedLM, path, key)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def quantization_config(cfg: TeacherConfig, key: str = "teacher.quantization"):
     """transformers' BitsAndBytesConfig for ``cfg``, or None for full precision."""
     if cfg.quantization == "none":

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from distill import data, models
-from distill.config import ConfigError, DistillConfig, data_sources, read_ds_config, teacher_needed
+from distill.augment import parse_augment
+from distill.augment import source as augment_source
+from distill.config import ConfigError, DataConfig, DistillConfig, data_sources, read_ds_config, teacher_needed
 from distill.launched import PRECISION  # noqa: F401  (train.precision as accelerate names it; re-exported)
 from distill.losses import UNLABELED
 from distill.progress import phase
@@ -179,6 +181,8 @@ class Setup:
         if load_student and not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
             self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
+        raw = [(name, weight, source, (self._augmented(train, source, name, cfg, device), validation))
+               for name, weight, source, (train, validation) in raw]
         # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
         self.sources = [(name, weight, task.tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
                          task.tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
@@ -189,6 +193,25 @@ class Setup:
         if load_student and cfg.student.prune:
             self.student = self._pruned_student(cfg, device)
             self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
+
+    def _augmented(self, train, source: DataConfig, name: str, cfg: DistillConfig, device):
+        """A source's training rows with its data.augment copies (the masked LM of word_replace loaded for it, then let go)."""
+        if source.augment is None:
+            return train
+        spec, split_name = parse_augment(source.augment, "data.augment"), _split("training", name, cfg)
+
+        def model_of(name: str):
+            if name == "student" and self.student is not None:
+                return self.student, self.tokenizer
+            if name == "teacher" and self.teacher is not None:
+                return self.teacher, self.tokenizer
+            if name in ("teacher", "student"):  # not loaded by this command (a store's build has no student, its reader no teacher)
+                return models.load_teacher(cfg.teacher, device, model_class=self.task.auto_class), self.tokenizer
+            return models.load_masked_lm(name, "data.augment.model", device), models.load_tokenizer(name, "data.augment.model")
+
+        with phase(f"augmenting the {split_name} data ({spec.kind}, {spec.copies} copies a row)"):
+            return augment_source.augmented(train, source, augment_source.build(spec, name, model_of), split_name=split_name,
+                                            quiet=int(os.environ.get("RANK", "0") or 0) != 0)
 
     def _pruned_student(self, cfg: DistillConfig, device):
         """The full-precision teacher pruned to student.prune, ranked on the first training batches."""

@@ -179,16 +179,16 @@ def classifier_job(labelled, out, *extra):
             "train.log_every=5", "eval.speed_repeats=1", "eval.throughput_batch_size=4", "tracking.backend=none", f"output_dir={out}", *extra]
 
 
-def few_labels(labelled, root) -> list[str]:
+def few_labels(labelled, root, augment: str = "") -> list[str]:
     """A fifth of the training rows keep their label (one of them null), the rest are plain text without a label column:
-    the data.mixture of a labelled source and an unlabelled one."""
+    the data.mixture of a labelled source and an unlabelled one (``augment``: that source's data.augment, a YAML mapping)."""
     rows = [json.loads(line) for line in open(labelled["train"])]
     kept = [dict(r) for r in rows[::5]]
     kept[0]["label"] = None  # a row without a label inside the labelled file
     (root / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     (root / "text.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for i, r in enumerate(rows) if i % 5))
     return ["data.train_files=[]", f"data.mixture=[{{name: labelled, weight: 0.4, train_files: [{root / 'labelled.jsonl'}]}}, "
-                                   f"{{name: text, weight: 0.6, train_files: [{root / 'text.jsonl'}], label_field: ''}}]"]
+                                   f"{{name: text, weight: 0.6, train_files: [{root / 'text.jsonl'}], label_field: ''{', augment: ' + augment if augment else ''}}}]"]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+from distill.augment.registry import AUGMENTS, parse_augment
 from distill.config.schema import TRACKER_NAMES, DataConfig, DistillConfig, LossConfig, data_sources
 from distill.errors import ConfigError
 from distill.errors import check as _check  # every value check below: one line, naming the option
@@ -77,6 +78,12 @@ def check_data(cfg: DistillConfig) -> None:
     _check(0.0 <= d.validation_split < 1.0, f"data.validation_split must be in [0, 1) (got {d.validation_split})")
     _check(d.max_validation_sequences > 0, "data.max_validation_sequences must be > 0")
     _check(not (d.messages_field and d.prompt_field), "set data.messages_field or data.prompt_field, not both: a conversation's prompt is its non-assistant turns")
+    for i, source in enumerate(data_sources(d)):
+        if source.data.augment is not None:
+            key = "data.augment" if source.data.augment is d.augment else f"data.mixture[{i}].augment"
+            spec = parse_augment(source.data.augment, key)
+            AUGMENTS[spec.kind].check_task(spec, key, cfg.task.kind)
+            _check(not source.data.messages_field, f"{key}: augmentation rewrites text; a conversation ({key.rsplit('.', 1)[0]}.messages_field) is not augmented")
 
 
 def check_loss(cfg: DistillConfig) -> None:

@@ -87,6 +87,7 @@ class DataConfig:
     seq_len: int = option(512, "Tokens per training sequence.")
     packing: bool = option(True, "Concatenate documents (separated by EOS) into full seq_len blocks instead of padding each one.")
     seed: int = option(0, "Seed of the deterministic shuffle of training data.")
+    augment: Optional[dict] = option(None, "Add rewritten copies of each training row, without a label (the teacher's terms train on them, as TinyBERT's augmented data): {kind: word_replace, copies: 4, rate: 0.3, model: teacher, candidates: 15} replaces about rate of the words each by one of the candidates a masked LM predicts best in its place (model: teacher or student for task.kind=masked_lm, else a masked LM's directory or hub id); {kind: span_delete, copies: 4, rate: 0.3, max_span: 3} drops random spans of words. Each copy is seeded by (seed, source, row, copy). Set it on a data.mixture source to weigh the augmented text apart.")
     max_validation_sequences: int = option(256, "Evaluate on at most this many validation sequences (per source of a mixture).")
     mixture: list = option([], "Several named sources sampled by weight, instead of data.train_files/data.dataset: [{name: code, weight: 0.7, train_files: [...], validation_files: [...]}, ...]; each source may also set its own dataset, splits, text_unit and fields. Validation is reported per source.")
 
@@ -191,7 +192,7 @@ class DistillConfig:
 
 MIXTURE_SOURCE_KEYS = {"name", "weight", "train_files", "validation_files", "dataset", "dataset_config", "train_split", "validation_split_name",
                        "validation_split", "text_unit", "text_field", "prompt_field", "messages_field", "chat_template", "label_field",
-                       "text_pair_field"}
+                       "text_pair_field", "augment"}
 
 
 @dataclass

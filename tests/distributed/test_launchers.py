@@ -177,13 +177,15 @@ def test_deepspeed_and_precision_come_from_accelerates_config(tiny, corpus, tmp_
     assert losses(out) == pytest.approx(one_process_reference, rel=0.05)  # bf16 rounding, the same descent
 
 
-def test_unlabelled_rows_under_zero_follow_the_one_process_curve(labelled, tmp_path):
-    """A classifier trained on labelled and unlabelled rows (ce skips the unlabelled ones): 2 ZeRO-2 processes at micro-batch 2
-    follow 1 process at micro-batch 4, and count the same rows."""
+def test_unlabelled_rows_under_zero_follow_the_one_process_curve(labelled, bert, tmp_path):
+    """A classifier trained on labelled and unlabelled rows (ce skips the unlabelled ones) and a masked LM's rewritten copies of
+    the unlabelled ones: 2 ZeRO-2 processes at micro-batch 2 follow 1 process at micro-batch 4, and count the same rows."""
     from conftest import classifier_job, few_labels
 
+    augment = f"{{kind: word_replace, copies: 1, rate: 0.3, model: {bert['teacher']}}}"
+
     def overrides(out, micro):
-        return classifier_job(labelled, out, *few_labels(labelled, tmp_path), "loss.alpha=0.5", f"train.max_steps={STEPS}",
+        return classifier_job(labelled, out, *few_labels(labelled, tmp_path, augment), "loss.alpha=0.5", f"train.max_steps={STEPS}",
                               f"train.micro_batch_size={micro}", "train.log_every=1", "eval.speed=false", "eval.initial=false")
 
     run_job_sets = overrides(tmp_path / "one", 4)

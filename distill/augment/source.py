@@ -1,0 +1,39 @@
+"""An augmented source's training rows: its own, then ``copies`` rewritten ones per row without a label."""
+
+from __future__ import annotations
+
+import sys
+
+from distill.augment.base import AugmentSpec
+from distill.augment.registry import AUGMENTS
+
+
+def build(spec: AugmentSpec, source: str, model_of):
+    """The kind of ``spec``, ready to rewrite; ``model_of(name)`` gives (masked LM, its tokenizer) for word_replace."""
+    kind = AUGMENTS[spec.kind]
+    if kind.kind == "word_replace":
+        model, tokenizer = model_of(spec.model)
+        return kind(spec, source, model=model, tokenizer=tokenizer)
+    return kind(spec, source)
+
+
+def augmented(train, data_cfg, augment, *, split_name: str, quiet: bool = False):
+    """``train`` (a ``datasets.Dataset`` of raw rows) followed by ``augment``'s copies of each row: the text
+    (and a pair's second text) rewritten, the label emptied (the teacher's terms train on them)."""
+    from datasets import Dataset
+
+    rows = train.to_list()
+    fields = [f for f in (data_cfg.text_field, data_cfg.text_pair_field) if f and rows and f in rows[0]]
+    rewritten = {f: augment.rewrite([str(r[f] or "") for r in rows]) for f in fields}
+    label = data_cfg.label_field if rows and data_cfg.label_field in rows[0] else None
+    added = []
+    for i, row in enumerate(rows):
+        for copy in range(augment.spec.copies):
+            new = {**row, **{f: rewritten[f][i][copy] for f in fields}}
+            if label:
+                new[label] = None
+            added.append(new)
+    if not quiet:
+        print(f"data: the {split_name} data has {len(rows):,} rows and {len(added):,} augmented copies ({augment.describe()}); "
+              "the copies have no label", file=sys.stderr)
+    return Dataset.from_list(rows + added, features=train.features)

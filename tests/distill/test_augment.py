@@ -1,0 +1,99 @@
+"""data.augment: rewritten copies of the training rows, without a label, seeded by (seed, source, row, copy);
+TinyBERT's masked-LM word replacement and span deletion, on real models saved and loaded back."""
+
+import re
+
+import pytest
+
+from conftest import classifier_job, few_labels, reset_accelerate
+from distill.augment import SpanDelete, WordReplace, parse_augment
+from distill.config import ConfigError, load_config
+
+TEXTS = ["Return the list of words in the string, using sep as the delimiter string.",
+         "Split the pathname into a pair of head and tail, where tail is everything after the final slash.",
+         "one"]
+
+
+def _words(text):
+    return text.split()
+
+
+def test_span_deletion_drops_about_rate_of_the_words_the_same_way_every_time():
+    spec = parse_augment({"kind": "span_delete", "copies": 3, "rate": 0.3}, "data.augment")
+    copies = SpanDelete(spec, "text").rewrite(TEXTS)
+    assert copies == SpanDelete(spec, "text").rewrite(TEXTS)  # seeded by (seed, source, row, copy) alone
+    assert copies[1] == SpanDelete(spec, "text").rewrite(TEXTS[1:2] * 2)[1]  # row 1 is rewritten the same beside other rows
+    assert copies != SpanDelete(parse_augment({"kind": "span_delete", "copies": 3, "seed": 1}, "k"), "text").rewrite(TEXTS)
+    assert copies != SpanDelete(spec, "other").rewrite(TEXTS)  # another source draws other spans
+    for text, versions in zip(TEXTS[:2], copies[:2]):
+        assert len(set(versions)) == 3
+        for version in versions:  # an ordered subsequence of the words, about 30% fewer
+            kept = _words(version)
+            assert len(kept) == len(_words(text)) - round(0.3 * len(_words(text)))
+            it = iter(_words(text))
+            assert all(w in it for w in kept)
+    assert copies[2] == ["one"] * 3  # a single word is kept
+
+
+def test_word_replacement_takes_a_masked_lms_best_predictions(bert):
+    """TinyBERT's rule: about rate of the one-piece words, each replaced by one of the masked LM's K best whole words."""
+    from distill import models
+
+    spec = parse_augment({"kind": "word_replace", "copies": 4, "rate": 0.4, "model": bert["teacher"], "candidates": 5}, "data.augment")
+    model, tokenizer = models.load_masked_lm(bert["teacher"], "data.augment.model", "cpu"), models.load_tokenizer(bert["teacher"], "k")
+    augment = WordReplace(spec, "text", model=model, tokenizer=tokenizer)
+    copies = augment.rewrite(TEXTS)
+    assert copies == WordReplace(spec, "text", model=model, tokenizer=tokenizer).rewrite(TEXTS)
+    alpha = re.compile(r"[A-Za-z]+")
+    vocab = set(tokenizer.get_vocab())
+    changed = 0
+    for text, versions in zip(TEXTS, copies):
+        before = alpha.findall(text)
+        for version in versions:
+            after = alpha.findall(version)
+            assert len(after) == len(before) and alpha.sub("", version) == alpha.sub("", text)  # only words change, never the rest
+            for old, new in zip(before, after):
+                if old != new:
+                    changed += 1
+                    assert new.lower() in vocab and not new.startswith("##")
+    one_piece = sum(len(tokenizer.tokenize(w)) == 1 for t in TEXTS for w in alpha.findall(t))
+    assert 0.2 * 4 * one_piece < changed < 0.6 * 4 * one_piece
+
+
+def test_augmented_copies_train_the_teachers_terms_as_unlabelled_rows(labelled, bert, tmp_path, capsys):
+    from distill.job import run
+
+    augment = f"{{kind: word_replace, copies: 2, rate: 0.3, model: {bert['teacher']}}}"
+    result = run(load_config(None, classifier_job(labelled, tmp_path / "run", *few_labels(labelled, tmp_path, augment), "loss.alpha=0.5",
+                                                  "train.max_steps=10", "eval.speed=false", "eval.initial=false")))
+    err = capsys.readouterr().err
+    assert "data: the training (text) data has 480 rows and 960 augmented copies (word_replace, 30% of the words from the 15 best of " in err
+    assert "data: 119 labelled and 1,441 unlabelled training rows" in err
+    assert result["train_rows_unlabelled"] > result["train_rows_labelled"] > 0
+
+
+@pytest.mark.parametrize("augment, message", [
+    ("{kind: word_replace}", "data.mixture[1].augment.model=teacher: word_replace needs a masked LM's predictions, and "
+                             "task.kind=sequence_classification's teacher is not a masked LM"),
+    ("{kind: shuffle}", "data.mixture[1].augment.kind: must be one of word_replace, span_delete (got 'shuffle')"),
+    ("{kind: span_delete, copies: 0}", "data.mixture[1].augment.copies must be an integer >= 1 (got 0)"),
+    ("{kind: span_delete, rate: 1.5}", "data.mixture[1].augment.rate must be in (0, 1] (got 1.5)"),
+    ("{kind: span_delete, model: x}", "unknown config key: data.mixture[1].augment.model (a span_delete augmentation takes copies, kind, max_span, rate, seed)"),
+])
+def test_augmentation_a_task_cannot_use_fails_when_the_config_loads(labelled, tmp_path, augment, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, classifier_job(labelled, tmp_path / "run", *few_labels(labelled, tmp_path, augment)))
+
+
+def test_a_masked_lm_replaces_words_from_its_own_teacher(bert, corpus, tmp_path, capsys):
+    """task.kind=masked_lm: the teacher's own predictions (model: teacher), no other model needed."""
+    from distill.job import run
+
+    reset_accelerate()
+    run(load_config(None, ["task.kind=masked_lm", f"teacher.path={bert['teacher']}", "teacher.dtype=float32",
+                           "student.architecture={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
+                           f"data.train_files=[{corpus['jsonl']}]", f"data.validation_files=[{corpus['validation']}]", "data.seq_len=48",
+                           "data.augment={kind: word_replace, copies: 1, rate: 0.2}", "train.max_steps=2", "train.micro_batch_size=8",
+                           "eval.at_end=false", "tracking.backend=none", f"output_dir={tmp_path / 'run'}"]))
+    assert re.search(r"data: the training data has ([\d,]+) rows and \1 augmented copies \(word_replace, 20% of the words from the 15 best "
+                     r"of teacher's masked-LM predictions\)", capsys.readouterr().err)
