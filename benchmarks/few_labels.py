@@ -5,8 +5,9 @@ the training labels kept (10% by default), over seeds.
 - distilled: the same student on all the training text, labels where kept (data.mixture of the
   labelled rows and the rest as unlabelled text, ``label_field: ""``), with the example's
   logits + ce + hidden objective: ce on the labelled rows, the teacher's terms on every row;
-- distilled + augmented: the same, the unlabelled text with ``data.augment`` (TinyBERT's word
-  replacement from a masked LM fitted on MiniLM by ``distill prepare-minilm --masked-lm``);
+- distilled + augmented: the same, plus a third source of the unlabelled text's rewritten copies
+  (``data.augment`` with ``originals: false``: TinyBERT's word replacement from a masked LM fitted
+  on MiniLM by ``distill prepare-minilm --masked-lm``), its weight taken from the text's;
 - and, for reference (``--all-labels``), labels only and distilled with every label.
 
 Each run is `distill run configs/minilm_docstrings.yaml` with the same steps; the seed picks the
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--copies", type=int, default=4, help="augmented copies of each unlabelled row")
+    parser.add_argument("--rate", type=float, default=0.3, help="share of the words each copy replaces")
+    parser.add_argument("--augment-weight", type=float, default=0.3, help="the augmented copies' share of the draws (taken from the unlabelled text's)")
     parser.add_argument("--all-labels", action="store_true", help="also the two students with every label")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--reuse", action="store_true", help="read back runs already finished under --out instead of running them again")
@@ -71,14 +74,18 @@ def main() -> None:
         labelled, text = few_label_split(work / f"split-{seed}", keep=args.keep, seed=seed, train=MINILM / "train.jsonl")
         few = [f"data.train_files=[{labelled}]"]
 
-        def mixture(augment: str = "") -> list[str]:
-            return ["data.train_files=[]", f"data.mixture=[{{name: labelled, weight: {args.keep}, train_files: [{labelled}]}}, "
-                                           f"{{name: text, weight: {1 - args.keep}, train_files: [{text}], label_field: ''{augment}}}]"]
+        def mixture(augmented: float = 0.0) -> list[str]:
+            """The labelled rows, the unlabelled text and (weight ``augmented``, taken from the text's) its rewritten copies."""
+            sources = [f"{{name: labelled, weight: {args.keep}, train_files: [{labelled}]}}",
+                       f"{{name: text, weight: {1 - args.keep - augmented:g}, train_files: [{text}], label_field: ''}}"]
+            if augmented:
+                sources.append(f"{{name: augmented, weight: {augmented:g}, train_files: [{text}], label_field: '', augment: {{kind: word_replace, "
+                               f"copies: {args.copies}, rate: {args.rate:g}, originals: false, model: {MINILM / 'mlm'}, seed: {seed}}}}}")
+            return ["data.train_files=[]", f"data.mixture=[{', '.join(sources)}]"]
 
-        augment = f", augment: {{kind: word_replace, copies: {args.copies}, rate: 0.3, model: {MINILM / 'mlm'}, seed: {seed}}}"
         rows = {f"labels only, {args.keep:.0%} labelled": run("labels", [*few, LABELS_ONLY], args.steps, seed, work),
                 f"distilled, all text, {args.keep:.0%} labelled": run("distilled", mixture(), args.steps, seed, work),
-                f"distilled + augmented, {args.keep:.0%} labelled": run("augmented", mixture(augment), args.steps, seed, work)}
+                f"distilled + augmented, {args.keep:.0%} labelled": run("augmented-source", mixture(args.augment_weight), args.steps, seed, work)}
         if args.all_labels:
             rows["labels only, all labelled"] = run("labels-all", [LABELS_ONLY], args.steps, seed, work)
             rows["distilled, all labelled"] = run("distilled-all", [], args.steps, seed, work)
@@ -88,7 +95,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, values in results.items():
         print(f"| {name} | {statistics.mean(values):.1%} | {min(values):.1%}-{max(values):.1%} | {len(values)} |")
-    (args.out / "few_labels.json").write_text(json.dumps({"keep": args.keep, "steps": args.steps, "seeds": args.seeds, "copies": args.copies, "accuracy": results},
+    (args.out / "few_labels.json").write_text(json.dumps({"keep": args.keep, "steps": args.steps, "seeds": args.seeds, "copies": args.copies, "rate": args.rate,
+                                                         "augment_weight": args.augment_weight, "accuracy": results},
                                                          indent=2) + "\n")
 
 

@@ -2,7 +2,7 @@
 torch-free) and how it rewrites one text, seeded by the row and the copy.
 
 An augmented source (``data.augment``, on ``data.*`` or on one ``data.mixture`` source) keeps its training
-rows and adds ``copies`` rewritten ones per row, without a label (the teacher's terms train on them, as
+rows (unless ``originals: false``) and adds ``copies`` rewritten ones per row, without a label (the teacher's terms train on them, as
 TinyBERT's augmented set). Copy ``c`` of row ``i`` of source ``s`` draws from ``Random("seed/s/i/c")``
 alone, so resuming, the world size and the order rows are rewritten in change nothing.
 """
@@ -25,6 +25,7 @@ class AugmentSpec:
 
     kind: str
     copies: int = 4  # rewritten copies added per training row
+    originals: bool = True  # keep the source's own rows beside the copies (false: a source of copies alone, weighed apart in data.mixture)
     rate: float = 0.3  # the share of words each copy changes
     seed: int = 0
 
@@ -48,6 +49,7 @@ class AugmentKind:
         check(isinstance(spec.copies, int) and not isinstance(spec.copies, bool) and spec.copies >= 1, f"{key}.copies must be an integer >= 1 (got {spec.copies!r})")
         check(isinstance(spec.rate, (int, float)) and 0 < spec.rate <= 1, f"{key}.rate must be in (0, 1] (got {spec.rate!r})")
         check(isinstance(spec.seed, int), f"{key}.seed must be an integer (got {spec.seed!r})")
+        check(isinstance(spec.originals, bool), f"{key}.originals must be true or false (got {spec.originals!r})")
         cls.check(spec, key)
         return spec
 

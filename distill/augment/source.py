@@ -1,4 +1,4 @@
-"""An augmented source's training rows: its own, then ``copies`` rewritten ones per row without a label."""
+"""An augmented source's training rows: its own (unless ``originals: false``), then ``copies`` rewritten ones per row without a label."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def augmented(train, data_cfg, augment, *, split_name: str, quiet: bool = False)
             if label:
                 new[label] = None
             added.append(new)
+    kept = rows if augment.spec.originals else []
     if not quiet:
-        print(f"data: the {split_name} data has {len(rows):,} rows and {len(added):,} augmented copies ({augment.describe()}); "
-              "the copies have no label", file=sys.stderr)
-    return Dataset.from_list(rows + added, features=train.features)
+        what = f"has {len(rows):,} rows and {len(added):,} augmented copies" if kept else f"is {len(added):,} augmented copies of its {len(rows):,} rows"
+        print(f"data: the {split_name} data {what} ({augment.describe()}); the copies have no label", file=sys.stderr)
+    return Dataset.from_list(kept + added, features=train.features)

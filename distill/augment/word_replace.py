@@ -1,6 +1,6 @@
 """``word_replace``: TinyBERT's augmentation. Each copy replaces about ``rate`` of a text's words, each
 by one of the ``candidates`` words a masked LM predicts most likely in its place (the word masked,
-the rest of the text as context). Words the masked LM's tokenizer splits into several pieces are kept
+``context`` words each side of it as context). Words the masked LM's tokenizer splits into several pieces are kept
 (TinyBERT draws those from GloVe neighbours, which this project does not ship).
 
 ``model``: ``teacher`` or ``student`` (task.kind=masked_lm: the job's own models, the student as it
@@ -23,6 +23,7 @@ OWN_MODELS = ("teacher", "student")
 class WordReplaceSpec(AugmentSpec):
     model: str = "teacher"  # teacher, student (masked_lm) or a masked LM's directory or hub id
     candidates: int = 15  # the most likely predictions one is drawn from (TinyBERT's K)
+    context: int = 16  # words each side of the masked word the masked LM sees (a long text costs a window per word, not the whole text)
     batch_size: int = 64  # masked texts per forward
 
 
@@ -35,6 +36,7 @@ class WordReplace(AugmentKind):
         check(isinstance(spec.model, str) and spec.model.strip() != "", f"{key}.model: teacher, student or a masked LM's directory (got {spec.model!r})")
         check(isinstance(spec.candidates, int) and spec.candidates >= 1, f"{key}.candidates must be an integer >= 1 (got {spec.candidates!r})")
         check(isinstance(spec.batch_size, int) and spec.batch_size >= 1, f"{key}.batch_size must be an integer >= 1 (got {spec.batch_size!r})")
+        check(isinstance(spec.context, int) and spec.context >= 1, f"{key}.context must be an integer >= 1 (got {spec.context!r})")
 
     @classmethod
     def check_task(cls, spec, key, task_kind):
@@ -101,11 +103,13 @@ class WordReplace(AugmentKind):
                 part = needed[start : start + self.spec.batch_size]
                 masked = []
                 for row, j in part:
-                    m = words[row][j]
-                    masked.append(texts[row][: m.start()] + self.tokenizer.mask_token + texts[row][m.end() :])
+                    ws, text, c = words[row], texts[row], self.spec.context
+                    first, last = ws[max(0, j - c)].start() if j > c else 0, ws[j + c].end() if j + c < len(ws) else len(text)
+                    masked.append(text[first : ws[j].start()] + self.tokenizer.mask_token + text[ws[j].end() : last])
                 batch = self.tokenizer(masked, padding=True, truncation=True, max_length=limit, return_tensors="pt").to(device)
-                with torch.no_grad(), head_bypassed(self.model) as head:
-                    features = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                with torch.no_grad():
+                    with head_bypassed(self.model) as head:  # the output layer runs at the masked positions only, after the bypass
+                        features = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     at = batch["input_ids"] == self.tokenizer.mask_token_id
                     has = at.any(-1)  # a mask cut off by truncation has no prediction
                     first = at.float().argmax(-1)

@@ -58,6 +58,18 @@ def test_word_replacement_takes_a_masked_lms_best_predictions(bert):
                     assert new.lower() in vocab and not new.startswith("##")
     one_piece = sum(len(tokenizer.tokenize(w)) == 1 for t in TEXTS for w in alpha.findall(t))
     assert 0.2 * 4 * one_piece < changed < 0.6 * 4 * one_piece
+    # The candidates of a word are the masked LM's own best whole words in its place (the model run as a user would).
+    import torch
+
+    words = [list(alpha.finditer(TEXTS[1]))]
+    j = next(j for j, m in enumerate(words[0]) if m.group() == "head")
+    masked = TEXTS[1][: words[0][j].start()] + tokenizer.mask_token + TEXTS[1][words[0][j].end() :]
+    encoded = tokenizer(masked, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**encoded).logits[0, encoded["input_ids"][0].tolist().index(tokenizer.mask_token_id)]
+    ranked = [tokenizer.convert_ids_to_tokens(i) for i in logits.argsort(descending=True).tolist()]
+    expected = [t for t in ranked if t.isalpha() and t not in tokenizer.all_special_tokens and t != "head"][:5]
+    assert augment._candidates([TEXTS[1]], words, [(0, j)])[(0, j)] == expected
 
 
 def test_augmented_copies_train_the_teachers_terms_as_unlabelled_rows(labelled, bert, tmp_path, capsys):
@@ -78,7 +90,7 @@ def test_augmented_copies_train_the_teachers_terms_as_unlabelled_rows(labelled, 
     ("{kind: shuffle}", "data.mixture[1].augment.kind: must be one of word_replace, span_delete (got 'shuffle')"),
     ("{kind: span_delete, copies: 0}", "data.mixture[1].augment.copies must be an integer >= 1 (got 0)"),
     ("{kind: span_delete, rate: 1.5}", "data.mixture[1].augment.rate must be in (0, 1] (got 1.5)"),
-    ("{kind: span_delete, model: x}", "unknown config key: data.mixture[1].augment.model (a span_delete augmentation takes copies, kind, max_span, rate, seed)"),
+    ("{kind: span_delete, model: x}", "unknown config key: data.mixture[1].augment.model (a span_delete augmentation takes copies, kind, max_span, originals, rate, seed)"),
 ])
 def test_augmentation_a_task_cannot_use_fails_when_the_config_loads(labelled, tmp_path, augment, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -97,3 +109,20 @@ def test_a_masked_lm_replaces_words_from_its_own_teacher(bert, corpus, tmp_path,
                            "eval.at_end=false", "tracking.backend=none", f"output_dir={tmp_path / 'run'}"]))
     assert re.search(r"data: the training data has ([\d,]+) rows and \1 augmented copies \(word_replace, 20% of the words from the 15 best "
                      r"of teacher's masked-LM predictions\)", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("originals", [True, False])
+def test_an_augmented_source_keeps_its_rows_or_is_copies_alone_and_the_copies_have_no_label(originals, capsys):
+    from datasets import Dataset
+
+    from distill.augment.source import augmented
+    from distill.config import DataConfig
+
+    rows = [{"text": t, "label": "a"} for t in TEXTS[:2]]
+    spec = parse_augment({"kind": "span_delete", "copies": 2, "originals": originals}, "data.augment")
+    out = augmented(Dataset.from_list(rows), DataConfig(), SpanDelete(spec, "text"), split_name="training (text)").to_list()
+    copies = out[2:] if originals else out
+    assert out[:2] == rows if originals else len(out) == 4
+    assert [c["label"] for c in copies] == [None] * 4 and [c["text"] for c in copies] == [v for vs in SpanDelete(spec, "text").rewrite(TEXTS[:2]) for v in vs]
+    said = "has 2 rows and 4 augmented copies" if originals else "is 4 augmented copies of its 2 rows"
+    assert f"data: the training (text) data {said} (span_delete, 30% of the words in spans of up to 3); the copies have no label" in capsys.readouterr().err
