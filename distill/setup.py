@@ -200,14 +200,17 @@ class Setup:
             return train
         spec, split_name = parse_augment(source.augment, "data.augment"), _split("training", name, cfg)
 
-        def model_of(name: str):
-            if name == "student" and self.student is not None:
+        def model_of(which: str):
+            if which == "student" and self.student is not None:
                 return self.student, self.tokenizer
-            if name == "teacher" and self.teacher is not None:
+            if which == "teacher" and self.teacher is not None:
                 return self.teacher, self.tokenizer
-            if name in ("teacher", "student"):  # not loaded by this command (a store's build has no student, its reader no teacher)
+            if which == "student":  # not built by this command (a store's build): the same student, from the same seed
+                return models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed, device=device, model_class=self.task.auto_class,
+                                            peft_task_type=self.task.peft_task_type), self.tokenizer
+            if which == "teacher":  # not loaded by this command (a store's reader)
                 return models.load_teacher(cfg.teacher, device, model_class=self.task.auto_class), self.tokenizer
-            return models.load_masked_lm(name, "data.augment.model", device), models.load_tokenizer(name, "data.augment.model")
+            return models.load_masked_lm(which, "data.augment.model", device), models.load_tokenizer(which, "data.augment.model")
 
         with phase(f"augmenting the {split_name} data ({spec.kind}, {spec.copies} copies a row)"):
             return augment_source.augmented(train, source, augment_source.build(spec, name, model_of), split_name=split_name,

@@ -97,18 +97,35 @@ def test_augmentation_a_task_cannot_use_fails_when_the_config_loads(labelled, tm
         load_config(None, classifier_job(labelled, tmp_path / "run", *few_labels(labelled, tmp_path, augment)))
 
 
+def _masked_lm_job(bert, corpus, out, *extra):
+    return ["task.kind=masked_lm", f"teacher.path={bert['teacher']}", "teacher.dtype=float32",
+            "student.architecture={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
+            f"data.train_files=[{corpus['jsonl']}]", f"data.validation_files=[{corpus['validation']}]", "data.seq_len=48",
+            "train.max_steps=2", "train.micro_batch_size=8", "eval.at_end=false", "tracking.backend=none", f"output_dir={out}", *extra]
+
+
 def test_a_masked_lm_replaces_words_from_its_own_teacher(bert, corpus, tmp_path, capsys):
     """task.kind=masked_lm: the teacher's own predictions (model: teacher), no other model needed."""
     from distill.job import run
 
     reset_accelerate()
-    run(load_config(None, ["task.kind=masked_lm", f"teacher.path={bert['teacher']}", "teacher.dtype=float32",
-                           "student.architecture={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64, num_attention_heads: 2}",
-                           f"data.train_files=[{corpus['jsonl']}]", f"data.validation_files=[{corpus['validation']}]", "data.seq_len=48",
-                           "data.augment={kind: word_replace, copies: 1, rate: 0.2}", "train.max_steps=2", "train.micro_batch_size=8",
-                           "eval.at_end=false", "tracking.backend=none", f"output_dir={tmp_path / 'run'}"]))
+    run(load_config(None, _masked_lm_job(bert, corpus, tmp_path / "run", "data.augment={kind: word_replace, copies: 1, rate: 0.2}")))
     assert re.search(r"data: the training data has ([\d,]+) rows and \1 augmented copies \(word_replace, 20% of the words from the 15 best "
                      r"of teacher's masked-LM predictions\)", capsys.readouterr().err)
+
+
+def test_the_students_predictions_are_the_same_where_the_student_is_not_built(bert, corpus, tmp_path):
+    """model: student: a store's build (no student of its own) rewrites the rows as the job does, from the same initial student."""
+    import torch
+
+    from distill.setup import Setup
+
+    cfg = load_config(None, _masked_lm_job(bert, corpus, tmp_path / "run", "data.augment={kind: word_replace, copies: 1, rate: 0.3, model: student}"))
+    job = Setup(cfg, torch.device("cpu"), load_teacher=False)
+    store = Setup(cfg, torch.device("cpu"), load_student=False)
+    assert job.train_sequences["input_ids"] == store.train_sequences["input_ids"]
+    plain = Setup(load_config(None, _masked_lm_job(bert, corpus, tmp_path / "run")), torch.device("cpu"), load_teacher=False, load_student=False)
+    assert len(job.train_sequences) > len(plain.train_sequences)
 
 
 @pytest.mark.parametrize("originals", [True, False])
