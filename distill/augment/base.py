@@ -62,6 +62,11 @@ class AugmentKind:
         """Whether the kind can serve ``task.kind`` (at config load)."""
         check(task_kind in cls.tasks, f"{key}.kind={cls.kind} cannot serve task.kind={task_kind} (it serves {', '.join(cls.tasks)})")
 
+    @classmethod
+    def build(cls, spec: AugmentSpec, source: str, model_of) -> "AugmentKind":
+        """The kind ready to rewrite ``source``'s rows; ``model_of(name)`` gives (a model, its tokenizer) to a kind that needs one."""
+        return cls(spec, source)
+
     def __init__(self, spec: AugmentSpec, source: str):
         self.spec, self.source = spec, source
 

@@ -9,12 +9,8 @@ from distill.augment.registry import AUGMENTS
 
 
 def build(spec: AugmentSpec, source: str, model_of):
-    """The kind of ``spec``, ready to rewrite; ``model_of(name)`` gives (masked LM, its tokenizer) for word_replace."""
-    kind = AUGMENTS[spec.kind]
-    if kind.kind == "word_replace":
-        model, tokenizer = model_of(spec.model)
-        return kind(spec, source, model=model, tokenizer=tokenizer)
-    return kind(spec, source)
+    """The kind of ``spec``, ready to rewrite; ``model_of(name)`` gives (a model, its tokenizer) to a kind that needs one."""
+    return AUGMENTS[spec.kind].build(spec, source, model_of)
 
 
 def augmented(train, data_cfg, augment, *, split_name: str, quiet: bool = False):

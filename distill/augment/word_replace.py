@@ -45,6 +45,11 @@ class WordReplace(AugmentKind):
               f"{key}.model={spec.model}: word_replace needs a masked LM's predictions, and task.kind={task_kind}'s {spec.model} is not a masked LM; "
               f"set {key}.model to a masked LM's directory or hub id")
 
+    @classmethod
+    def build(cls, spec, source, model_of):
+        model, tokenizer = model_of(spec.model)
+        return cls(spec, source, model=model, tokenizer=tokenizer)
+
     def __init__(self, spec, source, *, model, tokenizer):
         super().__init__(spec, source)
         self.model, self.tokenizer = model, tokenizer
@@ -53,7 +58,7 @@ class WordReplace(AugmentKind):
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         special = set(tokenizer.all_special_ids)
         # The pieces a word may become: whole alphabetic words (not '##' continuations nor special tokens).
-        self.whole = [i < len(vocab) and i not in special and bool(vocab[i]) and vocab[i].isalpha() for i in range(len(tokenizer))]
+        self.whole = [i not in special and bool(token) and token.isalpha() for i, token in enumerate(vocab)]
         self.vocab = vocab
 
     def describe(self):
@@ -96,6 +101,7 @@ class WordReplace(AugmentKind):
         found: dict = {}
         limit = min(512, getattr(self.model.config, "max_position_embeddings", 512), self.tokenizer.model_max_length)
         device = next(self.model.parameters()).device
+        not_whole = None  # the ids no candidate may be, over the output layer's width (known after the first forward)
         training = self.model.training
         self.model.eval()
         try:
@@ -114,7 +120,9 @@ class WordReplace(AugmentKind):
                     has = at.any(-1)  # a mask cut off by truncation has no prediction
                     first = at.float().argmax(-1)
                     logits = head(features[torch.arange(len(part), device=device), first]).float()
-                logits[:, [i for i, ok in enumerate(self.whole[: logits.shape[-1]]) if not ok]] = float("-inf")
+                if not_whole is None:
+                    not_whole = torch.tensor([i for i, ok in enumerate(self.whole[: logits.shape[-1]]) if not ok], dtype=torch.long, device=device)
+                logits[:, not_whole] = float("-inf")
                 top = logits.topk(min(self.spec.candidates + 1, logits.shape[-1]), dim=-1).indices.tolist()
                 for (row, j), ids, ok in zip(part, top, has.tolist()):
                     if not ok:
