@@ -79,3 +79,8 @@ class AugmentKind:
 
     def describe(self) -> str:
         return f"{self.kind}, rate {self.spec.rate:g}"
+
+    def identity(self) -> dict | None:
+        """What decides the copies beside the spec, the source's name and its texts (a model's weights, a tokenizer), for
+        the cache of rewritten rows; None: the kind is not cached (cheap to redo, or nothing stable to name it by)."""
+        return None

@@ -64,6 +64,22 @@ class WordReplace(AugmentKind):
     def describe(self):
         return f"word_replace, {self.spec.rate:.0%} of the words from the {self.spec.candidates} best of {self.spec.model}'s masked-LM predictions"
 
+    def identity(self):
+        """The masked LM's weights as they are in memory (a student as it starts, a teacher as loaded) and its tokenizer;
+        None for weights ZeRO-3 has partitioned (this process holds a shard of them)."""
+        import hashlib
+
+        import torch
+
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            return None
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        vocabulary = hashlib.sha256("\n".join([self.tokenizer.mask_token, *self.vocab]).encode()).hexdigest()
+        return {"masked_lm": digest.hexdigest(), "tokenizer": vocabulary}
+
     def rewrite(self, texts):
         words = [list(ALPHA.finditer(text)) for text in texts]
         eligible = [[j for j, m in enumerate(ws) if self._one_piece(m.group())] for ws in words]

@@ -72,6 +72,40 @@ def test_word_replacement_takes_a_masked_lms_best_predictions(bert):
     assert augment._candidates([TEXTS[1]], words, [(0, j)])[(0, j)] == expected
 
 
+def test_rewritten_rows_are_kept_and_read_back_for_the_same_model_spec_source_and_texts_only(bert, tmp_path, monkeypatch):
+    """word_replace costs a masked-LM forward per replaced word: a source is rewritten once and read back after."""
+    import json
+
+    import torch
+
+    from distill import models
+    from distill.augment.source import rewrite_cached
+
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path))
+    spec = parse_augment({"kind": "word_replace", "copies": 2, "rate": 0.4, "model": bert["teacher"]}, "data.augment")
+    model, tokenizer = models.load_masked_lm(bert["teacher"], "data.augment.model", "cpu"), models.load_tokenizer(bert["teacher"], "k")
+    copies, read = rewrite_cached(WordReplace(spec, "text", model=model, tokenizer=tokenizer), TEXTS)
+    assert read is None and copies == WordReplace(spec, "text", model=model, tokenizer=tokenizer).rewrite(TEXTS)
+    [path] = (tmp_path / "augment").iterdir()
+    assert rewrite_cached(WordReplace(spec, "text", model=models.load_masked_lm(bert["teacher"], "k", "cpu"), tokenizer=tokenizer), TEXTS) == (copies, path)
+    path.write_text(json.dumps([["kept"] * 2] * 3))  # what comes back is the file's
+    assert rewrite_cached(WordReplace(spec, "text", model=model, tokenizer=tokenizer), TEXTS)[0][0] == ["kept", "kept"]
+    other = parse_augment({"kind": "word_replace", "copies": 2, "rate": 0.4, "model": bert["teacher"], "seed": 1}, "data.augment")
+    for augment, texts in [(WordReplace(spec, "text", model=model, tokenizer=tokenizer), TEXTS[:2]),
+                           (WordReplace(spec, "other", model=model, tokenizer=tokenizer), TEXTS),
+                           (WordReplace(other, "text", model=model, tokenizer=tokenizer), TEXTS)]:
+        assert rewrite_cached(augment, texts)[1] is None
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)  # other weights (a student as another seed starts): rewritten, not read
+    assert rewrite_cached(WordReplace(spec, "text", model=model, tokenizer=tokenizer), TEXTS)[1] is None
+    path.write_text("[[")  # a torn file is rewritten
+    assert rewrite_cached(WordReplace(spec, "text", model=models.load_masked_lm(bert["teacher"], "k", "cpu"), tokenizer=tokenizer), TEXTS) == (copies, None)
+    assert len(list((tmp_path / "augment").iterdir())) == 5  # the first, three others, other weights
+    span = parse_augment({"kind": "span_delete"}, "data.augment")  # cheap to redo: not kept
+    assert rewrite_cached(SpanDelete(span, "text"), TEXTS) == (SpanDelete(span, "text").rewrite(TEXTS), None)
+    assert len(list((tmp_path / "augment").iterdir())) == 5
+
+
 def test_augmented_copies_train_the_teachers_terms_as_unlabelled_rows(labelled, bert, tmp_path, capsys):
     from distill.job import run
 
