@@ -34,6 +34,7 @@ from distill.feature_terms import ATTENTIONS  # noqa: E402
 from distill.objective import Distillee, build_objective, save_objective, split_state_dict  # noqa: E402
 from distill.progress import phase  # noqa: E402
 from distill.quantize import check_method_fits, quantization_config  # noqa: E402
+from distill.rollout import build_rollouts, check_rollouts  # noqa: E402
 # Setup's steps, re-exported for the tools and tests that named them here.
 from distill.setup import (PRECISION, Setup, deepspeed_config, make_accelerator, resolve_steps, train_stream,  # noqa: E402,F401
                            tune_cpu_allocator, validation_sets)
@@ -127,7 +128,8 @@ def _run(cfg: DistillConfig, run_dir: Path, *, resume: bool, ds_config: str | No
     tracker = None
     if accelerator.is_main_process:
         if latest is not None:  # metrics.jsonl cut back to the checkpoint's step before the trackers open it to append
-            truncate_metrics(run.metrics, checkpoint.saved_state(latest).step)
+            for log in (run.metrics, run.samples):
+                truncate_metrics(log, checkpoint.saved_state(latest).step)
         if not dry_run:
             tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), resume=latest is not None)  # started before the models load
     failed = True
@@ -237,6 +239,7 @@ def load(cfg: DistillConfig, accelerator) -> Loaded:
     """Models, tokenizer and data; the teacher's signal (the model, a store or a pool); the objective, checked against them."""
     quiet = not accelerator.is_main_process
     source = SOURCES[cfg.teacher.source]  # a store or a pool gives the signal without the teacher: it is then not loaded for training
+    check_rollouts(cfg, source, accelerator.device)  # a store cannot score the student's own text: said before anything loads
     setup = Setup(cfg, accelerator.device, load_teacher=source.runs_teacher and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
     opened = source.open(cfg, setup, quiet=quiet)
     task, student, teacher = setup.task, setup.student, setup.teacher
@@ -283,15 +286,18 @@ def train(cfg: DistillConfig, accelerator, job: Loaded, model, optimizer, schedu
     stream = train_stream(job.setup, cfg, accelerator, state.samples_consumed)
     source = build_source(cfg.teacher.source, job.teacher, job.task, job.vocab, job.objective.qkv_layers[1], opened=job.opened,
                           source_names=[name for name, *_ in job.setup.sources], tail=cfg.teacher.cache_tail)
+    rollouts = build_rollouts(cfg, job.setup, accelerator)  # the student's completions (rollout.on_policy), or None
     try:
         fit(model, source, stream, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg, task=job.task,
-            objective=job.objective, state=state, run_dir=run.path, tracker=tracker, evaluate=evaluate)
+            objective=job.objective, state=state, run_dir=run.path, tracker=tracker, evaluate=evaluate, rollouts=rollouts)
     except Preempted as stop:
         if accelerator.is_main_process:
             print(f"distill: {stop}", file=sys.stderr)
         return False
     finally:
         source.close()
+        if rollouts is not None:
+            rollouts.close()
     return True
 
 

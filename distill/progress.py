@@ -52,7 +52,8 @@ class StepProgress:
     evaluation prints one line either way. Only the main process speaks (``enabled``)."""
 
     # What a logged step's line shows, in this order: train/ metrics under short names.
-    SHOWN = (("train/lr", "lr"), ("train/grad_norm", "grad_norm"), ("train/tokens_per_s", "tok/s"), ("train/teacher_time_share", "teacher"))
+    SHOWN = (("train/lr", "lr"), ("train/grad_norm", "grad_norm"), ("train/tokens_per_s", "tok/s"), ("train/teacher_time_share", "teacher"),
+             ("train/generation_time_share", "generation"), ("train/completion_length", "completion"))
 
     def __init__(self, total: int, initial: int, *, enabled: bool, stream=None):
         self.total, self.enabled = total, enabled

@@ -19,6 +19,7 @@ from distill.downstream import report_tables
 from distill.progress import phase
 from distill.quantize import quantized_rows
 from distill.tasks import build_task
+from distill.trackers.base import markdown_table
 
 
 def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validation, vocab, run_dir: Path, tokenizer, initial: dict | None,
@@ -266,7 +267,10 @@ def write_report(result: dict, run_dir: Path) -> None:
     result["plots"] = [p.relative_to(run_dir).as_posix() for p in drawn]
     run = rundir.RunDir(run_dir)
     run.write_json(run.EVAL, result)
-    run.write(run.REPORT, evaluation.markdown_report(result) + "\n".join(["", *plots.markdown(drawn, run_dir)]))
+    samples = run.last_samples()
+    shown = ["", f"## The student's completions at step {samples[0]['step']}", "", "Validation prompts, completed as in training (rollout.*).", "",
+             markdown_table([{k: v for k, v in row.items() if k != "step"} for row in samples]), ""] if samples else []
+    run.write(run.REPORT, evaluation.markdown_report(result) + "\n".join([*shown, "", *plots.markdown(drawn, run_dir)]))
     print("\n" + evaluation.table(result["rows"]))
     for line in evaluation.summary_lines(result):
         print(line)

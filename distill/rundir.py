@@ -47,9 +47,10 @@ class RunDir:
     CONFIG, EVAL, INITIAL_EVAL, REPORT, METRICS = "config.yaml", "eval.json", "initial_eval.json", "report.md", "metrics.jsonl"
     CHECKPOINTS, STUDENT, ADAPTER, OBJECTIVE, QUANTIZED, PLOTS = "checkpoints", "student", "adapter", "objective", "quantized", "plots"
     PREEMPTED = "PREEMPTED"  # written when SIGUSR1 stopped the job; the sbatch script requeues
+    SAMPLES = "samples.jsonl"  # the student's completions of validation prompts at each evaluation (rollout.samples)
     TENSORBOARD, WANDB, WANDB_ID = "tensorboard", "wandb", ".wandb_id"
     MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN_ID = "mlflow.db", "mlflow-artifacts", ".mlflow_run_id"
-    OUTPUTS = (CONFIG, CHECKPOINTS, STUDENT, ADAPTER, OBJECTIVE, QUANTIZED, EVAL, REPORT, INITIAL_EVAL, METRICS, PLOTS, PREEMPTED,
+    OUTPUTS = (CONFIG, CHECKPOINTS, STUDENT, ADAPTER, OBJECTIVE, QUANTIZED, EVAL, REPORT, INITIAL_EVAL, METRICS, SAMPLES, PLOTS, PREEMPTED,
                TENSORBOARD, WANDB, MLFLOW_DB, MLFLOW_ARTIFACTS, WANDB_ID, MLFLOW_RUN_ID)  # what --overwrite removes
     MARKERS = (CONFIG, CHECKPOINTS, STUDENT)  # what makes a directory hold a run
 
@@ -74,6 +75,7 @@ class RunDir:
     quantized = property(lambda self: self.path / self.QUANTIZED)
     plots = property(lambda self: self.path / self.PLOTS)
     preempted = property(lambda self: self.path / self.PREEMPTED)
+    samples = property(lambda self: self.path / self.SAMPLES)
 
     def read_eval(self) -> dict | None:
         return read_json(self.eval)
@@ -93,6 +95,12 @@ class RunDir:
     def records(self) -> list[dict]:
         """metrics.jsonl's records (torn lines skipped)."""
         return read_metrics(self.metrics)
+
+    def last_samples(self) -> list[dict]:
+        """The student's sample completions of the last evaluation that wrote any (samples.jsonl), or none."""
+        rows = read_metrics(self.samples) if self.samples.is_file() else []
+        last = max((row.get("step", 0) for row in rows), default=None)
+        return [row for row in rows if row.get("step") == last]
 
     def write(self, name: str, content: str | bytes) -> Path:
         """``name`` in the run directory, written whole or not at all and never through a link."""

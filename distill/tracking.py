@@ -71,6 +71,14 @@ class Tracker:
         for kind in self.kinds:
             kind.log(figures, step)
 
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        """Rows of text at a step (the student's sample completions): one line each in samples.jsonl, and to every tracker."""
+        rows = [redact({"step": step, **row}) for row in rows]
+        with rundir.open_log(rundir.RunDir(self.run_dir).samples, append=True) as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        for kind in self.kinds:
+            kind.table(name, rows, step)
+
     def summary(self, values: dict) -> None:
         """The final evaluation attached to the run: figures, the report's rows as a table, the plots, the report."""
         values = redact(values)

@@ -157,7 +157,7 @@ def peak_memory_bytes(device) -> int:
 
 
 def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler, cfg: DistillConfig, task, objective,
-        state: checkpoint.TrainState, run_dir: Path, tracker=None, evaluate=None) -> checkpoint.TrainState:
+        state: checkpoint.TrainState, run_dir: Path, tracker=None, evaluate=None, rollouts=None) -> checkpoint.TrainState:
     """Trains ``model`` (the prepared student and objective) from ``state.step`` to ``train.max_steps``.
 
     Args:
@@ -165,6 +165,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
         stream: the rank's deterministic micro-batch stream, positioned at ``state``.
         evaluate: ``fn(step) -> dict`` of validation metrics, called on every process.
         tracker: receives logged metrics; None on processes other than the main one.
+        rollouts: the student's completions (:mod:`distill.rollout`): each step's batches are rewritten before the teacher is asked.
     """
     tr = cfg.train
     progress = StepProgress(tr.max_steps, state.step, enabled=accelerator.is_main_process)
@@ -173,13 +174,19 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
     fault = os.environ.get("DISTILL_FAULT")
     saver = _Saver(accelerator, rundir.RunDir(run_dir).checkpoints, scheduler=scheduler, keep=tr.keep_checkpoints)
     late = source.prefetches and bool(objective.wants)
-    ahead = _Lookahead(stream, source, tr, depth=cfg.teacher.prefetch if late else 0)
+    # A late source is asked ahead for the stream's coming steps; the student's completions are known only at the step itself.
+    ahead = _Lookahead(stream, source, tr, depth=cfg.teacher.prefetch if late and rollouts is None else 0)
+    writer = accelerator.unwrap_model(model).student if rollouts is not None else None
     SIGNALS.enter("training")
     try:
         while state.step < tr.max_steps:
             start = time.perf_counter()
             _injected_fault(fault, state.step + 1, accelerator.process_index)
             batches, consumed = ahead.next(state.step)
+            if rollouts is not None:
+                batches = rollouts.apply(writer, batches, step=state.step, rank=accelerator.process_index)
+                if late:
+                    source.prefetch(batches)
             waited = _teacher_ready(source, batches, accelerator, saver, state) if late else 0.0
             logged = (state.step + 1) % tr.log_every == 0 or state.step + 1 == tr.max_steps
             result = train_step(model, source, batches, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
@@ -190,11 +197,16 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             _check_finite(result, state.step, tr, progress)
             progress.step()
             if logged:
-                metrics = window.metrics(result, scheduler, accelerator.device, row_labels=task.row_labels)
+                metrics = {**window.metrics(result, scheduler, accelerator.device, row_labels=task.row_labels),
+                           **(rollouts.metrics(window.seconds) if rollouts is not None else {})}
                 window = _Window()
                 progress.logged(state.step, metrics)
                 if tracker is not None:
                     tracker.log(metrics, step=state.step)
+            if rollouts is not None and ((tr.eval_every and state.step % tr.eval_every == 0) or state.step == tr.max_steps):
+                shown = rollouts.samples(writer, state.step)  # every process: under ZeRO-3 they generate together
+                if tracker is not None and shown:
+                    tracker.table("samples/completions", shown, state.step)
             if evaluate is not None and tr.eval_every and state.step % tr.eval_every == 0 and state.step < tr.max_steps:
                 measured = evaluate(state.step)
                 progress.evaluated(state.step, measured)

@@ -18,7 +18,7 @@ from distill.terms.user import UserTerm
 
 def validate(cfg: DistillConfig) -> None:
     """Checks values that types alone do not; messages name the option to change."""
-    for check in (check_teacher, check_student, check_data, check_loss, check_train, check_eval, check_tracking):
+    for check in (check_teacher, check_student, check_data, check_loss, check_train, check_rollout, check_eval, check_tracking):
         check(cfg)
     for rule in CROSS_SECTION_RULES:
         rule(cfg)
@@ -114,6 +114,17 @@ def check_train(cfg: DistillConfig) -> None:
     _check(tr.keep_checkpoints > 0, f"train.keep_checkpoints must be > 0 (got {tr.keep_checkpoints})")
 
 
+def check_rollout(cfg: DistillConfig) -> None:
+    r = cfg.rollout
+    _check(0.0 <= r.on_policy <= 1.0, f"rollout.on_policy must be in [0, 1] (got {r.on_policy})")
+    _check(isinstance(r.max_new_tokens, int) and r.max_new_tokens >= 1, f"rollout.max_new_tokens must be an integer >= 1 (got {r.max_new_tokens!r})")
+    _check(r.temperature >= 0 and math.isfinite(r.temperature), f"rollout.temperature must be >= 0 (got {r.temperature}; 0 is greedy)")
+    _check(0.0 < r.top_p <= 1.0, f"rollout.top_p must be in (0, 1] (got {r.top_p})")
+    _check(r.prompt_tokens >= 1, f"rollout.prompt_tokens must be >= 1 (got {r.prompt_tokens})")
+    _check(r.samples >= 0, f"rollout.samples must be >= 0 (got {r.samples})")
+    _check(0.0 < r.vllm_gpu_memory_utilization < 1.0, f"rollout.vllm_gpu_memory_utilization must be in (0, 1) (got {r.vllm_gpu_memory_utilization})")
+
+
 QUANTIZE_METHODS = ("bnb_8bit", "bnb_4bit", "int8_weight_only", "int8_dynamic")
 
 
@@ -163,7 +174,15 @@ def rule_task_fits_student_data_and_eval(cfg: DistillConfig) -> None:
         _check(d.prompt_field is None, "data.prompt_field is for causal_lm; a classifier's second text goes in data.text_pair_field")
 
 
-CROSS_SECTION_RULES = (rule_teacher_source_fits_task_and_terms, rule_task_fits_student_data_and_eval)
+def rule_rollouts_fit_task_and_data(cfg: DistillConfig) -> None:
+    """The student writes completions of a language model's prompts, one document a sequence."""
+    if cfg.rollout.on_policy == 0:
+        return
+    _check(cfg.task.kind == "causal_lm", f"rollout.on_policy: the student writes completions as a causal LM; task.kind={cfg.task.kind} has none (set rollout.on_policy=0)")
+    _check(not cfg.data.packing, "rollout.on_policy needs data.packing=false: a prompt is the start of one document, not of a block of several")
+
+
+CROSS_SECTION_RULES = (rule_teacher_source_fits_task_and_terms, rule_task_fits_student_data_and_eval, rule_rollouts_fit_task_and_data)
 
 
 TINY_DIR = "~/.cache/distill/tiny"

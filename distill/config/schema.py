@@ -171,6 +171,18 @@ class TrackingConfig:
 
 
 @dataclass
+class RolloutConfig:
+    on_policy: float = option(0.0, "On-policy distillation (GKD's lambda): the fraction of prompts whose completion the student writes each step, with its current weights, for the teacher to score; the targets are then the completions only (the data's own continuation for the other prompts). 0: the data's text as it is, nothing generated; 1: every prompt. causal_lm with teacher.source=model or remote.")
+    max_new_tokens: int = option(64, "Tokens the student writes per prompt (at most; a completion ends at EOS).")
+    temperature: float = option(1.0, "Sampling temperature of the student's completions (0: greedy).")
+    top_p: float = option(1.0, "Nucleus sampling of the student's completions (1: off).")
+    prompt_tokens: int = option(32, "The prompt of a text that has none: its first N tokens. A row of data.prompt_field is prompted by its prompt, a conversation (data.messages_field) by its turns before the last assistant turn.")
+    engine: Literal["hf", "vllm"] = option("hf", "What writes the completions: hf (transformers generate with a KV cache; CPU and GPU) or vllm (CUDA: a vLLM engine beside the student in each process, given the student's weights every step; pip install vllm).")
+    vllm_gpu_memory_utilization: float = option(0.3, "rollout.engine=vllm: the share of the GPU's memory vLLM may take (the student and its optimizer need the rest).")
+    samples: int = option(4, "Completions of validation prompts the student writes at each evaluation, shown in the trackers (a W&B table, a TensorBoard text) and the report; 0: none.")
+
+
+@dataclass
 class TaskConfig:
     kind: Literal["causal_lm", "masked_lm", "sequence_classification"] = option("causal_lm", "What is distilled: causal_lm (next-token prediction), masked_lm (the distribution at masked tokens, DistilBERT) or sequence_classification (a classifier's class distribution). masked_lm and sequence_classification never pack: one text per sequence.")
     mask_rate: float = option(0.15, "task.kind=masked_lm: fraction of tokens masked (80% [MASK], 10% a random token, 10% kept), fixed per sequence.")
@@ -185,6 +197,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and validation data."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "The distillation objective."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimization and checkpointing."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Completions the student writes (on-policy distillation)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation and the report."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "Experiment tracking."})
     output_dir: str = option("runs/distill", "Run directory: config, metrics, checkpoints, the student and the report.")

@@ -38,6 +38,9 @@ class TrackerKind:
     def summary(self, values: dict, rows: list[dict], plots: list[Path]) -> None:
         """The final evaluation: figures, the report's rows as a table, the plots."""
 
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        """Rows of text at a step (the student's sample completions at an evaluation), as the tracker shows tables."""
+
     def log_model(self, path: Path, *, kind: str, step: int, task: str) -> None:
         """The student (``kind`` student) or a checkpoint as the tracker's model record."""
 
@@ -48,6 +51,14 @@ class TrackerKind:
 def cell(value):
     """A table cell: numbers and strings as they are, anything else as JSON."""
     return value if value is None or isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a Markdown table (a cell's newlines and pipes escaped so a completion stays in its cell)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    text = lambda v: str(cell(v)).replace("|", "\\|").replace("\n", "<br>")
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(text(row.get(c, "")) for c in columns) + " |" for row in rows)])
 
 
 def numeric(value) -> bool:

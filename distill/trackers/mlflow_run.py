@@ -104,6 +104,10 @@ class MlflowTracker(TrackerKind):
         for path in plots:
             self.mlflow.log_artifact(str(path), artifact_path="plots")
 
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        self.mlflow.log_table({c: [cell(row.get(c)) for row in rows] for c in columns}, artifact_file=f"{name}/step_{step:08d}.json")
+
     def log_model(self, path: Path, *, kind: str, step: int, task: str) -> None:
         """A checkpoint as files; the student as an MLflow transformers model (loadable with mlflow.transformers.load_model),
         or as files where the flavor cannot take it (a LoRA adapter, a task without a pipeline), with a line saying why."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from distill import rundir
 from distill.config import DistillConfig, TrackingConfig, to_dict
-from distill.trackers.base import TrackerKind, flatten, numeric
+from distill.trackers.base import TrackerKind, flatten, markdown_table, numeric
 
 # Always in HParams, even at their defaults: what a comparison of runs is read against.
 HPARAMS_ALWAYS = ("loss.kind", "loss.temperature", "loss.alpha", "train.lr", "train.max_steps", "train.micro_batch_size", "train.grad_accum",
@@ -57,6 +57,9 @@ class TensorBoardTracker(TrackerKind):
         metrics = {f"hparams/student/{k}": v for k, v in student.items() if numeric(v)}
         if metrics:
             self.writer.add_hparams(hparams(self.config), metrics, run_name="hparams")
+
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        self.writer.add_text(name, markdown_table(rows), step)
 
     def close(self, *, failed: bool = False) -> None:
         self.writer.close()

@@ -101,6 +101,12 @@ class WandbTracker(TrackerKind):
         table = wandb.Table(columns=columns, data=[[cell(row.get(c)) for c in columns] for row in rows])
         self.run.log({"final/report": table, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
 
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        import wandb  # start-up time: wandb loads only for tracking.backend=wandb
+
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        self.run.log({name: wandb.Table(columns=columns, data=[[cell(row.get(c)) for c in columns] for row in rows]), "train/global_step": step}, step=step)
+
     def log_model(self, path: Path, *, kind: str, step: int, task: str) -> None:
         import wandb  # start-up time: wandb loads only for tracking.backend=wandb
 

@@ -1,0 +1,161 @@
+"""Completions the student writes (``rollout.*``): on-policy distillation, GKD's lambda.
+
+Each optimizer step, before the teacher is asked, :meth:`Rollouts.apply` takes the step's micro-batches
+(of this process) and, for the ``rollout.on_policy`` share of their rows (drawn per row from
+``(seed, step, source, row)``, so the world size changes nothing), replaces what follows the row's
+prompt with a completion the student writes now, with its current weights: every such prompt of the
+step in one call to the engine (:mod:`distill.generation`), under ``no_grad``, with a KV cache. The
+other rows keep the data's own continuation. Either way the targets are what follows the prompt only.
+
+A row's prompt: what its labels mask before its last labelled span (a ``data.prompt_field`` prompt, a
+conversation before its last assistant turn), else its first ``rollout.prompt_tokens`` tokens.
+The teacher then scores prompt + completion like any batch (``teacher.source`` model or remote; a store
+cannot score text it has not seen).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distill.config import data_sources
+from distill.data import collate
+from distill.errors import ConfigError
+from distill.generation import ENGINES
+from distill.losses import IGNORE_INDEX
+
+
+def prompt_length(labels: list[int], *, length: int, lead: int, prompt_tokens: int) -> int:
+    """The prompt of one row (``labels`` unshifted, ``length`` real tokens, ``lead`` of them BOS): the tokens
+    before its last labelled span when they are more than the lead, else its first ``prompt_tokens``."""
+    start = None
+    for i in range(length - 1, -1, -1):
+        if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX):
+            start = i
+            break
+    if start is not None and start > lead:
+        return start
+    return min(prompt_tokens, length)
+
+
+@dataclass
+class _Totals:
+    """What the step's generation cost, summed over a log window."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    completions: int = 0
+    rows: int = 0
+
+
+class Rollouts:
+    """The on-policy share of each step's rows, rewritten with the student's completions (see the module)."""
+
+    def __init__(self, cfg, *, tokenizer, vocab: int, seed: int, zero3: bool = False, world_size: int = 1, sample_prompts=()):
+        self.cfg, self.seed, self.tokenizer, self.sample_prompts = cfg, seed, tokenizer, list(sample_prompts)
+        self.engine = ENGINES[cfg.engine](cfg, tokenizer=tokenizer, vocab=vocab)
+        self.bos, self.pad = tokenizer.bos_token_id, self.engine.pad
+        self.synced = zero3 and world_size > 1  # ZeRO-3 gathers each layer collectively: every process runs every forward
+        self.totals = _Totals()
+
+    def on_policy(self, step: int, source: int, row: int) -> bool:
+        return random.Random(f"{self.seed}/{step}/{source}/{row}").random() < self.cfg.on_policy
+
+    def split(self, batch: dict) -> list[tuple[list[int], list[int], list[int], tuple[int, int]]]:
+        """Each row of ``batch`` as (prompt ids, the data's continuation, its labels, the row's (source, index))."""
+        out = []
+        for ids, labels, mask, where in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(),
+                                             batch["rows"].tolist()):
+            length = sum(mask)
+            lead = int(self.bos is not None and length > 0 and ids[0] == self.bos)
+            cut = prompt_length(labels, length=length, lead=lead, prompt_tokens=self.cfg.prompt_tokens)
+            out.append((ids[:cut], ids[cut:length], labels[cut:length], tuple(where)))
+        return out
+
+    def apply(self, model, batches: list[dict], *, step: int, rank: int) -> list[dict]:
+        """The step's micro-batches with prompt + completion rows, targets on the completions only (see the module)."""
+        start = time.perf_counter()
+        rows = [self.split(batch) for batch in batches]
+        chosen = [(b, i) for b, batch_rows in enumerate(rows) for i, (_, _, _, (source, index)) in enumerate(batch_rows)
+                  if self.on_policy(step, source, index)]
+        prompts = [rows[b][i][0] for b, i in chosen]
+        if self.synced and not prompts:  # this process still runs the forwards the others run
+            prompts = [rows[0][0][0]]
+        written = self.engine.generate(model, prompts, seed=self.seed * 1_000_003 + step * 1009 + rank, synced=self.synced) if prompts else []
+        for (b, i), completion in zip(chosen, written):
+            prompt, _, _, where = rows[b][i]
+            rows[b][i] = (prompt, completion, completion, where)  # every token the student wrote is a target, its EOS too
+        out = []
+        for batch_rows in rows:
+            sequences = [{"input_ids": prompt + rest, "labels": [IGNORE_INDEX] * len(prompt) + labels} for prompt, rest, labels, _ in batch_rows]
+            out.append(collate(sequences, self.pad, [where for *_, where in batch_rows]))
+        self.totals.seconds += time.perf_counter() - start
+        self.totals.tokens += sum(len(c) for c in written[: len(chosen)])
+        self.totals.completions += len(chosen)
+        self.totals.rows += sum(len(r) for r in rows)
+        return out
+
+    def metrics(self, seconds: float) -> dict:
+        """The log window's generation figures (``seconds``: the window's training time), then a fresh window."""
+        t, self.totals = self.totals, _Totals()
+        return {"train/generation_time_share": t.seconds / max(seconds, 1e-9), "train/generated_tokens_per_s": t.tokens / max(t.seconds, 1e-9),
+                "train/completion_length": t.tokens / max(t.completions, 1), "train/on_policy_rows": t.completions / max(t.rows, 1)}
+
+    def samples(self, model, step: int) -> list[dict]:
+        """The student's completions of the first validation prompts (``rollout.samples``), as text: at every evaluation, the same
+        prompts and sampling seed, so the rows of two evaluations differ by what the student learnt between them."""
+        if not self.sample_prompts:
+            return []
+        written = self.engine.generate(model, self.sample_prompts, seed=self.seed * 1_000_003 - 1, synced=self.synced)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        return [{"prompt": decode(p), "completion": decode(c), "tokens": len(c)} for p, c in zip(self.sample_prompts, written)]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def check_rollouts(cfg, source_kind, device) -> None:
+    """What refuses rollouts before anything loads: a teacher source that cannot score new text, an engine without its device."""
+    r = cfg.rollout
+    if r.on_policy == 0:
+        return
+    if not source_kind.scores_new_text:
+        raise ConfigError(f"rollout.on_policy={r.on_policy:g}: teacher.source={source_kind.kind} cannot score completions the student has just written "
+                          "(a store holds the teacher's targets of the data's own text); use teacher.source=model or remote, or rollout.on_policy=0")
+    if ENGINES[r.engine].needs_cuda and torch.device(device).type != "cuda":
+        raise ConfigError(f"rollout.engine={r.engine} needs a CUDA GPU and this process has none; use rollout.engine=hf")
+
+
+def build_rollouts(cfg, setup, accelerator) -> Rollouts | None:
+    """The job's rollouts (None when ``rollout.on_policy`` is 0), checked against the models and data before step 0."""
+    r, tokenizer = cfg.rollout, setup.tokenizer
+    if r.on_policy == 0:
+        return None
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise ConfigError("rollout.on_policy: the tokenizer has neither an EOS nor a padding token to end and pad completions with")
+    sources = [(source.name, source.data, train) for source, (_, _, train, _) in zip(data_sources(cfg.data), setup.sources)]
+    prompted = [name for name, source, _ in sources if source.prompt_field or source.messages_field]
+    longest = cfg.data.seq_len if prompted else min(r.prompt_tokens, cfg.data.seq_len)
+    for name, model in (("student", setup.student), ("teacher", setup.teacher)):
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if context and longest + r.max_new_tokens > context:
+            raise ConfigError(f"rollout.max_new_tokens={r.max_new_tokens} after prompts of up to {longest} tokens exceeds the {name}'s context of {context} "
+                              f"tokens; lower rollout.max_new_tokens{' or data.seq_len' if prompted else ' or rollout.prompt_tokens'}")
+    for name, source, train in sources:
+        if source.prompt_field:  # a row whose prompt is empty would be prompted by its first tokens instead: said, not guessed
+            lead = int(tokenizer.bos_token_id is not None)
+            empty = sum(1 for labels in train["labels"] if labels[lead] != IGNORE_INDEX)
+            if empty:
+                rows = f"{empty:,} training row{' has' if empty == 1 else 's have'}"
+                raise ConfigError(f"rollout.on_policy: {rows}{'' if name == 'data' else ' (source ' + name + ')'} an empty data.prompt_field; "
+                                  "every row needs a prompt for the student to complete")
+    plugin = accelerator.state.deepspeed_plugin
+    lead = int(tokenizer.bos_token_id is not None)
+    validation = setup.sources[0][3]
+    shown = [validation[i] for i in range(min(r.samples, len(validation)))]
+    prompts = [row["input_ids"][: prompt_length(row["labels"], length=len(row["input_ids"]), lead=lead, prompt_tokens=r.prompt_tokens)] for row in shown]
+    return Rollouts(r, tokenizer=tokenizer, vocab=setup.vocab, seed=cfg.train.seed, zero3=plugin is not None and plugin.zero_stage == 3,
+                    world_size=accelerator.num_processes, sample_prompts=prompts)
