@@ -98,11 +98,18 @@ class Rollouts:
         self.totals.rows += sum(len(r) for r in rows)
         return out
 
-    def metrics(self, seconds: float) -> dict:
-        """The log window's generation figures (``seconds``: the window's training time), then a fresh window."""
+    def metrics(self, seconds: float, accelerator=None) -> dict:
+        """The log window's generation figures over every process (``seconds``: the window's training time), then a fresh window.
+        A collective when ``accelerator`` is given: every process calls it at the same steps."""
         t, self.totals = self.totals, _Totals()
-        return {"train/generation_time_share": t.seconds / max(seconds, 1e-9), "train/generated_tokens_per_s": t.tokens / max(t.seconds, 1e-9),
-                "train/completion_length": t.tokens / max(t.completions, 1), "train/on_policy_rows": t.completions / max(t.rows, 1)}
+        counts = [float(t.tokens), float(t.completions), float(t.rows)]
+        if accelerator is not None and accelerator.num_processes > 1:
+            counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum").tolist()
+        tokens, completions, rows = counts
+        processes = accelerator.num_processes if accelerator is not None else 1
+        return {"train/generation_time_share": t.seconds / max(seconds, 1e-9),  # this process's
+                "train/generated_tokens_per_s": tokens / processes / max(t.seconds, 1e-9),  # a process's, on average
+                "train/completion_length": tokens / max(completions, 1), "train/on_policy_rows": completions / max(rows, 1)}
 
     def samples(self, model, step: int) -> list[dict]:
         """The student's completions of the first validation prompts (``rollout.samples``), as text: at every evaluation, the same

@@ -198,7 +198,7 @@ def fit(model, source, stream: TrainStream, *, accelerator, optimizer, scheduler
             progress.step()
             if logged:
                 metrics = {**window.metrics(result, scheduler, accelerator.device, row_labels=task.row_labels),
-                           **(rollouts.metrics(window.seconds) if rollouts is not None else {})}
+                           **(rollouts.metrics(window.seconds, accelerator) if rollouts is not None else {})}
                 window = _Window()
                 progress.logged(state.step, metrics)
                 if tracker is not None:

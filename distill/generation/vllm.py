@@ -55,7 +55,8 @@ class VLLMEngine(Engine):
         self.tokenizer.save_pretrained(self.folder.name)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, where its weights can be set
         self.llm = LLM(model=self.folder.name, load_format="dummy", distributed_executor_backend="external_launcher",
-                       gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization, dtype="bfloat16", enable_prefix_caching=False,
+                       gpu_memory_utilization=self.cfg.vllm_gpu_memory_utilization, enable_prefix_caching=False,
+                       dtype=str(next(base.parameters()).dtype).removeprefix("torch."),  # the student's own: greedy writes what it would
                        max_model_len=getattr(base.config, "max_position_embeddings", None), seed=0)
 
     def _load(self, model) -> None:

@@ -143,3 +143,17 @@ def test_what_cannot_give_on_policy_targets_is_one_line_before_step_0(tiny, corp
     with pytest.raises(ConfigError, match="1 training row has an empty data.prompt_field"):
         run(load_config(None, sets("data.prompt_field=prompt", f"data.train_files=[{empty}]", f"data.validation_files=[{empty}]")))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_student_writes_with_its_adapters(tiny, corpus, tmp_path):
+    """peft's generate runs the base with the adapters: what the student writes changes as the adapters train."""
+    out, _ = run_job(tiny, corpus, tmp_path / "run", *ON_POLICY, "rollout.on_policy=1", "rollout.temperature=0", f"student.path={tiny['student']}",
+                     "student.architecture={}", "student.lora={r: 4}", "train.lr=3e-2", "train.max_steps=8", "rollout.samples=2", "train.eval_every=2",
+                     "eval.at_end=false")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    by_step = {}
+    for row in samples:
+        by_step.setdefault(row["step"], []).append(row["completion"])
+    assert sorted(by_step) == [2, 4, 6, 8] and by_step[2] != by_step[8]  # greedy: only new weights change what is written
+    kd = [r["train/kd_loss"] for r in read_metrics(out) if "train/kd_loss" in r]
+    assert sum(kd[-3:]) < sum(kd[:3]), kd

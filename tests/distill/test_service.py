@@ -230,6 +230,18 @@ def test_a_student_trains_from_the_pool_as_from_the_store(pool, tiny, corpus, tm
         assert 0 < a["train/teacher_time_share"] < 1
 
 
+def test_the_pool_scores_the_students_own_completions(pool, tiny, corpus, tmp_path, capfd):
+    """rollout.on_policy=1: each step's completions are written, then sent to the pool (nothing can be asked ahead), and train."""
+    _, url = pool
+    out, _ = _remote(tiny, corpus, tmp_path / "remote", url, "data.packing=false", "rollout.on_policy=1", "rollout.max_new_tokens=16",
+                     "rollout.prompt_tokens=8", "train.max_steps=10")
+    records = [m for m in read_metrics(out) if "train/loss" in m]
+    kd = [m["train/loss"] for m in records]
+    assert sum(kd[-3:]) < 0.95 * sum(kd[:3]), kd
+    assert all(0 < m["train/completion_length"] <= 16 and 0 < m["train/teacher_time_share"] < 1 for m in records)
+    assert " bytes per target token on the wire" in capfd.readouterr().err
+
+
 def test_a_student_for_another_teacher_or_with_a_wrong_token_is_refused_before_step_0(pool, tiny, corpus, tmp_path):
     _, url = pool
     with pytest.raises(ConfigError, match=r"the pool at .* serves another teacher: teacher\.path .*teacher\.weights"):

@@ -207,3 +207,20 @@ def test_unlabelled_rows_under_zero_follow_the_one_process_curve(labelled, bert,
            [m["train/unlabelled_rows"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
     two = json.loads((out / "eval.json").read_text())
     assert two["train_rows_unlabelled"] == reference["train_rows_unlabelled"] > 0
+
+
+@pytest.mark.parametrize("launcher, ds_config", [("torchrun", None), ("deepspeed", "zero3")])
+def test_on_policy_rollouts_on_two_processes_follow_one(tiny, corpus, tmp_path, launcher, ds_config):
+    """The student's greedy completions (rollout.on_policy=1, temperature 0): under DDP and ZeRO-3 (each layer gathered
+    collectively, every process running as many forwards) 2 processes at micro-batch 2 follow 1 process at micro-batch 4."""
+    on_policy = ("data.packing=false", "rollout.on_policy=1", "rollout.temperature=0", "rollout.max_new_tokens=16", "rollout.prompt_tokens=8",
+                 "eval.at_end=false")
+    run_job(tiny, corpus, tmp_path / "one", f"train.max_steps={STEPS}", "train.micro_batch_size=4", *on_policy)
+    reset_accelerate()
+    out = tmp_path / "two"
+    args = ["--launcher", launcher, "--nproc-per-node", "2"] + (["--ds-config", ds_config] if ds_config else [])
+    result = launch(tiny, corpus, out, *args, sets=on_policy)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    lengths = lambda run: [m["train/completion_length"] for m in read_metrics(run) if "train/loss" in m]
+    assert lengths(out) == pytest.approx(lengths(tmp_path / "one"))

@@ -112,3 +112,20 @@ def test_the_vllm_engine_serves_the_builtin_engines_targets(tiny, corpus, tmp_pa
     assert same > 0.98, same
     torch.testing.assert_close(served.logprobs.float()[:, 0], builtin.logprobs.float()[:, 0], rtol=0, atol=2e-2)
     torch.testing.assert_close(served.tail.exp(), builtin.tail.exp(), rtol=0, atol=2e-2)
+
+
+def test_vllm_writes_the_students_completions_with_its_current_weights(tiny, corpus, tmp_path):
+    """rollout.engine=vllm: a vLLM engine beside the student, given its weights every step. Greedy, so vLLM's completions
+    equal transformers' generate on the same weights; and what it writes changes as the student trains."""
+    pytest.importorskip("vllm", reason="needs vllm (pip install vllm)")
+    on_policy = ("data.packing=false", "rollout.on_policy=1", "rollout.temperature=0", "rollout.max_new_tokens=16", "rollout.prompt_tokens=8",
+                 "rollout.samples=2", "train.eval_every=3", "train.max_steps=6", "eval.at_end=false", "rollout.vllm_gpu_memory_utilization=0.2")
+    fast, _ = run_job(tiny, corpus, tmp_path / "vllm", *on_policy, "rollout.engine=vllm")
+    from conftest import reset_accelerate
+
+    reset_accelerate()
+    plain, _ = run_job(tiny, corpus, tmp_path / "hf", *on_policy, "rollout.engine=hf")
+    read = lambda run: [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in read(fast)][:2] == [r["completion"] for r in read(plain)][:2]
+    assert read(fast)[0]["completion"] != read(fast)[2]["completion"]
+    assert finite_and_decreasing(fast)
