@@ -7,6 +7,7 @@ function of (seed, samples consumed), so a resumed run sees exactly the batches 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -33,10 +34,35 @@ def quiet_progress_off_terminal() -> None:
         transformers_logging.disable_progress_bar()
 
 
+COMPLETIONS = "teacher-completions"  # the kind in the manifest of a distill generate-teacher dataset
+
+
+def completion_shards(path: Path) -> list[Path] | None:
+    """The shard files, in order, of a complete ``distill generate-teacher`` dataset at ``path``; None for anything else."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("kind") != COMPLETIONS:
+        return None
+    return [Path(path) / shard["file"] for shard in manifest["shards"]]
+
+
+def expand_files(files: list[str]) -> list[str]:
+    """``files`` with each generate-teacher dataset directory replaced by its shard files."""
+    out = []
+    for name in files:
+        shards = completion_shards(Path(os.path.expanduser(name)))
+        out += [str(s) for s in shards] if shards is not None else [name]
+    return out
+
+
 def _builder_for(files: list[str], key: str) -> str:
     builders = set()
     for name in files:
         path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            raise ConfigError(f"{key}: {name} is a directory, not a data file nor a complete distill generate-teacher dataset (no manifest.json)")
         if not path.is_file():
             raise ConfigError(f"{key}: file not found: {name}{tiny_hint(name)}")
         if path.suffix.lower() not in FILE_BUILDERS:
@@ -50,6 +76,7 @@ def _builder_for(files: list[str], key: str) -> str:
 def _load_files(files: list[str], key: str, text_unit: str):
     import datasets  # start-up time: datasets loads only when this runs
 
+    files = expand_files(files)
     builder = _builder_for(files, key)
     paths = [os.path.expanduser(f) for f in files]
     if all(os.path.getsize(p) == 0 for p in paths):
@@ -101,6 +128,8 @@ def load_raw(cfg: DataConfig):
         for name, part in (("training", train), ("validation", validation)):
             if part is None:
                 continue
+            if column not in part.column_names and key == "data.prompt_field" and name == "validation":
+                continue  # validation text without prompts (a generate-teacher dataset's real validation text) is scored whole
             if column not in part.column_names:
                 raise ConfigError(f"{key}: column {column!r} not in the {name} data (columns: {', '.join(part.column_names)})")
             if key == "data.messages_field":
@@ -185,7 +214,7 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
                 if messages:
                     yield _conversation_ids(tokenizer, messages, template, row)
             return
-        prompts = batch[prompt_field] if prompt_field else [None] * len(batch[text_field])
+        prompts = batch[prompt_field] if prompt_field and prompt_field in batch else [None] * len(batch[text_field])
         for text, prompt in zip(batch[text_field], prompts):
             if text:
                 yield _document_ids(tokenizer, text, prompt)

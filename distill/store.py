@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
 from distill.config.schema import data_sources
+from distill.data import expand_files
 from distill.errors import ConfigError, first_line
 from distill.rundir import write_atomic
 from distill.setup import Setup
@@ -112,7 +113,7 @@ def sequences_hash(sequences) -> str:
 def _data_identity(source_cfg) -> dict:
     fields = {k: v for k, v in asdict(source_cfg).items() if k not in ("seed", "max_validation_sequences", "mixture", "train_files", "validation_files")}
     for key in ("train_files", "validation_files"):
-        fields[key] = {name: file_hash(Path(os.path.expanduser(name))) for name in getattr(source_cfg, key)}
+        fields[key] = {name: file_hash(Path(os.path.expanduser(name))) for name in expand_files(getattr(source_cfg, key))}
     return fields
 
 

@@ -161,6 +161,19 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     return store_main(argv)
 
 
+def cmd_generate_teacher(args: argparse.Namespace) -> int:
+    load_config(args.config, _overrides(args))  # a bad config fails here, once
+    argv = [args.config, "--shard-rows", str(args.shard_rows), *(["--top-k", str(args.top_k)] if args.top_k else []),
+            *[a for o in _overrides(args) for a in ("--set", o)], *(["--out", args.out] if args.out else [])]
+    if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
+        command = [executable("torchrun"), "--standalone", f"--nproc_per_node={args.nproc_per_node}", "-m", "distill.generate_teacher", *argv]
+        print(" ".join(command), file=sys.stderr)
+        return subprocess.run(command).returncode
+    from distill.generate_teacher import main as generate_main  # loads torch: only this command pays for it
+
+    return generate_main(argv)
+
+
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
     from distill.serve import run_from_args  # loads torch: only this command pays for it
 
@@ -387,6 +400,22 @@ def _add_teacher_commands(commands, formatter) -> None:
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")
     cache.set_defaults(func=cmd_cache_teacher)
+
+    generate = commands.add_parser("generate-teacher", help="write the teacher's completions of the data's prompts: sequence-level distillation's data",
+                                   description="The teacher completes the prompts of the job's training rows (a data.prompt_field prompt, a "
+                                               "conversation before its last assistant turn, else the first rollout.prompt_tokens tokens), sampled "
+                                               "as rollout.max_new_tokens, rollout.temperature and rollout.top_p say. Written as a content-addressed "
+                                               "dataset of {prompt, text} rows that a job trains on with data.train_files: [DIR] and "
+                                               "data.prompt_field: prompt. Interrupted, it continues where it stopped; any number of processes "
+                                               "write the same dataset.",
+                                   epilog=_options_epilog(), formatter_class=formatter)
+    _add_config_arguments(generate)
+    generate.add_argument("--out", help="dataset directory (default: $DISTILL_CACHE_DIR/completions/KEY)")
+    generate.add_argument("--top-k", type=int, help="also store the teacher's top-k targets on its completions in DIR/store (teacher.source=cache "
+                                                    "with teacher.cache: DIR/store)")
+    generate.add_argument("--shard-rows", type=int, default=256, help="rows per shard file (default: 256)")
+    generate.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")
+    generate.set_defaults(func=cmd_generate_teacher)
 
     serve = commands.add_parser("serve-teacher", help="serve the teacher's top-k targets over HTTP to many students (teacher.source=remote)",
                                 description="Load the job's teacher (full precision, 8- or 4-bit) and answer students' requests: a batch of token "

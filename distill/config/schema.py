@@ -83,7 +83,7 @@ class DataConfig:
     chat_template: Optional[str] = option(None, "Jinja chat template (or a file holding one) for data.messages_field, for tokenizers without their own.")
     text_pair_field: Optional[str] = option(None, "Column holding the second text of a pair (task.kind=sequence_classification).")
     label_field: str = option("label", "Column holding the class (task.kind=sequence_classification): an id, or a name in the teacher's label2id. A row whose label is empty (null, \"\") is unlabelled: the teacher's terms train on it, ce skips it; \"\" here: a source without labels at all (a data.mixture source of unlabelled text).")
-    prompt_field: Optional[str] = option(None, "Column holding a prompt that is fed to the models but masked out of the loss.")
+    prompt_field: Optional[str] = option(None, "Column holding a prompt that is fed to the models but masked out of the loss (validation data without the column is scored whole).")
     seq_len: int = option(512, "Tokens per training sequence.")
     packing: bool = option(True, "Concatenate documents (separated by EOS) into full seq_len blocks instead of padding each one.")
     seed: int = option(0, "Seed of the deterministic shuffle of training data.")
