@@ -1,0 +1,246 @@
+"""On-policy and sequence-level distillation on the tiny default, side by side, and the on-policy step's
+speed against TRL's GKDTrainer.
+
+Quality (``--quality``): the same new student (configs/tiny.yaml), seed and learning rate for every row,
+``--steps`` steps of micro-batch 16, prompts the first 32 tokens of each document (``data.packing: false``),
+64 new tokens, the divergence GKD recommends (JSD, beta 0.5) for every KD row:
+
+- ``ce``: the data alone (``loss.alpha=1``), the baseline of the teacher-forced rows;
+- ``lambda 0``: today's teacher-forced KD on the data; ``lambda 0.5``, ``lambda 1``: ``rollout.on_policy``;
+- ``seq-KD ce``: CE on the teacher's completions of the training prompts (``distill generate-teacher``,
+  Kim & Rush's sequence-level KD), the baseline of ``seq-KD + JSD``: the same data with the JSD term.
+
+Each student then samples (temperature 1) 64 tokens for each of 128 held-out prompts (the first 32
+tokens of validation documents); reported: the teacher's per-token NLL of those completions (lower:
+text the teacher finds likelier), distinct-2 (unique bigrams / bigrams, to catch collapse), mean length,
+and the validation perplexity of the run's own evaluation (the real validation text, teacher-forced).
+
+Speed (``--speed``): one on-policy step of this project (``rollout.on_policy`` = ``--lam``) against TRL's
+``GKDTrainer`` with the same lambda, new tokens (64), batch (16), temperature (1), JSD beta (0.5),
+models and learning rate, each in its own process, float32, on this machine's CPU; step time is the mean
+after the first fifth of ``--speed-steps`` steps, the generation share of each from its own clock (this
+project's ``train/generation_time_share``; TRL: a wrapped ``generate_on_policy_outputs``).
+
+Needs ``distill prepare-tiny`` and, for TRL, ``pip install -e '.[bench]'``. Prints tables, writes JSON.
+
+    python benchmarks/on_policy.py [--quality] [--speed] [--steps 300] [--speed-steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.yaml"
+PROMPT, NEW = 32, 64
+COMMON = ["data.packing=false", f"rollout.prompt_tokens={PROMPT}", f"rollout.max_new_tokens={NEW}", "train.eval_every=0", "train.save_every=0",
+          "tracking.backend=none", "eval.speed=false", "eval.baseline=", "rollout.samples=0", "train.log_every=10"]
+JSD = ["loss.kind=jsd", "loss.jsd_beta=0.5"]
+ROWS = {"ce": ["loss.alpha=1.0"], "lambda 0": JSD, "lambda 0.5": [*JSD, "rollout.on_policy=0.5"], "lambda 1": [*JSD, "rollout.on_policy=1"],
+        "seq-KD ce": ["loss.alpha=1.0"], "seq-KD + JSD": JSD}
+
+
+def distill(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "distill_launcher.cli", *args], check=True, cwd=REPO)
+
+
+def _sets(values) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def held_out_prompts(tokenizer, count: int = 128) -> list[list[int]]:
+    """The first PROMPT tokens of the first ``count`` validation documents that have more."""
+    text = Path("~/.cache/distill/tiny/validation.txt").expanduser().read_text()
+    prompts = []
+    for doc in (d for d in text.split("\n\n") if d.strip()):
+        ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) > PROMPT + 8:
+            prompts.append(ids[:PROMPT])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def judged(student_dir: Path, teacher, tokenizer, prompts) -> dict:
+    """The student's sampled completions of ``prompts``, judged by the teacher: per-token NLL, distinct-2, length."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import RolloutConfig
+    from distill.generation import ENGINES
+
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    engine = ENGINES["hf"](RolloutConfig(max_new_tokens=NEW, temperature=1.0), tokenizer=tokenizer, vocab=len(tokenizer))
+    completions = []
+    for i in range(0, len(prompts), 32):
+        completions += engine.generate(student, prompts[i : i + 32], seed=1234 + i)
+    nll, tokens, bigrams = 0.0, 0, []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions):
+            if not completion:
+                continue
+            ids = torch.tensor([prompt + completion])
+            logp = torch.log_softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+            nll -= float(logp.gather(-1, torch.tensor(completion)[:, None]).sum())
+            tokens += len(completion)
+            bigrams += list(zip(completion, completion[1:]))
+    return {"teacher_nll": nll / max(tokens, 1), "distinct_2": len(set(bigrams)) / max(len(bigrams), 1), "length": tokens / len(prompts)}
+
+
+def quality(args, work: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir = Path("~/.cache/distill/tiny/teacher").expanduser()
+    completions = work / "teacher_completions"
+    distill("generate-teacher", str(CONFIG), *_sets(["data.packing=false", f"rollout.prompt_tokens={PROMPT}", f"rollout.max_new_tokens={NEW}"]),
+            "--out", str(completions))
+    results = {}
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    prompts = held_out_prompts(tokenizer)
+    results["teacher"] = judged(teacher_dir, teacher, tokenizer, prompts)
+    for name, sets in ROWS.items():
+        out = work / name.replace(" ", "_").replace("+", "plus")
+        data = [f"data.train_files=[{completions}]", "data.prompt_field=prompt"] if name.startswith("seq-KD") else []
+        if not (args.reuse and (out / "eval.json").is_file()):
+            start = time.perf_counter()
+            distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, f"train.max_steps={args.steps}", f"output_dir={out}", *data, *sets]))
+            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+        results[name] = {**judged(out / "student", teacher, tokenizer, prompts), "perplexity": rows["student"]["perplexity"]}
+        results["teacher"]["perplexity"] = rows["teacher"]["perplexity"]
+    return results
+
+
+def trl_child(lam: float, steps: int, out: Path) -> dict:
+    """TRL's GKDTrainer on the same models, batches and settings; its step time and generation share."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from distill import data, models
+    from distill.config import load_config
+    from distill.setup import Setup
+
+    cfg = load_config(str(CONFIG), [*COMMON, f"output_dir={out}"])
+    setup = Setup(cfg, torch.device("cpu"), load_teacher=False)
+    teacher = models.load_teacher(cfg.teacher, torch.device("cpu"))
+    stream = data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed, pad_id=setup.tokenizer.pad_token_id)
+    rows = [{"input_ids": r["input_ids"], "labels": [-100] * PROMPT + r["input_ids"][PROMPT:]}
+            for b in (stream.next_batch() for _ in range(steps)) for r in ({"input_ids": ids[: int(m.sum())]} for ids, m in
+                                                                            zip(b["input_ids"].tolist(), b["attention_mask"]))]
+    pad = setup.tokenizer.pad_token_id
+
+    def collate(batch):
+        out = data.collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in batch], pad)
+        prompts = [r["input_ids"][:PROMPT] for r in batch]  # left-padded, as TRL's chat collator makes them
+        width = max(map(len, prompts))
+        out["prompts"] = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        out["prompt_attention_mask"] = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return out
+
+    times, generation, marks = [], [], {}
+    original = GKDTrainer.generate_on_policy_outputs
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        result = original(*a, **k)
+        generation.append(time.perf_counter() - start)
+        return result
+
+    GKDTrainer.generate_on_policy_outputs = staticmethod(timed)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            marks["start"], marks["generated"] = time.perf_counter(), len(generation)
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append((time.perf_counter() - marks["start"], sum(generation[marks["generated"]:])))
+
+    args = GKDConfig(output_dir=str(out / "trl"), per_device_train_batch_size=cfg.train.micro_batch_size, max_steps=steps, learning_rate=cfg.train.lr,
+                     lr_scheduler_type="cosine", warmup_steps=cfg.train.warmup_steps, weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm,
+                     lmbda=lam, beta=0.5, temperature=1.0, max_new_tokens=NEW, seq_kd=False, report_to=[], save_strategy="no", logging_steps=50,
+                     use_cpu=True, dataloader_num_workers=0, max_length=cfg.data.seq_len, seed=cfg.train.seed, disable_dropout=True, bf16=False)
+    trainer = GKDTrainer(model=setup.student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
+                         processing_class=setup.tokenizer, callbacks=[Clock()])
+    trainer.train()
+    kept = times[len(times) // 5 :]
+    seconds = sum(t for t, _ in kept) / len(kept)
+    return {"seconds_per_step": seconds, "generation_share": sum(g for _, g in kept) / sum(t for t, _ in kept)}
+
+
+def distill_child(lam: float, steps: int, out: Path) -> dict:
+    from distill.config import load_config
+    from distill.job import run
+
+    run(load_config(str(CONFIG), [*COMMON, *JSD, f"rollout.on_policy={lam}", f"train.max_steps={steps}", "train.log_every=1", "eval.at_end=false",
+                                  f"output_dir={out}"]), overwrite=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in records if "train/step_seconds" in r][steps // 5 :]
+    seconds = sum(r["train/step_seconds"] for r in kept) / len(kept)
+    return {"seconds_per_step": seconds,
+            "generation_share": sum(r["train/generation_time_share"] * r["train/step_seconds"] for r in kept) / sum(r["train/step_seconds"] for r in kept)}
+
+
+def speed(args, work: Path) -> dict:
+    results = {}
+    for name in ("distill", "trl"):
+        out = work / f"speed_{name}"
+        child = subprocess.run([sys.executable, __file__, "--child", name, "--lam", str(args.lam), "--speed-steps", str(args.speed_steps),
+                                "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+        if child.returncode != 0:
+            raise SystemExit(f"the {name} row failed:\n{child.stderr[-3000:]}")
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    results["ratio"] = results["distill"]["seconds_per_step"] / results["trl"]["seconds_per_step"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--speed-steps", type=int, default=40)
+    parser.add_argument("--lam", type=float, default=0.5, help="the lambda of the speed comparison")
+    parser.add_argument("--reuse", action="store_true", help="read back quality runs already finished")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--child", choices=["distill", "trl"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        child = {"distill": distill_child, "trl": trl_child}[args.child]
+        print(json.dumps(child(args.lam, args.speed_steps, args.out)))
+        return
+    work = args.out / "on_policy_runs"
+    work.mkdir(parents=True, exist_ok=True)
+    report = {"steps": args.steps, "prompt_tokens": PROMPT, "new_tokens": NEW}
+    if args.quality:
+        report["quality"] = q = quality(args, work)
+        base = q["lambda 0"]
+        print(f"\n| student ({args.steps} steps) | teacher NLL of its samples | vs lambda 0 | distinct-2 | length | validation ppl | vs lambda 0 |")
+        print("|---|---|---|---|---|---|---|")
+        for name, row in q.items():
+            print(f"| {name} | {row['teacher_nll']:.3f} | {row['teacher_nll'] / base['teacher_nll'] - 1:+.1%} | {row['distinct_2']:.3f} | "
+                  f"{row['length']:.1f} | {row.get('perplexity', float('nan')):.2f} | {row.get('perplexity', float('nan')) / base['perplexity'] - 1:+.1%} |")
+    if args.speed:
+        report["speed"] = s = speed(args, work)
+        print(f"\n| on-policy step, lambda {args.lam:g}, {NEW} new tokens, batch 16 | seconds a step | generation share |")
+        print("|---|---|---|")
+        for name in ("distill", "trl"):
+            print(f"| {name} | {s[name]['seconds_per_step']:.3f} | {s[name]['generation_share']:.0%} |")
+        print(f"| ratio (distill / TRL) | {s['ratio']:.2f}x | |")
+    path = args.out / "on_policy.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{path}")
+
+
+if __name__ == "__main__":
+    main()
