@@ -8,14 +8,16 @@ the training labels kept (10% by default), over seeds.
 - distilled + augmented: the same, plus a third source of the unlabelled text's rewritten copies
   (``data.augment`` with ``originals: false``: TinyBERT's word replacement from a masked LM fitted
   on MiniLM by ``distill prepare-minilm --masked-lm``), its weight taken from the text's;
-- and, for reference (``--all-labels``), labels only and distilled with every label.
+- and, for reference (``--all-labels``), labels only and distilled with every label;
+- ``--scarce``: TinyBERT's own setting, where the labelled rows are all the text there is: the distilled student on them alone,
+  and with ``--scarce-copies`` rewritten copies of each (half the draws).
 
 Each run is `distill run configs/minilm_docstrings.yaml` with the same steps; the seed picks the
 labelled rows (:func:`distill.minilm.few_label_split`) and the training order. Runs `distill
 prepare-minilm --masked-lm` first (cached). Prints a table (mean and spread of accuracy over the
 seeds) and writes JSON.
 
-    python benchmarks/few_labels.py [--keep 0.1] [--seeds 0 1 2] [--steps 150] [--copies 4] [--all-labels]
+    python benchmarks/few_labels.py [--keep 0.1] [--seeds 0 1 2] [--steps 450] [--copies 4] [--all-labels] [--scarce]
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, default=0.1, help="fraction of the training labels kept")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=450)
     parser.add_argument("--copies", type=int, default=4, help="augmented copies of each unlabelled row")
     parser.add_argument("--rate", type=float, default=0.3, help="share of the words each copy replaces")
     parser.add_argument("--augment-weight", type=float, default=0.3, help="the augmented copies' share of the draws (taken from the unlabelled text's)")
     parser.add_argument("--all-labels", action="store_true", help="also the two students with every label")
+    parser.add_argument("--scarce", action="store_true", help="also the distilled student on the labelled rows alone, without and with augmented copies of them")
+    parser.add_argument("--scarce-copies", type=int, default=8, help="augmented copies of each labelled row in the --scarce rows")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--reuse", action="store_true", help="read back runs already finished under --out instead of running them again")
     args = parser.parse_args()
@@ -86,6 +90,13 @@ def main() -> None:
         rows = {f"labels only, {args.keep:.0%} labelled": run("labels", [*few, LABELS_ONLY], args.steps, seed, work),
                 f"distilled, all text, {args.keep:.0%} labelled": run("distilled", mixture(), args.steps, seed, work),
                 f"distilled + augmented, {args.keep:.0%} labelled": run("augmented-source", mixture(args.augment_weight), args.steps, seed, work)}
+        if args.scarce:  # TinyBERT's own setting: the labelled rows are all the text there is, and augmentation makes more
+            copies = (f"{{name: labelled, weight: 0.5, train_files: [{labelled}]}}, {{name: augmented, weight: 0.5, train_files: [{labelled}], "
+                      f"label_field: '', augment: {{kind: word_replace, copies: {args.scarce_copies}, rate: {args.rate:g}, originals: false, "
+                      f"model: {MINILM / 'mlm'}, seed: {seed}}}}}")
+            rows[f"distilled, the {args.keep:.0%} labelled rows only"] = run("small", few, args.steps, seed, work)
+            rows[f"  + {args.scarce_copies} augmented copies of each"] = run(f"smallaug{args.scarce_copies}", ["data.train_files=[]", f"data.mixture=[{copies}]"],
+                                                                           args.steps, seed, work)
         if args.all_labels:
             rows["labels only, all labelled"] = run("labels-all", [LABELS_ONLY], args.steps, seed, work)
             rows["distilled, all labelled"] = run("distilled-all", [], args.steps, seed, work)
