@@ -10,6 +10,9 @@ Quality (``--quality``): the same new student (configs/tiny.yaml), seed and lear
 - ``seq-KD ce``: CE on the teacher's completions of the training prompts (``distill generate-teacher``,
   Kim & Rush's sequence-level KD), the baseline of ``seq-KD + JSD``: the same data with the JSD term.
 
+Then GKD's own setting (the students of the GKD paper start from a fine-tuned model): the ``lambda 0``
+student trained ``--more-steps`` more at lr 1e-3 with lambda 0, 0.5 and 1.
+
 Each student then samples (temperature 1) 64 tokens for each of 128 held-out prompts (the first 32
 tokens of validation documents); reported: the teacher's per-token NLL of those completions (lower:
 text the teacher finds likelier), distinct-2 (unique bigrams / bigrams, to catch collapse), mean length,
@@ -119,6 +122,39 @@ def quality(args, work: Path) -> dict:
     return results
 
 
+def continued(args, work: Path) -> dict:
+    """GKD's own setting: a student that already writes sensible text (the ``lambda 0`` student of :func:`quality`)
+    trained ``--more-steps`` further at lr 1e-3 with lambda 0, 0.5 and 1."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = work / "lambda_0" / "student"
+    teacher_dir = Path("~/.cache/distill/tiny/teacher").expanduser()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    prompts = held_out_prompts(tokenizer)
+    results = {"start (lambda 0 student)": judged(start, teacher, tokenizer, prompts)}
+    for lam in (0, 0.5, 1):
+        out = work / f"continued_lambda_{lam:g}"
+        if not (args.reuse and (out / "eval.json").is_file()):
+            distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, *JSD, f"rollout.on_policy={lam}", f"train.max_steps={args.more_steps}",
+                                                               f"student.path={start}", "student.architecture={}", "train.lr=1e-3",
+                                                               "train.warmup_steps=0", "eval.initial=false", f"output_dir={out}"]))
+        rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+        results[f"+{args.more_steps} steps, lambda {lam:g}"] = {**judged(out / "student", teacher, tokenizer, prompts),
+                                                               "perplexity": rows["student"]["perplexity"]}
+    return results
+
+
+def _table(title: str, rows: dict, base: dict) -> None:
+    print(f"\n| {title} | teacher NLL of its samples | vs reference | distinct-2 | length | validation ppl | vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        ppl = row.get("perplexity", float("nan"))
+        print(f"| {name} | {row['teacher_nll']:.3f} | {row['teacher_nll'] / base['teacher_nll'] - 1:+.1%} | {row['distinct_2']:.3f} | "
+              f"{row['length']:.1f} | {ppl:.2f} | {ppl / base.get('perplexity', float('nan')) - 1:+.1%} |")
+
+
 def trl_child(lam: float, steps: int, out: Path) -> dict:
     """TRL's GKDTrainer on the same models, batches and settings; its step time and generation share."""
     import torch
@@ -209,6 +245,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--speed-steps", type=int, default=40)
+    parser.add_argument("--more-steps", type=int, default=150, help="steps of the continued rows (from the lambda 0 student)")
     parser.add_argument("--lam", type=float, default=0.5, help="the lambda of the speed comparison")
     parser.add_argument("--reuse", action="store_true", help="read back quality runs already finished")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -224,12 +261,9 @@ def main() -> None:
     report = {"steps": args.steps, "prompt_tokens": PROMPT, "new_tokens": NEW}
     if args.quality:
         report["quality"] = q = quality(args, work)
-        base = q["lambda 0"]
-        print(f"\n| student ({args.steps} steps) | teacher NLL of its samples | vs lambda 0 | distinct-2 | length | validation ppl | vs lambda 0 |")
-        print("|---|---|---|---|---|---|---|")
-        for name, row in q.items():
-            print(f"| {name} | {row['teacher_nll']:.3f} | {row['teacher_nll'] / base['teacher_nll'] - 1:+.1%} | {row['distinct_2']:.3f} | "
-                  f"{row['length']:.1f} | {row.get('perplexity', float('nan')):.2f} | {row.get('perplexity', float('nan')) / base['perplexity'] - 1:+.1%} |")
+        _table(f"from a new student, {args.steps} steps (reference: lambda 0)", q, q["lambda 0"])
+        report["continued"] = c = continued(args, work)
+        _table(f"from the lambda 0 student, {args.more_steps} more steps (reference: lambda 0)", c, c[f"+{args.more_steps} steps, lambda 0"])
     if args.speed:
         report["speed"] = s = speed(args, work)
         print(f"\n| on-policy step, lambda {args.lam:g}, {NEW} new tokens, batch 16 | seconds a step | generation share |")

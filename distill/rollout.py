@@ -4,8 +4,9 @@ Each optimizer step, before the teacher is asked, :meth:`Rollouts.apply` takes t
 (of this process) and, for the ``rollout.on_policy`` share of their rows (drawn per row from
 ``(seed, step, source, row)``, so the world size changes nothing), replaces what follows the row's
 prompt with a completion the student writes now, with its current weights: every such prompt of the
-step in one call to the engine (:mod:`distill.generation`), under ``no_grad``, with a KV cache. The
-other rows keep the data's own continuation. Either way the targets are what follows the prompt only.
+step in one call to the engine (:mod:`distill.generation`), under ``no_grad``, with a KV cache; the
+targets of such a row are the completion only. The other rows are the data as it is (its own targets,
+so ``on_policy`` near 0 trains as today).
 
 A row's prompt: what its labels mask before its last labelled span (a ``data.prompt_field`` prompt, a
 conversation before its last assistant turn), else its first ``rollout.prompt_tokens`` tokens.
@@ -65,14 +66,14 @@ class Rollouts:
         return random.Random(f"{self.seed}/{step}/{source}/{row}").random() < self.cfg.on_policy
 
     def split(self, batch: dict) -> list[tuple[list[int], list[int], list[int], tuple[int, int]]]:
-        """Each row of ``batch`` as (prompt ids, the data's continuation, its labels, the row's (source, index))."""
+        """Each row of ``batch`` as (prompt ids, the data's continuation, the row's own labels, the row's (source, index))."""
         out = []
         for ids, labels, mask, where in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(),
                                              batch["rows"].tolist()):
             length = sum(mask)
             lead = int(self.bos is not None and length > 0 and ids[0] == self.bos)
             cut = prompt_length(labels, length=length, lead=lead, prompt_tokens=self.cfg.prompt_tokens)
-            out.append((ids[:cut], ids[cut:length], labels[cut:length], tuple(where)))
+            out.append((ids[:cut], ids[cut:length], labels[:length], tuple(where)))
         return out
 
     def apply(self, model, batches: list[dict], *, step: int, rank: int) -> list[dict]:
@@ -87,10 +88,11 @@ class Rollouts:
         written = self.engine.generate(model, prompts, seed=self.seed * 1_000_003 + step * 1009 + rank, synced=self.synced) if prompts else []
         for (b, i), completion in zip(chosen, written):
             prompt, _, _, where = rows[b][i]
-            rows[b][i] = (prompt, completion, completion, where)  # every token the student wrote is a target, its EOS too
+            # Every token the student wrote is a target, its EOS too; its prompt is not.
+            rows[b][i] = (prompt, completion, [IGNORE_INDEX] * len(prompt) + completion, where)
         out = []
         for batch_rows in rows:
-            sequences = [{"input_ids": prompt + rest, "labels": [IGNORE_INDEX] * len(prompt) + labels} for prompt, rest, labels, _ in batch_rows]
+            sequences = [{"input_ids": prompt + rest, "labels": labels} for prompt, rest, labels, _ in batch_rows]
             out.append(collate(sequences, self.pad, [where for *_, where in batch_rows]))
         self.totals.seconds += time.perf_counter() - start
         self.totals.tokens += sum(len(c) for c in written[: len(chosen)])

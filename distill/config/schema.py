@@ -172,7 +172,7 @@ class TrackingConfig:
 
 @dataclass
 class RolloutConfig:
-    on_policy: float = option(0.0, "On-policy distillation (GKD's lambda): the fraction of prompts whose completion the student writes each step, with its current weights, for the teacher to score; the targets are then the completions only (the data's own continuation for the other prompts). 0: the data's text as it is, nothing generated; 1: every prompt. causal_lm with teacher.source=model or remote.")
+    on_policy: float = option(0.0, "On-policy distillation (GKD's lambda): the fraction of rows whose continuation the student writes each step, with its current weights, for the teacher to score (the targets of such a row: its completion only; the other rows are the data as it is). 0: the data's text as it is, nothing generated; 1: every prompt. causal_lm with teacher.source=model or remote.")
     max_new_tokens: int = option(64, "Tokens the student writes per prompt (at most; a completion ends at EOS).")
     temperature: float = option(1.0, "Sampling temperature of the student's completions (0: greedy).")
     top_p: float = option(1.0, "Nucleus sampling of the student's completions (1: off).")

@@ -71,12 +71,12 @@ def test_the_student_completes_its_share_of_rows_and_only_the_completions_are_ta
     for i, (ids, labels, mask) in enumerate(zip(*(torch.cat([b[k] for b in out]).tolist() for k in ("input_ids", "labels", "attention_mask")))):
         n = sum(mask)
         ids, labels, original = ids[:n], labels[:n], sequences[i]["input_ids"]
-        assert ids[:8] == original[:8] and labels[:8] == [IGNORE_INDEX] * 8  # the prompt: kept, never a target
-        if chosen[i]:  # the student's greedy continuation, as full forwards without a cache or padding compute it
-            assert ids[8:] == _greedy(student, original[:8], 12, tokenizer.eos_token_id) == labels[8:]
+        assert ids[:8] == original[:8]  # the prompt
+        if chosen[i]:  # the student's greedy continuation, as full forwards without a cache or padding compute it; the prompt is no target
+            assert ids[8:] == _greedy(student, original[:8], 12, tokenizer.eos_token_id) == labels[8:] and labels[:8] == [IGNORE_INDEX] * 8
             completions += 1
-        else:  # the data's own continuation
-            assert ids == original and labels[8:] == sequences[i]["labels"][8:]
+        else:  # the data as it is
+            assert ids == original and labels == sequences[i]["labels"]
     assert rollouts.metrics(10.0)["train/completion_length"] == 12 and completions == sum(chosen)
     # Sampling: the same step writes the same completions (a resumed step), another step others.
     sampled = Rollouts(RolloutConfig(on_policy=1.0, max_new_tokens=12, prompt_tokens=8), tokenizer=tokenizer, vocab=len(tokenizer), seed=0)
