@@ -26,7 +26,7 @@ from distill.config import load_config
 from distill.data import COMPLETIONS, completion_shards
 from distill.errors import ConfigError, main_guard
 from distill.generation import ENGINES
-from distill.rollout import prompt_length
+from distill.rollout import row_prompt
 from distill.rundir import write_atomic
 from distill.setup import Setup, tune_cpu_allocator
 from distill.store import _claim, _sha256_file, _wait_for, cache_root, key_of, sequences_hash, teacher_identity
@@ -60,8 +60,7 @@ def build(cfg, *, out: Path | None = None, shard_rows: int = 256, rank: int = 0,
         if target.exists():
             continue
         part = rows[index * shard_rows : (index + 1) * shard_rows]
-        prompts = [row["input_ids"][: prompt_length(row["labels"], length=len(row["input_ids"]), lead=lead, prompt_tokens=r.prompt_tokens)]
-                   for row in part]
+        prompts = [row_prompt(row, lead=lead, prompt_tokens=r.prompt_tokens) for row in part]
         seed = int(hashlib.sha256(f"{key}/{index}".encode()).hexdigest()[:12], 16)
         written = []
         for j in range(0, len(prompts), cfg.train.micro_batch_size):

@@ -42,6 +42,12 @@ def prompt_length(labels: list[int], *, length: int, lead: int, prompt_tokens: i
     return min(prompt_tokens, length)
 
 
+def row_prompt(row: dict, *, lead: int, prompt_tokens: int) -> list[int]:
+    """The prompt ids of one tokenized row (``input_ids``, unshifted ``labels``), by :func:`prompt_length`."""
+    ids = row["input_ids"]
+    return ids[: prompt_length(row["labels"], length=len(ids), lead=lead, prompt_tokens=prompt_tokens)]
+
+
 @dataclass
 class _Totals:
     """What the step's generation cost, summed over a log window."""
@@ -165,6 +171,6 @@ def build_rollouts(cfg, setup, accelerator) -> Rollouts | None:
     lead = int(tokenizer.bos_token_id is not None)
     validation = setup.sources[0][3]
     shown = [validation[i] for i in range(min(r.samples, len(validation)))]
-    prompts = [row["input_ids"][: prompt_length(row["labels"], length=len(row["input_ids"]), lead=lead, prompt_tokens=r.prompt_tokens)] for row in shown]
+    prompts = [row_prompt(row, lead=lead, prompt_tokens=r.prompt_tokens) for row in shown]
     return Rollouts(r, tokenizer=tokenizer, vocab=setup.vocab, seed=cfg.train.seed, zero3=plugin is not None and plugin.zero_stage == 3,
                     world_size=accelerator.num_processes, sample_prompts=prompts)

@@ -26,9 +26,9 @@ def augmented(train, data_cfg, augment, *, split_name: str, quiet: bool = False)
 
     rows = train.to_list()
     fields = [f for f in (data_cfg.text_field, data_cfg.text_pair_field) if f and rows and f in rows[0]]
-    rewritten, read = {}, []
+    rewritten, read, identity = {}, [], augment.identity()
     for f in fields:
-        rewritten[f], path = rewrite_cached(augment, [str(r[f] or "") for r in rows])
+        rewritten[f], path = rewrite_cached(augment, [str(r[f] or "") for r in rows], identity=identity)
         read += [path] if path else []
     label = data_cfg.label_field if rows and data_cfg.label_field in rows[0] else None
     added = []
@@ -51,11 +51,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTILL_CACHE_DIR") or Path.home() / ".cache" / "distill") / "augment"
 
 
-def rewrite_cached(augment: AugmentKind, texts: list[str]) -> tuple[list[list[str]], Path | None]:
+def rewrite_cached(augment: AugmentKind, texts: list[str], *, identity: dict | None = ...) -> tuple[list[list[str]], Path | None]:
     """``augment.rewrite(texts)``, kept under :func:`cache_dir` by what decides it (the kind's spec and identity, the
     source's name, the texts): a kind that costs model forwards rewrites a source once, not once per run and process.
     Returns the copies and the file they were read from (None when they were rewritten here)."""
-    identity = augment.identity()
+    identity = augment.identity() if identity is ... else identity  # given by a caller that rewrites several fields
     if identity is None:
         return augment.rewrite(texts), None
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(augment.spec), augment.source, identity], sort_keys=True).encode())

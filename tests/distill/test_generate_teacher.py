@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, distill_cli, job_overrides, read_metrics, reset_accelerate, run_job
+from conftest import distill_cli, job_overrides, read_metrics, reset_accelerate, run_job
 
 SAMPLING = ("data.packing=false", "rollout.max_new_tokens=16", "rollout.prompt_tokens=8")
 
@@ -71,4 +71,3 @@ def test_what_generate_teacher_cannot_do_is_one_line(tiny, corpus, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"data.train_files: {plain} is a directory, not a data file nor a complete distill "
                                                     "generate-teacher dataset (no manifest.json)")):
         run_job(tiny, corpus, tmp_path / "run", f"data.train_files=[{plain}]")
-    assert REPO.is_dir()
