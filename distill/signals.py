@@ -8,6 +8,10 @@ save, stop, and be requeued. SIGTERM is what SLURM sends at the time limit and w
 - ``setup`` (loading models and data; nothing to save yet): the job stops at once, by raising
   :class:`SetupInterrupted` from the handler. SIGUSR1 leaves the PREEMPTED marker, so the sbatch
   script requeues the job and ``--resume`` starts from the last checkpoint, or from scratch.
+  Python drops an exception raised where it cannot propagate (a handler that runs inside a weakref
+  callback such as importlib's module-lock cleanup, or a ``__del__``): such a drop is not printed
+  and the signal is sent to the main thread again; and whatever swallowed it (a bare ``except:``
+  in a library), setup never ends into training with a setup signal recorded.
 - ``training``: recorded; the loop checks once per step, and all processes agree on it, so every
   rank saves the same checkpoint and stops at the same step.
 - ``finishing`` (after the last step: saving the student, evaluating): recorded and ignored; the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 USR1, TERM = "SIGUSR1", "SIGTERM"
 
@@ -35,7 +40,9 @@ class StopSignals:
     def __init__(self):
         self.phase = "idle"
         self.received: set[str] = set()
+        self.in_setup: str | None = None  # the signal that arrived during setup, until it stops the job
         self._previous: dict | None = None
+        self._unraisable = None
 
     def install(self) -> bool:
         """Installs the handlers; call first thing in a job process. Returns False when they
@@ -43,12 +50,15 @@ class StopSignals:
         if self._previous is not None:
             return False
         self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+        self._unraisable, sys.unraisablehook = sys.unraisablehook, self._dropped
         return True
 
     def uninstall(self) -> None:
         """Restores the handlers found by :meth:`install` (a job run inside a longer process)."""
         for signum, handler in (self._previous or {}).items():
             signal.signal(signum, handler)
+        if self._unraisable is not None:
+            sys.unraisablehook, self._unraisable = self._unraisable, None
         self._previous = None
 
     def hand_back(self) -> None:
@@ -65,12 +75,24 @@ class StopSignals:
         name = signal.Signals(signum).name
         self.received.add(name)
         if self.phase == "setup":
-            raise SetupInterrupted(name)
+            self.in_setup = TERM if TERM in self.received else name
+            raise SetupInterrupted(self.in_setup)
         if self.phase == "finishing":
             print(f"distill: {name} after the last step: finishing the student and the report", file=sys.stderr, flush=True)
 
+    def _dropped(self, unraisable) -> None:
+        """``sys.unraisablehook``: the handler's stop, raised where Python could only drop it, is
+        delivered again from outside; anything else goes to the hook found at install."""
+        if not isinstance(unraisable.exc_value, SetupInterrupted):
+            return self._unraisable(unraisable)
+        again = (threading.main_thread().ident, signal.Signals[unraisable.exc_value.name])
+        threading.Timer(0.01, signal.pthread_kill, again).start()
+
     def enter(self, phase: str) -> None:
-        """Moves to ``phase``; entering setup with a signal already recorded stops at once."""
+        """Moves to ``phase``; entering setup with a signal already recorded stops at once, and so
+        does leaving it with one recorded during it (its stop was swallowed on the way)."""
+        if self.phase == "setup" and self.in_setup:
+            raise SetupInterrupted(self.in_setup)
         self.phase = phase
         if phase == "setup" and self.received:
             raise SetupInterrupted(TERM if TERM in self.received else USR1)
@@ -86,6 +108,7 @@ class StopSignals:
     def reset(self) -> None:
         """Forgets recorded signals and returns to idle (one process may run several jobs: tests)."""
         self.received.clear()
+        self.in_setup = None
         self.phase = "idle"
 
 

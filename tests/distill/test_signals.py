@@ -6,12 +6,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, job_overrides, read_metrics
 from distill import checkpoint, rundir
+from distill.signals import TERM, USR1, SetupInterrupted, StopSignals
 
 EMPTY_CONFIG = Path(tempfile.mkdtemp()) / "empty.yaml"
 EMPTY_CONFIG.write_text("{}\n")
@@ -35,6 +37,47 @@ def wait_for(predicate, proc, what, timeout=300):
 def finish(proc):
     out, err = proc.communicate(timeout=600)
     return proc.returncode, out, err
+
+
+def test_a_setup_stop_raised_where_python_drops_it_comes_again_unprinted(capfd):
+    # A handler that runs inside a weakref callback (importlib's module-lock cleanup, in a real job) raises
+    # where Python can only drop the exception: it is delivered again, and nothing is printed.
+    signals = StopSignals()
+    signals.install()
+    try:
+        signals.enter("setup")
+
+        class Held:
+            pass
+
+        held = Held()
+        ref = weakref.ref(held, lambda _: [signal.raise_signal(signal.SIGTERM), sum(range(1000))])  # noqa: F841
+        with pytest.raises(SetupInterrupted) as stop:
+            del held
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                time.sleep(0.01)
+        assert stop.value.name == TERM
+        assert capfd.readouterr().err == ""
+    finally:
+        signals.uninstall()
+
+
+def test_a_setup_stop_that_a_library_swallowed_still_stops_before_training():
+    signals = StopSignals()
+    signals.install()
+    try:
+        signals.enter("setup")
+        try:
+            signal.raise_signal(signal.SIGUSR1)
+            time.sleep(1)
+        except:  # noqa: E722  (as a library's bare except would)
+            pass
+        with pytest.raises(SetupInterrupted) as stop:
+            signals.enter("training")
+        assert stop.value.name == USR1 and signals.phase == "setup"
+    finally:
+        signals.uninstall()
 
 
 @pytest.mark.slow
