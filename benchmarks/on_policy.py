@@ -6,12 +6,13 @@ Quality (``--quality``): the same new student (configs/tiny.yaml), seed and lear
 64 new tokens, the divergence GKD recommends (JSD, beta 0.5) for every KD row:
 
 - ``ce``: the data alone (``loss.alpha=1``), the baseline of the teacher-forced rows;
-- ``lambda 0``: today's teacher-forced KD on the data; ``lambda 0.5``, ``lambda 1``: ``rollout.on_policy``;
+- ``lambda 0``: today's teacher-forced KD on the data; ``lambda 0.5``, ``lambda 1``: ``rollout.on_policy`` (steps
+  drawn, the default ``rollout.draw=step``, GKD's rule); ``lambda 0.5 per row``: rows drawn (``rollout.draw=row``);
 - ``seq-KD ce``: CE on the teacher's completions of the training prompts (``distill generate-teacher``,
   Kim & Rush's sequence-level KD), the baseline of ``seq-KD + JSD``: the same data with the JSD term.
 
 Then GKD's own setting (the students of the GKD paper start from a fine-tuned model): the ``lambda 0``
-student trained ``--more-steps`` more at lr 1e-3 with lambda 0, 0.5 and 1.
+student trained ``--more-steps`` more at lr 1e-3 with lambda 0, 0.5 (steps and rows drawn) and 1.
 
 Each student then samples (temperature 1) 64 tokens for each of 128 held-out prompts (the first 32
 tokens of validation documents); reported: the teacher's per-token NLL of those completions (lower:
@@ -22,11 +23,14 @@ Speed (``--speed``): one on-policy step of this project (``rollout.on_policy`` =
 ``GKDTrainer`` with the same lambda, new tokens (64), batch (16), temperature (1), JSD beta (0.5),
 models and learning rate, each in its own process, float32, on this machine's CPU; step time is the mean
 after the first fifth of ``--speed-steps`` steps, the generation share of each from its own clock (this
-project's ``train/generation_time_share``; TRL: a wrapped ``generate_on_policy_outputs``).
+project's ``train/generation_time_share``; TRL: a wrapped ``generate_on_policy_outputs``). Both draw whole
+steps with probability lambda, each from its own random stream, so each run has its own count of steps that
+generated: the table also gives each at lambda exactly (the rest of a step + lambda x the generation of a
+step that generated), and the ratio of those.
 
 Needs ``distill prepare-tiny`` and, for TRL, ``pip install -e '.[bench]'``. Prints tables, writes JSON.
 
-    python benchmarks/on_policy.py [--quality] [--speed] [--steps 300] [--speed-steps 40]
+    python benchmarks/on_policy.py [--quality] [--speed] [--steps 300] [--speed-steps 100]
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ PROMPT, NEW = 32, 64
 COMMON = ["data.packing=false", f"rollout.prompt_tokens={PROMPT}", f"rollout.max_new_tokens={NEW}", "train.eval_every=0", "train.save_every=0",
           "tracking.backend=none", "eval.speed=false", "eval.baseline=", "rollout.samples=0", "train.log_every=10"]
 JSD = ["loss.kind=jsd", "loss.jsd_beta=0.5"]
-ROWS = {"ce": ["loss.alpha=1.0"], "lambda 0": JSD, "lambda 0.5": [*JSD, "rollout.on_policy=0.5"], "lambda 1": [*JSD, "rollout.on_policy=1"],
-        "seq-KD ce": ["loss.alpha=1.0"], "seq-KD + JSD": JSD}
+ON_POLICY = {"lambda 0": [], "lambda 0.5": ["rollout.on_policy=0.5"], "lambda 0.5 per row": ["rollout.on_policy=0.5", "rollout.draw=row"],
+             "lambda 1": ["rollout.on_policy=1"]}
+ROWS = {"ce": ["loss.alpha=1.0"], **{name: [*JSD, *sets] for name, sets in ON_POLICY.items()}, "seq-KD ce": ["loss.alpha=1.0"], "seq-KD + JSD": JSD}
 
 
 def distill(*args: str) -> None:
@@ -134,14 +139,14 @@ def continued(args, work: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     prompts = held_out_prompts(tokenizer)
     results = {"start (lambda 0 student)": judged(start, teacher, tokenizer, prompts)}
-    for lam in (0, 0.5, 1):
-        out = work / f"continued_lambda_{lam:g}"
+    for name, sets in ON_POLICY.items():
+        out = work / f"continued_{name.replace(' ', '_')}"
         if not (args.reuse and (out / "eval.json").is_file()):
-            distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, *JSD, f"rollout.on_policy={lam}", f"train.max_steps={args.more_steps}",
+            distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, *JSD, *sets, f"train.max_steps={args.more_steps}",
                                                                f"student.path={start}", "student.architecture={}", "train.lr=1e-3",
                                                                "train.warmup_steps=0", "eval.initial=false", f"output_dir={out}"]))
         rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
-        results[f"+{args.more_steps} steps, lambda {lam:g}"] = {**judged(out / "student", teacher, tokenizer, prompts),
+        results[f"+{args.more_steps} steps, {name}"] = {**judged(out / "student", teacher, tokenizer, prompts),
                                                                "perplexity": rows["student"]["perplexity"]}
     return results
 
@@ -208,9 +213,7 @@ def trl_child(lam: float, steps: int, out: Path) -> dict:
     trainer = GKDTrainer(model=setup.student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
                          processing_class=setup.tokenizer, callbacks=[Clock()])
     trainer.train()
-    kept = times[len(times) // 5 :]
-    seconds = sum(t for t, _ in kept) / len(kept)
-    return {"seconds_per_step": seconds, "generation_share": sum(g for _, g in kept) / sum(t for t, _ in kept)}
+    return _timing([(t, g, g > 0) for t, g in times[len(times) // 5 :]])
 
 
 def distill_child(lam: float, steps: int, out: Path) -> dict:
@@ -221,9 +224,16 @@ def distill_child(lam: float, steps: int, out: Path) -> dict:
                                   f"output_dir={out}"]), overwrite=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kept = [r for r in records if "train/step_seconds" in r][steps // 5 :]
-    seconds = sum(r["train/step_seconds"] for r in kept) / len(kept)
-    return {"seconds_per_step": seconds,
-            "generation_share": sum(r["train/generation_time_share"] * r["train/step_seconds"] for r in kept) / sum(r["train/step_seconds"] for r in kept)}
+    return _timing([(r["train/step_seconds"], r["train/generation_time_share"] * r["train/step_seconds"], r["train/on_policy_rows"] > 0) for r in kept])
+
+
+def _timing(steps: list[tuple[float, float, bool]]) -> dict:
+    """(step seconds, generation seconds, whether it generated) of each timed step: the mean step, the generation share, how many steps
+    generated, and the two parts apart (a lambda draw gives each run its own count of generating steps)."""
+    total, generation = sum(t for t, _, _ in steps), sum(g for _, g, _ in steps)
+    generating = sum(1 for *_, generated in steps if generated)
+    return {"seconds_per_step": total / len(steps), "generation_share": generation / total, "steps": len(steps), "generating_steps": generating,
+            "generation_seconds_per_generating_step": generation / max(generating, 1), "other_seconds_per_step": (total - generation) / len(steps)}
 
 
 def speed(args, work: Path) -> dict:
@@ -235,7 +245,10 @@ def speed(args, work: Path) -> dict:
         if child.returncode != 0:
             raise SystemExit(f"the {name} row failed:\n{child.stderr[-3000:]}")
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    for r in (results["distill"], results["trl"]):  # each run's draws gave it its own count of generating steps: both at lambda exactly
+        r["seconds_per_step_at_lambda"] = r["other_seconds_per_step"] + args.lam * r["generation_seconds_per_generating_step"]
     results["ratio"] = results["distill"]["seconds_per_step"] / results["trl"]["seconds_per_step"]
+    results["ratio_at_lambda"] = results["distill"]["seconds_per_step_at_lambda"] / results["trl"]["seconds_per_step_at_lambda"]
     return results
 
 
@@ -244,7 +257,7 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--speed-steps", type=int, default=40)
+    parser.add_argument("--speed-steps", type=int, default=100)
     parser.add_argument("--more-steps", type=int, default=150, help="steps of the continued rows (from the lambda 0 student)")
     parser.add_argument("--lam", type=float, default=0.5, help="the lambda of the speed comparison")
     parser.add_argument("--reuse", action="store_true", help="read back quality runs already finished")
@@ -266,11 +279,14 @@ def main() -> None:
         _table(f"from the lambda 0 student, {args.more_steps} more steps (reference: lambda 0)", c, c[f"+{args.more_steps} steps, lambda 0"])
     if args.speed:
         report["speed"] = s = speed(args, work)
-        print(f"\n| on-policy step, lambda {args.lam:g}, {NEW} new tokens, batch 16 | seconds a step | generation share |")
-        print("|---|---|---|")
+        print(f"\n| on-policy step, lambda {args.lam:g}, {NEW} new tokens, batch 16 | seconds a step | generation share | steps that generated "
+              "| generation s a generating step | the rest, s a step | s a step at lambda exactly |")
+        print("|---|---|---|---|---|---|---|")
         for name in ("distill", "trl"):
-            print(f"| {name} | {s[name]['seconds_per_step']:.3f} | {s[name]['generation_share']:.0%} |")
-        print(f"| ratio (distill / TRL) | {s['ratio']:.2f}x | |")
+            r = s[name]
+            print(f"| {name} | {r['seconds_per_step']:.3f} | {r['generation_share']:.0%} | {r['generating_steps']}/{r['steps']} "
+                  f"| {r['generation_seconds_per_generating_step']:.3f} | {r['other_seconds_per_step']:.3f} | {r['seconds_per_step_at_lambda']:.3f} |")
+        print(f"| ratio (distill / TRL) | {s['ratio']:.2f}x | | | | | {s['ratio_at_lambda']:.2f}x |")
     path = args.out / "on_policy.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{path}")

@@ -1,9 +1,10 @@
 """Completions the student writes (``rollout.*``): on-policy distillation, GKD's lambda.
 
 Each optimizer step, before the teacher is asked, :meth:`Rollouts.apply` takes the step's micro-batches
-(of this process) and, for the ``rollout.on_policy`` share of their rows (drawn per row from
-``(seed, step, source, row)``, so the world size changes nothing), replaces what follows the row's
-prompt with a completion the student writes now, with its current weights: every such prompt of the
+(of this process) and, for the rows drawn (``rollout.draw``: every row of the ``rollout.on_policy`` share
+of steps, drawn from ``(seed, step)`` as GKD and TRL draw batches; or that share of each step's rows, drawn
+from ``(seed, step, source, row)``; either way the world size changes nothing), replaces what follows the
+row's prompt with a completion the student writes now, with its current weights: every such prompt of the
 step in one call to the engine (:mod:`distill.generation`), under ``no_grad``, with a KV cache; the
 targets of such a row are the completion only. The other rows are the data as it is (its own targets,
 so ``on_policy`` near 0 trains as today).
@@ -69,7 +70,8 @@ class Rollouts:
         self.totals = _Totals()
 
     def on_policy(self, step: int, source: int, row: int) -> bool:
-        return random.Random(f"{self.seed}/{step}/{source}/{row}").random() < self.cfg.on_policy
+        drawn = f"{self.seed}/{step}" if self.cfg.draw == "step" else f"{self.seed}/{step}/{source}/{row}"
+        return random.Random(drawn).random() < self.cfg.on_policy
 
     def split(self, batch: dict) -> list[tuple[list[int], list[int], list[int], tuple[int, int]]]:
         """Each row of ``batch`` as (prompt ids, the data's continuation, the row's own labels, the row's (source, index))."""
@@ -89,7 +91,7 @@ class Rollouts:
         chosen = [(b, i) for b, batch_rows in enumerate(rows) for i, (_, _, _, (source, index)) in enumerate(batch_rows)
                   if self.on_policy(step, source, index)]
         prompts = [rows[b][i][0] for b, i in chosen]
-        if self.synced and not prompts:  # this process still runs the forwards the others run
+        if self.synced and not prompts and self.cfg.draw == "row":  # this process still runs the forwards the others run
             prompts = [rows[0][0][0]]
         written = self.engine.generate(model, prompts, seed=self.seed * 1_000_003 + step * 1009 + rank, synced=self.synced) if prompts else []
         for (b, i), completion in zip(chosen, written):

@@ -172,7 +172,8 @@ class TrackingConfig:
 
 @dataclass
 class RolloutConfig:
-    on_policy: float = option(0.0, "On-policy distillation (GKD's lambda): the fraction of rows whose continuation the student writes each step, with its current weights, for the teacher to score (the targets of such a row: its completion only; the other rows are the data as it is). 0: the data's text as it is, nothing generated; 1: every prompt. causal_lm with teacher.source=model or remote.")
+    on_policy: float = option(0.0, "On-policy distillation (GKD's lambda): the share of steps (rollout.draw=step) or of rows (row) whose continuation the student writes, with its current weights, for the teacher to score (the targets of such a row: its completion only; the other rows are the data as it is). 0: the data's text as it is, nothing generated; 1: every prompt. causal_lm with teacher.source=model or remote.")
+    draw: Literal["step", "row"] = option("step", "What rollout.on_policy draws: step (GKD's and TRL's rule: a drawn optimizer step has every row written by the student, the others none; one generation call every 1/on_policy steps, so generation costs what the share says) or row (each row drawn alone: every step mixes both and generates). Both drawn from the seed and the step (and the row), so the world size changes nothing.")
     max_new_tokens: int = option(64, "Tokens the student writes per prompt (at most; a completion ends at EOS).")
     temperature: float = option(1.0, "Sampling temperature of the student's completions (0: greedy).")
     top_p: float = option(1.0, "Nucleus sampling of the student's completions (1: off).")

@@ -60,7 +60,7 @@ def test_the_student_completes_its_share_of_rows_and_only_the_completions_are_ta
     texts = [line for line in open(corpus["train"]).read().split("\n\n") if len(line) > 80][:12]
     sequences = _rows(tiny, texts)
     batches = [data.collate([sequences[i] for i in range(j, j + 6)], tokenizer.pad_token_id, [(0, i) for i in range(j, j + 6)]) for j in (0, 6)]
-    greedy = RolloutConfig(on_policy=0.5, max_new_tokens=12, temperature=0.0, prompt_tokens=8)
+    greedy = RolloutConfig(on_policy=0.5, max_new_tokens=12, temperature=0.0, prompt_tokens=8, draw="row")
     rollouts = Rollouts(greedy, tokenizer=tokenizer, vocab=len(tokenizer), seed=0)
     state = torch.random.get_rng_state()
     out = rollouts.apply(student, batches, step=3, rank=0)
@@ -78,6 +78,14 @@ def test_the_student_completes_its_share_of_rows_and_only_the_completions_are_ta
         else:  # the data as it is
             assert ids == original and labels == sequences[i]["labels"]
     assert rollouts.metrics(10.0)["train/completion_length"] == 12 and completions == sum(chosen)
+    # rollout.draw=step (the default, GKD's): a drawn step has every row written, another none, and nothing is generated for it.
+    whole = Rollouts(RolloutConfig(on_policy=0.5, max_new_tokens=12, prompt_tokens=8), tokenizer=tokenizer, vocab=len(tokenizer), seed=0)
+    drawn = [whole.on_policy(step, 0, 0) for step in range(40)]
+    assert 10 <= sum(drawn) <= 30 and all(whole.on_policy(step, s, i) == drawn[step] for step in range(40) for s in (0, 1) for i in range(12))
+    for step in (drawn.index(True), drawn.index(False)):
+        written = whole.apply(student, batches, step=step, rank=0)
+        assert whole.metrics(1.0)["train/on_policy_rows"] == float(drawn[step])
+        assert drawn[step] != all(torch.equal(w[k], b[k]) for w, b in zip(written, batches) for k in ("input_ids", "labels"))
     # Sampling: the same step writes the same completions (a resumed step), another step others.
     sampled = Rollouts(RolloutConfig(on_policy=1.0, max_new_tokens=12, prompt_tokens=8), tokenizer=tokenizer, vocab=len(tokenizer), seed=0)
     first = sampled.apply(student, batches, step=3, rank=0)[0]["input_ids"]
