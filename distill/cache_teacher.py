@@ -18,6 +18,8 @@ import torch
 
 from distill import data
 from distill.config import LOGITS, load_config
+from distill.encodings.registry import DEFAULT as DEFAULT_ENCODING
+from distill.encodings.registry import ENCODINGS
 from distill.errors import ConfigError, main_guard
 from distill.fused import HEAD_INPUTS, chunk_rows, teacher_chunks
 from distill.losses import IGNORE_INDEX
@@ -55,16 +57,19 @@ def batch_targets(source, task, batch: dict, vocab: int, k: int, method: str = "
 
 
 def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print,
-          method: str = "top_k") -> Path:
+          method: str = "top_k", encoding: str = DEFAULT_ENCODING) -> Path:
     """Runs the teacher over the job's training and validation sequences and writes (or completes) the store.
 
     Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
     ``i % world_size == rank``; rank 0 writes the manifest once every shard exists. With
     ``method="sampled"`` or ``"mixed"`` each shard draws from its own generator, seeded by the store's key and the
-    shard, so any process, world size or resumed build draws the same ids.
+    shard, so any process, world size or resumed build draws the same ids. ``encoding``: how the shards hold
+    the targets (:mod:`distill.encodings`).
     """
     if method not in METHODS:  # before any model is loaded
         raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"--encoding {encoding}: use one of {', '.join(ENCODINGS)}")
     device = device or torch.device("cpu")
     tune_cpu_allocator(cfg.train.cpu_allocator, device)
     setup = Setup(cfg, device, load_teacher=True, load_student=False)
@@ -73,7 +78,8 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     if not 0 < k <= vocab:
         what = "number of classes" if setup.task.row_labels else "vocabulary size"
         raise ConfigError(f"--top-k {k} must be between 1 and the {what} ({vocab})")
-    ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method)
+    ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method, encoding=encoding)
+    writer = ENCODINGS[encoding](vocab=vocab, method=method, k=k)
     key = key_of(ident)
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))
     _claim(path, ident, rank)
@@ -100,7 +106,7 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
             parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator)
                      for j in range(0, len(rows), batch)]
             targets = SparseTargets.cat([p for p, _ in parts]) if parts else SparseTargets.empty(k)  # a split without rows (an unlabelled source's validation)
-            write_shard(target, targets, [c for _, counts in parts for c in counts], vocab)
+            write_shard(target, targets, [c for _, counts in parts for c in counts], writer)
             done += 1
         if done:
             log(f"cache-teacher: {split} ({name}): {done} shard(s) written in {time.perf_counter() - start_time:.1f} s")
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--shard-rows", type=int, default=256)
     parser.add_argument("--targets", choices=METHODS, default="top_k")
+    parser.add_argument("--encoding", choices=list(ENCODINGS), default=DEFAULT_ENCODING)
     args = parser.parse_args(argv)
     if (args.top_k is not None and args.top_k < 1) or args.shard_rows < 1:
         parser.error("--top-k and --shard-rows must be >= 1")
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
         local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world, method=args.targets,
+        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world, method=args.targets, encoding=args.encoding,
                      device=device, log=lambda line: print(line, file=sys.stderr))
         if rank == 0:
             print(f"teacher store: {path}")

@@ -8,12 +8,15 @@ A store is a directory::
     validation/data/...
 
 Each shard holds, for its rows' targets in order (the task's targets, row by row, position by
-position): ``ids`` ``[T, k]`` (int16 when the vocabulary fits, else int32), ``logprobs`` ``[T, k]``
-float16 (log-probabilities at temperature 1, descending), ``tail`` ``[T]`` float32 (the log of the
-mass outside the top k) and ``offsets`` ``[rows + 1]`` (where each row's targets start). A store of
-sampled targets (``--targets sampled``) holds in the same fields the ids drawn and the log of their
-frequencies among k draws, with no tail (:func:`sample`); a mixed store (``--targets mixed``), the
-top k/2 ids exactly and k/2 ids drawn from the rest (:func:`mixed`).
+position), ``offsets`` ``[rows + 1]`` (where each row's targets start) and the targets in the store's
+encoding (``--encoding``, :mod:`distill.encodings`; recorded in the identity, ``fp16`` where an older
+store records none). ``fp16``: ``ids`` ``[T, k]`` (int16 when the vocabulary fits, else int32),
+``logprobs`` ``[T, k]`` float16 (log-probabilities at temperature 1, descending), ``tail`` ``[T]``
+float32 (the log of the mass outside the top k); ``q8``/``q4``: bit-packed ids, quantized
+log-probabilities and the drawn ids' counts, one record per row. A store of sampled targets
+(``--targets sampled``) holds the ids drawn and the log of their frequencies among k draws, with no
+tail (:func:`sample`); a mixed store (``--targets mixed``), the top k/2 ids exactly and k/2 ids drawn
+from the rest (:func:`mixed`). Every encoding reads back as the same ``[N, k]`` targets.
 
 Shards are a fixed partition of the rows, written atomically (a temporary file renamed), each by
 process ``shard % world_size``: a killed build resumes by skipping the shards that exist, any world
@@ -40,6 +43,8 @@ from safetensors.torch import load
 
 from distill.config.schema import data_sources
 from distill.data import expand_files
+from distill.encodings.registry import DEFAULT as DEFAULT_ENCODING
+from distill.encodings.registry import ENCODINGS
 from distill.errors import ConfigError, first_line
 from distill.rundir import write_atomic
 from distill.setup import Setup
@@ -50,6 +55,7 @@ from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forw
 FORMAT = 1
 LOGPROB_SLACK = 1e-2  # a stored log-probability may round above 0 by float16's step near 0, never more
 PREFERENCE = ("sampled", "mixed", "top_k")  # which store a job finds first: the last (top-k serves every divergence and temperature)
+PRECISION = ("q4", "q8", "fp16")  # then, of the same targets, the finer encoding
 
 
 # ----- identity ---------------------------------------------------------------------------------------------------------------------
@@ -129,14 +135,14 @@ def teacher_identity(cfg, tokenizer) -> dict:
     return {"format": FORMAT, "teacher": teacher, "tokenizer": _tokenizer_hash(tokenizer), "task": task}
 
 
-def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None, method: str | None = "top_k") -> dict:
+def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None, method: str | None = "top_k", encoding: str | None = DEFAULT_ENCODING) -> dict:
     """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``setup.Setup``."""
     configs = {source.name: source.data for source in data_sources(cfg.data)}
     return {
         **teacher_identity(cfg, tokenizer),
         "data": _data_identity(configs["data"]) if cfg.data.mixture == [] else {"mixture": {name: _data_identity(configs[name]) for name in configs}},
         "sequences": {name: {"training": sequences_hash(train), "validation": sequences_hash(validation)} for name, _, train, validation in sources},
-        "targets": {"method": method, "k": k, "vocab": vocab},
+        "targets": {"method": method, "k": k, "vocab": vocab, "encoding": encoding},
     }
 
 
@@ -181,8 +187,9 @@ def shard_count(rows: int, shard_rows: int) -> int:
     return max(1, -(-rows // shard_rows))
 
 
-def write_shard(path: Path, targets: SparseTargets, counts: list[int], vocab: int) -> None:
-    write_atomic(path, encode(targets, counts, vocab))
+def write_shard(path: Path, targets: SparseTargets, counts: list[int], encoding) -> None:
+    """A shard's targets (``counts`` per row) in ``encoding`` (a :class:`distill.encodings.base.Encoding`), written atomically."""
+    write_atomic(path, encoding.encode(targets, counts))
 
 
 def _claim(path: Path, ident: dict, rank: int) -> None:
@@ -246,6 +253,11 @@ class Store:
             raise ConfigError(f"teacher.cache: {manifest} is not a readable manifest; rebuild the store with distill cache-teacher") from None
         self.k, self.vocab = int(self.identity["targets"]["k"]), int(self.identity["targets"]["vocab"])
         self.method = self.identity["targets"].get("method", "top_k")
+        self.encoding_name = self.identity["targets"].get("encoding") or DEFAULT_ENCODING  # a store from before encodings: fp16
+        if self.encoding_name not in ENCODINGS:
+            raise ConfigError(f"teacher.cache: the store at {path} is in encoding {self.encoding_name!r}, which this version of distill cannot read "
+                              f"(it reads {', '.join(ENCODINGS)}); upgrade distill or rebuild the store with distill cache-teacher")
+        self.encoding = ENCODINGS[self.encoding_name](vocab=self.vocab, method=self.method, k=self.k)
         if job_identity is not None:
             job = {**job_identity, "targets": self.identity["targets"]}
             diff = differences(self.identity, job)
@@ -266,7 +278,7 @@ class Store:
         self._checked: set = set()
 
     def _shard(self, split: str, name: str, index: int):
-        """(an open, memory-mapped shard, its row offsets): rows are read by slice, never the whole shard."""
+        """(an open, memory-mapped shard, its row offsets, what its encoding reads rows by): rows are read by slice, never the whole shard."""
 
         key = (split, name, index)
         if key not in self._open:
@@ -276,7 +288,7 @@ class Store:
                     self._check_shard(f, self._expected.get(key))
                     self._checked.add(key)
                 handle = safe_open(str(f), framework="pt")
-                self._open[key] = (handle, handle.get_tensor("offsets").tolist())
+                self._open[key] = (handle, handle.get_tensor("offsets").tolist(), self.encoding.open(handle))
             except (SafetensorError, OSError, KeyError) as err:
                 raise ConfigError(f"teacher.cache: shard {f} cannot be read ({first_line(err)}); rebuild the store with distill cache-teacher") from None
             if len(self._open) > 256:
@@ -296,32 +308,39 @@ class Store:
             raise ConfigError(f"teacher.cache: shard {f} does not match the sha256 in its manifest (changed or damaged since it was built); "
                               "rebuild the store with distill cache-teacher")
         # Copies: tensors straight from the bytes are unaligned, and reductions over them run 50x slower.
-        tensors = {name: tensor.clone() for name, tensor in load(data).items()}
-        ids, logprobs, tail, offsets = (tensors.get(field) for field in ("ids", "logprobs", "tail", "offsets"))
-        problem = None
-        if any(t is None for t in (ids, logprobs, tail, offsets)):
-            problem = "it lacks one of ids, logprobs, tail, offsets"
-        elif ids.ndim != 2 or ids.shape[1] != self.k or logprobs.shape != ids.shape or tail.shape != ids.shape[:1]:
-            problem = f"its targets are not [tokens, {self.k}]"
-        elif offsets.ndim != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != ids.shape[0] or bool((offsets.diff() < 0).any()):
-            problem = "its row offsets do not cover its targets in order"
-        elif ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
-            problem = f"it holds ids outside the vocabulary [0, {self.vocab}) (from {int(ids.min())} to {int(ids.max())})"
-        elif ids.numel() and not (float(logprobs.max()) <= LOGPROB_SLACK and float(tail.max()) <= LOGPROB_SLACK):
-            # max() is NaN when any value is (-inf is a probability of 0: sampled ids never drawn, no tail)
-            nan = bool(logprobs.isnan().any() or tail.isnan().any())
-            problem = "it holds log-probabilities that are NaN" if nan else "it holds log-probabilities above 0"
+        problem = self._problem({name: tensor.clone() for name, tensor in load(data).items()})
         if problem:
             raise ConfigError(f"teacher.cache: shard {f} is not a valid teacher store shard: {problem}; rebuild the store with distill cache-teacher")
+
+    def _problem(self, tensors: dict) -> str | None:
+        """What makes a shard's loaded tensors unfit for the loss, read back through the store's encoding; None when nothing."""
+        offsets = tensors.get("offsets")
+        if offsets is None:
+            return "it lacks offsets"
+        try:
+            targets = self.encoding.decode(tensors)
+        except (ValueError, IndexError, RuntimeError) as err:
+            return f"its {self.encoding_name} targets do not read back: {first_line(err)}"
+        ids, logprobs, tail = targets.ids, targets.logprobs, targets.tail
+        if ids.ndim != 2 or ids.shape[1] != self.k or logprobs.shape != ids.shape or tail.shape != ids.shape[:1]:
+            return f"its targets are not [tokens, {self.k}]"
+        if offsets.ndim != 1 or int(offsets[0]) != 0 or int(offsets[-1]) != ids.shape[0] or bool((offsets.diff() < 0).any()):
+            return "its row offsets do not cover its targets in order"
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab:
+            return f"it holds ids outside the vocabulary [0, {self.vocab}) (from {int(ids.min())} to {int(ids.max())})"
+        if ids.numel() and not (float(logprobs.max()) <= LOGPROB_SLACK and float(tail.max()) <= LOGPROB_SLACK):
+            # max() is NaN when any value is (-inf is a probability of 0: sampled ids never drawn, no tail)
+            nan = bool(logprobs.isnan().any() or tail.isnan().any())
+            return "it holds log-probabilities that are NaN" if nan else "it holds log-probabilities above 0"
+        return None
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
         """The targets of ``rows`` of one source's split, concatenated in order."""
         parts = []
         for row in rows:
-            handle, offsets = self._shard(split, name, row // self.shard_rows)
+            handle, offsets, index = self._shard(split, name, row // self.shard_rows)
             i = row % self.shard_rows
-            a, b = offsets[i], offsets[i + 1]
-            parts.append(SparseTargets(*(handle.get_slice(field)[a:b] for field in ("ids", "logprobs", "tail"))))
+            parts.append(self.encoding.row(handle, index, i, offsets[i], offsets[i + 1]))
         return SparseTargets.cat(parts)
 
 
@@ -339,12 +358,13 @@ def open_store(cfg, setup, *, quiet: bool = False) -> "Store":
     setup.vocab = store.vocab
     if not quiet:
         held = {"top_k": f"top-{store.k}", "sampled": f"{store.k} sampled", "mixed": f"top-{store.k // 2} and {store.k - store.k // 2} sampled"}[store.method]
-        print(f"teacher: store {store.path} ({held} of {store.vocab} ids); the teacher model is not loaded for training", file=sys.stderr)
+        print(f"teacher: store {store.path} ({held} of {store.vocab} ids, {store.encoding_name}); the teacher model is not loaded for training", file=sys.stderr)
     return store
 
 
 def find(ident: dict) -> Path | None:
-    """A complete store under :func:`cache_root` built for this job (any k): top-k before mixed before sampled targets, the largest k first."""
+    """A complete store under :func:`cache_root` built for this job (any k): top-k before mixed before sampled targets, the largest k first,
+    the finest encoding first."""
     root = cache_root()
     found = []
     for manifest in root.glob("*/manifest.json") if root.is_dir() else ():
@@ -353,7 +373,10 @@ def find(ident: dict) -> Path | None:
         except (OSError, ValueError, KeyError):
             continue
         if not differences(stored, {**ident, "targets": stored.get("targets")}):
-            found.append((PREFERENCE.index(stored["targets"].get("method", "top_k")), stored["targets"]["k"], manifest.parent))
+            targets = stored["targets"]
+            encoding = targets.get("encoding") or DEFAULT_ENCODING
+            precision = PRECISION.index(encoding) if encoding in PRECISION else -1  # one this version cannot read: last
+            found.append((PREFERENCE.index(targets.get("method", "top_k")), targets["k"], precision, manifest.parent))
     return max(found)[-1] if found else None
 
 

@@ -149,6 +149,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     load_config(args.config, _overrides(args))  # a bad config fails here, once
     argv = [args.config, *(["--top-k", str(args.top_k)] if args.top_k else []), "--shard-rows", str(args.shard_rows), "--targets", args.targets,
+            "--encoding", args.encoding,
             *[a for o in _overrides(args) for a in ("--set", o)],
             *(["--out", args.out] if args.out else [])]
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
@@ -396,6 +397,10 @@ def _add_teacher_commands(commands, formatter) -> None:
                        help="top_k: the teacher's k most likely ids; sampled: k ids drawn from the teacher's distribution, kept with their "
                             "frequencies (an unbiased estimate: Sparse Logit Sampling); mixed: the top k/2 ids exactly and k/2 drawn from the "
                             "rest (unbiased, less noisy than sampled). The last two train the forward KL at temperature 1 only")
+    cache.add_argument("--encoding", choices=["fp16", "q8", "q4"], default="fp16",  # distill.encodings' ENCODINGS (torch-free here)
+                       help="how shards hold the targets: fp16 (int16/int32 ids, float16 log-probabilities; the default), q8 or q4 (the "
+                            "exact log-probabilities in 8 or 4 bits below each token's largest, drawn ids as their counts, ids bit-packed "
+                            "to the vocabulary's width; sampled targets lose nothing in either)")
     cache.add_argument("--out", help="store directory (default: teacher.cache, else $DISTILL_CACHE_DIR/teacher/KEY, found by jobs automatically)")
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")

@@ -168,7 +168,7 @@ def test_a_classifier_store_holds_every_class_and_trains_unlabelled_rows_as_the_
     _run(labelled, tmp_path / "model", *common)
     reset_accelerate()
     _run(labelled, tmp_path / "cached", *common, "teacher.source=cache", f"teacher.cache={store}")
-    assert f"teacher: store {store} (top-3 of 3 ids)" in capsys.readouterr().err
+    assert f"teacher: store {store} (top-3 of 3 ids, fp16)" in capsys.readouterr().err
     model, cached = ([m for m in read_metrics(tmp_path / name) if "train/loss" in m] for name in ("model", "cached"))
     assert len(model) == len(cached) == 6
     for a, b in zip(model, cached):  # float16 log-probabilities: the same curve to about 1e-3

@@ -132,7 +132,7 @@ def test_the_store_holds_the_teachers_top_k_of_every_target(store, tiny, corpus,
     from distill.teacher_source import ModelSource
 
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320}
+    assert manifest["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320, "encoding": "fp16"}
     cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "x"))
     setup = Setup(cfg, torch.device("cpu"))
     train = setup.sources[0][2]
@@ -180,7 +180,7 @@ def test_training_from_the_store_matches_the_dense_restricted_loss_and_resumes_e
     reset_accelerate()
     whole, _ = _train(tiny, corpus, tmp_path / "whole", f"teacher.cache={store}", "loss.alpha=0.2", "train.save_every=3")
     err = capfd.readouterr().err
-    assert f"teacher: store {store} (top-{K} of 320 ids); the teacher model is not loaded for training" in err
+    assert f"teacher: store {store} (top-{K} of 320 ids, fp16); the teacher model is not loaded for training" in err
     metrics = [m for m in read_metrics(whole) if "train/loss" in m]
     assert len(metrics) == 6 and all(m["train/kd_loss"] > 0 for m in metrics)
     # A second student from the same store: another alpha and temperature, an unfused loss.
@@ -342,11 +342,11 @@ def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl
     assert built.returncode == 0, built.stderr
     assert _files(one) == _files(two)  # each shard draws from its own seed
     manifest = json.loads((one / "manifest.json").read_text())
-    assert manifest["identity"]["targets"] == {"method": method, "k": K, "vocab": 320}
+    assert manifest["identity"]["targets"] == {"method": method, "k": K, "vocab": 320, "encoding": "fp16"}
     assert _files(one) != _files(store)
     reset_accelerate()
     run, _ = _train(tiny, corpus, tmp_path / "run", f"teacher.cache={one}")
-    assert f"teacher: store {one} ({held} of 320 ids)" in capfd.readouterr().err
+    assert f"teacher: store {one} ({held} of 320 ids, fp16)" in capfd.readouterr().err
     assert all(m["train/kd_loss"] > 0 for m in read_metrics(run) if "train/loss" in m)
     reset_accelerate()
     with pytest.raises(ConfigError, match=r"loss term 'kd' \(forward_kl at temperature 2\): sampled teacher targets give an unbiased forward KL "
@@ -359,16 +359,18 @@ def test_a_job_finds_a_top_k_store_before_a_mixed_one_before_a_sampled_one(tmp_p
 
     monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path))
     job = {"teacher": {"weights": "abc"}, "data": {"seq_len": 64}}
-    stores = {"sampled_64": ("sampled", 64), "mixed_64": ("mixed", 64), "mixed_8": ("mixed", 8), "top_8": ("top_k", 8)}
-    for name, (method, k) in stores.items():
+    stores = {"sampled_64": ("sampled", 64, "fp16"), "mixed_64_q4": ("mixed", 64, "q4"), "mixed_64": ("mixed", 64, None), "mixed_64_q8": ("mixed", 64, "q8"),
+              "mixed_8": ("mixed", 8, "fp16"), "top_8": ("top_k", 8, "q8")}
+    for name, (method, k, encoding) in stores.items():  # None: a store from before encodings (fp16)
+        targets = {"method": method, "k": k, "vocab": 320, **({"encoding": encoding} if encoding else {})}
         (tmp_path / "teacher" / name).mkdir(parents=True)
-        (tmp_path / "teacher" / name / "manifest.json").write_text(json.dumps({"identity": {**job, "targets": {"method": method, "k": k, "vocab": 320}}}))
+        (tmp_path / "teacher" / name / "manifest.json").write_text(json.dumps({"identity": {**job, "targets": targets}}))
     assert find({**job, "data": {"seq_len": 32}, "targets": None}) is None  # built for other data
     order = []
     while (found := find({**job, "targets": None})) is not None:
         order.append(found.name)
         (found / "manifest.json").unlink()
-    assert order == ["top_8", "mixed_64", "mixed_8", "sampled_64"]
+    assert order == ["top_8", "mixed_64", "mixed_64_q8", "mixed_64_q4", "mixed_8", "sampled_64"]
 
 
 def _rewrite_shard(path: Path, **changes) -> None:
@@ -414,3 +416,93 @@ def test_a_store_whose_bytes_changed_is_refused_in_one_line(store, tiny, corpus,
         (forged / "manifest.json").write_text(json.dumps(manifest))
         code, line = train(forged, f"b-{name}")
         assert code == 2 and "is not a valid teacher store shard" in line and problem in line, line
+
+
+# ----- encodings ------------------------------------------------------------------------------------------------------------------------
+
+
+def _dense(targets, vocab):
+    return torch.zeros(len(targets), vocab, dtype=torch.float64).scatter_add_(1, targets.ids.long(), targets.logprobs.double().exp())
+
+
+@pytest.mark.parametrize("method", ["top_k", "sampled", "mixed"])
+def test_every_encoding_reads_back_the_targets_it_was_given(method):
+    from safetensors.torch import load
+
+    from distill.encodings.registry import ENCODINGS
+    from distill.sparse import PICK, bucket_forward_kl_and_grad
+    from distill_launcher.cli import build_parser
+
+    vocab, k = 320, 16
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(90, vocab, generator=generator) * 3
+    given = PICK[method](logits, k, generator)
+    counts = [40, 0, 30, 20]  # a row without targets too
+    size, back = {}, {}
+    for name, kind in ENCODINGS.items():
+        data = kind(vocab=vocab, method=method, k=k).encode(given, counts)
+        size[name], back[name] = len(data), kind(vocab=vocab, method=method, k=k).decode(load(data))
+        got = back[name]
+        assert got.ids.shape == given.ids.shape and all(len(set(row)) == k for row in got.ids.tolist())  # k distinct ids a target
+        mass = _dense(got, vocab).sum(-1) + got.tail.double().exp()
+        assert (mass - 1).abs().max() < (2e-3 if name == "fp16" else 1e-5), name  # the quantized ones scaled to the stored rest's mass
+        error = (_dense(got, vocab) - _dense(given, vocab)).abs().sum(-1).max()
+        assert error < {"fp16": 2e-3, "q8": 1e-2, "q4": 0.12}[name], (name, float(error))
+        exact = {"top_k": k, "mixed": k // 2, "sampled": 0}[method]
+        assert torch.equal(got.ids[:, :exact].long(), given.ids[:, :exact])  # the exact ids, in order
+        if method != "top_k":  # the drawn ids are their counts: nothing lost
+            drawn = given.logprobs[:, exact:] > float("-inf")
+            assert torch.equal(got.ids[:, exact:][drawn].long(), given.ids[:, exact:][drawn]), name
+            if name != "fp16":
+                torch.testing.assert_close(got.logprobs[:, exact:].float(), given.logprobs[:, exact:], rtol=0, atol=2e-5 if method == "sampled" else 2e-3)
+    if method == "sampled":  # no exact log-probability: the same bytes in both
+        assert size["q4"] == size["q8"] < size["fp16"] / 2, size
+    else:  # at k=16 and 9-bit ids
+        assert size["q4"] < size["q8"] < 0.65 * size["fp16"], size
+    if method == "sampled":  # the same forward KL and gradient, whatever ids fill the slots never drawn
+        student = torch.randn(90, vocab, generator=generator)
+        for a, b in zip(bucket_forward_kl_and_grad(student, given, 1.0), bucket_forward_kl_and_grad(student, back["q8"], 1.0)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cache = next(a for a in build_parser()._subparsers._group_actions[0].choices["cache-teacher"]._actions if "--encoding" in a.option_strings)
+    assert list(cache.choices) == list(ENCODINGS)  # the launcher's own list (torch-free) is the registry's
+
+
+def test_a_quantized_store_trains_and_a_store_from_before_encodings_reads_as_fp16(store, tiny, corpus, tmp_path, capfd):
+    from safetensors.torch import load_file, save_file
+
+    q8 = tmp_path / "q8"
+    built = _cache_cli(tiny, corpus, q8, "--encoding", "q8")
+    assert built.returncode == 0, built.stderr
+    assert json.loads((q8 / "manifest.json").read_text())["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320, "encoding": "q8"}
+    shards = lambda path: sum(f.stat().st_size for f in path.rglob("shard-*.safetensors"))
+    assert shards(q8) < 0.7 * shards(store)  # at k=8: 23 bytes a target against 36
+    rows = [0, 5, 17, 40]
+    exact, packed = Store(store).rows("training", "data", rows), Store(q8).rows("training", "data", rows)
+    assert torch.equal(packed.ids.long(), exact.ids.long())
+    torch.testing.assert_close(packed.logprobs, exact.logprobs.float(), rtol=0, atol=0.03)
+    reset_accelerate()
+    run, _ = _train(tiny, corpus, tmp_path / "run", f"teacher.cache={q8}")
+    assert f"teacher: store {q8} (top-{K} of 320 ids, q8)" in capfd.readouterr().err
+    assert all(m["train/kd_loss"] > 0 for m in read_metrics(run) if "train/loss" in m)
+    # A store whose identity names no encoding (built before there were any) is read as fp16.
+    older = tmp_path / "older"
+    shutil.copytree(store, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["identity"]["targets"]["encoding"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    old = Store(older).rows("training", "data", rows)
+    assert torch.equal(old.ids, exact.ids) and torch.equal(old.logprobs, exact.logprobs)
+    # Records that do not parse, behind a manifest rewritten to match: one line, before training.
+    forged = tmp_path / "forged"
+    shutil.copytree(q8, forged)
+    manifest = json.loads((forged / "manifest.json").read_text())
+    shard = manifest["splits"]["training"]["data"]["shards"][0]
+    path = forged / "training" / "data" / shard["file"]
+    tensors = load_file(path)
+    tensors["blob_offsets"][1] += 1
+    save_file(tensors, path)
+    shard["sha256"], shard["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="is not a valid teacher store shard: its q8 targets do not read back: a row's record is"):
+        Store(forged).rows("training", "data", [0])
+    reset_accelerate()
