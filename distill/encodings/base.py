@@ -52,8 +52,11 @@ def pack(values: np.ndarray, width: int) -> bytes:
 
 def unpack(data: bytes | np.ndarray, count: int, width: int) -> np.ndarray:
     """The ``count`` integers of ``width`` bits :func:`pack` wrote (int64)."""
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * width, bitorder="little")
-    return bits.reshape(count, width).astype(np.int64) @ (np.int64(1) << np.arange(width, dtype=np.int64))
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if width in (8, 16):  # whole bytes, little-endian: read as they are
+        return raw[: count * width // 8].view(np.uint8 if width == 8 else "<u2").astype(np.int64)
+    bits = np.unpackbits(raw, count=count * width, bitorder="little").reshape(count, width)
+    return (bits.astype(np.float64) @ (2.0 ** np.arange(width))).astype(np.int64)  # exact below 2**53
 
 
 def packed_bytes(count: int, width: int) -> int:

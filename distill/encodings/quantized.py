@@ -20,8 +20,6 @@ starts), so a row is read by one slice.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from safetensors.torch import save
@@ -146,34 +144,38 @@ class Quantized(Encoding):
         frequency = unpack(take(packed_bytes(total - n * E, self.count_bits)), total - n * E, self.count_bits) + 1 if D else None
         if at != len(record):
             raise ValueError("a row's record is longer than its targets need")
-        ids = torch.full((n, self.k), -1, dtype=torch.int64)
-        values = torch.full((n, self.k), -math.inf)
-        rest_t = torch.from_numpy(rest.copy())
-        if E:
-            ids[:, :E] = torch.from_numpy(every_id[: n * E].reshape(n, E))
-            head = torch.from_numpy(top)[:, None] - torch.from_numpy(codes).float() * torch.from_numpy(step)[:, None]
-            # The stored rest fixes the exact ids' mass; the steps' rounding would move it.
-            mass = torch.log(-torch.expm1(rest_t.double())).float() if self.has_rest else torch.zeros(n)
-            values[:, :E] = head + (mass - head.logsumexp(-1)).nan_to_num(0.0, posinf=0.0, neginf=0.0)[:, None]
-        if D:
-            target = torch.from_numpy(np.repeat(np.arange(n), drawn))
-            column = E + torch.from_numpy(np.arange(total - n * E) - np.repeat(np.cumsum(drawn) - drawn, drawn))
-            ids[target, column] = torch.from_numpy(every_id[n * E :])
-            values[target, column] = (torch.log(torch.from_numpy(frequency).float() / D) + rest_t[target]).float()
-            ids = self._fill(ids)
-        tail = rest_t if self.method == "top_k" else torch.full((n,), -math.inf)
-        return SparseTargets(ids.to(torch.int32), values, tail)
+        # numpy throughout: a row is small, and each torch call on it costs more than its arithmetic
+        ids = np.full((n, self.k), -1, dtype=np.int64)
+        values = np.full((n, self.k), -np.inf, dtype=np.float32)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if E:
+                ids[:, :E] = every_id[: n * E].reshape(n, E)
+                head = top[:, None] - codes.astype(np.float32) * step[:, None]
+                # The stored rest fixes the exact ids' mass; the steps' rounding would move it.
+                mass = np.log(-np.expm1(rest.astype(np.float64))) if self.has_rest else np.zeros(n)
+                peak = head.max(1)
+                shift = mass - (peak + np.log(np.exp(head - peak[:, None]).sum(1)))
+                values[:, :E] = head + np.where(np.isfinite(shift), shift, 0.0)[:, None]
+            if D:
+                target = np.repeat(np.arange(n), drawn)
+                column = E + np.arange(total - n * E) - np.repeat(np.cumsum(drawn) - drawn, drawn)
+                ids[target, column] = every_id[n * E :]
+                values[target, column] = np.log(frequency / D) + rest[target]
+                ids = self._fill(ids)
+        tail = rest if self.method == "top_k" else np.full(n, -np.inf, dtype=np.float32)
+        return SparseTargets(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(values), torch.from_numpy(tail.astype(np.float32)))
 
-    def _fill(self, ids: torch.Tensor) -> torch.Tensor:
+    def _fill(self, ids: np.ndarray) -> np.ndarray:
         """Each target's empty slots (-1) given the smallest ids it does not hold, in order (probability 0)."""
         empty = ids < 0
-        if not bool(empty.any()):
+        if not empty.any():
             return ids
-        candidates = torch.arange(min(self.vocab, 2 * self.k))
-        used = (ids[:, :, None] == candidates).any(1)
-        free = torch.sort(used.to(torch.int8), dim=1, stable=True).indices  # unused candidates first, smallest first
-        rank = (empty.cumsum(1) - 1).clamp(min=0)
-        return torch.where(empty, free.gather(1, rank), ids)
+        size = min(self.vocab, 2 * self.k)  # the ids 0..size-1 hold at least k the target does not
+        used = np.zeros((len(ids), size + 1), dtype=np.int8)
+        used[np.arange(len(ids))[:, None], np.where((ids >= 0) & (ids < size), ids, size)] = 1
+        free = np.argsort(used[:, :size], axis=1, kind="stable")  # unused ids first, smallest first
+        rank = np.maximum(np.cumsum(empty, 1) - 1, 0)
+        return np.where(empty, np.take_along_axis(free, rank, 1), ids)
 
 
 class Q8(Quantized):

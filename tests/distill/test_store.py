@@ -429,6 +429,7 @@ def _dense(targets, vocab):
 def test_every_encoding_reads_back_the_targets_it_was_given(method):
     from safetensors.torch import load
 
+    from distill.encodings.base import pack, unpack
     from distill.encodings.registry import ENCODINGS
     from distill.sparse import PICK, bucket_forward_kl_and_grad
     from distill_launcher.cli import build_parser
@@ -463,6 +464,9 @@ def test_every_encoding_reads_back_the_targets_it_was_given(method):
         student = torch.randn(90, vocab, generator=generator)
         for a, b in zip(bucket_forward_kl_and_grad(student, given, 1.0), bucket_forward_kl_and_grad(student, back["q8"], 1.0)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    values = torch.randint(0, 1 << 17, (1001,), generator=generator).numpy()
+    for width in (1, 4, 7, 8, 9, 16, 17):  # the bit packing, at and between whole bytes
+        assert (unpack(pack(values % (1 << width), width), 1001, width) == values % (1 << width)).all(), width
     cache = next(a for a in build_parser()._subparsers._group_actions[0].choices["cache-teacher"]._actions if "--encoding" in a.option_strings)
     assert list(cache.choices) == list(ENCODINGS)  # the launcher's own list (torch-free) is the registry's
 
