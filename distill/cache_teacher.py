@@ -62,8 +62,8 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
 
     Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
     ``i % world_size == rank``; rank 0 writes the manifest once every shard exists. With
-    ``method="sampled"`` or ``"mixed"`` each shard draws from its own generator, seeded by the store's key and the
-    shard, so any process, world size or resumed build draws the same ids. ``encoding``: how the shards hold
+    ``method="sampled"`` or ``"mixed"`` each shard draws from its own generator, seeded by the store's key (its
+    encoding left out) and the shard, so any process, world size, resumed build or encoding draws the same ids. ``encoding``: how the shards hold
     the targets (:mod:`distill.encodings`).
     """
     if method not in METHODS:  # before any model is loaded
@@ -81,6 +81,9 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method, encoding=encoding)
     writer = ENCODINGS[encoding](vocab=vocab, method=method, k=k)
     key = key_of(ident)
+    # The draws depend on the targets, not on how they are written: one encoding's sampled store holds another's ids and counts
+    # (and an fp16 store draws what it drew before encodings were recorded).
+    draws_key = key_of({**ident, "targets": {name: value for name, value in ident["targets"].items() if name != "encoding"}})
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))
     _claim(path, ident, rank)
     source = ModelSource(setup.teacher, setup.task, vocab)
@@ -102,7 +105,7 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
             rows = [sequences[i] for i in range(first, last)]
             generator = None
             if method != "top_k":
-                generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
+                generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{draws_key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
             parts = [_targets_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator)
                      for j in range(0, len(rows), batch)]
             targets = SparseTargets.cat([p for p, _ in parts]) if parts else SparseTargets.empty(k)  # a split without rows (an unlabelled source's validation)

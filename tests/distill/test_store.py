@@ -344,6 +344,14 @@ def test_a_sampled_store_is_the_same_at_any_world_size_and_trains_the_forward_kl
     manifest = json.loads((one / "manifest.json").read_text())
     assert manifest["identity"]["targets"] == {"method": method, "k": K, "vocab": 320, "encoding": "fp16"}
     assert _files(one) != _files(store)
+    # Another encoding of the same targets: the same draws (the seed leaves the encoding out), kept as counts.
+    packed = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=tmp_path / "q8", shard_rows=16, method=method,
+                   encoding="q8")
+    rows = list(range(0, 200, 7))
+    a, b = Store(one).rows("training", "data", rows), Store(packed).rows("training", "data", rows)
+    drawn = a.logprobs[:, K - (K if method == "sampled" else K // 2):].float() > float("-inf")
+    assert torch.equal(a.ids[:, -drawn.shape[1]:][drawn].long(), b.ids[:, -drawn.shape[1]:][drawn].long())
+    torch.testing.assert_close(b.logprobs.float(), a.logprobs.float(), rtol=0, atol=2e-3 if method == "sampled" else 0.03)
     reset_accelerate()
     run, _ = _train(tiny, corpus, tmp_path / "run", f"teacher.cache={one}")
     assert f"teacher: store {one} ({held} of 320 ids, fp16)" in capfd.readouterr().err
