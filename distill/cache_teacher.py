@@ -63,8 +63,8 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
     ``i % world_size == rank``; rank 0 writes the manifest once every shard exists. With
     ``method="sampled"`` or ``"mixed"`` each shard draws from its own generator, seeded by the store's key (its
-    encoding left out) and the shard, so any process, world size, resumed build or encoding draws the same ids. ``encoding``: how the shards hold
-    the targets (:mod:`distill.encodings`).
+    encoding left out) and the shard, so any process, world size, resumed build or encoding draws the same ids.
+    ``encoding``: how the shards hold the targets (:mod:`distill.encodings`).
     """
     if method not in METHODS:  # before any model is loaded
         raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
         local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world, method=args.targets, encoding=args.encoding,
-                     device=device, log=lambda line: print(line, file=sys.stderr))
+        path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world, method=args.targets,
+                     encoding=args.encoding, device=device, log=lambda line: print(line, file=sys.stderr))
         if rank == 0:
             print(f"teacher store: {path}")
         return 0

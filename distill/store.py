@@ -55,7 +55,6 @@ from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forw
 FORMAT = 1
 LOGPROB_SLACK = 1e-2  # a stored log-probability may round above 0 by float16's step near 0, never more
 PREFERENCE = ("sampled", "mixed", "top_k")  # which store a job finds first: the last (top-k serves every divergence and temperature)
-PRECISION = ("q4", "q8", "fp16")  # then, of the same targets, the finer encoding
 
 
 # ----- identity ---------------------------------------------------------------------------------------------------------------------
@@ -375,7 +374,7 @@ def find(ident: dict) -> Path | None:
         if not differences(stored, {**ident, "targets": stored.get("targets")}):
             targets = stored["targets"]
             encoding = targets.get("encoding") or DEFAULT_ENCODING
-            precision = PRECISION.index(encoding) if encoding in PRECISION else -1  # one this version cannot read: last
+            precision = ENCODINGS[encoding].precision if encoding in ENCODINGS else -1  # then the finer encoding; one this version cannot read, last
             found.append((PREFERENCE.index(targets.get("method", "top_k")), targets["k"], precision, manifest.parent))
     return max(found)[-1] if found else None
 

@@ -18,7 +18,7 @@ class Encoding:
     """One way of writing a store's targets (``cache-teacher --encoding``)."""
 
     kind = ""
-    lossless = False  # what the store holds reads back as the fp16 layout would
+    precision = 0  # bits of an exact log-probability: of two stores of the same targets, a job takes the finer
 
     def __init__(self, *, vocab: int, method: str, k: int):
         self.vocab, self.method, self.k = vocab, method, k

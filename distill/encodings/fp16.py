@@ -12,7 +12,7 @@ FIELDS = ("ids", "logprobs", "tail")
 
 class Fp16(Encoding):
     kind = "fp16"
-    lossless = True
+    precision = 16
 
     def encode(self, targets, counts):
         return encode(targets, counts, self.vocab)

@@ -31,7 +31,7 @@ SPAN = 30.0  # nats below a target's largest log-probability that the steps cove
 
 
 class Quantized(Encoding):
-    bits = 8
+    bits = precision = 8
 
     def __init__(self, *, vocab, method, k):
         super().__init__(vocab=vocab, method=method, k=k)
@@ -179,11 +179,11 @@ class Quantized(Encoding):
 
 
 class Q8(Quantized):
-    kind, bits = "q8", 8
+    kind, bits, precision = "q8", 8, 8
 
 
 class Q4(Quantized):
-    kind, bits = "q4", 4
+    kind, bits, precision = "q4", 4, 4
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:
