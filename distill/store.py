@@ -335,12 +335,12 @@ class Store:
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
         """The targets of ``rows`` of one source's split, concatenated in order."""
-        parts = []
+        pieces = []
         for row in rows:
             handle, offsets, index = self._shard(split, name, row // self.shard_rows)
             i = row % self.shard_rows
-            parts.append(self.encoding.row(handle, index, i, offsets[i], offsets[i + 1]))
-        return SparseTargets.cat(parts)
+            pieces.append(self.encoding.read(handle, index, i, offsets[i], offsets[i + 1]))
+        return self.encoding.join(pieces)
 
 
 def open_store(cfg, setup, *, quiet: bool = False) -> "Store":

@@ -33,9 +33,13 @@ class Encoding:
         """What reading rows of an open shard needs beyond its ``offsets``, read once per shard."""
         return None
 
-    def row(self, handle, index: object, row: int, first: int, last: int) -> SparseTargets:
-        """The targets ``[first, last)`` of the shard's ``row`` (``index``: :meth:`open`'s)."""
+    def read(self, handle, index: object, row: int, first: int, last: int) -> object:
+        """What the shard holds of its ``row`` (targets ``[first, last)``; ``index``: :meth:`open`'s), for :meth:`join`."""
         raise NotImplementedError
+
+    def join(self, pieces: list) -> SparseTargets:
+        """The targets of rows :meth:`read` read (of any shards), in order."""
+        return SparseTargets.cat(pieces)
 
     def decode(self, tensors: dict) -> SparseTargets:
         """Every target of a shard loaded whole (``tensors``: its safetensors), for the check before reading; raises

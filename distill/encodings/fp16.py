@@ -17,7 +17,7 @@ class Fp16(Encoding):
     def encode(self, targets, counts):
         return encode(targets, counts, self.vocab)
 
-    def row(self, handle, index, row, first, last):
+    def read(self, handle, index, row, first, last):
         return SparseTargets(*(handle.get_slice(field)[first:last] for field in FIELDS))
 
     def decode(self, tensors):

@@ -99,9 +99,16 @@ class Quantized(Encoding):
     def open(self, handle):
         return handle.get_tensor("blob_offsets").tolist()
 
-    def row(self, handle, index, row, first, last):
+    def read(self, handle, index, row, first, last):
         record = handle.get_slice("blob")[index[row] : index[row + 1]]
-        return self._decode_record(record.numpy().tobytes(), last - first)
+        return self._parse(record.numpy().tobytes(), last - first)
+
+    def join(self, pieces):
+        """The rows' parsed records, decoded together: the arithmetic once over all their targets."""
+        pieces = [piece for piece in pieces if piece["n"] > 0]
+        if not pieces:
+            return self._empty()
+        return self._decode({name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0] if name != "n"})
 
     def decode(self, tensors):
         missing = [field for field in ("offsets", "blob", "blob_offsets") if field not in tensors]
@@ -110,17 +117,17 @@ class Quantized(Encoding):
         offsets, starts, blob = tensors["offsets"].tolist(), tensors["blob_offsets"].tolist(), tensors["blob"].numpy().tobytes()
         if len(starts) != len(offsets) or starts[0] != 0 or starts[-1] != len(blob) or any(b < a for a, b in zip(starts, starts[1:])):
             raise ValueError("its row records do not cover its bytes in order")
-        parts = [self._decode_record(blob[a:b], max(last - first, 0)) for a, b, first, last in zip(starts, starts[1:], offsets, offsets[1:])]
-        return SparseTargets.cat(parts) if parts else self._empty()
+        return self.join([self._parse(blob[a:b], max(last - first, 0)) for a, b, first, last in zip(starts, starts[1:], offsets, offsets[1:])])
 
     def _empty(self) -> SparseTargets:
         return SparseTargets(torch.zeros(0, self.k, dtype=torch.int32), torch.zeros(0, self.k), torch.zeros(0))
 
-    def _decode_record(self, record: bytes, n: int) -> SparseTargets:
+    def _parse(self, record: bytes, n: int) -> dict:
+        """One row's record as arrays over its ``n`` targets (numpy: a row is small, and a torch call on it costs more than its arithmetic)."""
         if n == 0:
             if record:
                 raise ValueError("a row without targets has a record")
-            return self._empty()
+            return {"n": 0}
         E, D, at = self.exact, self.draws, 0
 
         def take(size: int) -> bytes:
@@ -130,27 +137,36 @@ class Quantized(Encoding):
             at += size
             return record[at - size : at]
 
-        top = step = None
+        piece = {"n": n}
         if E:
-            top = np.frombuffer(take(2 * n), dtype=np.float16).astype(np.float32)
-            step = np.frombuffer(take(2 * n), dtype=np.float16).astype(np.float32)
-        rest = np.frombuffer(take(2 * n), dtype=np.float16).astype(np.float32) if self.has_rest else np.zeros(n, np.float32)
+            piece["top"] = np.frombuffer(take(2 * n), dtype=np.float16).astype(np.float32)
+            piece["step"] = np.frombuffer(take(2 * n), dtype=np.float16).astype(np.float32)
+        piece["rest"] = np.frombuffer(take(2 * n), dtype=np.float16).astype(np.float32) if self.has_rest else np.zeros(n, np.float32)
         drawn = unpack(take(packed_bytes(n, self.drawn_bits)), n, self.drawn_bits) if D else np.zeros(n, np.int64)
         if (drawn > D).any():
             raise ValueError(f"a target holds more than its {D} draws")
         total = n * E + int(drawn.sum())
         every_id = unpack(take(packed_bytes(total, self.id_bits)), total, self.id_bits)
-        codes = unpack(take(packed_bytes(n * E, self.bits)), n * E, self.bits).reshape(n, E) if E else None
-        frequency = unpack(take(packed_bytes(total - n * E, self.count_bits)), total - n * E, self.count_bits) + 1 if D else None
+        piece.update(drawn=drawn, exact_ids=every_id[: n * E], drawn_ids=every_id[n * E :])
+        if E:
+            piece["codes"] = unpack(take(packed_bytes(n * E, self.bits)), n * E, self.bits)
+        if D:
+            piece["frequency"] = unpack(take(packed_bytes(total - n * E, self.count_bits)), total - n * E, self.count_bits) + 1
         if at != len(record):
             raise ValueError("a row's record is longer than its targets need")
-        # numpy throughout: a row is small, and each torch call on it costs more than its arithmetic
+        return piece
+
+    def _decode(self, parts: dict) -> SparseTargets:
+        """Targets ``[N, k]`` from the parsed records of one or more rows (their arrays concatenated)."""
+        E, D = self.exact, self.draws
+        rest, drawn = parts["rest"], parts["drawn"]
+        n = len(rest)
         ids = np.full((n, self.k), -1, dtype=np.int64)
         values = np.full((n, self.k), -np.inf, dtype=np.float32)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if E:
-                ids[:, :E] = every_id[: n * E].reshape(n, E)
-                head = top[:, None] - codes.astype(np.float32) * step[:, None]
+                ids[:, :E] = parts["exact_ids"].reshape(n, E)
+                head = parts["top"][:, None] - parts["codes"].reshape(n, E).astype(np.float32) * parts["step"][:, None]
                 # The stored rest fixes the exact ids' mass; the steps' rounding would move it.
                 mass = np.log(-np.expm1(rest.astype(np.float64))) if self.has_rest else np.zeros(n)
                 peak = head.max(1)
@@ -158,9 +174,9 @@ class Quantized(Encoding):
                 values[:, :E] = head + np.where(np.isfinite(shift), shift, 0.0)[:, None]
             if D:
                 target = np.repeat(np.arange(n), drawn)
-                column = E + np.arange(total - n * E) - np.repeat(np.cumsum(drawn) - drawn, drawn)
-                ids[target, column] = every_id[n * E :]
-                values[target, column] = np.log(frequency / D) + rest[target]
+                column = E + np.arange(len(target)) - np.repeat(np.cumsum(drawn) - drawn, drawn)
+                ids[target, column] = parts["drawn_ids"]
+                values[target, column] = np.log(parts["frequency"] / D) + rest[target]
                 ids = self._fill(ids)
         tail = rest if self.method == "top_k" else np.full(n, -np.inf, dtype=np.float32)
         return SparseTargets(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(values), torch.from_numpy(tail.astype(np.float32)))
