@@ -36,6 +36,7 @@ def build_store(k: int, out: Path, method: str = "top_k", encoding: str = "fp16"
 
     from safetensors.torch import load_file
 
+    from distill.encodings.base import width_of
     from distill.store import Store
 
     if not (out / "manifest.json").is_file():
@@ -52,7 +53,7 @@ def build_store(k: int, out: Path, method: str = "top_k", encoding: str = "fp16"
     if encoding != "fp16":
         held = [store.rows("training", "data", [row]).logprobs for row in range(0, 256, 8)]
         ids = sum(float((h > -math.inf).sum()) for h in held) / sum(len(h) for h in held)
-    at_128k = size / targets + (ids * ((128_255).bit_length() - (vocab - 1).bit_length()) / 8 if encoding != "fp16" else k * 2)
+    at_128k = size / targets + (ids * (width_of(128_255) - width_of(vocab - 1)) / 8 if encoding != "fp16" else k * 2)
     return {"k": k, "method": method, "encoding": encoding, "build_seconds": float((out / "build_seconds.txt").read_text()), "bytes": size,
             "targets": targets, "bytes_per_token": size / targets, "dense_fp16_bytes_per_token": 2 * vocab, "vocab": vocab, "ids_per_token": ids,
             "bytes_per_token_at_128256": at_128k, "terabytes_per_1t_tokens_at_128256": at_128k}

@@ -40,7 +40,6 @@ class StopSignals:
     def __init__(self):
         self.phase = "idle"
         self.received: set[str] = set()
-        self.in_setup: str | None = None  # the signal that arrived during setup, until it stops the job
         self._previous: dict | None = None
         self._unraisable = None
 
@@ -75,8 +74,7 @@ class StopSignals:
         name = signal.Signals(signum).name
         self.received.add(name)
         if self.phase == "setup":
-            self.in_setup = TERM if TERM in self.received else name
-            raise SetupInterrupted(self.in_setup)
+            raise SetupInterrupted(self._stop)
         if self.phase == "finishing":
             print(f"distill: {name} after the last step: finishing the student and the report", file=sys.stderr, flush=True)
 
@@ -91,11 +89,17 @@ class StopSignals:
     def enter(self, phase: str) -> None:
         """Moves to ``phase``; entering setup with a signal already recorded stops at once, and so
         does leaving it with one recorded during it (its stop was swallowed on the way)."""
-        if self.phase == "setup" and self.in_setup:
-            raise SetupInterrupted(self.in_setup)
+        # A signal recorded before setup stops it as it starts, so one recorded when setup ends came during it.
+        if self.phase == "setup" and self.received:
+            raise SetupInterrupted(self._stop)
         self.phase = phase
         if phase == "setup" and self.received:
-            raise SetupInterrupted(TERM if TERM in self.received else USR1)
+            raise SetupInterrupted(self._stop)
+
+    @property
+    def _stop(self) -> str:
+        """The signal a stop names: SIGTERM when both came."""
+        return TERM if TERM in self.received else USR1
 
     @property
     def preempt(self) -> bool:
@@ -108,7 +112,6 @@ class StopSignals:
     def reset(self) -> None:
         """Forgets recorded signals and returns to idle (one process may run several jobs: tests)."""
         self.received.clear()
-        self.in_setup = None
         self.phase = "idle"
 
 

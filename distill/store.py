@@ -50,7 +50,7 @@ from distill.rundir import write_atomic
 from distill.setup import Setup
 
 # The targets' format and math live in distill.sparse; re-exported for the store's readers.
-from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forward_kl_and_grad, buckets, encode, mixed, sample, spread, top_k  # noqa: F401
+from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forward_kl_and_grad, buckets, mixed, sample, spread, top_k  # noqa: F401
 
 FORMAT = 1
 LOGPROB_SLACK = 1e-2  # a stored log-probability may round above 0 by float16's step near 0, never more

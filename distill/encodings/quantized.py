@@ -56,7 +56,7 @@ class Quantized(Encoding):
         if self.method == "top_k":
             rest = tail
         elif self.method == "mixed":
-            rest = _logsumexp(values[:, E:])
+            rest = torch.from_numpy(values[:, E:]).logsumexp(1).numpy()  # -inf where nothing was drawn
         else:
             rest = np.zeros(n)
         drawn_ids, drawn_counts, drawn = np.zeros((n, 0), np.int64), np.zeros((n, 0), np.int64), np.zeros(n, np.int64)
@@ -201,9 +201,3 @@ class Q8(Quantized):
 class Q4(Quantized):
     kind, bits, precision = "q4", 4, 4
 
-
-def _logsumexp(values: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        peak = np.max(values, axis=1)
-        safe = np.where(np.isfinite(peak), peak, 0.0)
-        return np.where(np.isfinite(peak), safe + np.log(np.exp(values - safe[:, None]).sum(1)), -np.inf)
