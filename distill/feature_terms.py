@@ -63,12 +63,19 @@ class HiddenTerm(nn.Module):
     features = True  # sums over the task's feature positions itself (distill.objective)
 
     def __init__(self, name: str, weight: float, *, pairs: list[tuple[int, int]], distance: str, student_width: int, teacher_width: int,
-                 projection: bool | None = None):
+                 projection: bool | None = None, reduce: list | None = None):
         super().__init__()
         self.name, self.weight, self.scale = name, weight, 1.0
         self.pairs, self.distance = pairs, distance
-        projected = projection if projection is not None else student_width != teacher_width
-        if not projected and student_width != teacher_width:
+        # reduce: per pair, the (mean, components) a teacher store reduced the teacher's layer with (distill.stored_features),
+        # applied to the student's states too: a student as wide as the teacher is compared in the store's coordinates, unprojected.
+        self.reduced = reduce is not None
+        for i, (mean, components) in enumerate(reduce or []):
+            self.register_buffer(f"reduce_mean_{i}", mean.float(), persistent=False)
+            self.register_buffer(f"reduce_components_{i}", components.float(), persistent=False)
+        compared = reduce[0][1].shape[0] if reduce else student_width
+        projected = projection if projection is not None else compared != teacher_width
+        if not projected and compared != teacher_width:
             raise ConfigError(f"loss.terms: the {name} term has projection: false but the student's width {student_width} "
                               f"differs from the teacher's {teacher_width}; remove projection: false")
         self.projections = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in pairs) if projected else None
@@ -77,6 +84,8 @@ class HiddenTerm(nn.Module):
         total = 0.0
         for i, (s, t) in enumerate(self.pairs):
             h_s, h_t = student.hidden_states[s], teacher.hidden_states[t]
+            if self.reduced:
+                h_s = (h_s.float() - getattr(self, f"reduce_mean_{i}").float()) @ getattr(self, f"reduce_components_{i}").float().T
             if self.projections is not None:
                 h_s = self.projections[i](h_s.to(self.projections[i].weight.dtype))
             h_s, h_t = h_s.float(), h_t.float()

@@ -243,7 +243,7 @@ def load(cfg: DistillConfig, accelerator) -> Loaded:
     setup = Setup(cfg, accelerator.device, load_teacher=source.runs_teacher and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
     opened = source.open(cfg, setup, quiet=quiet)
     task, student, teacher = setup.task, setup.student, setup.teacher
-    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task)
+    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task, stored=getattr(opened, "features", None))
     source.check_objective(opened, objective)
     if not quiet and any(t.weight > 0 and not t.features for t in objective.terms):
         print(f"loss: {objective.path}", file=sys.stderr)

@@ -143,14 +143,15 @@ def fused_path(setting: str, task, student) -> tuple[bool, str]:
     return False, f"full logits ({why})"
 
 
-def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True, task=None) -> Objective:
+def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True, task=None, stored=None) -> Objective:
     """The objective of ``loss.terms`` (or its shorthand), as checked when the config loaded.
 
     ``student`` and ``teacher`` (their configs: depth, width, heads) are needed by feature terms,
-    whose layer maps and projections are checked and built here, before training. With ``task``
-    and ``student``, ``loss.fused`` decides whether logit terms run from the output layers' inputs.
+    whose layer maps and projections are checked and built here, before training; ``stored`` (a
+    store's features) stands in for a teacher that is not loaded. With ``task`` and ``student``,
+    ``loss.fused`` decides whether logit terms run from the output layers' inputs.
     """
-    terms = [kind_of(spec.kind).build(spec, f"loss.terms[{i}]", student=student, teacher=teacher, causal=causal)
+    terms = [kind_of(spec.kind).build(spec, f"loss.terms[{i}]", student=student, teacher=teacher, causal=causal, stored=stored)
              for i, spec in enumerate(parse_terms(cfg))]
     fused, path = fused_path(cfg.fused, task, student)
     return Objective(terms, chunk_size=cfg.chunk_size, fused=fused, path=path)

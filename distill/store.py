@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load
+from safetensors.torch import load, save
 
 from distill.config.schema import data_sources
 from distill.data import expand_files
@@ -48,6 +48,7 @@ from distill.encodings.registry import ENCODINGS
 from distill.errors import ConfigError, first_line
 from distill.rundir import write_atomic
 from distill.setup import Setup
+from distill.stored_features import StoredFeatures
 
 # The targets' format and math live in distill.sparse; re-exported for the store's readers.
 from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forward_kl_and_grad, buckets, mixed, sample, spread, top_k  # noqa: F401
@@ -145,6 +146,11 @@ def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None,
     }
 
 
+def as_stored(job: dict, stored: dict) -> dict:
+    """A job's identity with what the store chose for itself (its targets, its features) taken from ``stored``: what must then match."""
+    return {**job, "targets": stored.get("targets"), **({"features": stored["features"]} if "features" in stored else {})}
+
+
 def key_of(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -186,9 +192,11 @@ def shard_count(rows: int, shard_rows: int) -> int:
     return max(1, -(-rows // shard_rows))
 
 
-def write_shard(path: Path, targets: SparseTargets, counts: list[int], encoding) -> None:
-    """A shard's targets (``counts`` per row) in ``encoding`` (a :class:`distill.encodings.base.Encoding`), written atomically."""
-    write_atomic(path, encoding.encode(targets, counts))
+def write_shard(path: Path, targets: SparseTargets, counts: list[int], encoding, features: dict | None = None) -> None:
+    """A shard's targets (``counts`` per row) in ``encoding`` (a :class:`distill.encodings.base.Encoding`), and the rows' hidden
+    states' tensors when the store holds them (:func:`distill.stored_features.joined_features`), written atomically."""
+    data = encoding.encode(targets, counts)
+    write_atomic(path, save({**load(data), **features}) if features else data)
 
 
 def _claim(path: Path, ident: dict, rank: int) -> None:
@@ -257,8 +265,9 @@ class Store:
             raise ConfigError(f"teacher.cache: the store at {path} is in encoding {self.encoding_name!r}, which this version of distill cannot read "
                               f"(it reads {', '.join(ENCODINGS)}); upgrade distill or rebuild the store with distill cache-teacher")
         self.encoding = ENCODINGS[self.encoding_name](vocab=self.vocab, method=self.method, k=self.k)
+        self.features = StoredFeatures.load(path, self.identity["features"]) if "features" in self.identity else None
         if job_identity is not None:
-            job = {**job_identity, "targets": self.identity["targets"]}
+            job = as_stored(job_identity, self.identity)
             diff = differences(self.identity, job)
             if diff:
                 raise ConfigError(f"teacher.cache: the store at {path} was built for another job: {describe(diff, self.identity, job)}; "
@@ -331,6 +340,11 @@ class Store:
             # max() is NaN when any value is (-inf is a probability of 0: sampled ids never drawn, no tail)
             nan = bool(logprobs.isnan().any() or tail.isnan().any())
             return "it holds log-probabilities that are NaN" if nan else "it holds log-probabilities above 0"
+        if self.features is not None:
+            held = tensors.get("hidden_offsets")
+            if held is not None and (held.ndim != 1 or len(held) != len(offsets) or int(held[0]) != 0 or bool((held.diff() < 0).any())):
+                return "its hidden-state offsets do not match its rows"
+            return self.features.problem(tensors)
         return None
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
@@ -341,6 +355,13 @@ class Store:
             i = row % self.shard_rows
             pieces.append(self.encoding.read(handle, index, i, offsets[i], offsets[i + 1]))
         return self.encoding.join(pieces)
+
+    def hidden(self, split: str, name: str, row: int) -> dict:
+        """``{layer: [positions, dim]}`` float32: the teacher's stored hidden states of one row (:mod:`distill.stored_features`)."""
+        handle, _, _ = self._shard(split, name, row // self.shard_rows)
+        i = row % self.shard_rows
+        offsets = handle.get_slice("hidden_offsets")[i : i + 2].tolist()
+        return self.features.read(handle, offsets[0], offsets[1])
 
 
 def open_store(cfg, setup, *, quiet: bool = False) -> "Store":
@@ -371,11 +392,11 @@ def find(ident: dict) -> Path | None:
             stored = json.loads(manifest.read_text())["identity"]
         except (OSError, ValueError, KeyError):
             continue
-        if not differences(stored, {**ident, "targets": stored.get("targets")}):
+        if not differences(stored, as_stored(ident, stored)):
             targets = stored["targets"]
             encoding = targets.get("encoding") or DEFAULT_ENCODING
             precision = ENCODINGS[encoding].precision if encoding in ENCODINGS else -1  # then the finer encoding; one this version cannot read, last
-            found.append((PREFERENCE.index(targets.get("method", "top_k")), targets["k"], precision, manifest.parent))
+            found.append((PREFERENCE.index(targets.get("method", "top_k")), targets["k"], precision, "features" in stored, manifest.parent))
     return max(found)[-1] if found else None
 
 

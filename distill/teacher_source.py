@@ -21,6 +21,7 @@ import torch
 
 from distill import service, store as stores
 from distill.errors import ConfigError, TeacherUnavailable
+from distill.feature_terms import HIDDEN
 from distill.objective import TeacherOutputs, check_sampled_targets
 from distill.sparse import SparseTargets
 
@@ -115,13 +116,31 @@ class CacheSource(TeacherSource):
         if not wants:
             return TeacherOutputs()
         rows = batch["rows"].tolist()
+        device = batch["input_ids"].device
+        hidden = self._hidden(batch, rows) if HIDDEN in wants else None
+        if not wants - {HIDDEN}:
+            return TeacherOutputs(hidden_states=hidden)
         parts = [self.store.rows(self.split, self.names[source], [index]) for source, index in rows]
         sparse = SparseTargets.cat(parts, self.tail)
         expected = self.task.target_count(batch)
         if len(sparse) != expected:
             raise ConfigError(f"teacher.cache: the store holds {len(sparse)} targets for a batch that has {expected}; "
                               "it was built for other sequences: run distill cache-teacher with this config")
-        return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device))
+        return TeacherOutputs(sparse=sparse.to(device), hidden_states=hidden)
+
+    def _hidden(self, batch: dict, rows: list) -> dict:
+        """``{layer: [B, S, dim]}``: the stored hidden states of the batch's rows, at their positions (zero at padding)."""
+        features, lengths = self.store.features, batch["attention_mask"].sum(-1).tolist()
+        b, s = batch["input_ids"].shape
+        out = {layer: torch.zeros(b, s, features.dim) for layer in features.layers}
+        for i, (source, index) in enumerate(rows):
+            held = self.store.hidden(self.split, self.names[source], index)
+            for layer, values in held.items():
+                if len(values) != lengths[i]:
+                    raise ConfigError(f"teacher.cache: the store holds hidden states of {len(values)} positions for a row of {lengths[i]}; "
+                                      "it was built for other sequences: run distill cache-teacher with this config")
+                out[layer][i, : len(values)] = values
+        return {layer: values.to(batch["input_ids"].device) for layer, values in out.items()}
 
 
 class RemoteSource(TeacherSource):

@@ -150,6 +150,8 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     load_config(args.config, _overrides(args))  # a bad config fails here, once
     argv = [args.config, *(["--top-k", str(args.top_k)] if args.top_k else []), "--shard-rows", str(args.shard_rows), "--targets", args.targets,
             "--encoding", args.encoding,
+            *(["--hidden-layers", args.hidden_layers, "--hidden-dtype", args.hidden_dtype] if args.hidden_layers else []),
+            *(["--hidden-dim", str(args.hidden_dim)] if args.hidden_dim is not None else []),
             *[a for o in _overrides(args) for a in ("--set", o)],
             *(["--out", args.out] if args.out else [])]
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
@@ -401,6 +403,12 @@ def _add_teacher_commands(commands, formatter) -> None:
                        help="how shards hold the targets: fp16 (int16/int32 ids, float16 log-probabilities; the default), q8 or q4 (the "
                             "exact log-probabilities in 8 or 4 bits below each token's largest, drawn ids as their counts, ids bit-packed "
                             "to the vocabulary's width; sampled targets lose nothing in either)")
+    cache.add_argument("--hidden-layers", metavar="L,..", help="also store these teacher layers' hidden states (0 = embeddings, 1..L the layers), "
+                                                              "for hidden terms trained from the store")
+    cache.add_argument("--hidden-dim", type=int, metavar="R", help="with --hidden-layers: coordinates kept per position, by a PCA of each layer fitted "
+                                                                   "on the first training rows (default: the teacher's width, the raw states)")
+    cache.add_argument("--hidden-dtype", choices=["int8", "fp16"], default="int8",  # distill.stored_features' DTYPES (torch-free here)
+                       help="with --hidden-layers: int8 with a float16 scale per position (R + 2 bytes a position and layer; the default) or fp16")
     cache.add_argument("--out", help="store directory (default: teacher.cache, else $DISTILL_CACHE_DIR/teacher/KEY, found by jobs automatically)")
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")

@@ -147,19 +147,22 @@ def check_eval(cfg: DistillConfig) -> None:
 
 
 def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
-    """A store holds targets of any task, a pool token targets of language models; neither holds features."""
+    """A store holds targets of any task (and hidden states when built with them), a pool token targets of language models."""
     t = cfg.teacher
     if t.source not in ("cache", "remote"):
         return
-    holder, verb = {"cache": ("the store", "holds"), "remote": ("the teacher pool", "serves")}[t.source]
     _check(t.source == "cache" or cfg.task.kind in ("causal_lm", "masked_lm"),
-           f"teacher.source={t.source} {verb} token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model or cache")
+           f"teacher.source={t.source} serves token targets of language models; task.kind={cfg.task.kind} needs teacher.source=model or cache")
     for i, spec in enumerate(parse_terms(cfg.loss)):
         kind, weighted = kind_of(spec.kind), spec.weight > 0
         _check(kind is not UserTerm or not weighted,
                f"loss.terms[{i}]: a term of your own ({spec.kind}) is given the teacher model's logits; use teacher.source=model")
-        _check(not kind.features or not weighted,
-               f"loss.terms[{i}]: a {spec.kind} term needs the teacher's features, which {holder} does not {'hold' if t.source == 'cache' else 'give'}; use teacher.source=model")
+        if t.source == "cache":
+            _check(not kind.features or kind.stored or not weighted,
+                   f"loss.terms[{i}]: {spec.kind} terms need the teacher's attention, which a store does not hold (only hidden states: "
+                   "distill cache-teacher --hidden-layers); use teacher.source=model")
+        _check(t.source == "cache" or not kind.features or not weighted,
+               f"loss.terms[{i}]: a {spec.kind} term needs the teacher's features, which the teacher pool does not give; use teacher.source=model")
 
 
 def rule_task_fits_student_data_and_eval(cfg: DistillConfig) -> None:

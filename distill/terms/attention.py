@@ -31,7 +31,7 @@ class Attention(TermKind):
         check_layers(spec, key)
 
     @classmethod
-    def build(cls, spec, key, *, student, teacher, causal):
+    def build(cls, spec, key, *, student, teacher, causal, stored=None):
         from distill.feature_terms import AttentionTerm, check_relations, layer_pairs, qkv_modules  # torch: the config reads the kinds without it
 
         s, t = both_models(spec, key, student, teacher)

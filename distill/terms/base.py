@@ -25,7 +25,8 @@ class TermKind:
     kind = ""
     Spec: type[TermSpec] = TermSpec
     uses_teacher = True  # a weighted term of this kind makes the teacher run
-    features = False  # it compares the teacher's features (hidden states, attention), which a store or a pool does not give
+    features = False  # it compares the teacher's features (hidden states, attention), which a pool does not give
+    stored = False  # its features can come from a store (cache-teacher --hidden-layers) instead of the loaded teacher
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -53,6 +54,7 @@ class TermKind:
         """The kind's own checks of ``spec`` (keys and weight are checked for every kind)."""
 
     @classmethod
-    def build(cls, spec: TermSpec, key: str, *, student, teacher, causal: bool):
-        """The term's module (an ``nn.Module`` with ``name``, ``weight``, ``scale``, ``wants``, ``features``)."""
+    def build(cls, spec: TermSpec, key: str, *, student, teacher, causal: bool, stored=None):
+        """The term's module (an ``nn.Module`` with ``name``, ``weight``, ``scale``, ``wants``, ``features``). ``stored``: the
+        teacher's features a store holds (:class:`distill.stored_features.StoredFeatures`), when they stand in for the teacher."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ class CrossEntropy(TermKind):
     uses_teacher = False
 
     @classmethod
-    def build(cls, spec, key, *, student, teacher, causal):
+    def build(cls, spec, key, *, student, teacher, causal, stored=None):
         from distill.logit_terms import CrossEntropyTerm  # torch: the config reads the kinds without it
 
         return CrossEntropyTerm(spec.name, spec.weight)

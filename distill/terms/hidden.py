@@ -35,6 +35,7 @@ class Hidden(TermKind):
     kind = "hidden"
     Spec = HiddenSpec
     features = True
+    stored = True
 
     @classmethod
     def check(cls, spec, key):
@@ -45,10 +46,33 @@ class Hidden(TermKind):
         check_layers(spec, key)
 
     @classmethod
-    def build(cls, spec, key, *, student, teacher, causal):
+    def build(cls, spec, key, *, student, teacher, causal, stored=None):
         from distill.feature_terms import HiddenTerm, layer_pairs  # torch: the config reads the kinds without it
 
+        if teacher is None and stored is not None:
+            return cls.build_stored(spec, key, student=student, stored=stored)
+        check(teacher is not None or student is None,
+              f"{key}: a hidden term needs the teacher's hidden states, and the store holds none; build one that does with "
+              "distill cache-teacher --hidden-layers L,.. --hidden-dim R")
         s, t = both_models(spec, key, student, teacher)
         pairs = layer_pairs(spec.layers, s["layers"], t["layers"], embeddings=spec.embeddings, key=f"{key}.layers", first=0)
         return HiddenTerm(spec.name, spec.weight, pairs=pairs, distance=spec.distance, student_width=s["width"], teacher_width=t["width"],
                           projection=spec.projection)
+
+    @classmethod
+    def build_stored(cls, spec, key, *, student, stored):
+        """The term compared with a store's hidden states: its teacher layers must be stored ones; a student as wide as the teacher
+        is reduced by the store's own projection (unless ``projection: true``), a narrower or wider one projected into its R dimensions."""
+        from distill.feature_terms import HiddenTerm, layer_pairs  # torch: the config reads the kinds without it
+
+        check(student is not None, f"{key}: a {spec.kind} term needs the student model")
+        s = dims(student)
+        pairs = layer_pairs(spec.layers, s["layers"], stored.teacher_layers, embeddings=spec.embeddings, key=f"{key}.layers", first=0)
+        missing = sorted({t for _, t in pairs} - set(stored.layers))
+        check(not missing, f"{key}.layers: teacher layer {missing[0] if missing else ''} is not in the store, which holds the hidden states of layer(s) "
+                           f"{', '.join(map(str, stored.layers))}; list [student, teacher] pairs of those, or rebuild the store with that layer in --hidden-layers")
+        reduce = None
+        if stored.reduced and s["width"] == stored.width and spec.projection is not True:
+            reduce = [stored.projection[t] for _, t in pairs]
+        return HiddenTerm(spec.name, spec.weight, pairs=pairs, distance=spec.distance, student_width=s["width"], teacher_width=stored.dim,
+                          projection=spec.projection if reduce is None else False, reduce=reduce)

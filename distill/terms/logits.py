@@ -33,7 +33,7 @@ class Logits(TermKind):
               f"{key}.temperature must be > 0 (got {spec.temperature!r})")
 
     @classmethod
-    def build(cls, spec, key, *, student, teacher, causal):
+    def build(cls, spec, key, *, student, teacher, causal, stored=None):
         from distill.logit_terms import LogitsTerm  # torch: the config reads the kinds without it
 
         return LogitsTerm(spec.name, spec.weight, divergence_kind=spec.divergence, temperature=float(spec.temperature),

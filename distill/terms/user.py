@@ -37,7 +37,7 @@ class UserTerm(TermKind):
         check(Path(path).expanduser().is_file(), f"{key}.kind: the term's file {path} does not exist")
 
     @classmethod
-    def build(cls, spec, key, *, student, teacher, causal):
+    def build(cls, spec, key, *, student, teacher, causal, stored=None):
         term_class = load_class(spec.kind, key)
         try:
             inspect.signature(term_class).bind(spec.name, spec.weight, **spec.options)

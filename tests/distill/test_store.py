@@ -5,6 +5,7 @@ identical at any world size and after a kill, and training from it without the t
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -275,7 +276,7 @@ def test_a_uniform_tail_is_the_dense_teacher_with_its_tail_spread_evenly(tempera
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["loss.terms=[{kind: logits}, {kind: hidden}]"], "loss.terms[1]: a hidden term needs the teacher's features, which the store does not hold"),
+    (["loss.terms=[{kind: logits}, {kind: attention}]"], "loss.terms[1]: attention terms need the teacher's attention, which a store does not hold"),
     (["loss.chunk_size=-1"], "loss.chunk_size must be >= 0"),
 ])
 def test_what_a_store_cannot_serve_fails_when_the_config_loads(sets, message):
@@ -518,3 +519,79 @@ def test_a_quantized_store_trains_and_a_store_from_before_encodings_reads_as_fp1
     with pytest.raises(ConfigError, match="is not a valid teacher store shard: its q8 targets do not read back: a row's record is"):
         Store(forged).rows("training", "data", [0])
     reset_accelerate()
+
+
+# ----- the teacher's hidden states in the store ------------------------------------------------------------------------------------
+
+HIDDEN = "loss.terms=[{kind: logits, name: kd, weight: 1.0}, {kind: hidden, name: feat, weight: 1.0, layers: [[1, 2]]}]"
+
+
+def test_a_store_holds_the_teachers_hidden_states_reduced_the_same_at_any_world_size(tiny, corpus, tmp_path):
+    from distill import data
+    from distill.cache_teacher import build
+    from distill.job import Setup
+    from distill.teacher_source import ModelSource
+
+    cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "unused"))
+    one = build(cfg, k=K, out=tmp_path / "one", shard_rows=16, hidden_layers=[1, 2], hidden_dim=16)
+    two = _cache_cli(tiny, corpus, tmp_path / "two", "--hidden-layers", "1,2", "--hidden-dim", "16", "--nproc-per-node", "2")
+    assert two.returncode == 0, two.stderr
+    assert "hidden states of layer(s) 1, 2 reduced from 64 to 16 dimensions (variance kept: " in two.stderr
+    assert _files(one) == _files(tmp_path / "two")  # the projection too: fitted alike by every process
+    features = json.loads((one / "manifest.json").read_text())["identity"]["features"]
+    assert {key: features[key] for key in ("layers", "teacher_layers", "width", "dim", "dtype")} == \
+        {"layers": [1, 2], "teacher_layers": 2, "width": 64, "dim": 16, "dtype": "int8"}
+    # What is stored: the teacher's states in the projection's coordinates, each position within its int8 step.
+    held = Store(one)
+    setup = Setup(cfg, torch.device("cpu"), load_student=False)
+    train = setup.sources[0][2]
+    rows = [3, 40]
+    batch = data.collate([train[i] for i in rows], setup.tokenizer.pad_token_id)
+    states = ModelSource(setup.teacher, setup.task, 320).signal(batch, frozenset({"hidden_states"})).hidden_states
+    for i, row in enumerate(rows):
+        got, n = held.hidden("training", "data", row), len(train[row]["input_ids"])
+        for layer in (1, 2):
+            mean, components = held.features.projection[layer]
+            torch.testing.assert_close(components @ components.T, torch.eye(16), rtol=0, atol=1e-5)
+            exact = (states[layer][i, :n] - mean) @ components.T
+            assert got[layer].shape == (n, 16)
+            assert bool(((got[layer] - exact).abs() <= 0.6 * exact.abs().amax(-1, keepdim=True) / 127 + 1e-6).all())
+    # 18 bytes a position and layer against 128 for the raw float16 states.
+    assert held.features.bytes_per_position() == 2 * 18
+    with pytest.raises(ConfigError, match=r"--hidden-dim 65 must be between 1 and the teacher's hidden size \(64\)"):
+        build(cfg, k=K, out=tmp_path / "wide", hidden_layers=[2], hidden_dim=65)
+    with pytest.raises(ConfigError, match=r"--hidden-layers: layer 3 is out of range; the teacher has layers 0..2"):
+        build(cfg, k=K, out=tmp_path / "deep", hidden_layers=[3], hidden_dim=8)
+
+
+def test_a_hidden_term_trains_from_the_store_as_from_the_teacher(store, tiny, corpus, tmp_path, capfd):
+    from distill.cache_teacher import build
+
+    cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "unused"))
+    raw = build(cfg, k=K, out=tmp_path / "raw", shard_rows=16, hidden_layers=[2], hidden_dtype="fp16")
+    assert not (raw / "features.safetensors").exists() and Store(raw).features.dim == 64
+    # The raw states in float16 train the hidden term as the teacher in the process does (a learned projection, 32 to 64 wide).
+    reset_accelerate()
+    online, _ = run_job(tiny, corpus, tmp_path / "online", HIDDEN, "eval.at_end=false", "train.max_steps=3")
+    reset_accelerate()
+    cached, _ = _train(tiny, corpus, tmp_path / "cached", f"teacher.cache={raw}", HIDDEN, "train.max_steps=3", "loss.fused=never")
+    a, b = [[m["train/feat_loss"] for m in read_metrics(run) if "train/loss" in m] for run in (online, cached)]
+    assert len(a) == 3 and b == pytest.approx(a, rel=2e-3)
+    # A student as wide as the teacher, from reduced states: compared in the store's coordinates, through its projection.
+    reduced = build(cfg, k=K, out=tmp_path / "reduced", shard_rows=16, hidden_layers=[1, 2], hidden_dim=16)
+    reset_accelerate()
+    wide = "student.architecture={num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4}"
+    run, _ = _train(tiny, corpus, tmp_path / "wide", f"teacher.cache={reduced}", wide, HIDDEN.replace("[[1, 2]]", "uniform"))
+    losses = [m["train/feat_loss"] for m in read_metrics(run) if "train/loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    capfd.readouterr()
+    # What the store cannot give: one line each, before step 0.
+    for where, sets, message in [
+        (store, (HIDDEN,), "loss.terms[1]: a hidden term needs the teacher's hidden states, and the store holds none; build one that does with "
+                           "distill cache-teacher --hidden-layers"),
+        (raw, (HIDDEN.replace("[[1, 2]]", "[[1, 1]]"),), "loss.terms[1].layers: teacher layer 1 is not in the store, which holds the hidden states of layer(s) 2"),
+    ]:
+        reset_accelerate()
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _train(tiny, corpus, tmp_path / "refused", f"teacher.cache={where}", *sets)
+        assert not (tmp_path / "refused" / "metrics.jsonl").exists()
