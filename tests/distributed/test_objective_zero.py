@@ -91,16 +91,20 @@ def test_masked_lm_under_zero2(bert, tiny, corpus, tmp_path):
 
 
 def test_a_teacher_store_trains_two_zero3_ranks_like_one_process(tiny, corpus, tmp_path):
-    """The store is read by each batch row's identity, so 2 ranks at micro-batch 2 follow 1 process at 4."""
+    """The store is read by each batch row's identity, so 2 ranks at micro-batch 2 follow 1 process at 4: its targets and its
+    hidden states (reduced to 16 dimensions, into which the student's projection maps, partitioned by ZeRO-3)."""
     from conftest import job_overrides
     from distill.config import load_config
     from distill.cache_teacher import build
 
-    store = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=8, out=tmp_path / "store", shard_rows=32)
-    sets = ("teacher.source=cache", f"teacher.cache={store}", "loss.alpha=0.2", "eval.at_end=false")
+    store = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=8, out=tmp_path / "store", shard_rows=32,
+                  hidden_layers=[1, 2], hidden_dim=16)
+    terms = "loss.terms=[{kind: logits, weight: 0.8}, {kind: ce, weight: 0.2}, {kind: hidden, weight: 1.0}]"
+    sets = ("teacher.source=cache", f"teacher.cache={store}", terms, "eval.at_end=false")
     reset_accelerate()
     one, _ = run_job(tiny, corpus, tmp_path / "one", *sets, "train.max_steps=4", "train.micro_batch_size=4")
     two = launch(tiny, corpus, tmp_path / "two", "--launcher", "deepspeed", "--nproc-per-node", "2", "--ds-config", "zero3", sets=sets)
     assert two.returncode == 0, two.stderr[-4000:]
     assert "the teacher model is not loaded for training" in two.stderr
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
+    assert load_file(tmp_path / "two" / "objective" / "model.safetensors")["terms.2.projections.0.weight"].shape == (16, 32)
