@@ -68,9 +68,11 @@ def batch_signal(source, task, batch: dict, vocab: int, k: int, method: str = "t
     return SparseTargets.cat(parts).to("cpu"), counts, hidden
 
 
-def _calibrated(setup, source, sequences, layers: list[int], dim: int, dtype: str, batch: int, device, log) -> StoredFeatures:
-    """The store's features of ``layers``: a PCA to ``dim`` fitted on the first rows of ``sequences`` (the raw states when ``dim`` is the width)."""
-    config = setup.teacher.config
+def fitted_features(source, sequences, pad_id: int, layers: list[int], dim: int | None, dtype: str, batch: int, device, log) -> StoredFeatures:
+    """The features of ``layers`` a store holds or a pool serves (the request checked against the teacher first): a PCA to ``dim`` fitted
+    on the first rows of ``sequences`` (``source``: the in-process teacher), or the raw states when ``dim`` is the teacher's width."""
+    config = source.model.config
+    dim = check_request(layers, dim, dtype, teacher_layers=config.num_hidden_layers, width=config.hidden_size)
     features = StoredFeatures(layers=layers, teacher_layers=config.num_hidden_layers, width=config.hidden_size, dim=dim, dtype=dtype)
     if not features.reduced:
         return features
@@ -79,8 +81,8 @@ def _calibrated(setup, source, sequences, layers: list[int], dim: int, dtype: st
     for start in range(0, len(sequences), batch):
         if taken >= CALIBRATION_POSITIONS:
             break
-        collated = {key: value.to(device) for key, value in data.collate([sequences[i] for i in range(start, min(start + batch, len(sequences)))],
-                                                                         setup.tokenizer.pad_token_id).items()}
+        rows = [sequences[i] for i in range(start, min(start + batch, len(sequences)))]
+        collated = {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}
         states = source.signal(collated, frozenset({HIDDEN})).hidden_states
         held = collated["attention_mask"].bool()
         for layer in layers:
@@ -124,10 +126,8 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     source = ModelSource(setup.teacher, setup.task, vocab)
     features = None
     if hidden_layers:
-        config = setup.teacher.config
-        hidden_dim = check_request(list(hidden_layers), hidden_dim, hidden_dtype, teacher_layers=config.num_hidden_layers, width=config.hidden_size)
-        features = _calibrated(setup, source, setup.sources[0][2], list(hidden_layers), hidden_dim, hidden_dtype,
-                              cfg.train.micro_batch_size, device, log)
+        features = fitted_features(source, setup.sources[0][2], setup.tokenizer.pad_token_id, list(hidden_layers), hidden_dim, hidden_dtype,
+                                   cfg.train.micro_batch_size, device, log)
         ident["features"] = features.identity()
     writer = ENCODINGS[encoding](vocab=vocab, method=method, k=k)
     key = key_of(ident)

@@ -37,7 +37,7 @@ class BuiltinEngine:
 
     name = "builtin"
 
-    def __init__(self, cfg, k: int, device):
+    def __init__(self, cfg, k: int, device, hidden: dict | None = None, log=print):
         from distill import models  # loads torch: this module stays torch-free until it is needed
         from distill.tasks import build_task  # loads torch: this module stays torch-free until it is needed
         from distill.teacher_source import ModelSource  # loads torch: this module stays torch-free until it is needed
@@ -54,12 +54,26 @@ class BuiltinEngine:
         self.embedding_rows = self.teacher.get_input_embeddings().weight.shape[0]
         self.max_length = getattr(self.teacher.config, "max_position_embeddings", None) or 1 << 20
         self.source = ModelSource(self.teacher, self.task, self.vocab)
+        self.features = None  # the hidden states it serves on request (--hidden-layers), fitted as cache-teacher fits a store's
+        if hidden:
+            from distill.cache_teacher import fitted_features  # loads torch: this module stays torch-free until it is needed
+            from distill.setup import Setup  # loads torch: this module stays torch-free until it is needed
+
+            sequences = Setup(cfg, device, load_teacher=False, load_student=False).sources[0][2]
+            self.features = fitted_features(self.source, sequences, self.pad_id, hidden["layers"], hidden["dim"], hidden["dtype"],
+                                            cfg.train.micro_batch_size, device, log)
+            self.identity["features"] = self.features.identity()
 
     def targets(self, batch: dict):
         """(SparseTargets on the CPU, each row's target count) of a checked batch."""
-        from distill.cache_teacher import batch_targets  # loads torch: this module stays torch-free until it is needed
+        return self.signal(batch)[:2]
 
-        return batch_targets(self.source, self.task, {name: t.to(self.device) for name, t in batch.items()}, self.vocab, self.k)
+    def signal(self, batch: dict, hidden: bool = False):
+        """:meth:`targets`, and with ``hidden`` the rows' hidden states' tensors as a store's shard holds them (``{}`` without)."""
+        from distill.cache_teacher import batch_signal  # loads torch: this module stays torch-free until it is needed
+
+        batch = {name: t.to(self.device) for name, t in batch.items()}
+        return batch_signal(self.source, self.task, batch, self.vocab, self.k, features=self.features if hidden else None)
 
 
 def _served_identity(cfg, tokenizer, k: int, vocab: int) -> dict:
@@ -83,7 +97,9 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, cfg, k: int, device):
+    features = None  # vLLM gives no hidden states
+
+    def __init__(self, cfg, k: int, device, hidden: dict | None = None, log=print):
         import torch  # this module stays free of torch until it is needed
 
         try:
@@ -94,6 +110,8 @@ class VllmEngine:
             raise ConfigError("--engine vllm needs a CUDA GPU; use --engine builtin")
         if cfg.task.kind != "causal_lm":
             raise ConfigError(f"--engine vllm serves causal LMs; task.kind={cfg.task.kind} needs --engine builtin")
+        if hidden:
+            raise ConfigError("--hidden-layers: vLLM gives no hidden states; serve them with --engine builtin")
         from distill import models  # loads torch: this module stays torch-free until it is needed
 
         tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
@@ -110,6 +128,9 @@ class VllmEngine:
         self.llm = LLM(model=os.path.expanduser(cfg.teacher.path), revision=cfg.teacher.revision, dtype=cfg.teacher.dtype,
                        quantization=quantization, max_logprobs=k, skip_tokenizer_init=True, enable_prefix_caching=False,
                        tensor_parallel_size=torch.cuda.device_count())
+
+    def signal(self, batch: dict, hidden: bool = False):
+        return (*self.targets(batch), {})
 
     def targets(self, batch: dict):
         import torch  # this module stays free of torch until it is needed
@@ -204,11 +225,11 @@ class Batcher:
     def start(self) -> None:
         threading.Thread(target=self._loop, name="teacher-batcher", daemon=True).start()
 
-    def submit(self, batch: dict):
-        """A concurrent.futures.Future of the request's answer bytes."""
+    def submit(self, batch: dict, hidden: bool = False):
+        """A concurrent.futures.Future of the request's answer bytes (with ``hidden``, its rows' hidden states too)."""
 
         future = Future()
-        self.waiting.put((batch, future, time.perf_counter()))
+        self.waiting.put((batch, future, time.perf_counter(), hidden))
         return future
 
     def _take(self) -> list:
@@ -230,7 +251,10 @@ class Batcher:
     def _loop(self) -> None:
         import torch  # this module stays free of torch until it is needed
 
+        from safetensors.torch import load, save  # this module stays free of safetensors until it is needed
+
         from distill.sparse import encode  # loads torch: this module stays torch-free until it is needed
+        from distill.stored_features import joined_features  # loads torch: this module stays torch-free until it is needed
 
         while True:
             taken = self._take()
@@ -238,21 +262,26 @@ class Batcher:
             try:
                 batch = _pad_cat([item[0] for item in taken], self.engine.pad_id)
                 with torch.no_grad():
-                    targets, counts = self.engine.targets(batch)
+                    targets, counts, hidden = self.engine.signal(batch, hidden=any(item[3] for item in taken))
             except Exception as err:  # answered as a 500; the server keeps serving
-                for _, future, _ in taken:
+                for _, future, _, _ in taken:
                     future.set_exception(err)
                 continue
             seconds = time.perf_counter() - start
-            first_row = first_target = 0
-            for request, future, _ in taken:
+            first_row = first_target = first_position = 0
+            lengths = batch["attention_mask"].sum(-1).tolist()
+            for request, future, _, wants_hidden in taken:
                 rows = request["input_ids"].shape[0]
                 mine = counts[first_row : first_row + rows]
-                n = sum(mine)
-                future.set_result(encode(targets[first_target : first_target + n], mine, self.engine.vocab))
-                first_row, first_target = first_row + rows, first_target + n
+                n, positions = sum(mine), sum(lengths[first_row : first_row + rows])
+                answer = encode(targets[first_target : first_target + n], mine, self.engine.vocab)
+                if wants_hidden:  # the rows' positions of each layer, as a store's shard holds them
+                    held = {name: values[first_position : first_position + positions] for name, values in hidden.items()}
+                    answer = save({**load(answer), **joined_features(self.engine.features, [held], lengths[first_row : first_row + rows])})
+                future.set_result(answer)
+                first_row, first_target, first_position = first_row + rows, first_target + n, first_position + positions
             with self.stats.lock:
-                self.stats.queue_seconds += sum(start - queued for _, _, queued in taken)
+                self.stats.queue_seconds += sum(start - queued for _, _, queued, _ in taken)
                 self.stats.requests += len(taken)
                 self.stats.rows += first_row
                 self.stats.tokens += first_target
@@ -338,19 +367,27 @@ class Service:
             return JSONResponse({"protocol": PROTOCOL, "key": self.key, "identity": self.engine.identity, "engine": self.engine.name,
                                  "limits": {"max_request_bytes": self.limits.max_request_bytes, "max_tokens": self.limits.max_tokens}})
 
+        async def features(request):
+            if self.engine.features is None or not self.engine.features.reduced:
+                raise BadRequest(404, "this pool serves no projected hidden states")
+            return Response(self.engine.features.projection_bytes(), media_type="application/octet-stream")
+
         async def metrics(request):
             return PlainTextResponse(self.stats.prometheus(), media_type="text/plain; version=0.0.4")
 
         async def targets(request):
+            hidden = request.query_params.get("hidden") == "1"
+            if hidden and self.engine.features is None:
+                raise BadRequest(400, "this pool serves no hidden states; start it with distill serve-teacher --hidden-layers L,..")
             body = await _bounded_body(request, self.limits.max_request_bytes)
             batch = decode_batch(body, vocab_rows=self.engine.embedding_rows, max_length=self.engine.max_length, limits=self.limits)
-            answer = await asyncio.wrap_future(self.batcher.submit(batch))
+            answer = await asyncio.wrap_future(self.batcher.submit(batch, hidden))
             return Response(answer, media_type="application/octet-stream", headers={"x-distill-key": self.key})
 
         return Starlette(routes=[
             Route("/healthz", healthz), Route("/readyz", readyz),
             Route("/v1/identity", guarded(identity)), Route("/metrics", guarded(metrics, needs_engine=False)),
-            Route("/v1/targets", guarded(targets), methods=["POST"]),
+            Route("/v1/targets", guarded(targets), methods=["POST"]), Route("/v1/features", guarded(features)),
         ])
 
 
@@ -368,7 +405,7 @@ async def _bounded_body(request, limit: int) -> bytes:
 
 
 def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builtin", k: int = 64, limits: Limits = Limits(),
-          address_file: str | None = None, device=None, log=print) -> int:
+          address_file: str | None = None, device=None, log=print, hidden: dict | None = None) -> int:
     """Binds, loads the teacher in the background (``/readyz`` turns 200), serves until SIGINT/SIGTERM."""
 
     import torch  # this module stays free of torch until it is needed
@@ -394,7 +431,7 @@ def serve(cfg, *, host: str, port: int, token: str | None, engine: str = "builti
                                            h11_max_incomplete_event_size=64 << 10))
 
     def load():
-        service.load(lambda: ENGINES[engine](cfg, k, device))
+        service.load(lambda: ENGINES[engine](cfg, k, device, hidden, log))
         if service.failed is not None:
             server.should_exit = True
         else:
@@ -434,6 +471,11 @@ def build_parser(parser):
     parser.add_argument("--engine", choices=sorted(ENGINES), default="builtin", help="builtin (transformers, CPU or GPU) or vllm (GPU)")
     parser.add_argument("--top-k", type=int, default=64, help="targets per token (default 64)")
     parser.add_argument("--address-file", help="write the server's URL here once bound (for scripts)")
+    parser.add_argument("--hidden-layers", help="also serve these teacher layers' hidden states on request (0 = embeddings), as "
+                                                "distill cache-teacher --hidden-layers stores them (builtin engine)")
+    parser.add_argument("--hidden-dim", type=int, metavar="R", help="with --hidden-layers: coordinates per position, by a PCA fitted on the "
+                                                                   "config's first training rows (default: the teacher's width, raw)")
+    parser.add_argument("--hidden-dtype", choices=["int8", "fp16"], default="int8", help="with --hidden-layers: int8 with a scale per position, or fp16")
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help=f"most tokens (rows x length) in one request (default {Limits.max_tokens})")
     parser.add_argument("--max-batch-tokens", type=int, default=Limits.max_batch_tokens,
@@ -451,8 +493,14 @@ def run_from_args(args) -> int:
     cfg = load_config(args.config, args.overrides)
     token = read_token(args.token_file, what="--token-file")
     limits = Limits(max_request_bytes=int(args.max_request_mb * (1 << 20)), max_tokens=args.max_tokens, max_batch_tokens=args.max_batch_tokens)
+    hidden = None
+    if args.hidden_layers:
+        try:
+            hidden = {"layers": [int(part) for part in args.hidden_layers.split(",") if part.strip()], "dim": args.hidden_dim, "dtype": args.hidden_dtype}
+        except ValueError:
+            raise ConfigError(f"--hidden-layers: expected layer numbers separated by commas, such as 2,4 (got {args.hidden_layers!r})") from None
     return serve(cfg, host=args.host, port=args.port, token=token, engine=args.engine, k=args.top_k, limits=limits,
-                 address_file=args.address_file, log=lambda line: print(line, file=sys.stderr, flush=True))
+                 address_file=args.address_file, log=lambda line: print(line, file=sys.stderr, flush=True), hidden=hidden)
 
 
 if __name__ == "__main__":

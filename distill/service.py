@@ -92,12 +92,17 @@ def encode_batch(batch: dict) -> bytes:
 
 def decode_targets(body: bytes):
     """The :class:`distill.sparse.SparseTargets` of an answer (the store's shard layout)."""
+    return decode_answer(body)[0]
+
+
+def decode_answer(body: bytes):
+    """(the :class:`distill.sparse.SparseTargets` of an answer, and its tensors: a store's shard, hidden states included when asked)."""
     from safetensors.torch import load  # this module stays free of safetensors until it is needed
 
     from distill.sparse import SparseTargets  # loads torch: this module stays torch-free until it is needed
 
     tensors = load(body)
-    return SparseTargets(tensors["ids"], tensors["logprobs"], tensors["tail"])
+    return SparseTargets(tensors["ids"], tensors["logprobs"], tensors["tail"]), tensors
 
 
 @dataclass
@@ -162,6 +167,8 @@ class Client:
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(request_timeout, connect=10.0),
                                  limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
         self._lock = threading.Lock()
+        self.features = None  # the hidden states the pool serves (distill.stored_features.StoredFeatures), set by open_pool
+        self.hidden = False  # whether each request asks for them (the job's objective needs them)
 
     def close(self) -> None:
         self.http.close()
@@ -209,6 +216,13 @@ class Client:
         answer = self._call("POST", "/v1/targets", content=encode_batch(batch), headers={"content-type": "application/octet-stream"})
         return decode_targets(answer.content), len(answer.content)
 
+    def signal(self, batch: dict):
+        """(targets, the answer's tensors, bytes on the wire) of ``batch``; the tensors hold its rows' hidden states when :attr:`hidden`."""
+        answer = self._call("POST", "/v1/targets", content=encode_batch(batch), headers={"content-type": "application/octet-stream"},
+                            params={"hidden": "1"} if self.hidden else None)
+        targets, tensors = decode_answer(answer.content)
+        return targets, tensors, len(answer.content)
+
 
 def probe(urls: str, timeout: float = 5.0) -> int:
     """0 when every member of ``urls`` (comma-separated) answers ``/readyz`` with 200, else 1; for
@@ -239,16 +253,26 @@ def open_pool(cfg, setup, *, quiet: bool = False) -> "Client":
     urls = [url.strip() for url in cfg.teacher.url.split(",") if url.strip()]
     client = Client(urls, read_token(cfg.teacher.token_file, what="teacher.token_file"), timeout=cfg.teacher.remote_timeout)
     job = stores.teacher_identity(cfg, setup.tokenizer)
-    served = None
+    served = first = None
     for url in urls:
         answer = client.identity(url)
         served = answer.get("identity") if isinstance(answer, dict) else None
         if not isinstance(served, dict) or "targets" not in served:
             raise ConfigError(f"teacher.url: {url} is not a distill teacher service (its /v1/identity has no identity)")
-        diff = stores.differences(served, {**job, "targets": served["targets"]})
+        diff = stores.differences(served, stores.as_stored(job, served))
         if diff:
-            raise ConfigError(f"teacher.url: the pool at {url} serves another teacher: {stores.describe(diff, served, {**job, 'targets': served['targets']}, theirs='pool')}; "
+            raise ConfigError(f"teacher.url: the pool at {url} serves another teacher: {stores.describe(diff, served, stores.as_stored(job, served), theirs='pool')}; "
                               "start it with this job's config (distill serve-teacher CONFIG)")
+        first = first or served
+        if served.get("features") != first.get("features"):
+            raise ConfigError(f"teacher.url: the pool's members serve different hidden states ({urls[0]} and {url}); start them with the same --hidden-* options")
+    if "features" in served:
+        from distill.stored_features import StoredFeatures  # loads torch: this module stays torch-free until it is needed
+
+        projection = client._call("GET", "/v1/features").content if served["features"]["projection"] else None
+        client.features = StoredFeatures.described(served["features"], projection)
+        if client.features is None:
+            raise ConfigError("teacher.url: the pool's projection of its hidden states does not match the sha256 it publishes; restart the pool")
     vocab = int(served["targets"]["vocab"])
     if models.output_vocab(setup.student) < vocab:
         raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the pool's ({vocab}); use a matching student")

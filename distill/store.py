@@ -16,7 +16,10 @@ float32 (the log of the mass outside the top k); ``q8``/``q4``: bit-packed ids, 
 log-probabilities and the drawn ids' counts, one record per row. A store of sampled targets
 (``--targets sampled``) holds the ids drawn and the log of their frequencies among k draws, with no
 tail (:func:`sample`); a mixed store (``--targets mixed``), the top k/2 ids exactly and k/2 ids drawn
-from the rest (:func:`mixed`). Every encoding reads back as the same ``[N, k]`` targets.
+from the rest (:func:`mixed`). Every encoding reads back as the same ``[N, k]`` targets. A store built
+with ``--hidden-layers`` also holds the teacher's hidden states of those layers (``features`` in its
+identity, ``features.safetensors`` beside the manifest, ``hidden_*`` tensors in each shard:
+:mod:`distill.stored_features`).
 
 Shards are a fixed partition of the rows, written atomically (a temporary file renamed), each by
 process ``shard % world_size``: a killed build resumes by skipping the shards that exist, any world
@@ -384,7 +387,7 @@ def open_store(cfg, setup, *, quiet: bool = False) -> "Store":
 
 def find(ident: dict) -> Path | None:
     """A complete store under :func:`cache_root` built for this job (any k): top-k before mixed before sampled targets, the largest k first,
-    the finest encoding first."""
+    the finest encoding first, then one with the teacher's hidden states."""
     root = cache_root()
     found = []
     for manifest in root.glob("*/manifest.json") if root.is_dir() else ():

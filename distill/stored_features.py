@@ -61,17 +61,25 @@ class StoredFeatures:
                 "projection": projection, "calibration_positions": CALIBRATION_POSITIONS if self.reduced else None}
 
     @classmethod
-    def load(cls, path: Path, ident: dict) -> "StoredFeatures":
-        """The features a store at ``path`` records in its identity (``ident``: its ``features``), the projection checked against its sha256."""
+    def described(cls, ident: dict, projection: bytes | None) -> "StoredFeatures | None":
+        """The features an identity's ``features`` describes, with their projection (``projection``: its bytes); None when those
+        bytes are not the ones the identity's sha256 names."""
         stored = cls(layers=[int(layer) for layer in ident["layers"]], teacher_layers=int(ident["teacher_layers"]), width=int(ident["width"]),
                      dim=int(ident["dim"]), dtype=ident["dtype"])
         if stored.reduced:
-            f = Path(path) / FILE
-            data = f.read_bytes() if f.is_file() else b""
-            if hashlib.sha256(data).hexdigest() != ident["projection"]:
-                raise ConfigError(f"teacher.cache: {f} is missing or does not match the sha256 in the store's identity; rebuild the store with distill cache-teacher")
-            tensors = load(data)
+            if projection is None or hashlib.sha256(projection).hexdigest() != ident["projection"]:
+                return None
+            tensors = load(projection)
             stored.projection = {layer: (tensors[f"mean.{layer}"], tensors[f"components.{layer}"]) for layer in stored.layers}
+        return stored
+
+    @classmethod
+    def load(cls, path: Path, ident: dict) -> "StoredFeatures":
+        """The features a store at ``path`` records in its identity (``ident``: its ``features``), the projection checked against its sha256."""
+        f = Path(path) / FILE
+        stored = cls.described(ident, f.read_bytes() if f.is_file() else None)
+        if stored is None:
+            raise ConfigError(f"teacher.cache: {f} is missing or does not match the sha256 in the store's identity; rebuild the store with distill cache-teacher")
         return stored
 
     def reduce(self, layer: int, states: torch.Tensor) -> torch.Tensor:
@@ -96,14 +104,26 @@ class StoredFeatures:
         return tensors
 
     def read(self, handle, first: int, last: int) -> dict[int, torch.Tensor]:
-        """``{layer: [last - first, dim]}`` float32 coordinates of positions ``[first, last)`` of an open shard."""
+        """``{layer: [last - first, dim]}`` float32 coordinates of positions ``[first, last)`` of an open shard (or of a dict of its tensors)."""
+        get = handle.__getitem__ if isinstance(handle, dict) else handle.get_slice
         out = {}
         for layer in self.layers:
-            values = handle.get_slice(f"hidden.{layer}")[first:last].float()
+            values = get(f"hidden.{layer}")[first:last].float()
             if self.dtype == "int8":
-                values = values * handle.get_slice(f"hidden_scale.{layer}")[first:last].float()[:, None]
+                values = values * get(f"hidden_scale.{layer}")[first:last].float()[:, None]
             out[layer] = values
         return out
+
+    def laid_out(self, rows: list[dict], lengths: list[int], shape: tuple[int, int], device) -> dict[int, torch.Tensor]:
+        """``{layer: [B, S, dim]}``: each row's positions (``rows``: :meth:`read`'s, in batch order) where a right-padded batch of
+        ``shape`` has them, zero at padding. Raises ``ValueError`` when a row holds another number of positions than its length."""
+        out = {layer: torch.zeros(*shape, self.dim) for layer in self.layers}
+        for i, held in enumerate(rows):
+            for layer, values in held.items():
+                if len(values) != lengths[i]:
+                    raise ValueError(f"hidden states of {len(values)} positions for a row of {lengths[i]}")
+                out[layer][i, : len(values)] = values
+        return {layer: values.to(device) for layer, values in out.items()}
 
     def problem(self, tensors: dict) -> str | None:
         """What makes a shard's feature tensors unreadable; None when nothing."""

@@ -130,17 +130,11 @@ class CacheSource(TeacherSource):
 
     def _hidden(self, batch: dict, rows: list) -> dict:
         """``{layer: [B, S, dim]}``: the stored hidden states of the batch's rows, at their positions (zero at padding)."""
-        features, lengths = self.store.features, batch["attention_mask"].sum(-1).tolist()
-        b, s = batch["input_ids"].shape
-        out = {layer: torch.zeros(b, s, features.dim) for layer in features.layers}
-        for i, (source, index) in enumerate(rows):
-            held = self.store.hidden(self.split, self.names[source], index)
-            for layer, values in held.items():
-                if len(values) != lengths[i]:
-                    raise ConfigError(f"teacher.cache: the store holds hidden states of {len(values)} positions for a row of {lengths[i]}; "
-                                      "it was built for other sequences: run distill cache-teacher with this config")
-                out[layer][i, : len(values)] = values
-        return {layer: values.to(batch["input_ids"].device) for layer, values in out.items()}
+        held = [self.store.hidden(self.split, self.names[source], index) for source, index in rows]
+        try:
+            return self.store.features.laid_out(held, batch["attention_mask"].sum(-1).tolist(), tuple(batch["input_ids"].shape), batch["input_ids"].device)
+        except ValueError as err:
+            raise ConfigError(f"teacher.cache: the store holds {err}; it was built for other sequences: run distill cache-teacher with this config") from None
 
 
 class RemoteSource(TeacherSource):
@@ -156,13 +150,17 @@ class RemoteSource(TeacherSource):
         return service.open_pool(cfg, setup, quiet=quiet)
 
     @classmethod
+    def check_objective(cls, opened, objective):
+        opened.hidden = HIDDEN in objective.wants  # each request then asks for the rows' hidden states (the objective was built from them)
+
+    @classmethod
     def build(cls, *, model, task, vocab, qkv_layers, opened, source_names, tail):
         return cls(opened, task, tail=tail)
 
     def __init__(self, client, task, tail: str = "bucket", workers: int = 4):
         self.client, self.task, self.tail = client, task, tail
         self.requests = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher-request")
-        self.pending: dict = {}  # batch digest -> Future of (SparseTargets, bytes on the wire)
+        self.pending: dict = {}  # batch digest -> Future of (SparseTargets, the answer's tensors, bytes on the wire)
         self.lock = threading.Lock()
         self.wire_bytes = self.targets = 0
 
@@ -178,7 +176,7 @@ class RemoteSource(TeacherSource):
         with self.lock:
             future = self.pending.pop(key, None) if take else self.pending.get(key)
             if future is None:
-                future = self.requests.submit(self.client.targets, {name: batch[name].to("cpu") for name in ("input_ids", "attention_mask", "labels")})
+                future = self.requests.submit(self.client.signal, {name: batch[name].to("cpu") for name in ("input_ids", "attention_mask", "labels")})
                 if not take:
                     self.pending[key] = future
         return future
@@ -200,14 +198,24 @@ class RemoteSource(TeacherSource):
     def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
         if not wants:
             return TeacherOutputs()
-        sparse, size = self._future(batch, take=True).result()
+        sparse, tensors, size = self._future(batch, take=True).result()
         expected = self.task.target_count(batch)
         if len(sparse) != expected:
             raise ConfigError(f"teacher.url: the pool answered {len(sparse)} targets for a batch that has {expected}; "
                               "it serves another task or masking: start it with this job's config")
         self.wire_bytes, self.targets = self.wire_bytes + size, self.targets + expected
         sparse.tail_mode = self.tail
-        return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device))
+        hidden = self._hidden(batch, tensors) if HIDDEN in wants else None
+        return TeacherOutputs(sparse=sparse.to(batch["input_ids"].device), hidden_states=hidden)
+
+    def _hidden(self, batch: dict, tensors: dict) -> dict:
+        """``{layer: [B, S, dim]}``: the hidden states the pool answered for the batch's rows, at their positions."""
+        features, offsets = self.client.features, tensors["hidden_offsets"].tolist()
+        rows = [features.read(tensors, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
+        try:
+            return features.laid_out(rows, batch["attention_mask"].sum(-1).tolist(), tuple(batch["input_ids"].shape), batch["input_ids"].device)
+        except ValueError as err:
+            raise ConfigError(f"teacher.url: the pool answered {err}; start it with this job's config") from None
 
     def transfer_summary(self) -> str:
         return f", {self.wire_bytes / self.targets:.0f} bytes per target token on the wire" if self.targets else ""

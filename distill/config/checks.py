@@ -157,12 +157,10 @@ def rule_teacher_source_fits_task_and_terms(cfg: DistillConfig) -> None:
         kind, weighted = kind_of(spec.kind), spec.weight > 0
         _check(kind is not UserTerm or not weighted,
                f"loss.terms[{i}]: a term of your own ({spec.kind}) is given the teacher model's logits; use teacher.source=model")
-        if t.source == "cache":
-            _check(not kind.features or kind.stored or not weighted,
-                   f"loss.terms[{i}]: {spec.kind} terms need the teacher's attention, which a store does not hold (only hidden states: "
-                   "distill cache-teacher --hidden-layers); use teacher.source=model")
-        _check(t.source == "cache" or not kind.features or not weighted,
-               f"loss.terms[{i}]: a {spec.kind} term needs the teacher's features, which the teacher pool does not give; use teacher.source=model")
+        holder = "a store does not hold (only hidden states: distill cache-teacher" if t.source == "cache" else \
+            "the teacher pool does not give (only hidden states: distill serve-teacher"
+        _check(not kind.features or kind.stored or not weighted,
+               f"loss.terms[{i}]: {spec.kind} terms need the teacher's attention, which {holder} --hidden-layers); use teacher.source=model")
 
 
 def rule_task_fits_student_data_and_eval(cfg: DistillConfig) -> None:

@@ -52,8 +52,8 @@ class Hidden(TermKind):
         if teacher is None and stored is not None:
             return cls.build_stored(spec, key, student=student, stored=stored)
         check(teacher is not None or student is None,
-              f"{key}: a hidden term needs the teacher's hidden states, and the store holds none; build one that does with "
-              "distill cache-teacher --hidden-layers L,.. --hidden-dim R")
+              f"{key}: a hidden term needs the teacher's hidden states, and its store or pool gives none; build the store with "
+              "distill cache-teacher --hidden-layers L,.., or start the pool with distill serve-teacher --hidden-layers L,..")
         s, t = both_models(spec, key, student, teacher)
         pairs = layer_pairs(spec.layers, s["layers"], t["layers"], embeddings=spec.embeddings, key=f"{key}.layers", first=0)
         return HiddenTerm(spec.name, spec.weight, pairs=pairs, distance=spec.distance, student_width=s["width"], teacher_width=t["width"],

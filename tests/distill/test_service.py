@@ -353,10 +353,40 @@ def test_many_students_share_one_pool(pool, tiny, corpus, tmp_path):
     (["teacher.url=node1:8765"], "teacher.url: 'node1:8765' is not an http:// or https:// URL"),
     (["teacher.url=http://a:1", "teacher.remote_timeout=0"], "teacher.remote_timeout must be > 0 (got 0.0)"),
     (["teacher.url=http://a:1", "teacher.prefetch=-1"], "teacher.prefetch must be >= 0 (got -1)"),
-    (["teacher.url=http://a:1", "loss.terms=[{kind: hidden, weight: 1}]"], "which the teacher pool does not give; use teacher.source=model"),
+    (["teacher.url=http://a:1", "loss.terms=[{kind: attention, weight: 1}]"], "which the teacher pool does not give (only hidden states: distill serve-teacher --hidden-layers); use teacher.source=model"),
 ])
 def test_what_a_pool_cannot_serve_fails_when_the_config_loads(sets, message):
     base = ["teacher.path=t", "student.architecture={num_hidden_layers: 1}", "data.train_files=[a.txt]", "teacher.source=remote"]
     with pytest.raises(ConfigError) as err:
         load_config(None, [*base, *sets])
     assert message in str(err.value)
+
+
+def test_a_pool_serves_the_teachers_hidden_states_as_a_store_holds_them(pool, tiny, corpus, tmp_path, capfd):
+    """serve-teacher --hidden-layers fits the projection cache-teacher fits; a hidden term trains from the pool as from the store."""
+    from distill.cache_teacher import build
+    from distill.service import Client
+
+    terms = "loss.terms=[{kind: logits, name: kd, weight: 1.0}, {kind: hidden, name: feat, weight: 1.0}]"
+    server = Pool(tiny, corpus, tmp_path / "pool", "--hidden-layers", "2", "--hidden-dim", "16")
+    try:
+        url = server.ready()
+        store = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=tmp_path / "store", hidden_layers=[2], hidden_dim=16)
+        client = Client([url], TOKEN, timeout=30)
+        served = client.identity(url)["identity"]["features"]
+        assert served == json.loads((store / "manifest.json").read_text())["identity"]["features"]  # the same projection, to the byte
+        client.close()
+        remote, _ = _remote(tiny, corpus, tmp_path / "remote", url, terms, "train.max_steps=4")
+        reset_accelerate()
+        cached, _ = run_job(tiny, corpus, tmp_path / "cached", "teacher.source=cache", f"teacher.cache={store}", "eval.at_end=false",
+                            "train.max_steps=4", terms)
+        a, b = [[(m["train/kd_loss"], m["train/feat_loss"]) for m in read_metrics(run) if "train/loss" in m] for run in (remote, cached)]
+        assert len(a) == 4 and all(f > 0 for _, f in a)
+        assert [x for pair in a for x in pair] == pytest.approx([x for pair in b for x in pair], rel=1e-5)
+    finally:
+        server.stop()
+    # A pool started without them: one line before step 0.
+    _, plain = pool
+    with pytest.raises(ConfigError, match="a hidden term needs the teacher's hidden states, and its store or pool gives none"):
+        _remote(tiny, corpus, tmp_path / "plain", plain, terms)
+    assert not (tmp_path / "plain" / "metrics.jsonl").exists()

@@ -587,7 +587,7 @@ def test_a_hidden_term_trains_from_the_store_as_from_the_teacher(store, tiny, co
     capfd.readouterr()
     # What the store cannot give: one line each, before step 0.
     for where, sets, message in [
-        (store, (HIDDEN,), "loss.terms[1]: a hidden term needs the teacher's hidden states, and the store holds none; build one that does with "
+        (store, (HIDDEN,), "loss.terms[1]: a hidden term needs the teacher's hidden states, and its store or pool gives none; build the store with "
                            "distill cache-teacher --hidden-layers"),
         (raw, (HIDDEN.replace("[[1, 2]]", "[[1, 1]]"),), "loss.terms[1].layers: teacher layer 1 is not in the store, which holds the hidden states of layer(s) 2"),
     ]:

@@ -263,8 +263,8 @@ def test_a_teacher_pool_sweep_may_not_vary_the_teacher(tiny, corpus, tmp_path, c
     code, out, err = sweep_here(tiny, corpus, tmp_path / "s", "--grid", "teacher.dtype=float32,bfloat16", "--teacher-pool", capsys=capsys)
     assert code == 2 and err.strip() == "distill: error: --teacher-pool serves one teacher to every run; the grid may not vary teacher.dtype"
     code, out, err = sweep_here(tiny, corpus, tmp_path / "s", "--grid", "loss.alpha=0,1", "--teacher-pool",
-                                "--set", "loss.terms=[{kind: hidden, weight: 1}]", capsys=capsys)
-    assert code == 2 and "which the teacher pool does not give; use teacher.source=model" in err
+                                "--set", "loss.terms=[{kind: attention, weight: 1}]", capsys=capsys)
+    assert code == 2 and "which the teacher pool does not give (only hidden states: distill serve-teacher --hidden-layers); use teacher.source=model" in err
 
 
 def test_a_slurm_sweep_with_a_teacher_pool_renders_the_pool_job_and_the_tasks_wait_for_it(tiny, corpus, tmp_path, capsys):
