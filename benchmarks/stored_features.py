@@ -31,8 +31,8 @@ EXAMPLES = {
     # teacher 2 x 256 (Llama), new student 2 x 96: the projection maps 96 into the teacher's 256 (online) or into R (store)
     "tiny": {"config": "configs/tiny.yaml", "layers": [1, 2], "dim": 24, "targets": ["--targets", "mixed", "--top-k", "64"], "metric": "perplexity",
              "logits": "{kind: logits, name: kd, divergence: forward_kl}",
-             "hidden": "{kind: hidden, name: feat, layers: uniform, distance: mse, weight: 1.0}",
-             "sets": ["eval.baseline=null", "train.eval_every=0", "train.save_every=0", "tracking.backend=none", "eval.speed_repeats=1"]},
+             "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
+             "sets": ["eval.baseline=", "train.eval_every=0", "train.save_every=0", "tracking.backend=none", "eval.speed_repeats=1"]},
     # MiniLM-L6 teacher (6 x 384), the student its layers 1, 3, 5: as wide as the teacher, compared in the store's R coordinates unprojected
     "minilm": {"config": "configs/minilm_few_labels.yaml", "layers": [2, 4, 6], "dim": 32, "targets": [], "metric": "accuracy",
                "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",

@@ -209,7 +209,7 @@ def check_sampled_targets(objective) -> None:
     distribution at temperature 1 without bias; only the forward KL's gradient is linear in it, and
     another temperature would need the probabilities of ids never drawn. Refuses the other terms."""
     for term in objective.terms:
-        problem = term.sampled_targets_problem()
+        problem = None if term.features else term.sampled_targets_problem()  # a feature term reads no targets
         if problem:
             raise ConfigError(f"loss term {term.name!r} ({problem}): sampled teacher targets give "
                               "an unbiased forward KL at temperature 1 only; use divergence forward_kl at temperature 1, or a top-k store "

@@ -577,8 +577,8 @@ def test_a_hidden_term_trains_from_the_store_as_from_the_teacher(store, tiny, co
     cached, _ = _train(tiny, corpus, tmp_path / "cached", f"teacher.cache={raw}", HIDDEN, "train.max_steps=3", "loss.fused=never")
     a, b = [[m["train/feat_loss"] for m in read_metrics(run) if "train/loss" in m] for run in (online, cached)]
     assert len(a) == 3 and b == pytest.approx(a, rel=2e-3)
-    # A student as wide as the teacher, from reduced states: compared in the store's coordinates, through its projection.
-    reduced = build(cfg, k=K, out=tmp_path / "reduced", shard_rows=16, hidden_layers=[1, 2], hidden_dim=16)
+    # A student as wide as the teacher, from reduced states (beside mixed targets): compared in the store's coordinates, through its projection.
+    reduced = build(cfg, k=K, out=tmp_path / "reduced", shard_rows=16, hidden_layers=[1, 2], hidden_dim=16, method="mixed")
     reset_accelerate()
     wide = "student.architecture={num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4}"
     run, _ = _train(tiny, corpus, tmp_path / "wide", f"teacher.cache={reduced}", wide, HIDDEN.replace("[[1, 2]]", "uniform"))
