@@ -79,7 +79,8 @@ def train(example: dict, name: str, row: str, seed: int, steps: int, stores: dic
     student = {r["model"]: r for r in result["rows"]}["student"]
     seconds = [m["train/step_seconds"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                if "train/step_seconds" in m and m["step"] > steps // 5]
-    return {"row": row, "seed": seed, "quality": student[example["metric"]], "step_seconds": statistics.mean(seconds)}
+    return {"row": row, "seed": seed, "quality": student[example["metric"]], "kl_to_teacher": student["kl_to_teacher"],
+            "step_seconds": statistics.mean(seconds)}
 
 
 def main() -> None:
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "stored_features_runs"
-    report = {}
+    path = args.out / "stored_features.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}  # an example run alone keeps the other's figures
     for name, steps in zip(args.example, args.steps + args.steps[-1:] * len(args.example)):
         example = EXAMPLES[name]
         if name == "tiny":
@@ -104,7 +106,7 @@ def main() -> None:
         for row in ROWS:
             mine = [r for r in runs if r["row"] == row]
             table.append({"row": row, "quality": statistics.mean(r["quality"] for r in mine), "by_seed": [r["quality"] for r in mine],
-                          "step_seconds": statistics.mean(r["step_seconds"] for r in mine)})
+                          "kl_to_teacher": statistics.mean(r["kl_to_teacher"] for r in mine), "step_seconds": statistics.mean(r["step_seconds"] for r in mine)})
         by = {t["row"]: t for t in table}
 
         def gain(with_hidden: str, without: str) -> list[float]:
@@ -116,14 +118,15 @@ def main() -> None:
         for kind in ("raw", "int8"):
             cached = gain(f"logits + hidden, store {kind}", "logits only, store")
             shares[kind] = {"gain_by_seed": cached, "share_of_online_gain": statistics.mean(cached) / statistics.mean(online) if statistics.mean(online) else None}
-        raw_fp16 = 2 * stores["raw"]["hidden_bytes_per_position"] / 2  # the raw store is float16 already
+        raw_fp16 = stores["raw"]["hidden_bytes_per_position"]  # the raw store is float16 already
         print(f"\n{name}: {steps} steps, {args.seeds} seeds; hidden layers {example['layers']}, R = {example['dim']}; {example['metric']} "
               f"({'lower' if lower_better else 'higher'} is better)")
-        print(f"{'row':<34} {example['metric']:>11} {'by seed':>30} {'ms/step':>8} {'hidden B/token':>15}")
+        print(f"{'row':<34} {example['metric']:>11} {'by seed':>30} {'KL to teacher':>14} {'ms/step':>8} {'hidden B/token':>15}")
         for t in table:
             size = stores["int8"]["hidden_bytes_per_position"] if "int8" in t["row"] else raw_fp16 if "store raw" in t["row"] else None
             seeds = ", ".join(f"{q:.4g}" for q in t["by_seed"])
-            print(f"{t['row']:<34} {t['quality']:>11.4g} {seeds:>30} {t['step_seconds'] * 1e3:>8.1f} {'' if size is None else f'{size:.1f}':>15}")
+            print(f"{t['row']:<34} {t['quality']:>11.4g} {seeds:>30} {t['kl_to_teacher']:>14.4f} {t['step_seconds'] * 1e3:>8.1f} "
+                  f"{'' if size is None else f'{size:.1f}':>15}")
         print(f"online hidden gain by seed: {', '.join(f'{g:+.4g}' for g in online)}")
         for kind, share in shares.items():
             print(f"store {kind}: gain by seed {', '.join(f'{g:+.4g}' for g in share['gain_by_seed'])}; share of the online gain "
@@ -133,7 +136,6 @@ def main() -> None:
         report[name] = {"steps": steps, "seeds": args.seeds, "layers": example["layers"], "dim": example["dim"], "metric": example["metric"],
                         "table": table, "online_gain_by_seed": online, "store": shares, "stores": stores}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "stored_features.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten: {path}")
 

@@ -483,9 +483,13 @@ def test_every_encoding_reads_back_the_targets_it_was_given(method):
 def test_a_quantized_store_trains_and_a_store_from_before_encodings_reads_as_fp16(store, tiny, corpus, tmp_path, capfd):
     from safetensors.torch import load_file, save_file
 
+    from distill.cache_teacher import build
+
     q8 = tmp_path / "q8"
-    built = _cache_cli(tiny, corpus, q8, "--encoding", "q8")
+    built = _cache_cli(tiny, corpus, q8, "--encoding", "q8", "--nproc-per-node", "2")
     assert built.returncode == 0, built.stderr
+    alone = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "unused")), k=K, out=tmp_path / "alone", shard_rows=16, encoding="q8")
+    assert _files(alone) == _files(q8)  # one process writes what two do
     assert json.loads((q8 / "manifest.json").read_text())["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320, "encoding": "q8"}
     shards = lambda path: sum(f.stat().st_size for f in path.rglob("shard-*.safetensors"))
     assert shards(q8) < 0.7 * shards(store)  # at k=8: 23 bytes a target against 36
@@ -533,8 +537,9 @@ def test_a_store_holds_the_teachers_hidden_states_reduced_the_same_at_any_world_
     from distill.teacher_source import ModelSource
 
     cfg = load_config(None, job_overrides(tiny, corpus, tmp_path / "unused"))
-    one = build(cfg, k=K, out=tmp_path / "one", shard_rows=16, hidden_layers=[1, 2], hidden_dim=16)
-    two = _cache_cli(tiny, corpus, tmp_path / "two", "--hidden-layers", "1,2", "--hidden-dim", "16", "--nproc-per-node", "2")
+    one = build(cfg, k=K, out=tmp_path / "one", shard_rows=16, hidden_layers=[1, 2], hidden_dim=16, method="mixed", encoding="q4")
+    two = _cache_cli(tiny, corpus, tmp_path / "two", "--hidden-layers", "1,2", "--hidden-dim", "16", "--targets", "mixed", "--encoding", "q4",
+                     "--nproc-per-node", "2")
     assert two.returncode == 0, two.stderr
     assert "hidden states of layer(s) 1, 2 reduced from 64 to 16 dimensions (variance kept: " in two.stderr
     assert _files(one) == _files(tmp_path / "two")  # the projection too: fitted alike by every process
