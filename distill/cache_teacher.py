@@ -89,12 +89,12 @@ def fitted_features(source, sequences, pad_id: int, layers: list[int], dim: int 
             samples[layer].append(states[layer][held].to("cpu", torch.float32))
         taken += int(held.sum())
     stacked = {layer: torch.cat(parts)[:CALIBRATION_POSITIONS] for layer, parts in samples.items()}
-    if len(next(iter(stacked.values()))) < dim:
-        raise ConfigError(f"--hidden-dim {dim}: the training data has only {len(next(iter(stacked.values())))} positions to fit the projection on; "
-                          "use a smaller --hidden-dim")
+    positions = min(taken, CALIBRATION_POSITIONS)
+    if positions < dim:
+        raise ConfigError(f"--hidden-dim {dim}: the training data has only {positions} positions to fit the projection on; use a smaller --hidden-dim")
     features.projection, kept = fit(stacked, dim)
     log(f"cache-teacher: hidden states of layer(s) {', '.join(map(str, layers))} reduced from {features.width} to {dim} dimensions "
-        f"(variance kept: {', '.join(f'{kept[layer]:.1%}' for layer in layers)}; fitted on {len(next(iter(stacked.values())))} positions)")
+        f"(variance kept: {', '.join(f'{kept[layer]:.1%}' for layer in layers)}; fitted on {positions} positions)")
     return features
 
 

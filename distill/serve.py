@@ -251,9 +251,9 @@ class Batcher:
     def _loop(self) -> None:
         import torch  # this module stays free of torch until it is needed
 
-        from safetensors.torch import load, save  # this module stays free of safetensors until it is needed
+        from safetensors.torch import save  # this module stays free of safetensors until it is needed
 
-        from distill.sparse import encode  # loads torch: this module stays torch-free until it is needed
+        from distill.sparse import shard_tensors  # loads torch: this module stays torch-free until it is needed
         from distill.stored_features import joined_features  # loads torch: this module stays torch-free until it is needed
 
         while True:
@@ -274,11 +274,11 @@ class Batcher:
                 rows = request["input_ids"].shape[0]
                 mine = counts[first_row : first_row + rows]
                 n, positions = sum(mine), sum(lengths[first_row : first_row + rows])
-                answer = encode(targets[first_target : first_target + n], mine, self.engine.vocab)
+                answer = shard_tensors(targets[first_target : first_target + n], mine, self.engine.vocab)
                 if wants_hidden:  # the rows' positions of each layer, as a store's shard holds them
                     held = {name: values[first_position : first_position + positions] for name, values in hidden.items()}
-                    answer = save({**load(answer), **joined_features(self.engine.features, [held], lengths[first_row : first_row + rows])})
-                future.set_result(answer)
+                    answer.update(joined_features(self.engine.features, [held], lengths[first_row : first_row + rows]))
+                future.set_result(save(answer))
                 first_row, first_target, first_position = first_row + rows, first_target + n, first_position + positions
             with self.stats.lock:
                 self.stats.queue_seconds += sum(start - queued for _, _, queued, _ in taken)

@@ -167,11 +167,16 @@ def spread(teacher: SparseTargets, vocab: int) -> torch.Tensor:
     return dense.scatter_(-1, ids, teacher.logprobs.float())
 
 
-def encode(targets: SparseTargets, counts: list[int], vocab: int) -> bytes:
-    """The targets of some rows as a shard's bytes (safetensors; the layout in the module's docstring).
-    The teacher service (:mod:`distill.service`) answers in the same bytes."""
+def shard_tensors(targets: SparseTargets, counts: list[int], vocab: int) -> dict[str, torch.Tensor]:
+    """The targets of some rows as a shard's tensors (the layout in the module's docstring), for :func:`encode`
+    or to be saved beside other tensors of the same rows (their hidden states)."""
 
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     tensors = {"ids": targets.ids.to(torch.int16 if vocab <= 32767 else torch.int32), "logprobs": targets.logprobs.half(),
                "tail": targets.tail.float(), "offsets": offsets}
-    return save({name: t.contiguous() for name, t in tensors.items()})
+    return {name: t.contiguous() for name, t in tensors.items()}
+
+
+def encode(targets: SparseTargets, counts: list[int], vocab: int) -> bytes:
+    """The targets of some rows as a shard's bytes (safetensors). The teacher service (:mod:`distill.service`) answers in the same bytes."""
+    return save(shard_tensors(targets, counts, vocab))

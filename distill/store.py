@@ -198,8 +198,7 @@ def shard_count(rows: int, shard_rows: int) -> int:
 def write_shard(path: Path, targets: SparseTargets, counts: list[int], encoding, features: dict | None = None) -> None:
     """A shard's targets (``counts`` per row) in ``encoding`` (a :class:`distill.encodings.base.Encoding`), and the rows' hidden
     states' tensors when the store holds them (:func:`distill.stored_features.joined_features`), written atomically."""
-    data = encoding.encode(targets, counts)
-    write_atomic(path, save({**load(data), **features}) if features else data)
+    write_atomic(path, save({**encoding.tensors(targets, counts), **(features or {})}))
 
 
 def _claim(path: Path, ident: dict, rank: int) -> None:
@@ -289,7 +288,8 @@ class Store:
         self._checked: set = set()
 
     def _shard(self, split: str, name: str, index: int):
-        """(an open, memory-mapped shard, its row offsets, what its encoding reads rows by): rows are read by slice, never the whole shard."""
+        """(an open, memory-mapped shard, its row offsets, what its encoding reads rows by, its rows' hidden-state offsets when the store
+        holds hidden states): rows are read by slice, never the whole shard."""
 
         key = (split, name, index)
         if key not in self._open:
@@ -299,7 +299,8 @@ class Store:
                     self._check_shard(f, self._expected.get(key))
                     self._checked.add(key)
                 handle = safe_open(str(f), framework="pt")
-                self._open[key] = (handle, handle.get_tensor("offsets").tolist(), self.encoding.open(handle))
+                hidden = handle.get_tensor("hidden_offsets").tolist() if self.features is not None else None
+                self._open[key] = (handle, handle.get_tensor("offsets").tolist(), self.encoding.open(handle), hidden)
             except (SafetensorError, OSError, KeyError) as err:
                 raise ConfigError(f"teacher.cache: shard {f} cannot be read ({first_line(err)}); rebuild the store with distill cache-teacher") from None
             if len(self._open) > 256:
@@ -343,28 +344,22 @@ class Store:
             # max() is NaN when any value is (-inf is a probability of 0: sampled ids never drawn, no tail)
             nan = bool(logprobs.isnan().any() or tail.isnan().any())
             return "it holds log-probabilities that are NaN" if nan else "it holds log-probabilities above 0"
-        if self.features is not None:
-            held = tensors.get("hidden_offsets")
-            if held is not None and (held.ndim != 1 or len(held) != len(offsets) or int(held[0]) != 0 or bool((held.diff() < 0).any())):
-                return "its hidden-state offsets do not match its rows"
-            return self.features.problem(tensors)
-        return None
+        return self.features.problem(tensors, rows=len(offsets) - 1) if self.features is not None else None
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
         """The targets of ``rows`` of one source's split, concatenated in order."""
         pieces = []
         for row in rows:
-            handle, offsets, index = self._shard(split, name, row // self.shard_rows)
+            handle, offsets, index, _ = self._shard(split, name, row // self.shard_rows)
             i = row % self.shard_rows
             pieces.append(self.encoding.read(handle, index, i, offsets[i], offsets[i + 1]))
         return self.encoding.join(pieces)
 
     def hidden(self, split: str, name: str, row: int) -> dict:
         """``{layer: [positions, dim]}`` float32: the teacher's stored hidden states of one row (:mod:`distill.stored_features`)."""
-        handle, _, _ = self._shard(split, name, row // self.shard_rows)
+        handle, _, _, offsets = self._shard(split, name, row // self.shard_rows)
         i = row % self.shard_rows
-        offsets = handle.get_slice("hidden_offsets")[i : i + 2].tolist()
-        return self.features.read(handle, offsets[0], offsets[1])
+        return self.features.read(handle, offsets[i], offsets[i + 1])
 
 
 def open_store(cfg, setup, *, quiet: bool = False) -> "Store":

@@ -125,11 +125,13 @@ class StoredFeatures:
                 out[layer][i, : len(values)] = values
         return {layer: values.to(device) for layer, values in out.items()}
 
-    def problem(self, tensors: dict) -> str | None:
-        """What makes a shard's feature tensors unreadable; None when nothing."""
+    def problem(self, tensors: dict, rows: int) -> str | None:
+        """What makes a shard's feature tensors (of ``rows`` rows) unreadable; None when nothing."""
         offsets = tensors.get("hidden_offsets")
         if offsets is None:
             return "it lacks the hidden states its store records (hidden_offsets)"
+        if offsets.ndim != 1 or len(offsets) != rows + 1 or int(offsets[0]) != 0 or bool((offsets.diff() < 0).any()):
+            return "its hidden-state offsets do not match its rows"
         for layer in self.layers:
             values = tensors.get(f"hidden.{layer}")
             if values is None or values.ndim != 2 or values.shape[1] != self.dim or values.shape[0] != int(offsets[-1]):

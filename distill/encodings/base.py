@@ -10,6 +10,7 @@ reads back :class:`~distill.sparse.SparseTargets` of ``[N, k]``, whatever it sto
 from __future__ import annotations
 
 import numpy as np
+from safetensors.torch import save
 
 from distill.sparse import SparseTargets
 
@@ -25,9 +26,13 @@ class Encoding:
         self.exact = {"top_k": k, "mixed": k // 2, "sampled": 0}[method]  # ids per target with the teacher's own log-probability
         self.draws = k - self.exact  # ids drawn per target (their frequencies are what is stored)
 
-    def encode(self, targets: SparseTargets, counts: list[int]) -> bytes:
-        """The targets of a shard's rows (``counts`` targets each, in order) as the shard's bytes."""
+    def tensors(self, targets: SparseTargets, counts: list[int]) -> dict:
+        """The targets of a shard's rows (``counts`` targets each, in order) as the shard's tensors."""
         raise NotImplementedError
+
+    def encode(self, targets: SparseTargets, counts: list[int]) -> bytes:
+        """:meth:`tensors` as the shard's bytes."""
+        return save(self.tensors(targets, counts))
 
     def open(self, handle) -> object:
         """What reading rows of an open shard needs beyond its ``offsets``, read once per shard."""

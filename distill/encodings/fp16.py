@@ -5,7 +5,7 @@ answers in the same bytes (:func:`distill.sparse.encode`)."""
 from __future__ import annotations
 
 from distill.encodings.base import Encoding
-from distill.sparse import SparseTargets, encode
+from distill.sparse import SparseTargets, shard_tensors
 
 FIELDS = ("ids", "logprobs", "tail")
 
@@ -14,8 +14,8 @@ class Fp16(Encoding):
     kind = "fp16"
     precision = 16
 
-    def encode(self, targets, counts):
-        return encode(targets, counts, self.vocab)
+    def tensors(self, targets, counts):
+        return shard_tensors(targets, counts, self.vocab)
 
     def read(self, handle, index, row, first, last):
         return SparseTargets(*(handle.get_slice(field)[first:last] for field in FIELDS))

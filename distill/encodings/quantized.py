@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from safetensors.torch import save
-
 from distill.encodings.base import Encoding, pack, packed_bytes, unpack, width_of
 from distill.sparse import SparseTargets
 
@@ -40,7 +38,7 @@ class Quantized(Encoding):
 
     # ----- writing ----------------------------------------------------------------------------------------------------------------------
 
-    def encode(self, targets, counts):
+    def tensors(self, targets, counts):
         ids, values, tail = targets.ids.long().numpy(), targets.logprobs.double().numpy(), targets.tail.double().numpy()
         E, D, levels = self.exact, self.draws, (1 << self.bits) - 1
         n = ids.shape[0]
@@ -73,10 +71,9 @@ class Quantized(Encoding):
             blob.append(self._record(slice(first, last), ids, top, step, codes, rest, drawn_ids, drawn_counts, drawn))
             starts.append(starts[-1] + len(blob[-1]))
             first = last
-        tensors = {"offsets": torch.tensor([0, *counts], dtype=torch.int64).cumsum(0),
-                   "blob": torch.frombuffer(bytearray(b"".join(blob)), dtype=torch.uint8) if starts[-1] else torch.zeros(0, dtype=torch.uint8),
-                   "blob_offsets": torch.tensor(starts, dtype=torch.int64)}
-        return save(tensors)
+        return {"offsets": torch.tensor([0, *counts], dtype=torch.int64).cumsum(0),
+                "blob": torch.frombuffer(bytearray(b"".join(blob)), dtype=torch.uint8) if starts[-1] else torch.zeros(0, dtype=torch.uint8),
+                "blob_offsets": torch.tensor(starts, dtype=torch.int64)}
 
     def _record(self, rows, ids, top, step, codes, rest, drawn_ids, drawn_counts, drawn) -> bytes:
         E, parts = self.exact, []

@@ -25,8 +25,8 @@ class TermKind:
     kind = ""
     Spec: type[TermSpec] = TermSpec
     uses_teacher = True  # a weighted term of this kind makes the teacher run
-    features = False  # it compares the teacher's features (hidden states, attention), which a pool does not give
-    stored = False  # its features can come from a store (cache-teacher --hidden-layers) instead of the loaded teacher
+    features = False  # it compares the teacher's features (hidden states, attention), not its targets
+    stored = False  # its features can come from a store or a pool (--hidden-layers) instead of the loaded teacher
 
     @classmethod
     def keys(cls) -> list[str]:
