@@ -204,7 +204,9 @@ def write_shard(path: Path, targets: SparseTargets, counts: list[int], encoding,
 def _claim(path: Path, ident: dict, rank: int) -> None:
     """Starts a store at ``path``, or checks that the one there was started for the same contents."""
     marker = path / "identity.json"
-    if path.exists() and any(path.iterdir()) and not marker.is_file():
+    if rank != 0:  # rank 0 starts the store (its directory may hold rank 0's temporary identity file for a moment): wait for it
+        _wait_for(lambda: marker.is_file(), f"{marker} (written by rank 0)")
+    elif path.exists() and any(path.iterdir()) and not marker.is_file():
         raise ConfigError(f"{path} exists and is not a teacher store (no identity.json); choose another --out or teacher.cache")
     if marker.is_file():
         existing = json.loads(marker.read_text())
@@ -212,11 +214,8 @@ def _claim(path: Path, ident: dict, rank: int) -> None:
             raise ConfigError(f"the store at {path} holds other targets: {describe(differences(existing, ident), existing, ident)}; "
                               "choose another --out or teacher.cache")
         return
-    if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        write_atomic(marker, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode())
-    else:
-        _wait_for(lambda: marker.is_file(), f"{marker} (written by rank 0)")
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(marker, (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _wait_for(condition, what: str, timeout: float = 3600.0) -> None:
