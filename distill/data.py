@@ -198,15 +198,22 @@ def _conversation_ids(tokenizer, messages: list[dict], template: str, row: int) 
     return ids, labels
 
 
-def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
+def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None, teacher_limit: int | None = None):
     """Tokenizes raw rows into sequences of at most ``seq_len`` tokens (exactly, when packing).
 
     Rows are text (``data.text_field``, with an optional masked ``data.prompt_field``) or
     conversations (``data.messages_field``: lists of ``{role, content}`` rendered with the chat
-    template, targets on the assistant turns only).
+    template, targets on the assistant turns only). With ``pairing`` (a teacher of another
+    tokenizer, :mod:`distill.pairing`) each row also holds the teacher's tokens of the same text
+    (at most ``teacher_limit``) and both sides' groups.
     """
     seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
     template = chat_template(tokenizer, cfg) if cfg.messages_field else None
+    if pairing is not None:
+        if cfg.messages_field:
+            raise ConfigError("data.messages_field: conversations with a teacher of another tokenizer are not supported yet (each model "
+                              "renders its own template); use text rows (data.text_field, data.prompt_field) or a student with the teacher's tokenizer")
+        return _tokenize_paired(dataset, cfg, split_name, pairing, teacher_limit or 1 << 30)
 
     def documents(batch, indices):
         if cfg.messages_field:
@@ -243,6 +250,35 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str):
         hint = "lower data.seq_len or add data" if cfg.packing else "add data or check data.text_field"
         raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={seq_len} tokens; {hint}")
     return sequences.with_format("python")
+
+
+def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher_limit: int):
+    """:func:`tokenize` for a teacher of another tokenizer: each document tokenized by both and matched (:mod:`distill.pairing`)."""
+    from distill.pairing import blocks, concatenate  # torch-free
+
+    seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
+
+    def encode(batch):
+        prompts = batch[prompt_field] if prompt_field and prompt_field in batch else [None] * len(batch[text_field])
+        docs = [pairing.document([(prompt or "", False), (text, True)], text_field) for text, prompt in zip(batch[text_field], prompts) if text]
+        if cfg.packing:
+            joined = concatenate(docs)
+            rows = blocks(joined, [(i, i + seq_len) for i in range(0, len(joined) - len(joined) % seq_len, seq_len)], teacher_limit)
+        else:
+            rows = [row for doc in docs for row in blocks(doc, [(0, min(seq_len, len(doc)))], teacher_limit)]
+        rows = [{**row, **pairing.target_bytes(row)} for row in rows]
+        return {key: [row[key] for row in rows] for key in PAIRED_COLUMNS}
+
+    sequences = dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                            desc=f"tokenizing {split_name} for both tokenizers")
+    sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
+    if len(sequences) == 0:
+        raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={seq_len} tokens; "
+                          f"{'lower data.seq_len or add data' if cfg.packing else 'add data or check data.text_field'}")
+    return sequences.with_format("python")
+
+
+PAIRED_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "groups", "teacher_groups", "target_bytes", "teacher_target_bytes")
 
 
 def unlabelled(value) -> bool:
@@ -352,6 +388,16 @@ def collate(rows: list[dict], pad_id: int, ids: list[tuple[int, int]] | None = N
     else:
         labels = padded("labels", IGNORE_INDEX)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "teacher_input_ids" in rows[0]:  # a teacher of another tokenizer (distill.pairing): its tokens of the same text, and the groups
+        teacher_width = max(len(r["teacher_input_ids"]) for r in rows)
+        padded_to = lambda key, fill, n: torch.tensor([list(r[key]) + [fill] * (n - len(r[key])) for r in rows], dtype=torch.long)
+        batch["groups"] = padded("groups", -1)
+        batch["teacher_input_ids"] = padded_to("teacher_input_ids", 0, teacher_width)
+        batch["teacher_groups"] = padded_to("teacher_groups", -1, teacher_width)
+        batch["teacher_attention_mask"] = torch.tensor([[1] * len(r["teacher_input_ids"]) + [0] * (teacher_width - len(r["teacher_input_ids"]))
+                                                        for r in rows], dtype=torch.long)
+        batch["target_bytes"] = torch.tensor([r["target_bytes"] for r in rows], dtype=torch.long)
+        batch["teacher_target_bytes"] = torch.tensor([r["teacher_target_bytes"] for r in rows], dtype=torch.long)
     if ids is not None:
         batch["rows"] = torch.tensor(ids, dtype=torch.long).reshape(-1, 2)
     return batch

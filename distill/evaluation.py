@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill import metrics
+from distill import metrics, models
 from distill.downstream import report_tables
 from distill.losses import IGNORE_INDEX, forward_kl
 from distill.tasks import CausalLM
@@ -62,9 +62,13 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
     """
 
     task = _task(task)
+    if batches and "teacher_input_ids" in batches[0]:  # the teacher tokenizes differently: measured on its own tokens, compared with nothing
+        if teacher_is_model:
+            batches, vocab = own_tokens(batches), models.output_vocab(model)
+        teacher = None
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)  # ce, targets
+    sums = torch.zeros(3, dtype=torch.float64)  # ce, targets, the bytes of text they cover (rows that count them: distill.pairing)
     predictions, references, teacher_predictions, kl = [], [], [], []
     for batch in batches:
         batch = _on(batch, device)
@@ -72,6 +76,7 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
         logits, mask = logits.float(), labels != IGNORE_INDEX
         sums[0] += F.cross_entropy(logits, labels.clamp(min=0), reduction="none")[mask].sum().item()
         sums[1] += mask.sum().item()
+        sums[2] += batch["target_bytes"].sum().item() if "target_bytes" in batch else 0
         predictions += logits.argmax(-1)[mask].tolist()
         references += labels[mask].tolist()
         if teacher is not None and not teacher_is_model:
@@ -84,6 +89,8 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
     result = {"ce": sums[0].item() / max(sums[1].item(), 1.0), "tokens": int(sums[1].item())}
     if task.perplexity:
         result["perplexity"] = math.exp(min(result["ce"], 80.0))
+    if sums[2] > 0:  # the same text's cost under either tokenizer
+        result["bits_per_byte"] = sums[0].item() / math.log(2) / sums[2].item()
     for name in task.label_metrics:
         result.update(metrics.compute(name, predictions=predictions, references=references))
     if teacher is not None and not teacher_is_model:
@@ -101,10 +108,20 @@ def metric_name(name: str) -> str:
     return Path(name).stem if ("/" in name or name.endswith(".py")) else name
 
 
+def own_tokens(batches: list[dict]) -> list[dict]:
+    """Batches of a teacher of another tokenizer (:mod:`distill.pairing`) as it tokenizes them: its ids, and as targets its
+    tokens of the text the student's targets are compared on (those in a group)."""
+    return [{"input_ids": b["teacher_input_ids"], "attention_mask": b["teacher_attention_mask"],
+             "labels": torch.where(b["teacher_groups"] >= 0, b["teacher_input_ids"], IGNORE_INDEX), "target_bytes": b["teacher_target_bytes"]}
+            for b in batches]
+
+
 @torch.inference_mode()
 def teacher_fidelity(full_teacher, quantized_teacher, batches: list[dict], *, vocab: int, device, task=None) -> float:
     """KL(full-precision teacher || quantized teacher) per target."""
     task = _task(task)
+    if batches and "teacher_input_ids" in batches[0]:
+        batches, vocab = own_tokens(batches), models.output_vocab(full_teacher)
     total = torch.zeros(2, dtype=torch.float64)  # KL sum, targets
     for batch in batches:
         batch = _on(batch, device)
@@ -143,7 +160,8 @@ def speed(model, batches: list[dict], *, device, new_tokens: int, batch_size: in
         ``throughput_tokens_per_s`` (full-sequence forward passes).
     """
     model.eval()
-    rows = torch.cat([b["input_ids"] for b in batches])
+    width = min(b["input_ids"].shape[1] for b in batches)  # a teacher's own tokens of the batches (own_tokens) vary in width
+    rows = torch.cat([b["input_ids"][:, :width] for b in batches])
     prompt = rows[:1, :16].to(device)
     generate = lambda: model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
@@ -194,6 +212,7 @@ COLUMNS = [
     ("memory_bytes", "memory MB", "{:.2f}", 1e-6),
     ("quantization", "quant", "{}"),
     ("perplexity", "ppl", "{:.2f}"),
+    ("bits_per_byte", "bits/byte", "{:.3f}"),
     ("accuracy", "accuracy", "{:.1%}"),
     ("macro_f1", "macro-F1", "{:.3f}"),
     ("kl_to_teacher", "KL(T||S)", "{:.4f}"),
@@ -246,6 +265,9 @@ def summary_lines(result: dict) -> list[str]:
                          f"{teacher['disk_bytes'] / student['disk_bytes']:.2f}x fewer bytes on disk")
     if "initial_student" in rows and student and student.get("accuracy") is not None:
         lines.append(f"accuracy: {rows['initial_student']['accuracy']:.1%} before training -> {student['accuracy']:.1%} distilled (teacher {teacher['accuracy']:.1%})")
+    elif "initial_student" in rows and student and result.get("pairing"):  # each model's perplexity is per token of its own tokenizer
+        lines.append(f"bits per byte: {rows['initial_student']['bits_per_byte']:.3f} before training -> {student['bits_per_byte']:.3f} distilled "
+                     f"(teacher {teacher['bits_per_byte']:.3f})")
     elif "initial_student" in rows and student:
         lines.append(f"perplexity: {rows['initial_student']['perplexity']:.2f} before training -> {student['perplexity']:.2f} distilled (teacher {teacher['perplexity']:.2f})")
     baseline = rows.get("baseline")
@@ -256,6 +278,11 @@ def summary_lines(result: dict) -> list[str]:
         shown = (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:.2f}")
         lines.append(f"against the baseline (the same student, data and steps, without the teacher): {metric} {shown(baseline[metric])} -> "
                      f"{shown(student[metric])} distilled ({abs(change):.1%} {'better' if better else 'worse'})")
+    if result.get("pairing"):
+        p = result["pairing"]
+        lines.append(f"pairing: the teacher tokenizes differently ({p['teacher_vocabulary']:,} ids, the student {p['student_vocabulary']:,}, "
+                     f"{p['shared_tokens']:,} tokens in both); {p['aligned_targets']:,} of {p['targets']:,} training targets matched to the "
+                     "teacher's tokens; each model's perplexity is per token of its own tokenizer, bits per byte compare them")
     if result.get("train_rows_unlabelled"):
         lines.append(f"training rows seen: {result['train_rows_labelled']:,} labelled, {result['train_rows_unlabelled']:,} without a label "
                      "(the teacher's terms only)")

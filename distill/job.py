@@ -232,7 +232,9 @@ class Loaded:
 
     @property
     def facts(self) -> dict:
-        return {"student_trainable_params": self.parameters[0], "student_total_params": self.parameters[1]}
+        pairing = self.setup.pairing
+        return {"student_trainable_params": self.parameters[0], "student_total_params": self.parameters[1],
+                **({"pairing": pairing.counts} if pairing is not None else {})}
 
 
 def load(cfg: DistillConfig, accelerator) -> Loaded:
@@ -243,7 +245,8 @@ def load(cfg: DistillConfig, accelerator) -> Loaded:
     setup = Setup(cfg, accelerator.device, load_teacher=source.runs_teacher and (teacher_needed(cfg.loss) or cfg.eval.at_end or cfg.train.eval_every > 0))
     opened = source.open(cfg, setup, quiet=quiet)
     task, student, teacher = setup.task, setup.student, setup.teacher
-    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task, stored=getattr(opened, "features", None))
+    objective = build_objective(cfg.loss, student=student, teacher=teacher, causal=task.causal, task=task, stored=getattr(opened, "features", None),
+                                pairing=setup.pairing)
     source.check_objective(opened, objective)
     if not quiet and any(t.weight > 0 and not t.features for t in objective.terms):
         print(f"loss: {objective.path}", file=sys.stderr)

@@ -204,7 +204,7 @@ def _student_config(cfg: StudentConfig, teacher_path: str, teacher_revision: str
 
 
 def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, device: torch.device | None = None,
-                  model_class: str = "AutoModelForCausalLM", peft_task_type: str = "CAUSAL_LM"):
+                  model_class: str = "AutoModelForCausalLM", peft_task_type: str = "CAUSAL_LM", tokenizer=None):
     """The student: a pretrained model from student.path, or a new one from student.architecture.
 
     A new student copies the teacher's config with the architecture overrides, so it shares the
@@ -226,6 +226,10 @@ def build_student(cfg: StudentConfig, teacher_cfg: TeacherConfig, *, seed: int, 
         if cfg.init == "teacher_layers":
             return _from_teacher_layers(cfg, teacher_cfg, model_class)
         config = _student_config(cfg, teacher_cfg.path, teacher_cfg.revision)
+        if cfg.tokenizer and tokenizer is not None:  # its own tokenizer (student.tokenizer): its vocabulary and special tokens
+            config.vocab_size = cfg.architecture.get("vocab_size", len(tokenizer))
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                setattr(config, name, getattr(tokenizer, name))
         torch.manual_seed(seed)
         return AutoModel.from_config(config, dtype=torch.float32)
 
@@ -278,17 +282,29 @@ def output_vocab(model) -> int:
     return getattr(head, "out_features", None) or head.weight.shape[0]
 
 
-def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
-    """Teacher and student must map tokens to the same ids over their shared range."""
+def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """Where the two map a token to another id over their shared range ("at id I (a vs b)"), or how many ordinary tokens
+    one holds beyond the other (a tokenizer with more merges splits text otherwise); None: the same tokenizer (tokens added
+    after training, such as a padding token, may differ)."""
     teacher_ids = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
     student_ids = {i: t for t, i in student_tokenizer.get_vocab().items()}
     shared = min(len(teacher_tokenizer), len(student_tokenizer))
     for i in range(shared):
         if teacher_ids.get(i) != student_ids.get(i):
-            raise ConfigError(
-                f"teacher and student tokenizers differ at id {i} ({teacher_ids.get(i)!r} vs {student_ids.get(i)!r}); "
-                "cross-tokenizer distillation is not supported: use a student with the teacher's tokenizer (student.path or student.architecture)"
-            )
+            return f"at id {i} ({teacher_ids.get(i)!r} vs {student_ids.get(i)!r})"
+    ordinary = lambda tokenizer: len(tokenizer.get_vocab()) - len(getattr(tokenizer, "get_added_vocab", dict)())
+    teacher_size, student_size = ordinary(teacher_tokenizer), ordinary(student_tokenizer)
+    if teacher_size != student_size:
+        return f"in size ({teacher_size:,} ordinary tokens vs {student_size:,})"
+    return None
+
+
+def check_tokenizers(teacher_tokenizer, student_tokenizer) -> None:
+    """Teacher and student must map tokens to the same ids over their shared range (where the job cannot pair them)."""
+    difference = tokenizer_difference(teacher_tokenizer, student_tokenizer)
+    if difference:
+        raise ConfigError(f"teacher and student tokenizers differ {difference}; use a student with the teacher's tokenizer "
+                          "(student.path or student.architecture)")
 
 
 def shared_vocab_size(teacher, student, tokenizer, *, truncate_vocab: bool) -> int:

@@ -47,6 +47,7 @@ class Outputs:
     hidden_states: tuple | None = None  # (L + 1) x [B, S, H]: embeddings, then each layer
     attentions: tuple | None = None  # L x [B, heads, S, S]
     qkv: dict | None = None  # {layer: [q, k, v]}, each [B, S, width]
+    paired: object = None  # a teacher of another tokenizer: its logits on its own tokens, and the groups (distill.aligned_terms.Paired)
 
 
 TeacherOutputs = Outputs
@@ -143,18 +144,33 @@ def fused_path(setting: str, task, student) -> tuple[bool, str]:
     return False, f"full logits ({why})"
 
 
-def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True, task=None, stored=None) -> Objective:
+def build_objective(cfg: LossConfig, *, student=None, teacher=None, causal: bool = True, task=None, stored=None, pairing=None) -> Objective:
     """The objective of ``loss.terms`` (or its shorthand), as checked when the config loaded.
 
     ``student`` and ``teacher`` (their configs: depth, width, heads) are needed by feature terms,
     whose layer maps and projections are checked and built here, before training; ``stored`` (a
     store's features) stands in for a teacher that is not loaded. With ``task`` and ``student``,
-    ``loss.fused`` decides whether logit terms run from the output layers' inputs.
+    ``loss.fused`` decides whether logit terms run from the output layers' inputs. ``pairing``: the teacher
+    tokenizes differently (:mod:`distill.pairing`); its terms compare groups of tokens, from full logits.
     """
+    if pairing is not None:
+        if cfg.fused == "always":
+            raise ConfigError("loss.fused=always: the teacher tokenizes differently, and its terms compare full distributions group by group; "
+                              "set loss.fused=auto or never")
+        return Objective([_across(spec, f"loss.terms[{i}]", pairing) for i, spec in enumerate(parse_terms(cfg))], chunk_size=cfg.chunk_size,
+                         path="full logits (the teacher tokenizes differently: its distributions are compared group by group)")
     terms = [kind_of(spec.kind).build(spec, f"loss.terms[{i}]", student=student, teacher=teacher, causal=causal, stored=stored)
              for i, spec in enumerate(parse_terms(cfg))]
     fused, path = fused_path(cfg.fused, task, student)
     return Objective(terms, chunk_size=cfg.chunk_size, fused=fused, path=path)
+
+
+def _across(spec, key: str, pairing) -> nn.Module:
+    kind = kind_of(spec.kind)
+    if not kind.across:
+        raise ConfigError(f"{key}: a {spec.kind} term compares the teacher and the student position by position, and they tokenize "
+                          "differently; use logits, uld and ce terms, or a student with the teacher's tokenizer")
+    return kind.build_across(spec, key, pairing=pairing)
 
 
 class Distillee(nn.Module):

@@ -24,6 +24,7 @@ from distill.augment import source as augment_source
 from distill.config import ConfigError, DataConfig, DistillConfig, data_sources, read_ds_config, teacher_needed
 from distill.launched import PRECISION  # noqa: F401  (train.precision as accelerate names it; re-exported)
 from distill.losses import UNLABELED
+from distill.pairing import Pairing
 from distill.progress import phase
 from distill.prune import PruneTarget, check_target, importance, prune
 from distill.tasks import build_task
@@ -159,9 +160,18 @@ class Setup:
 
     def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True, load_student: bool = True):
         self.task = task = build_task(cfg.task)
-        self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path", cfg.student.revision if cfg.student.path else cfg.teacher.revision)
-        if cfg.student.path:
-            models.check_tokenizers(models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision), self.tokenizer)
+        if cfg.student.tokenizer:
+            self.tokenizer = models.load_tokenizer(cfg.student.tokenizer, "student.tokenizer")
+        else:
+            self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
+                                                   cfg.student.revision if cfg.student.path else cfg.teacher.revision)
+        self.pairing = None  # a teacher of another tokenizer (distill.pairing)
+        if cfg.student.path or cfg.student.tokenizer:
+            teacher_tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
+            difference = models.tokenizer_difference(teacher_tokenizer, self.tokenizer)
+            if difference:
+                check_pairable(cfg, task, difference)
+                self.pairing = Pairing(self.tokenizer, teacher_tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
         raw = [(source.name, source.weight, source.data, data.load_raw(source.data)) for source in data_sources(cfg.data)]
         self.student = self.vocab = None
@@ -173,20 +183,32 @@ class Setup:
             models.check_seq_len(config, cfg.data.seq_len, "teacher")
         else:
             self.student = models.build_student(cfg.student, cfg.teacher, seed=cfg.train.seed, device=device, model_class=task.auto_class,
-                                                peft_task_type=task.peft_task_type)
+                                                peft_task_type=task.peft_task_type, tokenizer=self.tokenizer)
             models.check_seq_len(self.student.config, cfg.data.seq_len, "student")
         self.teacher = models.load_teacher(cfg.teacher, device, model_class=task.auto_class) if load_teacher else None
         if self.teacher is not None:
             models.check_seq_len(self.teacher.config, cfg.data.seq_len, "teacher")
-        if load_student and not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
-            self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         teacher_config = self.teacher.config if self.teacher is not None else models.teacher_config(cfg.teacher)
+        if self.pairing is not None:  # each model's own tokens: the widths of its tokenizer's ids
+            self.vocab = self.pairing.student_width = task.width(self.student, self.tokenizer)
+            self.pairing.teacher_width = min(teacher_config.vocab_size, len(self.pairing.teacher))
+        elif load_student and not cfg.student.prune:  # a vocabulary or label-set mismatch fails before tokenizing
+            self.vocab = task.shared_outputs(self.teacher, self.student, self.tokenizer, truncate_vocab=cfg.teacher.truncate_vocab)
         raw = [(name, weight, source, (self._augmented(train, source, name, cfg, device), validation))
                for name, weight, source, (train, validation) in raw]
         # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
-        self.sources = [(name, weight, task.tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
-                         task.tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
+        tokenize = task.tokenize
+        if self.pairing is not None:  # both tokenizers, matched (a causal LM's text: check_pairable)
+            limit = getattr(teacher_config, "max_position_embeddings", None)
+            tokenize = lambda raw_rows, tokenizer, source, split, _: data.tokenize(raw_rows, tokenizer, source, split, pairing=self.pairing,
+                                                                                  teacher_limit=limit)
+        self.sources = [(name, weight, tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
+                         tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
                         for name, weight, source, (train, validation) in raw]
+        if self.pairing is not None:
+            line = self.pairing.summary(self.sources[0][2])
+            if int(os.environ.get("RANK", "0") or 0) == 0:
+                print(f"pairing: {line}", file=sys.stderr)
         self.train_sequences = self.sources[0][2]  # the stream draws from every source (train_stream)
         if task.row_labels and load_student:
             check_unlabelled(self.sources, cfg)
@@ -228,6 +250,26 @@ class Setup:
             student = prune(full, importance(full, calibration), PruneTarget(**cfg.student.prune))
         del full
         return student.float().requires_grad_(True).train()
+
+
+def check_pairable(cfg: DistillConfig, task, difference: str) -> None:
+    """What a teacher of another tokenizer cannot do yet, refused in one line before any model loads."""
+    why = f"teacher and student tokenizers differ {difference}"
+    refusals = [
+        (task.kind != "causal_lm", f"task.kind={task.kind}: its targets are the teacher's own positions or classes; use a student with the teacher's tokenizer"),
+        (cfg.teacher.source != "model", f"teacher.source={cfg.teacher.source}: a store or a pool holds the teacher's targets without its tokens' "
+                                        "characters, so they cannot be matched to another tokenizer yet; use teacher.source=model"),
+        (cfg.rollout.on_policy > 0, f"rollout.on_policy={cfg.rollout.on_policy:g}: the student's own completions are not yet scored by a teacher of "
+                                    "another tokenizer; use rollout.on_policy=0"),
+        (not cfg.student.path and cfg.student.init == "teacher_layers", "student.init=teacher_layers keeps the teacher's embeddings and head, which are its tokenizer's; "
+                                               "use student.init=random"),
+        (bool(cfg.eval.speculative), "eval.speculative: a draft model must share the teacher's tokenizer; set eval.speculative=false"),
+        (cfg.eval.lm_eval is not None, "eval.lm_eval scores every model with the student's tokenizer; leave eval.lm_eval out (or score each "
+                                       "model apart: distill evaluate)"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(f"{why}; {message}")
 
 
 def _split(split: str, source: str, cfg: DistillConfig) -> str:

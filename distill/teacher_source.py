@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from distill import service, store as stores
+from distill.aligned_terms import Paired
 from distill.errors import ConfigError, TeacherUnavailable
 from distill.feature_terms import HIDDEN
 from distill.objective import TeacherOutputs, check_sampled_targets
@@ -82,6 +83,10 @@ class ModelSource(TeacherSource):
     def signal(self, batch: dict, wants: frozenset) -> TeacherOutputs:
         if not wants:
             return TeacherOutputs()
+        if "teacher_input_ids" in batch:  # it tokenizes differently (distill.pairing): its logits on its own tokens
+            with torch.no_grad():
+                logits = self.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+            return TeacherOutputs(paired=Paired(logits[:, :-1], batch["teacher_input_ids"], batch["teacher_groups"], batch["input_ids"], batch["groups"]))
         # no_grad rather than inference_mode: autograd may save these tensors for the student's
         # backward, which inference tensors forbid (and cloning them would copy the logits).
         with torch.no_grad():

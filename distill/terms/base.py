@@ -27,6 +27,7 @@ class TermKind:
     uses_teacher = True  # a weighted term of this kind makes the teacher run
     features = False  # it compares the teacher's features (hidden states, attention), not its targets
     stored = False  # its features can come from a store or a pool (--hidden-layers) instead of the loaded teacher
+    across = False  # it trains with a teacher of another tokenizer (distill.pairing): build_across builds it then
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -57,4 +58,9 @@ class TermKind:
     def build(cls, spec: TermSpec, key: str, *, student, teacher, causal: bool, stored=None):
         """The term's module (an ``nn.Module`` with ``name``, ``weight``, ``scale``, ``wants``, ``features``). ``stored``: the
         teacher's features a store holds (:class:`distill.stored_features.StoredFeatures`), when they stand in for the teacher."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_across(cls, spec: TermSpec, key: str, *, pairing):
+        """The term when teacher and student tokenize differently (``pairing``: :class:`distill.pairing.Pairing`, its widths set)."""
         raise NotImplementedError

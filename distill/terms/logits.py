@@ -15,6 +15,7 @@ class LogitsSpec(TermSpec):
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    unshared: float = 1.0  # with a teacher of another tokenizer: the weight of ULD on the tokens only one vocabulary holds
 
 
 class Logits(TermKind):
@@ -31,6 +32,20 @@ class Logits(TermKind):
         check(spec.divergence in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.divergence!r})")
         check(not isinstance(spec.temperature, bool) and isinstance(spec.temperature, (int, float)) and spec.temperature > 0,
               f"{key}.temperature must be > 0 (got {spec.temperature!r})")
+        check(not isinstance(spec.unshared, bool) and isinstance(spec.unshared, (int, float)) and spec.unshared >= 0,
+              f"{key}.unshared must be a number >= 0 (got {spec.unshared!r})")
+
+    across = True
+
+    @classmethod
+    def build_across(cls, spec, key, *, pairing):
+        """Group by group (distill.pairing): the divergence on the shared vocabulary and the rest of the mass, ULD (weight
+        ``unshared``) on the tokens only one side holds."""
+        from distill.aligned_terms import AlignedLogitsTerm  # torch: the config reads the kinds without it
+
+        return AlignedLogitsTerm(spec.name, spec.weight, divergence_kind=spec.divergence, temperature=float(spec.temperature),
+                                 jsd_beta=float(spec.jsd_beta), skew_alpha=float(spec.skew_alpha), shared=pairing.shared,
+                                 student_width=pairing.student_width, teacher_width=pairing.teacher_width, unshared=float(spec.unshared))
 
     @classmethod
     def build(cls, spec, key, *, student, teacher, causal, stored=None):

@@ -12,9 +12,10 @@ from distill.terms.base import TermKind, TermSpec
 from distill.terms.ce import CrossEntropy
 from distill.terms.hidden import Hidden
 from distill.terms.logits import Logits
+from distill.terms.uld import Uld
 from distill.terms.user import UserTerm
 
-TERMS: dict[str, type[TermKind]] = {kind.kind: kind for kind in (Logits, CrossEntropy, Hidden, Attention)}
+TERMS: dict[str, type[TermKind]] = {kind.kind: kind for kind in (Logits, CrossEntropy, Hidden, Attention, Uld)}
 
 
 def kind_of(kind) -> type[TermKind] | None:

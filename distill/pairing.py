@@ -1,0 +1,309 @@
+"""A teacher and a student with different tokenizers: both tokenize each text, their tokens are matched by the
+characters they cover, and their vocabularies are mapped where they hold the same string.
+
+A *group* is the shortest run of student tokens and run of teacher tokens that end at the same character:
+one token each where the tokenizers agree, several on one side where one splits what the other keeps whole
+(a number, a rare word, a multi-byte character). Targets are compared group by group
+(:mod:`distill.aligned_terms`); a token in no group (a BOS or EOS one side lacks, text one side cut) is no
+divergence target, and the job counts them. Torch-free: the data's tokenization runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill.errors import ConfigError
+
+NO_GROUP = -1
+
+
+def char_ends(tokenizer, text: str, key: str) -> tuple[list[int], list[int]]:
+    """(token ids of ``text`` without special tokens, the character each token ends at).
+
+    A fast tokenizer gives offsets; a slow one (SentencePiece's own) is decoded prefix by prefix, each
+    prefix followed by a one-character token so that a decoder trimming trailing spaces keeps them,
+    which holds where its decoding gives the text back. The ends never go backwards (a token of a
+    multi-byte character's bytes ends where the character ends).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, ends = encoded["input_ids"], [end for _, end in encoded["offset_mapping"]]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        mark, ends = _one_character(tokenizer), []
+        for i in range(len(ids) if mark is not None and decode(ids) == text else 0):
+            prefix = decode(ids[: i + 1] + [mark[0]])
+            if not (prefix.endswith(mark[1]) and text.startswith(prefix[: -len(mark[1])])):
+                break
+            ends.append(len(prefix) - len(mark[1]))
+        if len(ends) != len(ids):
+            raise ConfigError(f"{key}: the tokenizer ({type(tokenizer).__name__}) gives no character offsets and its decoding does not "
+                              "give the text back, so its tokens cannot be matched with the other tokenizer's; use its fast version "
+                              "(a tokenizer.json)")
+    out, reached = [], 0
+    for end in ends:
+        reached = max(reached, end)
+        out.append(reached)
+    return ids, out
+
+
+def _one_character(tokenizer) -> tuple[int, str] | None:
+    """A token that decodes to one letter or digit alone (the mark after a decoded prefix), or None."""
+    for candidate in "xX0a":
+        ids = tokenizer.convert_tokens_to_ids([candidate])
+        if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id and tokenizer.decode(ids) == candidate:
+            return ids[0], candidate
+    return None
+
+
+def groups(student_ends: list[int], teacher_ends: list[int]) -> list[tuple[int, int, int, int]]:
+    """The groups of two tokenizations of one text, as (student start, stop, teacher start, stop) token ranges.
+
+    Both sides advance the token that ends first; a group closes where both end at the same character, and
+    takes with it the tokens that end there too (the later bytes of a character, a zero-width token).
+    Tokens after the last shared end (one side's text longer) are in no group.
+    """
+    out, s0, t0, s, t = [], 0, 0, 0, 0
+    while s < len(student_ends) and t < len(teacher_ends):
+        if student_ends[s] < teacher_ends[t]:
+            s += 1
+        elif teacher_ends[t] < student_ends[s]:
+            t += 1
+        else:
+            end = student_ends[s]
+            while s + 1 < len(student_ends) and student_ends[s + 1] == end:
+                s += 1
+            while t + 1 < len(teacher_ends) and teacher_ends[t + 1] == end:
+                t += 1
+            s, t = s + 1, t + 1
+            out.append((s0, s, t0, t))
+            s0, t0 = s, t
+    return out
+
+
+@dataclass
+class Document:
+    """One document tokenized by both: ids, labels (the student's), and each token's group (``NO_GROUP``: none)."""
+
+    ids: list[int]
+    labels: list[int]
+    teacher_ids: list[int]
+    groups: list[int]
+    teacher_groups: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Pairing:
+    """Two tokenizers that differ: how a text is tokenized by both and matched, and which ids hold the same string."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer):
+        self.student, self.teacher = student_tokenizer, teacher_tokenizer
+        self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+        self.student_bytes, self.teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
+
+    def target_bytes(self, row: dict) -> dict:
+        """The UTF-8 bytes of text each side's targets in ``row`` cover: the student's targets, the teacher's tokens in a group
+        (what evaluation's bits per byte divide by, comparable across tokenizers)."""
+        size = lambda table, i: table.get(i, 0)
+        return {"target_bytes": sum(size(self.student_bytes, i) for i, label in zip(row["input_ids"][1:], row["labels"][1:]) if label != -100),
+                "teacher_target_bytes": sum(size(self.teacher_bytes, i) for i, g in zip(row["teacher_input_ids"][1:], row["teacher_groups"][1:])
+                                            if g != NO_GROUP)}
+
+    @property
+    def teacher_pad_id(self) -> int:
+        return self.teacher.pad_token_id if self.teacher.pad_token_id is not None else 0
+
+    student_width = teacher_width = None  # each side's ids, set once the models are known
+    counts = None  # of the training data (summary)
+
+    def count(self, sequences) -> dict:
+        """What the report says of a run's pairing: the vocabularies, how many tokens they share, and how many of the
+        student's training targets are in a group (compared with the teacher) or in none (the divergence skips them)."""
+        targets = grouped = 0
+        for labels, group_ids in zip(sequences["labels"], sequences["groups"]):
+            for label, group in zip(labels[1:], group_ids[1:]):
+                if label != -100:
+                    targets += 1
+                    grouped += group != NO_GROUP
+        return {"student_vocabulary": len(self.student), "teacher_vocabulary": len(self.teacher), "shared_tokens": len(self.shared[0]),
+                "targets": targets, "aligned_targets": grouped}
+
+    def summary(self, sequences) -> str:
+        """The line the job prints; ``counts`` keeps the figures for the report."""
+        c = self.counts = self.count(sequences)
+        return (f"the teacher tokenizes differently ({c['teacher_vocabulary']:,} ids against the student's {c['student_vocabulary']:,}, "
+                f"{c['shared_tokens']:,} tokens in both); {c['aligned_targets']:,} of {c['targets']:,} training targets "
+                f"({c['aligned_targets'] / max(c['targets'], 1):.1%}) are matched to the teacher's tokens, the rest skip the teacher's terms")
+
+    def document(self, pieces: list[tuple[str, bool]], key: str) -> Document:
+        """Both tokenizations of a document given as (text, is a target) pieces, each tokenized on its own (a prompt,
+        then its completion), between each tokenizer's own BOS and EOS. The EOS of both is one group."""
+        s_ids, s_labels, t_ids, s_groups, t_groups = [], [], [], [], []
+        if self.student.bos_token_id is not None:
+            s_ids.append(self.student.bos_token_id), s_labels.append(-100), s_groups.append(NO_GROUP)
+        if self.teacher.bos_token_id is not None:
+            t_ids.append(self.teacher.bos_token_id), t_groups.append(NO_GROUP)
+        count = 0
+        for text, target in pieces:
+            if not text:
+                continue
+            a, a_ends = char_ends(self.student, text, "student tokenizer")
+            b, b_ends = char_ends(self.teacher, text, "teacher tokenizer")
+            mine, theirs = [NO_GROUP] * len(a), [NO_GROUP] * len(b)
+            for s0, s1, t0, t1 in groups(a_ends, b_ends):
+                mine[s0:s1], theirs[t0:t1] = [count] * (s1 - s0), [count] * (t1 - t0)
+                count += 1
+            s_ids += a
+            s_labels += a if target else [-100] * len(a)
+            s_groups += mine
+            t_ids += b
+            t_groups += theirs
+        s_eos, t_eos = self.student.eos_token_id, self.teacher.eos_token_id
+        if s_eos is not None:
+            s_ids.append(s_eos), s_labels.append(s_eos), s_groups.append(count if t_eos is not None else NO_GROUP)
+        if t_eos is not None:
+            t_ids.append(t_eos), t_groups.append(count if s_eos is not None else NO_GROUP)
+        return Document(s_ids, s_labels, t_ids, s_groups, t_groups)
+
+
+def blocks(doc: Document, spans: list[tuple[int, int]], teacher_limit: int) -> list[dict]:
+    """The student tokens ``[start, stop)`` of ``doc`` (a document, or several packed) for each span, as rows with the teacher
+    tokens of the same text: from the first group the block touches (a group cut by the block's start is the teacher's
+    context, in no group) to the last it holds whole, at most ``teacher_limit``. Only groups whole on both sides keep
+    their number; the others' tokens are in no group."""
+    first_teacher = _teacher_starts(doc)
+    s_span, t_span = _spans(doc.groups), _spans(doc.teacher_groups)
+    rows = []
+    for start, stop in spans:
+        t0 = first_teacher[start]
+        t1 = min(first_teacher[stop] if stop < len(doc) else len(doc.teacher_ids), t0 + teacher_limit)
+        whole = lambda g: start <= s_span[g][0] and s_span[g][1] <= stop and t0 <= t_span[g][0] and t_span[g][1] <= t1
+        kept = {g: n for n, g in enumerate(sorted({g for g in doc.groups[start:stop] if g != NO_GROUP and whole(g)}))}
+        mark = lambda gs: [kept.get(g, NO_GROUP) for g in gs]  # numbered from 0 in each row
+        rows.append({"input_ids": doc.ids[start:stop], "labels": doc.labels[start:stop], "teacher_input_ids": doc.teacher_ids[t0:t1],
+                     "groups": mark(doc.groups[start:stop]), "teacher_groups": mark(doc.teacher_groups[t0:t1])})
+    return rows
+
+
+def _spans(group_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """Each group's [first, last + 1) token positions."""
+    out = {}
+    for i, g in enumerate(group_ids):
+        if g != NO_GROUP:
+            out[g] = (out[g][0], i + 1) if g in out else (i, i + 1)
+    return out
+
+
+def _teacher_starts(doc: Document) -> list[int]:
+    """For each student token, the first teacher token of its group (for a token in none, the teacher token after the
+    last group before it: a BOS of the teacher's where the student has one)."""
+    spans = _spans(doc.teacher_groups)
+    out, after = [], 0
+    for g in doc.groups:
+        if g != NO_GROUP and g in spans:
+            out.append(spans[g][0])
+            after = spans[g][1]
+        else:
+            out.append(after)
+    return out
+
+
+def concatenate(docs: list[Document]) -> Document:
+    """Documents one after another (packing), their groups renumbered to stay distinct."""
+    out, offset = Document([], [], [], [], []), 0
+    for doc in docs:
+        top = max([g for g in doc.groups + doc.teacher_groups if g != NO_GROUP], default=-1)
+        shift = lambda gs: [g + offset if g != NO_GROUP else NO_GROUP for g in gs]
+        out.ids += doc.ids
+        out.labels += doc.labels
+        out.teacher_ids += doc.teacher_ids
+        out.groups += shift(doc.groups)
+        out.teacher_groups += shift(doc.teacher_groups)
+        offset += top + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- the shared vocabulary
+
+_BYTE_LEVEL = None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes (the printable characters byte-level BPE writes each byte as)."""
+    global _BYTE_LEVEL
+    if _BYTE_LEVEL is None:
+        printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        chars, n = list(printable), 0
+        for b in range(256):
+            if b not in printable:
+                printable.append(b)
+                chars.append(256 + n)
+                n += 1
+        _BYTE_LEVEL = {chr(c): b for b, c in zip(printable, chars)}
+    return _BYTE_LEVEL
+
+
+def _style(tokenizer) -> str:
+    """How the tokenizer writes a token's text: byte_level (GPT-2, Llama 3, Qwen), metaspace (SentencePiece), wordpiece or plain."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    described = f"{getattr(backend, 'pre_tokenizer', None)} {getattr(backend, 'decoder', None)}" if backend is not None else type(tokenizer).__name__
+    if "ByteLevel" in described:
+        return "byte_level"
+    if "Metaspace" in described or "SentencePiece" in type(tokenizer).__name__ or "Llama" in type(tokenizer).__name__ and backend is None:
+        return "metaspace"
+    if "WordPiece" in described or "Bert" in type(tokenizer).__name__:
+        return "wordpiece"
+    return "plain"
+
+
+def surface(token: str, style: str) -> bytes | None:
+    """The bytes a token adds to the text, the tokenizers' space markers undone; None where that is not one string."""
+    if style == "byte_level":
+        table = _byte_decoder()
+        return bytes(table[c] for c in token) if all(c in table for c in token) else None
+    if style == "metaspace":
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return bytes([int(token[3:5], 16)])
+        return token.replace("▁", " ").encode()
+    if style == "wordpiece":
+        return token[2:].encode() if token.startswith("##") else token.encode()
+    return token.encode()
+
+
+def token_bytes(tokenizer) -> dict[int, int]:
+    """Each ordinary token's length in UTF-8 bytes (specials: none)."""
+    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
+    out = {}
+    for token, i in tokenizer.get_vocab().items():
+        text = None if i in specials else surface(token, style)
+        if text is not None:
+            out[i] = len(text)
+    return out
+
+
+def _surfaces(tokenizer) -> dict[bytes, int]:
+    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
+    out = {}
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if i in specials:
+            continue
+        text = surface(token, style)
+        if text is not None:
+            out.setdefault(text, i)
+    return out
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], list[int]]:
+    """(student ids, teacher ids) of the tokens both vocabularies hold (the same bytes once space markers are undone), and
+    BOS with BOS, EOS with EOS; in the student's id order."""
+    mine, theirs = _surfaces(student_tokenizer), _surfaces(teacher_tokenizer)
+    pairs = {mine[text]: theirs[text] for text in mine.keys() & theirs.keys()}
+    for name in ("bos_token_id", "eos_token_id"):
+        a, b = getattr(student_tokenizer, name), getattr(teacher_tokenizer, name)
+        if a is not None and b is not None:
+            pairs[a] = b
+    student_ids = sorted(pairs)
+    return student_ids, [pairs[i] for i in student_ids]

@@ -1,0 +1,271 @@
+"""A teacher of another tokenizer: tokens matched by the characters they cover, the vocabularies mapped, the terms
+compared group by group (distill.pairing, distill.aligned_terms), and a job that trains across tokenizers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.errors import ConfigError
+from distill.pairing import NO_GROUP, Pairing, _style, blocks, char_ends, concatenate, groups, surface
+
+TEXTS = [
+    "    return x  + 12345 # naïve café — ü\n\tz",
+    "def f(a, b):\n    '''Sum.'''\n    return a+b\n\n\n# 3.14159 and 2718281828",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory, corpus, tiny):
+    """The tiny teacher's BPE, a byte-level tokenizer (no merges) and a SentencePiece BPE with byte fallback, all trained on the corpus."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    from distill.tiny import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    byte_level = train_tokenizer(Path(corpus["train"]), root / "bytes", vocab_size=259)
+    spm.SentencePieceTrainer.train(input=corpus["train"], model_prefix=str(root / "sp"), vocab_size=600, byte_fallback=True,
+                                   character_coverage=0.9995, model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   minloglevel=2, bos_id=1, eos_id=2, unk_id=0, pad_id=3, max_sentence_length=100000, split_digits=True,
+                                   allow_whitespace_only_pieces=True)
+    (root / "sentencepiece").mkdir()
+    shutil.copy(root / "sp.model", root / "sentencepiece" / "tokenizer.model")
+    sentencepiece = LlamaTokenizer.from_pretrained(root / "sentencepiece", legacy=False)
+    sentencepiece.save_pretrained(root / "sentencepiece")
+    return {"root": root, "bpe": tiny["tokenizer"], "bytes": byte_level, "sentencepiece": sentencepiece}
+
+
+def test_groups_close_where_both_tokenizations_end_at_one_character():
+    # One number: one token against five (and five against one).
+    assert groups([5], [1, 2, 3, 4, 5]) == [(0, 1, 0, 5)]
+    assert groups([1, 2, 3, 4, 5], [5]) == [(0, 5, 0, 1)]
+    # "aéb": the student writes é as two byte tokens (both end where é ends), the teacher "aé" as one.
+    assert groups([1, 2, 2, 3], [2, 3]) == [(0, 3, 0, 1), (3, 4, 1, 2)]
+    # Crossing splits ("ab|cd|e" against "a|bcd|e") merge until both agree; text one side has beyond the other is in no group.
+    assert groups([2, 4, 5], [1, 4, 5, 7]) == [(0, 2, 0, 2), (2, 3, 2, 3)]
+    # A zero-width token (a trimmed space) goes with the group that ends where it does.
+    assert groups([3, 3, 7], [3, 7]) == [(0, 2, 0, 1), (2, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("student", ["bytes", "sentencepiece"])
+def test_each_group_holds_the_same_text_on_both_sides(tokenizers, student):
+    pairing = Pairing(tokenizers[student], tokenizers["bpe"])
+    for text in TEXTS:
+        doc = pairing.document([("# prompt: ", False), (text, True)], "data.text_field")
+        # Each model's own BOS opens its side and is in no group; the EOS of both is the last group.
+        assert doc.ids[0] == tokenizers[student].bos_token_id and doc.groups[0] == NO_GROUP and doc.teacher_groups[0] == NO_GROUP
+        assert doc.groups[-1] == doc.teacher_groups[-1] != NO_GROUP and doc.labels[-1] == tokenizers[student].eos_token_id
+        # The prompt's tokens are no target; every group's tokens spell the same bytes on both sides.
+        texts = {}
+        for side, ids, group_ids, tokenizer in (("s", doc.ids, doc.groups, tokenizers[student]), ("t", doc.teacher_ids, doc.teacher_groups, tokenizers["bpe"])):
+            style = _style(tokenizer)
+            for i, g in zip(ids, group_ids):
+                if g != NO_GROUP and i not in tokenizer.all_special_ids:
+                    texts.setdefault((side, g), b"")
+                    texts[(side, g)] += surface(tokenizer.convert_ids_to_tokens(i), style)
+        assert {g for _, g in texts} == set(range(max(g for _, g in texts) + 1))
+        for (side, g), spelled in texts.items():
+            if side == "s":
+                other = texts[("t", g)]
+                # SentencePiece writes the text's first space as its prefix marker ("▁def" at the start is "def").
+                assert spelled.lstrip(b" ") == other.lstrip(b" "), (g, spelled, other)
+        assert b"".join(texts[("t", g)] for g in sorted(g for s, g in texts if s == "t")) == ("# prompt: " + text).encode()
+    # Digits: the SentencePiece model splits every digit, the BPE keeps several together: one group of several tokens.
+    if student == "sentencepiece":
+        doc = pairing.document([("x = 2718281828", True)], "k")
+        sizes = [(doc.groups.count(g), doc.teacher_groups.count(g)) for g in set(doc.groups) - {NO_GROUP}]
+        assert any(s > t for s, t in sizes)
+
+
+def test_a_side_without_bos_or_eos_leaves_that_token_out_of_every_group(tokenizers):
+    from transformers import PreTrainedTokenizerFast
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizers["bytes"].backend_tokenizer, pad_token="<pad>")  # no BOS, no EOS
+    doc = Pairing(bare, tokenizers["bpe"]).document([("return 1", True)], "k")
+    assert doc.teacher_ids[0] == tokenizers["bpe"].bos_token_id and doc.teacher_groups[0] == NO_GROUP
+    assert doc.ids[-1] != tokenizers["bpe"].eos_token_id and doc.teacher_groups[-1] == NO_GROUP  # the teacher's EOS: nothing to match
+    assert doc.groups[0] != NO_GROUP  # the student's first token is text
+
+
+def test_slow_tokenizers_are_matched_by_their_decoding_or_refused(tokenizers):
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    fast = tokenizers["sentencepiece"]
+    slow = SentencePieceBackend(vocab_file=str(tokenizers["root"] / "sp.model"), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert not slow.is_fast
+    text = "def f(a, b):    return a + b  # 31415"
+    assert char_ends(slow, text, "k") == char_ends(fast, text, "k")  # decoded prefix by prefix: the fast tokenizer's offsets
+    with pytest.raises(ConfigError, match="student tokenizer: the tokenizer \\(SentencePieceBackend\\) gives no character offsets and its "
+                                          "decoding does not give the text back"):
+        char_ends(slow, "naïve\n", "student tokenizer")  # its decoding writes the bytes as <0xC3>...
+
+
+def test_packed_blocks_keep_only_groups_whole_on_both_sides(tokenizers, corpus):
+    pairing = Pairing(tokenizers["bytes"], tokenizers["bpe"])
+    paragraphs = [p for p in Path(corpus["validation"]).read_text().split("\n\n") if p.strip()][:12]
+    joined = concatenate([pairing.document([(p, True)], "k") for p in paragraphs])
+    rows = blocks(joined, [(i, i + 64) for i in range(0, len(joined) - 64, 64)], teacher_limit=40)
+    kept = 0
+    for row in rows:
+        assert len(row["teacher_input_ids"]) <= 40
+        for g in set(row["groups"]) - {NO_GROUP}:
+            s = [i for i, h in zip(row["input_ids"], row["groups"]) if h == g]
+            t = [i for i, h in zip(row["teacher_input_ids"], row["teacher_groups"]) if h == g]
+            assert tokenizers["bytes"].decode(s) == tokenizers["bpe"].decode(t)
+            kept += 1
+        assert sorted(set(row["groups"]) - {NO_GROUP}) == list(range(len(set(row["groups"]) - {NO_GROUP})))  # numbered from 0 in each row
+        assert set(row["groups"]) - {NO_GROUP} == set(row["teacher_groups"]) - {NO_GROUP}
+    assert kept > 10 * len(rows)
+
+
+def test_the_shared_vocabulary_undoes_space_markers(tokenizers):
+    sp, bpe = tokenizers["sentencepiece"], tokenizers["bpe"]
+    student_ids, teacher_ids = Pairing(sp, bpe).shared
+    pairs = dict(zip(student_ids, teacher_ids))
+    both = {t.replace("▁", " ") for t in sp.get_vocab()} & {bpe.convert_tokens_to_string([t]) for t in bpe.get_vocab()}
+    word = next(w for w in sorted(both) if w.startswith(" ") and len(w) > 3)
+    assert bpe.convert_tokens_to_string([bpe.convert_ids_to_tokens(pairs[sp.convert_tokens_to_ids(word.replace(" ", "▁"))])]) == word
+    assert pairs[sp.eos_token_id] == bpe.eos_token_id and pairs[sp.bos_token_id] == bpe.bos_token_id
+    assert len(Pairing(tokenizers["bytes"], bpe).shared[0]) == 256 + 2  # every byte, BOS and EOS
+
+
+# ----------------------------------------------------------------------------- the terms
+
+
+def _paired_batch(seed: int = 0):
+    """Two rows: student [B, 7] and teacher [B, 6] tokens with groups of 1-1, 2-1, 1-2, 1-3 tokens, a masked target, padding."""
+    from distill.aligned_terms import Paired
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 11, (2, 7), generator=g)
+    teacher_ids = torch.randint(3, 13, (2, 6), generator=g)
+    groups_ = torch.tensor([[-1, 0, 1, 1, 2, 3, 4], [-1, 0, 0, 1, 2, 2, -1]])
+    teacher_groups = torch.tensor([[-1, 0, 1, 2, 2, 3], [-1, 0, 1, 1, 1, 2]])
+    weights = torch.ones(2, 7)
+    weights[1, 4:] = 0  # the second row's last target (token 5) is masked: its group 2 is not compared
+    student_logits = torch.randn(2, 6, 11, generator=g, dtype=torch.float64)
+    teacher_logits = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
+    return student_logits, Paired(teacher_logits, teacher_ids, teacher_groups, ids, groups_), weights
+
+
+def _reference_groups(student_logits, paired, weights, temperature):
+    """The merged distributions of each compared group, by the definition, one group at a time in float64."""
+    out = []
+    for b in range(student_logits.shape[0]):
+        for g in range(int(paired.groups[b].max()) + 1):
+            s = [i for i in range(paired.groups.shape[1]) if paired.groups[b, i] == g]
+            t = [j for j in range(paired.teacher_groups.shape[1]) if paired.teacher_groups[b, j] == g]
+            if not s or not t or s[0] == 0 or t[0] == 0 or any(weights[b, i - 1] == 0 for i in s):
+                continue
+            merged = []
+            for logits, ids, positions in ((student_logits[b], paired.ids[b], s), (paired.logits[b], paired.teacher_ids[b], t)):
+                log_p = torch.log_softmax(logits / temperature, dim=-1)
+                merged.append(log_p[positions[0] - 1] + sum(log_p[i - 1, ids[i]] for i in positions[1:]))
+            out.append(merged)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_the_aligned_term_equals_its_definition_and_its_gradient(kind):
+    from distill.aligned_terms import AlignedLogitsTerm, UldTerm
+    from distill.losses import divergence
+    from distill.objective import Outputs
+
+    student_logits, paired, weights = _paired_batch()
+    shared = ([1, 2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 9, 10, 12])  # ids 0, 8, 9, 10 of the student and 0, 1, 6, 7, 8, 11 of the teacher are not shared
+    temperature = 2.0
+    term = AlignedLogitsTerm("kd", 1.0, divergence_kind=kind, temperature=temperature, jsd_beta=0.5, skew_alpha=0.1, shared=shared,
+                             student_width=11, teacher_width=13, unshared=0.7)
+    uld = UldTerm("uld", 1.0, temperature=temperature, student_width=11, teacher_width=13)
+    logits = student_logits.clone().requires_grad_(True)
+    value = term(Outputs(logits=logits), Outputs(paired=paired), weights)
+    (grad,) = torch.autograd.grad(value, logits)
+
+    reference_logits = student_logits.clone().requires_grad_(True)
+    merged = _reference_groups(reference_logits, paired, weights, temperature)
+    assert len(merged) == 6  # row 0: groups 0-3 (1-1, 2-1, 1-2, 1-1; 4 has no teacher token); row 1: 0 (2-1), 1 (1-3)
+    fn, total = divergence(kind, temperature=1.0), 0.0
+    for s, t in merged:
+        assert s.exp().sum() <= 1 + 1e-12 and t.exp().sum() <= 1 + 1e-12  # the chain rule's merge never makes mass
+        s_shared, t_shared = s[shared[0]], t[shared[1]]
+        with_rest = lambda x: torch.cat([x, (1 - x.exp().sum()).log().unsqueeze(0)])
+        total = total + fn(with_rest(s_shared), with_rest(t_shared))
+        s_only = s[[i for i in range(11) if i not in shared[0]]].exp().sort(descending=True).values
+        t_only = t[[i for i in range(13) if i not in shared[1]]].exp().sort(descending=True).values
+        total = total + 0.7 * (torch.nn.functional.pad(s_only, (0, 2)) - t_only).abs().sum()
+    (reference_grad,) = torch.autograd.grad(total, reference_logits)
+    # The term computes in float32 whatever the logits' dtype (as every term does); the reference in float64.
+    torch.testing.assert_close(value.double(), total, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
+
+    # Free student logits trained on the term alone move towards the teacher: the divergence falls by more than 40% (merged groups share positions with others, so it cannot reach 0).
+    free = torch.zeros_like(student_logits, dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([free], lr=0.1)
+    start = None
+    for _ in range(200):
+        loss = term(Outputs(logits=free), Outputs(paired=paired), weights)
+        start = float(loss) if start is None else start
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.6 * start
+
+    uld_value = uld(Outputs(logits=student_logits), Outputs(paired=paired), weights)
+    expected = sum((torch.nn.functional.pad(s.exp().sort(descending=True).values, (0, 2)) - t.exp().sort(descending=True).values).abs().sum()
+                   for s, t in _reference_groups(student_logits, paired, weights, temperature))
+    torch.testing.assert_close(uld_value.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def test_a_job_distills_a_teacher_of_another_tokenizer(tiny, corpus, tokenizers, tmp_path):
+    """The tiny teacher's BPE against a byte-level student: the job pairs them instead of refusing, trains every term, says
+    how many targets were matched, and compares the models by bits per byte."""
+    from conftest import read_metrics, run_job
+
+    terms = ("loss.terms=[{kind: logits, name: kd, divergence: jsd, weight: 0.5}, {kind: uld, name: uld, weight: 0.5}, "
+             "{kind: ce, name: ce, weight: 0.5}]")
+    out, result = run_job(tiny, corpus, tmp_path / "run", f"student.tokenizer={tokenizers['root'] / 'bytes'}", terms, "train.max_steps=8",
+                          "train.eval_every=4")
+    steps = [m for m in read_metrics(out) if "train/loss" in m]
+    assert len(steps) == 8 and all(m["train/kd_loss"] > 0 and m["train/uld_loss"] > 0 for m in steps)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert all(r["bits_per_byte"] > 0 for r in rows.values()) and "kl_to_teacher" not in rows["student"]  # no position-wise comparison
+    assert rows["teacher"]["tokens"] < rows["student"]["tokens"]  # each on its own tokens: the teacher's BPE needs fewer
+    pairing = result["pairing"]
+    assert pairing["student_vocabulary"] == 259 and pairing["shared_tokens"] == 258 and 0.9 < pairing["aligned_targets"] / pairing["targets"] <= 1
+    report = (out / "report.md").read_text()
+    assert "pairing: the teacher tokenizes differently" in report and "bits per byte:" in report
+    saved = json.loads((out / "student" / "config.json").read_text())
+    assert saved["vocab_size"] == 259 and json.loads((out / "student" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(out / "student")) == 259  # the student keeps its own tokenizer
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["teacher.source=cache"], ["tokenizers differ", "teacher.source=cache", "use teacher.source=model"]),
+    (["loss.terms=[{kind: hidden, name: h, layers: [[1, 2]]}, {kind: ce, name: ce}]"], ["loss.terms[0]: a hidden term compares", "tokenize"]),
+    (["rollout.on_policy=0.5", "data.packing=false"], ["rollout.on_policy=0.5", "use rollout.on_policy=0"]),
+    (["loss.fused=always"], ["loss.fused=always", "set loss.fused=auto or never"]),
+])
+def test_what_a_teacher_of_another_tokenizer_cannot_do_is_refused_before_step_0(tiny, corpus, tokenizers, tmp_path, capsys, extra, fragments):
+    from test_bad_input import cli_run, expect_error
+
+    out = tmp_path / "r"
+    expect_error(capsys, cli_run(tiny, corpus, out, f"student.tokenizer={tokenizers['root'] / 'bytes'}", *extra), *fragments)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_uld_term_without_a_teacher_of_another_tokenizer_is_refused(tiny, corpus, tmp_path, capsys):
+    from test_bad_input import cli_run, expect_error
+
+    expect_error(capsys, cli_run(tiny, corpus, tmp_path / "r", "loss.terms=[{kind: uld, name: u}, {kind: ce, name: ce}]"),
+                 "loss.terms[0]: a uld term compares a teacher and a student that tokenize differently", "use kind: logits")
