@@ -1,17 +1,22 @@
 """Logit terms across tokenizers: the teacher's and the student's next-token distributions compared group by group
 (:mod:`distill.pairing`), where the two tokenize the same text differently.
 
-For a group of student tokens s_1..s_m and teacher tokens t_1..t_n covering the same characters, each side's
-distribution is the one before its group's first token, times the probability it gives the rest of the group's
-actual tokens (the chain rule: ``q(v) = p(v | prefix) * prod_{r>1} p(x_r | prefix, x_<r)``). The mass is at most
-1; the probability of the group's text itself is the entry of its first token. Then:
+For a group of student tokens s_1..s_m and teacher tokens t_1..t_n covering the same text, each side gives the
+distribution before the group, p(v | prefix), and by the chain rule the probability of the group's text,
+P(text) = p(x_1 | prefix) * prod_{r>1} p(x_r | prefix, x_<r). Then:
 
-- ``logits`` (:class:`AlignedLogitsTerm`): the divergence of ``loss`` between the two over the tokens both
-  vocabularies hold (:func:`distill.pairing.shared_vocabulary`), the rest of each side's mass as one more entry,
-  so every divergence of the project applies to two proper distributions; plus ``unshared`` times the ULD
-  distance on the tokens only one side holds.
+- ``logits`` (:class:`AlignedLogitsTerm`): each side's distribution over the tokens both vocabularies hold
+  (:func:`distill.pairing.shared_vocabulary`), plus one entry for the group's text and one for the rest of the
+  mass. The text's probability is taken out of the first token's entry: where the group is that one token, all
+  of it; where the token is a prefix of the group's text ("ret" of "return", "27" of "2718"), the share that
+  goes on as the text, leaving p(x_1) (1 - p(rest | x_1)) for its other continuations. So a number that is one
+  token for the student and four for the teacher is compared as the same number, not as its first digit (the
+  failure reported for GOLD's merge). Where one side's group is one token both vocabularies hold, the other
+  side's entry for that token (a tokenization it did not take) joins its text entry too. The divergence of the term (every kind of the project) is taken between
+  the two proper distributions, plus ``unshared`` times the ULD distance on the tokens only one side holds.
 - ``uld`` (:class:`UldTerm`): the L1 distance between the two sides' sorted probabilities (ULD, Boizard et al.
-  2024), every token; no vocabulary is mapped. The baseline.
+  2024) after TRL GOLD's chain-rule merge (each entry before the group times the later tokens' probability);
+  no vocabulary is mapped. The baseline.
 
 Both are sums over the groups whose tokens are all targets on the student's side and all inside the row on
 the teacher's; they are called as feature terms (``term(student, teacher, weights, mask)``).
@@ -40,6 +45,19 @@ class Paired:
     groups: torch.Tensor  # [B, L]
 
 
+@dataclass
+class Sides:
+    """The compared groups of a batch, each side's: the distribution before the group ``[G, V]`` (log), the group's first
+    actual token ``[G]``, and the log-probability of its later tokens ``[G]`` (0 for a group of one token)."""
+
+    student: torch.Tensor
+    student_first: torch.Tensor
+    student_later: torch.Tensor
+    teacher: torch.Tensor
+    teacher_first: torch.Tensor
+    teacher_later: torch.Tensor
+
+
 def _side(logits: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, width: int, temperature: float):
     """One side's groups: ``[B, K]`` position of each group's first prediction (-1: none), ``[B, K]`` log-probability of
     its later tokens, ``[B, K]`` whether every token of it is a target; and the log-probabilities ``[B, L - 1, V]``."""
@@ -60,7 +78,7 @@ def _side(logits: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor, targets
 
 
 class _Paired(nn.Module):
-    """Called like a feature term; :meth:`pair` gives the two sides' merged log-distributions of the compared groups."""
+    """Called like a feature term; :meth:`sides` gives both sides of the groups compared in a batch."""
 
     wants = frozenset({LOGITS})
     features = True  # sums over groups itself, from the student's logits and the teacher's paired signal
@@ -70,18 +88,19 @@ class _Paired(nn.Module):
         self.name, self.weight, self.scale, self.temperature = name, weight, scale, temperature
         self.student_width, self.teacher_width = student_width, teacher_width  # each tokenizer's ids (an output layer may hold more)
 
-    def pair(self, student, teacher, weights) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``[G, Vs]``, ``[G, Vt]``) log-measures of the G groups compared in the batch (each sums to at most 1)."""
+    def sides(self, student, teacher, weights) -> Sides:
         paired: Paired = teacher.paired
         width = int(max(paired.groups.max(), paired.teacher_groups.max(), 0)) + 1
         student_targets = weights[:, :-1] > 0  # the positions whose next token is a target
         teacher_inside = paired.teacher_groups[:, 1:] >= 0
-        s_first, s_later, s_whole, s_log = _side(student.logits[..., : self.student_width], paired.ids, paired.groups, student_targets, width, self.temperature)
-        t_first, t_later, t_whole, t_log = _side(paired.logits[..., : self.teacher_width], paired.teacher_ids, paired.teacher_groups, teacher_inside, width, self.temperature)
+        s_first, s_later, s_whole, s_log = _side(student.logits[..., : self.student_width], paired.ids, paired.groups, student_targets, width,
+                                                 self.temperature)
+        t_first, t_later, t_whole, t_log = _side(paired.logits[..., : self.teacher_width], paired.teacher_ids, paired.teacher_groups,
+                                                 teacher_inside, width, self.temperature)
         rows, slots = torch.nonzero((s_first >= 0) & (t_first >= 0) & s_whole & t_whole, as_tuple=True)
-        student_side = s_log[rows, s_first[rows, slots]] + s_later[rows, slots, None]
-        teacher_side = t_log[rows, t_first[rows, slots]] + t_later[rows, slots, None]
-        return student_side, teacher_side
+        s_at, t_at = s_first[rows, slots], t_first[rows, slots]
+        return Sides(s_log[rows, s_at], paired.ids[rows, s_at + 1], s_later[rows, slots],
+                     t_log[rows, t_at], paired.teacher_ids[rows, t_at + 1], t_later[rows, slots])
 
 
 def _sorted_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -91,8 +110,19 @@ def _sorted_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (F.pad(a, (0, width - a.shape[-1])) - F.pad(b, (0, width - b.shape[-1]))).abs().sum(-1)
 
 
+def _spans_apart(log_p: torch.Tensor, first: torch.Tensor, later: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[G, V]`` log-probabilities before the group with the group's own text taken out of its first token's entry,
+    ``[G]`` the log-probability of the group's text). A first token that is the whole group gives all its mass to the text;
+    one that is a prefix of it keeps what continues otherwise: p(x1) (1 - p(rest | x1))."""
+    at_first = log_p.gather(-1, first[:, None]).squeeze(-1)
+    split = later < 0  # a group of several tokens (or one whose later tokens are all but certain: then like one token)
+    otherwise = torch.log(-torch.expm1(torch.where(split, later, -1.0)))  # log(1 - p(rest | x1)), kept finite where unused
+    kept = torch.where(split, at_first + otherwise, torch.full_like(at_first, -1e4))
+    return log_p.scatter(-1, first[:, None], kept[:, None]), at_first + later
+
+
 class AlignedLogitsTerm(_Paired):
-    """A divergence on the shared vocabulary (plus one entry for the rest of the mass), and ULD on what is not shared."""
+    """A divergence over the shared vocabulary, the group's text and the rest of the mass; ULD on what is not shared."""
 
     def __init__(self, name: str, weight: float, *, divergence_kind: str, temperature: float, jsd_beta: float, skew_alpha: float,
                  shared: tuple[list[int], list[int]], student_width: int, teacher_width: int, unshared: float):
@@ -107,22 +137,44 @@ class AlignedLogitsTerm(_Paired):
             only = torch.ones(width, dtype=torch.bool)
             only[ids] = False
             self.register_buffer(f"{side}_only", torch.nonzero(only).squeeze(-1), persistent=False)
+            index = torch.full((width,), -1, dtype=torch.long)  # each id's place among the shared tokens, -1 for none
+            index[ids] = torch.arange(len(ids))
+            self.register_buffer(f"{side}_index", index, persistent=False)
 
     def forward(self, student, teacher, weights, attention_mask=None) -> torch.Tensor:
-        student_side, teacher_side = self.pair(student, teacher, weights)
-        if student_side.shape[0] == 0:
+        sides = self.sides(student, teacher, weights)
+        if sides.student.shape[0] == 0:
             return student.logits.sum() * 0.0
-        sums = self.fn(_with_rest(student_side[:, self.student_shared]), _with_rest(teacher_side[:, self.teacher_shared])).sum()
+        s_rest, s_text = _spans_apart(sides.student, sides.student_first, sides.student_later)
+        t_rest, t_text = _spans_apart(sides.teacher, sides.teacher_first, sides.teacher_later)
+        s_shared, t_shared = s_rest[:, self.student_shared], t_rest[:, self.teacher_shared]
+        # Where one side's group is one shared token, that token is the group's text on the other side too: its entry there
+        # (a tokenization the other side did not take) joins the text's, so neither side holds the text twice.
+        s_single, t_single = sides.student_later == 0, sides.teacher_later == 0
+        s_index, t_index = self.student_index[sides.student_first], self.teacher_index[sides.teacher_first]
+        s_shared, s_text = _moved(s_shared, s_text, t_index, t_single & ~s_single)
+        t_shared, t_text = _moved(t_shared, t_text, s_index, s_single & ~t_single)
+        sums = self.fn(_bins(s_shared, s_text), _bins(t_shared, t_text)).sum()
         if self.unshared > 0:
-            student_only, teacher_only = student_side[:, self.student_only].exp(), teacher_side[:, self.teacher_only].exp()
-            sums = sums + self.unshared * _sorted_l1(student_only, teacher_only).sum()
+            sums = sums + self.unshared * _sorted_l1(s_rest[:, self.student_only].exp(), t_rest[:, self.teacher_only].exp()).sum()
         return sums
 
 
-def _with_rest(log_shared: torch.Tensor) -> torch.Tensor:
-    """``[G, M + 1]`` log-probabilities: the shared entries and one for the rest of the mass (1 minus theirs, at least 1e-12)."""
-    rest = (1.0 - log_shared.exp().sum(-1, keepdim=True)).clamp_min(1e-12).log()
-    return torch.cat([log_shared, rest], dim=-1)
+def _moved(log_shared: torch.Tensor, log_text: torch.Tensor, index: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log_shared`` with entry ``index`` of each group where ``where`` (and the index is a shared token) added to the text's."""
+    move = where & (index >= 0)
+    at = index.clamp_min(0)[:, None]
+    entry = log_shared.gather(-1, at).squeeze(-1)
+    text = torch.where(move, torch.logaddexp(log_text, entry), log_text)
+    shared = log_shared.scatter(-1, at, torch.where(move, torch.full_like(entry, -1e4), entry)[:, None])
+    return shared, text
+
+
+def _bins(log_shared: torch.Tensor, log_text: torch.Tensor) -> torch.Tensor:
+    """``[G, M + 2]`` log-probabilities: the shared tokens, the group's text, and the rest of the mass (at least 1e-12)."""
+    known = torch.cat([log_shared, log_text[:, None]], dim=-1)
+    rest = (1.0 - known.exp().sum(-1, keepdim=True)).clamp_min(1e-12).log()
+    return torch.cat([known, rest], dim=-1)
 
 
 class UldTerm(_Paired):
@@ -132,7 +184,8 @@ class UldTerm(_Paired):
         super().__init__(name, weight, scale=1.0, temperature=temperature, student_width=student_width, teacher_width=teacher_width)
 
     def forward(self, student, teacher, weights, attention_mask=None) -> torch.Tensor:
-        student_side, teacher_side = self.pair(student, teacher, weights)
-        if student_side.shape[0] == 0:
+        sides = self.sides(student, teacher, weights)
+        if sides.student.shape[0] == 0:
             return student.logits.sum() * 0.0
-        return _sorted_l1(student_side.exp(), teacher_side.exp()).sum()
+        # The chain rule's merge of TRL's GOLD ("observed"): the distribution before the group times the later tokens' probability.
+        return _sorted_l1((sides.student + sides.student_later[:, None]).exp(), (sides.teacher + sides.teacher_later[:, None]).exp()).sum()

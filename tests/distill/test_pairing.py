@@ -138,6 +138,9 @@ def test_the_shared_vocabulary_undoes_space_markers(tokenizers):
 # ----------------------------------------------------------------------------- the terms
 
 
+SHARED = ([1, 2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 9, 10, 12])  # ids 0, 8, 9, 10 of the student and 0, 1, 6, 7, 8, 11 of the teacher are not shared
+
+
 def _paired_batch(seed: int = 0):
     """Two rows: student [B, 7] and teacher [B, 6] tokens with groups of 1-1, 2-1, 1-2, 1-3 tokens, a masked target, padding."""
     from distill.aligned_terms import Paired
@@ -145,6 +148,9 @@ def _paired_batch(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 11, (2, 7), generator=g)
     teacher_ids = torch.randint(3, 13, (2, 6), generator=g)
+    for position in (1, 5):  # row 0's groups of one token on both sides (0 and 3) hold one text: the same token where both vocabularies have it
+        student_id = int(ids[0, position])
+        teacher_ids[0, position] = dict(zip(*SHARED)).get(student_id, 11)
     groups_ = torch.tensor([[-1, 0, 1, 1, 2, 3, 4], [-1, 0, 0, 1, 2, 2, -1]])
     teacher_groups = torch.tensor([[-1, 0, 1, 2, 2, 3], [-1, 0, 1, 1, 1, 2]])
     weights = torch.ones(2, 7)
@@ -155,7 +161,8 @@ def _paired_batch(seed: int = 0):
 
 
 def _reference_groups(student_logits, paired, weights, temperature):
-    """The merged distributions of each compared group, by the definition, one group at a time in float64."""
+    """Each compared group's two sides by the definition, one group at a time in float64: (log-probabilities before the
+    group, its first actual token, the log-probability of its later tokens)."""
     out = []
     for b in range(student_logits.shape[0]):
         for g in range(int(paired.groups[b].max()) + 1):
@@ -163,12 +170,28 @@ def _reference_groups(student_logits, paired, weights, temperature):
             t = [j for j in range(paired.teacher_groups.shape[1]) if paired.teacher_groups[b, j] == g]
             if not s or not t or s[0] == 0 or t[0] == 0 or any(weights[b, i - 1] == 0 for i in s):
                 continue
-            merged = []
+            sides = []
             for logits, ids, positions in ((student_logits[b], paired.ids[b], s), (paired.logits[b], paired.teacher_ids[b], t)):
                 log_p = torch.log_softmax(logits / temperature, dim=-1)
-                merged.append(log_p[positions[0] - 1] + sum(log_p[i - 1, ids[i]] for i in positions[1:]))
-            out.append(merged)
+                sides.append((log_p[positions[0] - 1], int(ids[positions[0]]), sum((log_p[i - 1, ids[i]] for i in positions[1:]), torch.zeros((), dtype=log_p.dtype))))
+            out.append(sides)
     return out
+
+
+def _reference_bins(log_p, first, later, ids, other_single_index):
+    """The shared tokens, the group's text and the rest: the text's probability taken out of the first token's entry, and
+    (where the other side's group is one shared token and this side's is not) that token's entry added to the text's."""
+    p = log_p.exp()
+    text = p[first] * later.exp()
+    kept = p.clone()
+    kept[first] = p[first] - text
+    shared = kept[ids].clone()
+    if other_single_index is not None and float(later) != 0:
+        text = text + shared[other_single_index]
+        shared[other_single_index] = 0
+    log_shared = torch.where(shared > 0, shared, torch.ones_like(shared)).log()
+    log_shared = torch.where(shared > 0, log_shared, torch.full_like(shared, -1e4))
+    return torch.cat([log_shared, text.log().unsqueeze(0), (1 - shared.sum() - text).log().unsqueeze(0)]), kept
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
@@ -178,7 +201,7 @@ def test_the_aligned_term_equals_its_definition_and_its_gradient(kind):
     from distill.objective import Outputs
 
     student_logits, paired, weights = _paired_batch()
-    shared = ([1, 2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 9, 10, 12])  # ids 0, 8, 9, 10 of the student and 0, 1, 6, 7, 8, 11 of the teacher are not shared
+    shared = SHARED
     temperature = 2.0
     term = AlignedLogitsTerm("kd", 1.0, divergence_kind=kind, temperature=temperature, jsd_beta=0.5, skew_alpha=0.1, shared=shared,
                              student_width=11, teacher_width=13, unshared=0.7)
@@ -188,16 +211,17 @@ def test_the_aligned_term_equals_its_definition_and_its_gradient(kind):
     (grad,) = torch.autograd.grad(value, logits)
 
     reference_logits = student_logits.clone().requires_grad_(True)
-    merged = _reference_groups(reference_logits, paired, weights, temperature)
-    assert len(merged) == 6  # row 0: groups 0-3 (1-1, 2-1, 1-2, 1-1; 4 has no teacher token); row 1: 0 (2-1), 1 (1-3)
+    groups_ = _reference_groups(reference_logits, paired, weights, temperature)
+    assert len(groups_) == 6  # row 0: groups 0-3 (1-1, 2-1, 1-2, 1-1; 4 has no teacher token); row 1: 0 (2-1), 1 (1-3)
     fn, total = divergence(kind, temperature=1.0), 0.0
-    for s, t in merged:
-        assert s.exp().sum() <= 1 + 1e-12 and t.exp().sum() <= 1 + 1e-12  # the chain rule's merge never makes mass
-        s_shared, t_shared = s[shared[0]], t[shared[1]]
-        with_rest = lambda x: torch.cat([x, (1 - x.exp().sum()).log().unsqueeze(0)])
-        total = total + fn(with_rest(s_shared), with_rest(t_shared))
-        s_only = s[[i for i in range(11) if i not in shared[0]]].exp().sort(descending=True).values
-        t_only = t[[i for i in range(13) if i not in shared[1]]].exp().sort(descending=True).values
+    for (s_log, s_first, s_later), (t_log, t_first, t_later) in groups_:
+        single_index = lambda first, later, ids: ids.index(first) if float(later) == 0 and first in ids else None
+        s_bins, s_kept = _reference_bins(s_log, s_first, s_later, shared[0], single_index(t_first, t_later, shared[1]))
+        t_bins, t_kept = _reference_bins(t_log, t_first, t_later, shared[1], single_index(s_first, s_later, shared[0]))
+        assert abs(float(s_bins.exp().sum()) - 1) < 1e-9 and abs(float(t_bins.exp().sum()) - 1) < 1e-9  # two proper distributions
+        total = total + fn(s_bins, t_bins)
+        s_only = s_kept[[i for i in range(11) if i not in shared[0]]].sort(descending=True).values
+        t_only = t_kept[[i for i in range(13) if i not in shared[1]]].sort(descending=True).values
         total = total + 0.7 * (torch.nn.functional.pad(s_only, (0, 2)) - t_only).abs().sum()
     (reference_grad,) = torch.autograd.grad(total, reference_logits)
     # The term computes in float32 whatever the logits' dtype (as every term does); the reference in float64.
@@ -217,8 +241,10 @@ def test_the_aligned_term_equals_its_definition_and_its_gradient(kind):
     assert float(loss) < 0.6 * start
 
     uld_value = uld(Outputs(logits=student_logits), Outputs(paired=paired), weights)
-    expected = sum((torch.nn.functional.pad(s.exp().sort(descending=True).values, (0, 2)) - t.exp().sort(descending=True).values).abs().sum()
-                   for s, t in _reference_groups(student_logits, paired, weights, temperature))
+    merged = [((s_log + s_later).exp(), (t_log + t_later).exp()) for (s_log, _, s_later), (t_log, _, t_later)
+              in _reference_groups(student_logits, paired, weights, temperature)]  # GOLD's merge: every entry times the later tokens'
+    assert all(s.sum() <= 1 + 1e-12 and t.sum() <= 1 + 1e-12 for s, t in merged)
+    expected = sum((torch.nn.functional.pad(s.sort(descending=True).values, (0, 2)) - t.sort(descending=True).values).abs().sum() for s, t in merged)
     torch.testing.assert_close(uld_value.double(), expected, rtol=1e-5, atol=1e-7)
 
 

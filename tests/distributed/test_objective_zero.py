@@ -108,3 +108,24 @@ def test_a_teacher_store_trains_two_zero3_ranks_like_one_process(tiny, corpus, t
     assert "the teacher model is not loaded for training" in two.stderr
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
     assert load_file(tmp_path / "two" / "objective" / "model.safetensors")["terms.2.projections.0.weight"].shape == (16, 32)
+
+
+def test_a_teacher_of_another_tokenizer_trains_two_zero3_ranks_like_one_process(tiny, corpus, tmp_path):
+    """A byte-level student of the tiny BPE teacher: each rank pairs its own rows' tokens, and the group sums over the global
+    target count give 2 ZeRO-3 ranks at micro-batch 2 the losses of 1 process at 4, every term."""
+    from pathlib import Path
+
+    from distill.tiny import train_tokenizer
+
+    train_tokenizer(Path(corpus["train"]), tmp_path / "bytes", vocab_size=259)
+    terms = "loss.terms=[{kind: logits, name: kd, divergence: reverse_kl, weight: 0.5}, {kind: uld, name: uld, weight: 0.5}, {kind: ce, name: ce, weight: 0.5}]"
+    sets = (f"student.tokenizer={tmp_path / 'bytes'}", terms, "eval.at_end=false")
+    reset_accelerate()
+    one, _ = run_job(tiny, corpus, tmp_path / "one", *sets, "train.max_steps=4", "train.micro_batch_size=4")
+    two = launch(tiny, corpus, tmp_path / "two", "--launcher", "deepspeed", "--nproc-per-node", "2", "--ds-config", "zero3", sets=sets)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "pairing: the teacher tokenizes differently" in two.stderr
+    for term in ("train/loss", "train/kd_loss", "train/uld_loss", "train/ce_loss"):
+        mine = [m[term] for m in read_metrics(tmp_path / "two") if term in m]
+        theirs = [m[term] for m in read_metrics(one) if term in m]
+        assert len(mine) == 4 and mine == pytest.approx(theirs, rel=1e-5), term
