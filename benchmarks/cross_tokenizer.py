@@ -34,8 +34,9 @@ ROWS = {
     "CE only": "{kind: ce, name: ce}",
     "ULD": "{kind: uld, name: uld, weight: 0.5}, {kind: ce, name: ce, weight: 0.5}",
     "aligned": "{kind: logits, name: kd, divergence: forward_kl, weight: 0.5}, {kind: ce, name: ce, weight: 0.5}",
+    "aligned, no folding": "{kind: logits, name: kd, divergence: forward_kl, weight: 0.5, fold: false}, {kind: ce, name: ce, weight: 0.5}",
 }
-REFERENCE = {"CE only": ROWS["CE only"], "same-tokenizer KD": ROWS["aligned"]}
+REFERENCE = {"CE only": ROWS["CE only"], "same-tokenizer KD": ROWS["aligned"]}  # the same objective, position by position
 
 
 def cli(*args: str) -> None:
@@ -54,7 +55,7 @@ def tokenizer_for(name: str, work: Path) -> Path:
 
 
 def train(label: str, terms: str, tokenizer: Path | None, seed: int, steps: int, out: Path) -> Path:
-    run_dir = out / f"{label.replace(' ', '_')}-seed{seed}"
+    run_dir = out / f"{label.replace(' ', '_').replace(',', '')}-seed{seed}"
     sets = [*SETS, f"loss.terms=[{terms}]", f"train.max_steps={steps}", f"train.seed={seed}", f"data.seed={seed}", f"output_dir={run_dir}"]
     if tokenizer is not None:
         sets.append(f"student.tokenizer={tokenizer}")

@@ -125,7 +125,8 @@ class AlignedLogitsTerm(_Paired):
     """A divergence over the shared vocabulary, the group's text and the rest of the mass; ULD on what is not shared."""
 
     def __init__(self, name: str, weight: float, *, divergence_kind: str, temperature: float, jsd_beta: float, skew_alpha: float,
-                 shared: tuple[list[int], list[int]], student_width: int, teacher_width: int, unshared: float):
+                 shared: tuple[list[int], list[int]], student_width: int, teacher_width: int, unshared: float,
+                 folds: tuple[dict, dict] = ({}, {})):
         super().__init__(name, weight, scale=temperature**2, temperature=temperature, student_width=student_width, teacher_width=teacher_width)
         self.divergence_kind, self.unshared = divergence_kind, unshared
         self.fn = divergence(divergence_kind, temperature=1.0, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
@@ -133,13 +134,18 @@ class AlignedLogitsTerm(_Paired):
         keep = (student_ids < student_width) & (teacher_ids < teacher_width)
         self.register_buffer("student_shared", student_ids[keep], persistent=False)
         self.register_buffer("teacher_shared", teacher_ids[keep], persistent=False)
-        for side, ids, width in (("student", student_ids[keep], student_width), ("teacher", teacher_ids[keep], teacher_width)):
-            only = torch.ones(width, dtype=torch.bool)
-            only[ids] = False
-            self.register_buffer(f"{side}_only", torch.nonzero(only).squeeze(-1), persistent=False)
+        places = torch.cumsum(keep.long(), 0) - 1  # a shared token's place among those kept
+        for side, ids, width, fold in (("student", student_ids[keep], student_width, folds[0]), ("teacher", teacher_ids[keep], teacher_width, folds[1])):
             index = torch.full((width,), -1, dtype=torch.long)  # each id's place among the shared tokens, -1 for none
             index[ids] = torch.arange(len(ids))
             self.register_buffer(f"{side}_index", index, persistent=False)
+            folded = {i: int(places[k]) for i, k in fold.items() if i < width and keep[k]}
+            self.register_buffer(f"{side}_fold_from", torch.tensor(sorted(folded), dtype=torch.long), persistent=False)
+            self.register_buffer(f"{side}_fold_to", torch.tensor([folded[i] for i in sorted(folded)], dtype=torch.long), persistent=False)
+            only = torch.ones(width, dtype=torch.bool)  # neither shared nor folded into a shared token: ULD's
+            only[ids] = False
+            only[sorted(folded)] = False
+            self.register_buffer(f"{side}_only", torch.nonzero(only).squeeze(-1), persistent=False)
 
     def forward(self, student, teacher, weights, attention_mask=None) -> torch.Tensor:
         sides = self.sides(student, teacher, weights)
@@ -147,7 +153,8 @@ class AlignedLogitsTerm(_Paired):
             return student.logits.sum() * 0.0
         s_rest, s_text = _spans_apart(sides.student, sides.student_first, sides.student_later)
         t_rest, t_text = _spans_apart(sides.teacher, sides.teacher_first, sides.teacher_later)
-        s_shared, t_shared = s_rest[:, self.student_shared], t_rest[:, self.teacher_shared]
+        s_shared = _folded(s_rest, self.student_shared, self.student_fold_from, self.student_fold_to)
+        t_shared = _folded(t_rest, self.teacher_shared, self.teacher_fold_from, self.teacher_fold_to)
         # Where one side's group is one shared token, that token is the group's text on the other side too: its entry there
         # (a tokenization the other side did not take) joins the text's, so neither side holds the text twice.
         s_single, t_single = sides.student_later == 0, sides.teacher_later == 0
@@ -158,6 +165,15 @@ class AlignedLogitsTerm(_Paired):
         if self.unshared > 0:
             sums = sums + self.unshared * _sorted_l1(s_rest[:, self.student_only].exp(), t_rest[:, self.teacher_only].exp()).sum()
         return sums
+
+
+def _folded(log_p: torch.Tensor, shared: torch.Tensor, fold_from: torch.Tensor, fold_to: torch.Tensor) -> torch.Tensor:
+    """``[G, M]`` log-probabilities of the shared tokens, each with the mass of the unshared tokens that start with it."""
+    if fold_from.numel() == 0:
+        return log_p[:, shared]
+    extra = torch.zeros(log_p.shape[0], shared.numel(), dtype=log_p.dtype, device=log_p.device)
+    extra = extra.index_add(1, fold_to, log_p[:, fold_from].exp())
+    return torch.logaddexp(log_p[:, shared], extra.clamp_min(1e-30).log())
 
 
 def _moved(log_shared: torch.Tensor, log_text: torch.Tensor, index: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -178,19 +178,9 @@ def _conversation_ids(tokenizer, messages: list[dict], template: str, row: int) 
     tokens included, so the student learns to end its turn. Tokens are then mapped to those
     character spans through the tokenizer's offsets, which holds in multi-turn conversations.
     """
-    render = lambda upto, prompt: tokenizer.apply_chat_template(messages[:upto], chat_template=template, tokenize=False,
-                                                                add_generation_prompt=prompt)
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise ConfigError(f"data.messages_field: row {row} is not a list of {{role, content}} messages")
-    text, spans = render(len(messages), False), []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, through = render(i, True), render(i + 1, False)
-        if not (through.startswith(before) and text.startswith(through)):
-            raise ConfigError("data.chat_template: rendering a conversation turn by turn does not give the whole conversation's prefix; "
-                              "targets cannot be placed on the assistant turns with this template")
-        spans.append((len(before), len(through)))
+    from distill.pairing import assistant_turns  # torch-free; distill.pairing renders conversations for both tokenizers too
+
+    text, spans = assistant_turns(tokenizer, messages, template, row)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [t if any(a <= start and end <= b and end > start for a, b in spans) else IGNORE_INDEX
@@ -210,10 +200,8 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None,
     seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
     template = chat_template(tokenizer, cfg) if cfg.messages_field else None
     if pairing is not None:
-        if cfg.messages_field:
-            raise ConfigError("data.messages_field: conversations with a teacher of another tokenizer are not supported yet (each model "
-                              "renders its own template); use text rows (data.text_field, data.prompt_field) or a student with the teacher's tokenizer")
-        return _tokenize_paired(dataset, cfg, split_name, pairing, teacher_limit or 1 << 30)
+        templates = (template, getattr(pairing.teacher, "chat_template", None) or chat_template(pairing.teacher, cfg)) if template else None
+        return _tokenize_paired(dataset, cfg, split_name, pairing, teacher_limit or 1 << 30, templates)
 
     def documents(batch, indices):
         if cfg.messages_field:
@@ -252,15 +240,19 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None,
     return sequences.with_format("python")
 
 
-def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher_limit: int):
-    """:func:`tokenize` for a teacher of another tokenizer: each document tokenized by both and matched (:mod:`distill.pairing`)."""
+def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher_limit: int, templates: tuple[str, str] | None):
+    """:func:`tokenize` for a teacher of another tokenizer: each document tokenized by both and matched (:mod:`distill.pairing`);
+    a conversation rendered by each with its own template (``templates``: the student's, the teacher's)."""
     from distill.pairing import blocks, concatenate  # torch-free
 
     seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
 
-    def encode(batch):
-        prompts = batch[prompt_field] if prompt_field and prompt_field in batch else [None] * len(batch[text_field])
-        docs = [pairing.document([(prompt or "", False), (text, True)], text_field) for text, prompt in zip(batch[text_field], prompts) if text]
+    def encode(batch, indices):
+        if templates is not None:
+            docs = [pairing.conversation(messages, templates, row) for messages, row in zip(batch[cfg.messages_field], indices) if messages]
+        else:
+            prompts = batch[prompt_field] if prompt_field and prompt_field in batch else [None] * len(batch[text_field])
+            docs = [pairing.document([(prompt or "", False), (text, True)], text_field) for text, prompt in zip(batch[text_field], prompts) if text]
         if cfg.packing:
             joined = concatenate(docs)
             rows = blocks(joined, [(i, i + seq_len) for i in range(0, len(joined) - len(joined) % seq_len, seq_len)], teacher_limit)
@@ -269,7 +261,7 @@ def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher
         rows = [{**row, **pairing.target_bytes(row)} for row in rows]
         return {key: [row[key] for row in rows] for key in PAIRED_COLUMNS}
 
-    sequences = dataset.map(encode, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+    sequences = dataset.map(encode, batched=True, with_indices=True, batch_size=1000, remove_columns=dataset.column_names,
                             desc=f"tokenizing {split_name} for both tokenizers")
     sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
     if len(sequences) == 0:

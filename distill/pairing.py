@@ -18,7 +18,13 @@ NO_GROUP = -1
 
 
 def char_ends(tokenizer, text: str, key: str) -> tuple[list[int], list[int]]:
-    """(token ids of ``text`` without special tokens, the character each token ends at).
+    """(token ids of ``text`` without special tokens, the character each token ends at): :func:`char_spans` without the starts."""
+    ids, _, ends = char_spans(tokenizer, text, key)
+    return ids, ends
+
+
+def char_spans(tokenizer, text: str, key: str) -> tuple[list[int], list[int], list[int]]:
+    """(token ids of ``text`` without special tokens, the character each token starts at, the one it ends at).
 
     A fast tokenizer gives offsets; a slow one (SentencePiece's own) is decoded prefix by prefix, each
     prefix followed by a one-character token so that a decoder trimming trailing spaces keeps them,
@@ -28,6 +34,7 @@ def char_ends(tokenizer, text: str, key: str) -> tuple[list[int], list[int]]:
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, ends = encoded["input_ids"], [end for _, end in encoded["offset_mapping"]]
+        starts = [start for start, _ in encoded["offset_mapping"]]
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -41,11 +48,12 @@ def char_ends(tokenizer, text: str, key: str) -> tuple[list[int], list[int]]:
             raise ConfigError(f"{key}: the tokenizer ({type(tokenizer).__name__}) gives no character offsets and its decoding does not "
                               "give the text back, so its tokens cannot be matched with the other tokenizer's; use its fast version "
                               "(a tokenizer.json)")
+        starts = [0, *ends[:-1]]
     out, reached = [], 0
     for end in ends:
         reached = max(reached, end)
         out.append(reached)
-    return ids, out
+    return ids, starts, out
 
 
 def _one_character(tokenizer) -> tuple[int, str] | None:
@@ -102,6 +110,7 @@ class Pairing:
     def __init__(self, student_tokenizer, teacher_tokenizer):
         self.student, self.teacher = student_tokenizer, teacher_tokenizer
         self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+        self.folds = (prefix_folds(student_tokenizer, self.shared[0]), prefix_folds(teacher_tokenizer, self.shared[1]))
         self.student_bytes, self.teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
 
     def target_bytes(self, row: dict) -> dict:
@@ -118,6 +127,46 @@ class Pairing:
 
     student_width = teacher_width = None  # each side's ids, set once the models are known
     counts = None  # of the training data (summary)
+
+    def conversation(self, messages: list[dict], templates: tuple[str, str], row: int) -> Document:
+        """Both renderings of a conversation, each with its own model's template: the student's targets are its assistant turns;
+        each assistant message's text is matched between the two renderings (a group of tokens cut by the text's edges is
+        in no group), and the tokens that close each turn (an end-of-turn marker, whatever each template writes) are one
+        group: the two models' probability of ending the turn there."""
+        sides = []
+        for tokenizer, template, key in ((self.student, templates[0], "data.chat_template"), (self.teacher, templates[1], "the teacher's chat template")):
+            text, turns = assistant_turns(tokenizer, messages, template, row, key)
+            ids, starts, ends = char_spans(tokenizer, text, key)
+            contents = []
+            for message in (m for m in messages if m["role"] == "assistant"):
+                start = text.find(message["content"], turns[len(contents)][0])
+                contents.append((start, start + len(message["content"])) if message["content"] and start >= 0 else None)
+            sides.append((text, turns, ids, starts, ends, contents))
+        (s_text, s_turns, s_ids, s_starts, s_ends, s_contents), (_, t_turns, t_ids, t_starts, t_ends, t_contents) = sides
+        labels = [i if any(a <= start and end <= b and end > start for a, b in s_turns) else -100 for i, start, end in zip(s_ids, s_starts, s_ends)]
+        s_groups, t_groups, count = [NO_GROUP] * len(s_ids), [NO_GROUP] * len(t_ids), 0
+        inside = lambda starts, ends, a, b: [j for j in range(len(starts)) if a <= starts[j] and ends[j] <= b and ends[j] > starts[j]]
+        for s_turn, t_turn, s_content, t_content in zip(s_turns, t_turns, s_contents, t_contents):
+            if s_content is not None and t_content is not None:
+                mine, theirs = inside(s_starts, s_ends, *s_content), inside(t_starts, t_ends, *t_content)
+                found = groups([s_ends[j] - s_content[0] for j in mine], [t_ends[j] - t_content[0] for j in theirs])
+                if found and mine and theirs and s_starts[mine[0]] - s_content[0] != t_starts[theirs[0]] - t_content[0]:
+                    found = found[1:]  # the two first tokens start at different characters: their group would not be one text
+                for s0, s1, t0, t1 in found:
+                    for j in mine[s0:s1]:
+                        s_groups[j] = count
+                    for j in theirs[t0:t1]:
+                        t_groups[j] = count
+                    count += 1
+            s_close = inside(s_starts, s_ends, s_content[1] if s_content else s_turn[1], s_turn[1])
+            t_close = inside(t_starts, t_ends, t_content[1] if t_content else t_turn[1], t_turn[1])
+            if s_content is not None and t_content is not None and s_close and t_close:
+                for j in s_close:
+                    s_groups[j] = count
+                for j in t_close:
+                    t_groups[j] = count
+                count += 1
+        return Document(s_ids, labels, t_ids, s_groups, t_groups)
 
     def count(self, sequences) -> dict:
         """What the report says of a run's pairing: the vocabularies, how many tokens they share, and how many of the
@@ -167,6 +216,25 @@ class Pairing:
         if t_eos is not None:
             t_ids.append(t_eos), t_groups.append(count if s_eos is not None else NO_GROUP)
         return Document(s_ids, s_labels, t_ids, s_groups, t_groups)
+
+
+def assistant_turns(tokenizer, messages: list[dict], template: str, row: int, key: str = "data.chat_template") -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered whole, and each assistant turn's characters in it: what rendering through the turn adds
+    to rendering before it with the generation prompt (its closing tokens included)."""
+    render = lambda upto, prompt: tokenizer.apply_chat_template(messages[:upto], chat_template=template, tokenize=False,
+                                                                add_generation_prompt=prompt)
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise ConfigError(f"data.messages_field: row {row} is not a list of {{role, content}} messages")
+    text, spans = render(len(messages), False), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ConfigError(f"{key}: rendering a conversation turn by turn does not give the whole conversation's prefix; "
+                              "targets cannot be placed on the assistant turns with this template")
+        spans.append((len(before), len(through)))
+    return text, spans
 
 
 def blocks(doc: Document, spans: list[tuple[int, int]], teacher_limit: int) -> list[dict]:
@@ -307,3 +375,24 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], 
             pairs[a] = b
     student_ids = sorted(pairs)
     return student_ids, [pairs[i] for i in student_ids]
+
+
+def prefix_folds(tokenizer, shared_ids: list[int]) -> dict[int, int]:
+    """For each token the other vocabulary lacks, the place among ``shared_ids`` of the longest shared token its text starts
+    with (its mass is the next text starting with that token's: what the other side's entry for it holds); none: left out."""
+    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
+    place = {}
+    for k, i in enumerate(shared_ids):
+        text = surface(tokenizer.convert_ids_to_tokens(i), style) if i not in specials else None
+        if text:
+            place.setdefault(text, k)
+    shared, out = set(shared_ids), {}
+    for token, i in tokenizer.get_vocab().items():
+        if i in shared or i in specials:
+            continue
+        text = surface(token, style)
+        for end in range(len(text or b"") - 1, 0, -1):
+            if text[:end] in place:
+                out[i] = place[text[:end]]
+                break
+    return out

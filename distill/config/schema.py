@@ -56,7 +56,7 @@ class LoraConfig:
 @dataclass
 class StudentConfig:
     path: Optional[str] = option(None, "Local directory or hub id of a pretrained student; leave empty to build a new one from student.architecture.")
-    architecture: dict = option({}, "Config fields (e.g. num_hidden_layers, hidden_size) overriding the teacher's config for a new, randomly initialized student that uses the teacher's tokenizer.")
+    architecture: dict = option({}, "Config fields (e.g. num_hidden_layers, hidden_size) overriding the teacher's config for a new, randomly initialized student that uses the teacher's tokenizer (or student.tokenizer).")
     revision: Optional[str] = option(None, "Hub revision of the pretrained student; ignored for local paths.")
     tokenizer: Optional[str] = option(None, "The student's tokenizer (a directory or hub id) when it is not the teacher's (nor student.path's): a new student takes its vocabulary size and special tokens. A teacher of another tokenizer is matched to the student's tokens by the characters they cover (cross-tokenizer distillation: logits, uld and ce terms).")
     init: Literal["random", "teacher_layers"] = option("random", "How a new student (student.architecture) starts: random, or teacher_layers (a copy of the teacher keeping only student.init_layers, with its embeddings and head; DistilBERT).")

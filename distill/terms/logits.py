@@ -16,6 +16,7 @@ class LogitsSpec(TermSpec):
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     unshared: float = 1.0  # with a teacher of another tokenizer: the weight of ULD on the tokens only one vocabulary holds
+    fold: bool = True  # with a teacher of another tokenizer: a token only one side holds counts for the shared token it starts with
 
 
 class Logits(TermKind):
@@ -34,6 +35,7 @@ class Logits(TermKind):
               f"{key}.temperature must be > 0 (got {spec.temperature!r})")
         check(not isinstance(spec.unshared, bool) and isinstance(spec.unshared, (int, float)) and spec.unshared >= 0,
               f"{key}.unshared must be a number >= 0 (got {spec.unshared!r})")
+        check(isinstance(spec.fold, bool), f"{key}.fold must be true or false (got {spec.fold!r})")
 
     across = True
 
@@ -44,7 +46,7 @@ class Logits(TermKind):
         from distill.aligned_terms import AlignedLogitsTerm  # torch: the config reads the kinds without it
 
         return AlignedLogitsTerm(spec.name, spec.weight, divergence_kind=spec.divergence, temperature=float(spec.temperature),
-                                 jsd_beta=float(spec.jsd_beta), skew_alpha=float(spec.skew_alpha), shared=pairing.shared,
+                                 jsd_beta=float(spec.jsd_beta), skew_alpha=float(spec.skew_alpha), shared=pairing.shared, folds=pairing.folds if spec.fold else ({}, {}),
                                  student_width=pairing.student_width, teacher_width=pairing.teacher_width, unshared=float(spec.unshared))
 
     @classmethod

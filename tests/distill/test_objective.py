@@ -66,7 +66,7 @@ def test_without_a_weighted_teacher_term_the_teacher_does_not_run(tiny, corpus, 
 
 
 @pytest.mark.parametrize("terms, message", [
-    ("[{kind: features}]", "loss.terms[0].kind: must be one of logits, ce, hidden, attention (got 'features')"),
+    ("[{kind: features}]", "loss.terms[0].kind: must be one of logits, ce, hidden, attention, uld (got 'features')"),
     ("[{kind: hidden, distance: l1}]", "loss.terms[0].distance: must be mse or cosine"),
     ("[{kind: hidden, layers: last}]", "loss.terms[0].layers: expected 'uniform' or a list"),
     ("[{kind: hidden, temperature: 2}]", "unknown config key: loss.terms[0].temperature"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.errors import ConfigError
-from distill.pairing import NO_GROUP, Pairing, _style, blocks, char_ends, concatenate, groups, surface
+from distill.pairing import NO_GROUP, Pairing, _style, _surfaces, blocks, char_ends, concatenate, groups, surface
 
 TEXTS = [
     "    return x  + 12345 # naïve café — ü\n\tz",
@@ -132,13 +132,22 @@ def test_the_shared_vocabulary_undoes_space_markers(tokenizers):
     word = next(w for w in sorted(both) if w.startswith(" ") and len(w) > 3)
     assert bpe.convert_tokens_to_string([bpe.convert_ids_to_tokens(pairs[sp.convert_tokens_to_ids(word.replace(" ", "▁"))])]) == word
     assert pairs[sp.eos_token_id] == bpe.eos_token_id and pairs[sp.bos_token_id] == bpe.bos_token_id
-    assert len(Pairing(tokenizers["bytes"], bpe).shared[0]) == 256 + 2  # every byte, BOS and EOS
+    byte_level = Pairing(tokenizers["bytes"], bpe)
+    assert len(byte_level.shared[0]) == 256 + 2  # every byte, BOS and EOS
+    # Every longer teacher token is folded into the byte it starts with (the byte-level student's first token of its text).
+    teacher_bytes = {i: b for b, i in _surfaces(bpe).items()}
+    longer = [i for i, text in teacher_bytes.items() if len(text) > 1]
+    assert sorted(byte_level.folds[1]) == sorted(longer)
+    for i in longer:
+        k = byte_level.folds[1][i]
+        assert teacher_bytes[byte_level.shared[1][k]] == teacher_bytes[i][:1]
 
 
 # ----------------------------------------------------------------------------- the terms
 
 
 SHARED = ([1, 2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 9, 10, 12])  # ids 0, 8, 9, 10 of the student and 0, 1, 6, 7, 8, 11 of the teacher are not shared
+FOLDS = ({8: 0}, {6: 2, 7: 2})  # unshared tokens that start with a shared one (its place in SHARED): student 8 with 1, teacher 6 and 7 with 4
 
 
 def _paired_batch(seed: int = 0):
@@ -178,14 +187,17 @@ def _reference_groups(student_logits, paired, weights, temperature):
     return out
 
 
-def _reference_bins(log_p, first, later, ids, other_single_index):
-    """The shared tokens, the group's text and the rest: the text's probability taken out of the first token's entry, and
-    (where the other side's group is one shared token and this side's is not) that token's entry added to the text's."""
+def _reference_bins(log_p, first, later, ids, other_single_index, fold):
+    """The shared tokens, the group's text and the rest: the text's probability taken out of the first token's entry, each
+    unshared token's mass in the shared token it starts with (``fold``), and (where the other side's group is one shared
+    token and this side's is not) that token's entry added to the text's."""
     p = log_p.exp()
     text = p[first] * later.exp()
     kept = p.clone()
     kept[first] = p[first] - text
     shared = kept[ids].clone()
+    for i, k in fold.items():
+        shared[k] = shared[k] + kept[i]
     if other_single_index is not None and float(later) != 0:
         text = text + shared[other_single_index]
         shared[other_single_index] = 0
@@ -204,7 +216,7 @@ def test_the_aligned_term_equals_its_definition_and_its_gradient(kind):
     shared = SHARED
     temperature = 2.0
     term = AlignedLogitsTerm("kd", 1.0, divergence_kind=kind, temperature=temperature, jsd_beta=0.5, skew_alpha=0.1, shared=shared,
-                             student_width=11, teacher_width=13, unshared=0.7)
+                             student_width=11, teacher_width=13, unshared=0.7, folds=FOLDS)
     uld = UldTerm("uld", 1.0, temperature=temperature, student_width=11, teacher_width=13)
     logits = student_logits.clone().requires_grad_(True)
     value = term(Outputs(logits=logits), Outputs(paired=paired), weights)
@@ -216,13 +228,13 @@ def test_the_aligned_term_equals_its_definition_and_its_gradient(kind):
     fn, total = divergence(kind, temperature=1.0), 0.0
     for (s_log, s_first, s_later), (t_log, t_first, t_later) in groups_:
         single_index = lambda first, later, ids: ids.index(first) if float(later) == 0 and first in ids else None
-        s_bins, s_kept = _reference_bins(s_log, s_first, s_later, shared[0], single_index(t_first, t_later, shared[1]))
-        t_bins, t_kept = _reference_bins(t_log, t_first, t_later, shared[1], single_index(s_first, s_later, shared[0]))
+        s_bins, s_kept = _reference_bins(s_log, s_first, s_later, shared[0], single_index(t_first, t_later, shared[1]), FOLDS[0])
+        t_bins, t_kept = _reference_bins(t_log, t_first, t_later, shared[1], single_index(s_first, s_later, shared[0]), FOLDS[1])
         assert abs(float(s_bins.exp().sum()) - 1) < 1e-9 and abs(float(t_bins.exp().sum()) - 1) < 1e-9  # two proper distributions
         total = total + fn(s_bins, t_bins)
-        s_only = s_kept[[i for i in range(11) if i not in shared[0]]].sort(descending=True).values
-        t_only = t_kept[[i for i in range(13) if i not in shared[1]]].sort(descending=True).values
-        total = total + 0.7 * (torch.nn.functional.pad(s_only, (0, 2)) - t_only).abs().sum()
+        s_only = s_kept[[i for i in range(11) if i not in shared[0] and i not in FOLDS[0]]].sort(descending=True).values
+        t_only = t_kept[[i for i in range(13) if i not in shared[1] and i not in FOLDS[1]]].sort(descending=True).values
+        total = total + 0.7 * (torch.nn.functional.pad(s_only, (0, 1)) - t_only).abs().sum()
     (reference_grad,) = torch.autograd.grad(total, reference_logits)
     # The term computes in float32 whatever the logits' dtype (as every term does); the reference in float64.
     torch.testing.assert_close(value.double(), total, rtol=1e-5, atol=1e-7)
@@ -295,3 +307,67 @@ def test_a_uld_term_without_a_teacher_of_another_tokenizer_is_refused(tiny, corp
 
     expect_error(capsys, cli_run(tiny, corpus, tmp_path / "r", "loss.terms=[{kind: uld, name: u}, {kind: ce, name: ce}]"),
                  "loss.terms[0]: a uld term compares a teacher and a student that tokenize differently", "use kind: logits")
+
+
+STUDENT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEACHER_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+                    "{% if add_generation_prompt %}### assistant: {% endif %}")
+CONVERSATION = [
+    {"role": "user", "content": "What does shlex.split do?"},
+    {"role": "assistant", "content": "It splits a string like a shell would: 'a b' -> ['a', 'b']."},
+    {"role": "user", "content": "And glob?"},
+    {"role": "assistant", "content": "It finds path names matching a pattern, such as *.py (42 files)."},
+]
+
+
+def test_a_conversation_is_rendered_by_each_models_template_and_matched_turn_by_turn(tokenizers):
+    pairing = Pairing(tokenizers["bytes"], tokenizers["bpe"])
+    doc = pairing.conversation(CONVERSATION, (STUDENT_TEMPLATE, TEACHER_TEMPLATE), 0)
+    student, teacher = tokenizers["bytes"], tokenizers["bpe"]
+    # The student's targets are its assistant turns, closing marker included; the teacher's rendering is its own.
+    targets = student.decode([i for i, label in zip(doc.ids, doc.labels) if label != -100])
+    assert targets == "".join(m["content"] + "</s>\n" for m in CONVERSATION if m["role"] == "assistant")
+    assert teacher.decode(doc.teacher_ids).startswith("### user: What does shlex.split do?\n\n### assistant: It splits")
+    spelled = lambda ids, group_ids, tokenizer, g: tokenizer.decode([i for i, h in zip(ids, group_ids) if h == g])
+    groups_ = sorted(set(doc.groups) - {NO_GROUP})
+    assert groups_ == sorted(set(doc.teacher_groups) - {NO_GROUP})
+    texts = [(spelled(doc.ids, doc.groups, student, g), spelled(doc.teacher_ids, doc.teacher_groups, teacher, g)) for g in groups_]
+    closing = [(s, t) for s, t in texts if s != t]
+    assert closing == [("</s>\n", "\n\n"), ("</s>\n", "\n\n")]  # each turn's end: whatever each template writes, one group
+    matched = "".join(s for s, t in texts if s == t)
+    for message in CONVERSATION:
+        assert (message["content"] in matched) == (message["role"] == "assistant")  # the user's turns are context, matched nowhere
+
+
+def test_a_template_that_is_not_prefix_stable_is_refused_naming_the_side(tokenizers):
+    unstable = "{% for m in messages %}{{ m['content'] }}|{{ messages|length }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    pairing = Pairing(tokenizers["bytes"], tokenizers["bpe"])
+    with pytest.raises(ConfigError, match="the teacher's chat template: rendering a conversation turn by turn does not give"):
+        pairing.conversation(CONVERSATION, (STUDENT_TEMPLATE, unstable), 0)
+    with pytest.raises(ConfigError, match="data.chat_template: rendering a conversation turn by turn does not give"):
+        pairing.conversation(CONVERSATION, (unstable, TEACHER_TEMPLATE), 0)
+
+
+def test_a_job_distills_conversations_across_tokenizers_each_with_its_own_template(tiny, corpus, tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import read_metrics, run_job
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    own = AutoTokenizer.from_pretrained(teacher)
+    own.chat_template = TEACHER_TEMPLATE  # the teacher's own; the student's is data.chat_template
+    own.save_pretrained(teacher)
+    lines = [line.strip() for line in open(corpus["train"]) if len(line.strip()) > 20][:200]
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w") as f:
+        for i in range(0, len(lines) - 1, 2):
+            f.write(json.dumps({"messages": [{"role": "user", "content": lines[i]}, {"role": "assistant", "content": lines[i + 1]}]}) + "\n")
+    (tmp_path / "template.jinja").write_text(STUDENT_TEMPLATE)
+    out, result = run_job(tiny, corpus, tmp_path / "run", f"teacher.path={teacher}", f"student.tokenizer={tokenizers['root'] / 'bytes'}",
+                          f"data.train_files=[{path}]", f"data.validation_files=[{path}]", "data.messages_field=messages",
+                          f"data.chat_template={tmp_path / 'template.jinja'}", "data.packing=false", "data.seq_len=128", "eval.speed=false",
+                          "train.max_steps=4")
+    assert all(m["train/kd_loss"] > 0 for m in read_metrics(out) if "train/loss" in m)
+    assert 0.8 < result["pairing"]["aligned_targets"] / result["pairing"]["targets"] < 1  # the turns' text and ends; a cut group is not
