@@ -171,6 +171,10 @@ class Setup:
             difference = models.tokenizer_difference(teacher_tokenizer, self.tokenizer)
             if difference:
                 check_pairable(cfg, task, difference)
+                if not load_student:
+                    raise ConfigError(f"teacher and student tokenizers differ {difference}; this command writes or serves the teacher's targets "
+                                      "or text on its own tokens (cache-teacher, generate-teacher, serve-teacher): give it a config without "
+                                      "student.tokenizer or a student.path of another tokenizer")
                 self.pairing = Pairing(self.tokenizer, teacher_tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
         raw = [(source.name, source.weight, source.data, data.load_raw(source.data)) for source in data_sources(cfg.data)]

@@ -371,3 +371,16 @@ def test_a_job_distills_conversations_across_tokenizers_each_with_its_own_templa
                           "train.max_steps=4")
     assert all(m["train/kd_loss"] > 0 for m in read_metrics(out) if "train/loss" in m)
     assert 0.8 < result["pairing"]["aligned_targets"] / result["pairing"]["targets"] < 1  # the turns' text and ends; a cut group is not
+
+
+def test_the_commands_that_write_the_teachers_own_tokens_refuse_a_config_of_another_tokenizer(tiny, corpus, tokenizers, tmp_path, capsys):
+    from conftest import job_overrides
+    from distill_launcher.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text("{}\n")
+    sets = [a for o in job_overrides(tiny, corpus, tmp_path / "r", f"student.tokenizer={tokenizers['root'] / 'bytes'}") for a in ("--set", o)]
+    assert main(["cache-teacher", str(config), "--out", str(tmp_path / "store"), *sets]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tokenizers differ" in last and "give it a config without student.tokenizer" in last
+    assert not (tmp_path / "store" / "manifest.json").exists()
