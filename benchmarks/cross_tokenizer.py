@@ -6,7 +6,10 @@ order, steps and learning rate:
 
     CE only              the data alone (ce)
     ULD                  ce + the sorted-probability distance of every group (uld), no vocabulary mapped
-    aligned              ce + the divergence on the shared vocabulary and the rest of the mass, with ULD on the unshared tokens (logits)
+    aligned              ce + logits group by group: the shared tokens (unshared ones folded into the shared token they start
+                         with), the group's text, the rest; ULD on what is left; tokens inside a teacher token compared too
+    aligned, no folding  the same with fold: false
+    aligned, no inside   the same with inside: false
 
 and, as the reference, the same two rows with the teacher's own tokenizer (ce, and ce + logits position by position):
 the gain the aligned student should recover a share of. Bits per byte are computed here the same way for every model
@@ -35,6 +38,7 @@ ROWS = {
     "ULD": "{kind: uld, name: uld, weight: 0.5}, {kind: ce, name: ce, weight: 0.5}",
     "aligned": "{kind: logits, name: kd, divergence: forward_kl, weight: 0.5}, {kind: ce, name: ce, weight: 0.5}",
     "aligned, no folding": "{kind: logits, name: kd, divergence: forward_kl, weight: 0.5, fold: false}, {kind: ce, name: ce, weight: 0.5}",
+    "aligned, no inside": "{kind: logits, name: kd, divergence: forward_kl, weight: 0.5, inside: false}, {kind: ce, name: ce, weight: 0.5}",
 }
 REFERENCE = {"CE only": ROWS["CE only"], "same-tokenizer KD": ROWS["aligned"]}  # the same objective, position by position
 

@@ -12,7 +12,11 @@ P(text) = p(x_1 | prefix) * prod_{r>1} p(x_r | prefix, x_<r). Then:
   goes on as the text, leaving p(x_1) (1 - p(rest | x_1)) for its other continuations. So a number that is one
   token for the student and four for the teacher is compared as the same number, not as its first digit (the
   failure reported for GOLD's merge). Where one side's group is one token both vocabularies hold, the other
-  side's entry for that token (a tokenization it did not take) joins its text entry too. The divergence of the term (every kind of the project) is taken between
+  side's entry for that token (a tokenization it did not take) joins its text entry too. A token only one
+  vocabulary holds counts for the longest shared token its text starts with (``fold``). A student token inside
+  one teacher token, where no group starts (``inside``), is compared as two outcomes: its probability against
+  the teacher's share, of its mass on tokens continuing the text before it, on those continuing it with this
+  token. The divergence of the term (every kind of the project) is taken between
   the two proper distributions, plus ``unshared`` times the ULD distance on the tokens only one side holds.
 - ``uld`` (:class:`UldTerm`): the L1 distance between the two sides' sorted probabilities (ULD, Boizard et al.
   2024) after TRL GOLD's chain-rule merge (each entry before the group times the later tokens' probability);
@@ -43,6 +47,7 @@ class Paired:
     teacher_groups: torch.Tensor  # [B, Lt]: each teacher token's group in its row, -1 none
     ids: torch.Tensor  # [B, L]: the student's tokens
     groups: torch.Tensor  # [B, L]
+    inside: torch.Tensor | None = None  # [B, L, 5]: a student token within one teacher token (distill.pairing.Document.inside)
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Sides:
     teacher: torch.Tensor
     teacher_first: torch.Tensor
     teacher_later: torch.Tensor
+    student_log_p: torch.Tensor  # [B, L - 1, Vs] every position's
+    teacher_log_p: torch.Tensor  # [B, Lt - 1, Vt]
 
 
 def _side(logits: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, width: int, temperature: float):
@@ -100,7 +107,7 @@ class _Paired(nn.Module):
         rows, slots = torch.nonzero((s_first >= 0) & (t_first >= 0) & s_whole & t_whole, as_tuple=True)
         s_at, t_at = s_first[rows, slots], t_first[rows, slots]
         return Sides(s_log[rows, s_at], paired.ids[rows, s_at + 1], s_later[rows, slots],
-                     t_log[rows, t_at], paired.teacher_ids[rows, t_at + 1], t_later[rows, slots])
+                     t_log[rows, t_at], paired.teacher_ids[rows, t_at + 1], t_later[rows, slots], s_log, t_log)
 
 
 def _sorted_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -126,7 +133,7 @@ class AlignedLogitsTerm(_Paired):
 
     def __init__(self, name: str, weight: float, *, divergence_kind: str, temperature: float, jsd_beta: float, skew_alpha: float,
                  shared: tuple[list[int], list[int]], student_width: int, teacher_width: int, unshared: float,
-                 folds: tuple[dict, dict] = ({}, {})):
+                 folds: tuple[dict, dict] = ({}, {}), teacher_order: list[int] | None = None):
         super().__init__(name, weight, scale=temperature**2, temperature=temperature, student_width=student_width, teacher_width=teacher_width)
         self.divergence_kind, self.unshared = divergence_kind, unshared
         self.fn = divergence(divergence_kind, temperature=1.0, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
@@ -134,6 +141,10 @@ class AlignedLogitsTerm(_Paired):
         keep = (student_ids < student_width) & (teacher_ids < teacher_width)
         self.register_buffer("student_shared", student_ids[keep], persistent=False)
         self.register_buffer("teacher_shared", teacher_ids[keep], persistent=False)
+        # The teacher's ids in the order of their texts (distill.pairing.sorted_by_text): a student token inside a teacher token is
+        # compared with the teacher's mass on the tokens that continue the text before it with it; None: not compared.
+        self.register_buffer("teacher_order", torch.tensor(teacher_order or [], dtype=torch.long), persistent=False)
+        self.inside = teacher_order is not None
         places = torch.cumsum(keep.long(), 0) - 1  # a shared token's place among those kept
         for side, ids, width, fold in (("student", student_ids[keep], student_width, folds[0]), ("teacher", teacher_ids[keep], teacher_width, folds[1])):
             index = torch.full((width,), -1, dtype=torch.long)  # each id's place among the shared tokens, -1 for none
@@ -162,9 +173,32 @@ class AlignedLogitsTerm(_Paired):
         s_shared, s_text = _moved(s_shared, s_text, t_index, t_single & ~s_single)
         t_shared, t_text = _moved(t_shared, t_text, s_index, s_single & ~t_single)
         sums = self.fn(_bins(s_shared, s_text), _bins(t_shared, t_text)).sum()
+        if self.inside and teacher.paired.inside is not None:
+            sums = sums + self._inside_sums(sides, teacher.paired, weights)
         if self.unshared > 0:
             sums = sums + self.unshared * _sorted_l1(s_rest[:, self.student_only].exp(), t_rest[:, self.teacher_only].exp()).sum()
         return sums
+
+    def _inside_sums(self, sides: Sides, paired: Paired, weights: torch.Tensor) -> torch.Tensor:
+        """The student tokens inside one teacher token (a byte of a word the teacher writes whole): the probability the student
+        gives the token against the teacher's that the text goes on so, as a distribution of two (the token, anything else)."""
+        inside = paired.inside[:, 1:]  # the student token each position predicts
+        rows, positions = torch.nonzero((inside[..., 0] >= 0) & (weights[:, :-1] > 0), as_tuple=True)
+        if rows.numel() == 0:
+            return sides.student_log_p.new_zeros(())
+        found = inside[rows, positions]
+        target = _inside_targets(sides.teacher_log_p[rows, found[:, 0] - 1], self.teacher_order, found[:, 1:])
+        student = sides.student_log_p[rows, positions].gather(-1, paired.ids[rows, positions + 1, None]).squeeze(-1).exp()
+        return self.fn(_two_bins(student.clamp(1e-12, 1 - 1e-7)), _two_bins(target)).sum()
+
+
+def _inside_targets(log_p: torch.Tensor, order: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the probability that the text continues with a student token, given the text before it within the teacher's
+    token: the mass of the teacher's tokens starting with both over the mass of those starting with (strictly after) the text
+    before. ``log_p`` ``[N, Vt]`` the teacher's distribution there; ``ranges`` ``[N, 4]`` (lo_p, hi_p, lo_x, hi_x) in ``order``."""
+    mass = torch.cumsum(F.pad(log_p[:, order].exp(), (1, 0)), dim=-1)  # [N, V + 1]: the mass of the first v tokens in text order
+    within = lambda lo, hi: mass.gather(-1, hi[:, None]).squeeze(-1) - mass.gather(-1, lo[:, None]).squeeze(-1)
+    return (within(ranges[:, 2], ranges[:, 3]) / within(ranges[:, 0], ranges[:, 1]).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
 
 
 def _folded(log_p: torch.Tensor, shared: torch.Tensor, fold_from: torch.Tensor, fold_to: torch.Tensor) -> torch.Tensor:
@@ -174,6 +208,11 @@ def _folded(log_p: torch.Tensor, shared: torch.Tensor, fold_from: torch.Tensor, 
     extra = torch.zeros(log_p.shape[0], shared.numel(), dtype=log_p.dtype, device=log_p.device)
     extra = extra.index_add(1, fold_to, log_p[:, fold_from].exp())
     return torch.logaddexp(log_p[:, shared], extra.clamp_min(1e-30).log())
+
+
+def _two_bins(p: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` log-probabilities of an event of probability ``p`` and of its complement."""
+    return torch.stack([p.log(), torch.log1p(-p)], dim=-1)
 
 
 def _moved(log_shared: torch.Tensor, log_text: torch.Tensor, index: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

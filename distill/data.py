@@ -270,7 +270,7 @@ def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher
     return sequences.with_format("python")
 
 
-PAIRED_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "groups", "teacher_groups", "target_bytes", "teacher_target_bytes")
+PAIRED_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "groups", "teacher_groups", "inside", "target_bytes", "teacher_target_bytes")
 
 
 def unlabelled(value) -> bool:
@@ -388,6 +388,8 @@ def collate(rows: list[dict], pad_id: int, ids: list[tuple[int, int]] | None = N
         batch["teacher_groups"] = padded_to("teacher_groups", -1, teacher_width)
         batch["teacher_attention_mask"] = torch.tensor([[1] * len(r["teacher_input_ids"]) + [0] * (teacher_width - len(r["teacher_input_ids"]))
                                                         for r in rows], dtype=torch.long)
+        batch["inside"] = torch.tensor([[list(t) for t in r["inside"]] + [[-1, 0, 0, 0, 0]] * (width - len(r["inside"])) for r in rows],
+                                       dtype=torch.long).reshape(len(rows), width, 5)
         batch["target_bytes"] = torch.tensor([r["target_bytes"] for r in rows], dtype=torch.long)
         batch["teacher_target_bytes"] = torch.tensor([r["teacher_target_bytes"] for r in rows], dtype=torch.long)
     if ids is not None:

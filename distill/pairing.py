@@ -10,11 +10,13 @@ divergence target, and the job counts them. Torch-free: the data's tokenization 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from distill.errors import ConfigError
 
 NO_GROUP = -1
+NO_INSIDE = (-1, 0, 0, 0, 0)
 
 
 def char_ends(tokenizer, text: str, key: str) -> tuple[list[int], list[int]]:
@@ -92,13 +94,18 @@ def groups(student_ends: list[int], teacher_ends: list[int]) -> list[tuple[int, 
 
 @dataclass
 class Document:
-    """One document tokenized by both: ids, labels (the student's), and each token's group (``NO_GROUP``: none)."""
+    """One document tokenized by both: ids, labels (the student's), and each token's group (``NO_GROUP``: none).
+
+    ``inside``: for a student token within one teacher token but not starting its group (a byte of a word the teacher
+    writes whole), (that teacher token's index, then the ranges of the teacher's vocabulary sorted by text that start
+    with the text before the student token and with it: ``lo_p, hi_p, lo_x, hi_x``); else ``NO_INSIDE``."""
 
     ids: list[int]
     labels: list[int]
     teacher_ids: list[int]
     groups: list[int]
     teacher_groups: list[int]
+    inside: list[tuple] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,6 +119,7 @@ class Pairing:
         self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
         self.folds = (prefix_folds(student_tokenizer, self.shared[0]), prefix_folds(teacher_tokenizer, self.shared[1]))
         self.student_bytes, self.teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
+        self.teacher_order, self._sorted = sorted_by_text(teacher_tokenizer)
 
     def target_bytes(self, row: dict) -> dict:
         """The UTF-8 bytes of text each side's targets in ``row`` cover: the student's targets, the teacher's tokens in a group
@@ -166,7 +174,7 @@ class Pairing:
                 for j in t_close:
                     t_groups[j] = count
                 count += 1
-        return Document(s_ids, labels, t_ids, s_groups, t_groups)
+        return Document(s_ids, labels, t_ids, s_groups, t_groups)  # no inside targets: a conversation's groups are its turns' text
 
     def count(self, sequences) -> dict:
         """What the report says of a run's pairing: the vocabularies, how many tokens they share, and how many of the
@@ -195,7 +203,7 @@ class Pairing:
             s_ids.append(self.student.bos_token_id), s_labels.append(-100), s_groups.append(NO_GROUP)
         if self.teacher.bos_token_id is not None:
             t_ids.append(self.teacher.bos_token_id), t_groups.append(NO_GROUP)
-        count = 0
+        count, inside = 0, [NO_INSIDE] * len(s_ids)
         for text, target in pieces:
             if not text:
                 continue
@@ -205,6 +213,7 @@ class Pairing:
             for s0, s1, t0, t1 in groups(a_ends, b_ends):
                 mine[s0:s1], theirs[t0:t1] = [count] * (s1 - s0), [count] * (t1 - t0)
                 count += 1
+            inside += [(j + len(t_ids), *ranges) if j >= 0 else NO_INSIDE for j, *ranges in self._inside(text, a, a_ends, mine, b, b_ends)]
             s_ids += a
             s_labels += a if target else [-100] * len(a)
             s_groups += mine
@@ -213,9 +222,32 @@ class Pairing:
         s_eos, t_eos = self.student.eos_token_id, self.teacher.eos_token_id
         if s_eos is not None:
             s_ids.append(s_eos), s_labels.append(s_eos), s_groups.append(count if t_eos is not None else NO_GROUP)
+            inside.append(NO_INSIDE)
         if t_eos is not None:
             t_ids.append(t_eos), t_groups.append(count if s_eos is not None else NO_GROUP)
-        return Document(s_ids, s_labels, t_ids, s_groups, t_groups)
+        return Document(s_ids, s_labels, t_ids, s_groups, t_groups, inside)
+
+    def _inside(self, text: str, ids: list[int], ends: list[int], group_ids: list[int], teacher_ids: list[int], teacher_ends: list[int]) -> list[tuple]:
+        """:class:`Document`'s ``inside`` of one piece's student tokens (teacher indices within the piece)."""
+        out, j = [], 0
+        for i, (end, group) in enumerate(zip(ends, group_ids)):
+            start = ends[i - 1] if i else 0
+            while j < len(teacher_ends) and teacher_ends[j] < end:
+                j += 1
+            t_start = teacher_ends[j - 1] if j else 0
+            first_of_group = i == 0 or group_ids[i - 1] != group
+            if (group == NO_GROUP or first_of_group or j == len(teacher_ends) or not (t_start <= start < end <= teacher_ends[j])
+                    or self.teacher_bytes.get(teacher_ids[j]) != len(text[t_start:teacher_ends[j]].encode())
+                    or self.student_bytes.get(ids[i]) != len(text[start:end].encode())):
+                out.append(NO_INSIDE)  # not within one teacher token whose text is its own (a dummy prefix), or a piece of a character
+                continue
+            before, through = text[t_start:start].encode(), text[t_start:end].encode()
+            lo_p, hi_p = prefix_range(self._sorted, before)
+            if lo_p < hi_p and self._sorted[lo_p] == before:
+                lo_p += 1  # the teacher's token that is exactly the text before: what follows it is another token's, not known here
+            out.append((j, lo_p, hi_p, *prefix_range(self._sorted, through)))
+        return out
+
 
 
 def assistant_turns(tokenizer, messages: list[dict], template: str, row: int, key: str = "data.chat_template") -> tuple[str, list[tuple[int, int]]]:
@@ -251,8 +283,9 @@ def blocks(doc: Document, spans: list[tuple[int, int]], teacher_limit: int) -> l
         whole = lambda g: start <= s_span[g][0] and s_span[g][1] <= stop and t0 <= t_span[g][0] and t_span[g][1] <= t1
         kept = {g: n for n, g in enumerate(sorted({g for g in doc.groups[start:stop] if g != NO_GROUP and whole(g)}))}
         mark = lambda gs: [kept.get(g, NO_GROUP) for g in gs]  # numbered from 0 in each row
+        inside = [(j - t0, *ranges) if t0 < j < t1 else NO_INSIDE for j, *ranges in (doc.inside or [NO_INSIDE] * len(doc))[start:stop]]
         rows.append({"input_ids": doc.ids[start:stop], "labels": doc.labels[start:stop], "teacher_input_ids": doc.teacher_ids[t0:t1],
-                     "groups": mark(doc.groups[start:stop]), "teacher_groups": mark(doc.teacher_groups[t0:t1])})
+                     "groups": mark(doc.groups[start:stop]), "teacher_groups": mark(doc.teacher_groups[t0:t1]), "inside": inside})
     return rows
 
 
@@ -281,10 +314,11 @@ def _teacher_starts(doc: Document) -> list[int]:
 
 def concatenate(docs: list[Document]) -> Document:
     """Documents one after another (packing), their groups renumbered to stay distinct."""
-    out, offset = Document([], [], [], [], []), 0
+    out, offset = Document([], [], [], [], [], []), 0
     for doc in docs:
         top = max([g for g in doc.groups + doc.teacher_groups if g != NO_GROUP], default=-1)
         shift = lambda gs: [g + offset if g != NO_GROUP else NO_GROUP for g in gs]
+        out.inside += [(j + len(out.teacher_ids), *ranges) if j >= 0 else NO_INSIDE for j, *ranges in (doc.inside or [NO_INSIDE] * len(doc))]
         out.ids += doc.ids
         out.labels += doc.labels
         out.teacher_ids += doc.teacher_ids
@@ -339,6 +373,22 @@ def surface(token: str, style: str) -> bytes | None:
     if style == "wordpiece":
         return token[2:].encode() if token.startswith("##") else token.encode()
     return token.encode()
+
+
+def sorted_by_text(tokenizer) -> tuple[list[int], list[bytes]]:
+    """The ordinary tokens in the order of their texts' bytes (those starting with a text are then one range), and the texts."""
+    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
+    pairs = sorted((text, i) for token, i in tokenizer.get_vocab().items() if i not in specials and (text := surface(token, style)) is not None)
+    return [i for _, i in pairs], [text for text, _ in pairs]
+
+
+def prefix_range(texts: list[bytes], prefix: bytes) -> tuple[int, int]:
+    """[lo, hi) of the sorted ``texts`` that start with ``prefix``."""
+    lo = bisect.bisect_left(texts, prefix)
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return lo, len(texts)
+    return lo, bisect.bisect_left(texts, stripped[:-1] + bytes([stripped[-1] + 1]))
 
 
 def token_bytes(tokenizer) -> dict[int, int]:

@@ -86,7 +86,8 @@ class ModelSource(TeacherSource):
         if "teacher_input_ids" in batch:  # it tokenizes differently (distill.pairing): its logits on its own tokens
             with torch.no_grad():
                 logits = self.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-            return TeacherOutputs(paired=Paired(logits[:, :-1], batch["teacher_input_ids"], batch["teacher_groups"], batch["input_ids"], batch["groups"]))
+            return TeacherOutputs(paired=Paired(logits[:, :-1], batch["teacher_input_ids"], batch["teacher_groups"], batch["input_ids"], batch["groups"],
+                                                batch.get("inside")))
         # no_grad rather than inference_mode: autograd may save these tensors for the student's
         # backward, which inference tensors forbid (and cloning them would copy the logits).
         with torch.no_grad():

@@ -17,6 +17,7 @@ class LogitsSpec(TermSpec):
     skew_alpha: float = 0.1
     unshared: float = 1.0  # with a teacher of another tokenizer: the weight of ULD on the tokens only one vocabulary holds
     fold: bool = True  # with a teacher of another tokenizer: a token only one side holds counts for the shared token it starts with
+    inside: bool = True  # with a teacher of another tokenizer: a student token inside a teacher token is compared too
 
 
 class Logits(TermKind):
@@ -36,6 +37,7 @@ class Logits(TermKind):
         check(not isinstance(spec.unshared, bool) and isinstance(spec.unshared, (int, float)) and spec.unshared >= 0,
               f"{key}.unshared must be a number >= 0 (got {spec.unshared!r})")
         check(isinstance(spec.fold, bool), f"{key}.fold must be true or false (got {spec.fold!r})")
+        check(isinstance(spec.inside, bool), f"{key}.inside must be true or false (got {spec.inside!r})")
 
     across = True
 
@@ -47,6 +49,7 @@ class Logits(TermKind):
 
         return AlignedLogitsTerm(spec.name, spec.weight, divergence_kind=spec.divergence, temperature=float(spec.temperature),
                                  jsd_beta=float(spec.jsd_beta), skew_alpha=float(spec.skew_alpha), shared=pairing.shared, folds=pairing.folds if spec.fold else ({}, {}),
+                                 teacher_order=pairing.teacher_order if spec.inside else None,
                                  student_width=pairing.student_width, teacher_width=pairing.teacher_width, unshared=float(spec.unshared))
 
     @classmethod

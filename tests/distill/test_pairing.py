@@ -384,3 +384,48 @@ def test_the_commands_that_write_the_teachers_own_tokens_refuse_a_config_of_anot
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "tokenizers differ" in last and "give it a config without student.tokenizer" in last
     assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_a_student_token_inside_a_teacher_token_is_compared_with_the_teachers_mass_on_going_on_so(tokenizers):
+    from distill.aligned_terms import AlignedLogitsTerm
+    from distill.losses import divergence
+    from distill.objective import Outputs
+    from distill.pairing import NO_INSIDE
+
+    # The data: a byte of a word the teacher writes whole knows the teacher token and the two ranges of its vocabulary in text order.
+    pairing = Pairing(tokenizers["bytes"], tokenizers["bpe"])
+    doc = pairing.document([(TEXTS[1], True)], "k")
+    texts = pairing._sorted
+    found = 0
+    for i, (j, lo_p, hi_p, lo_x, hi_x) in enumerate(doc.inside):
+        if j == NO_INSIDE[0]:
+            continue
+        found += 1
+        assert doc.groups[i] == doc.teacher_groups[j] and doc.groups[i - 1] == doc.groups[i]  # inside its group, not its first token
+        assert doc.teacher_ids[j] in pairing.teacher_order[lo_x:hi_x]  # the teacher's own token goes on as the text does
+        within = b"".join(surface(tokenizers["bytes"].convert_ids_to_tokens(k), "byte_level")
+                          for k, g in zip(doc.ids[:i + 1], doc.groups[:i + 1]) if g == doc.groups[i])
+        before = within[:-1]
+        assert all(t.startswith(within) for t in texts[lo_x:hi_x]) and all(t.startswith(before) and t != before for t in texts[lo_p:hi_p])
+        assert lo_x == 0 or not texts[lo_x - 1].startswith(within)
+        assert hi_x == len(texts) or not texts[hi_x].startswith(within)
+    assert found >= len(doc.ids) // 8  # the tests' 320-id BPE writes few long tokens
+
+    # The term: the student's probability of the token against the teacher's share of the mass that goes on so, as two outcomes.
+    student_logits, paired, weights = _paired_batch()
+    order = torch.randperm(13, generator=torch.Generator().manual_seed(3))
+    paired.inside = torch.tensor(NO_INSIDE).repeat(2, 7, 1)
+    paired.inside[0, 3] = torch.tensor([2, 1, 9, 3, 6])  # row 0's token 3 (second of group 1) is inside teacher token 2
+    paired.inside[1, 2] = torch.tensor([1, 0, 13, 4, 5])  # row 1's token 2 (second of group 0) inside teacher token 1
+    common = dict(divergence_kind="reverse_kl", temperature=2.0, jsd_beta=0.5, skew_alpha=0.1, shared=SHARED, student_width=11, teacher_width=13,
+                  unshared=0.7, folds=FOLDS)
+    with_inside = AlignedLogitsTerm("kd", 1.0, teacher_order=order.tolist(), **common)
+    without = AlignedLogitsTerm("kd", 1.0, **common)
+    difference = with_inside(Outputs(logits=student_logits), Outputs(paired=paired), weights) - without(Outputs(logits=student_logits), Outputs(paired=paired), weights)
+    expected, fn = 0.0, divergence("reverse_kl", temperature=1.0)
+    for b, i, (j, lo_p, hi_p, lo_x, hi_x) in ((0, 3, (2, 1, 9, 3, 6)), (1, 2, (1, 0, 13, 4, 5))):
+        mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.softmax(paired.logits[b, j - 1] / 2.0, -1)[order].cumsum(0)])
+        q = (mass[hi_x] - mass[lo_x]) / (mass[hi_p] - mass[lo_p])
+        p = torch.softmax(student_logits[b, i - 1] / 2.0, -1)[paired.ids[b, i]]
+        expected = expected + fn(torch.stack([p.log(), (1 - p).log()]), torch.stack([q.log(), (1 - q).log()]))
+    torch.testing.assert_close(difference.double(), expected.double(), rtol=1e-4, atol=1e-6)
