@@ -119,7 +119,7 @@ class Pairing:
         self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
         self.folds = (prefix_folds(student_tokenizer, self.shared[0]), prefix_folds(teacher_tokenizer, self.shared[1]))
         self.student_bytes, self.teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
-        self.teacher_order, self._sorted = sorted_by_text(teacher_tokenizer)
+        self.teacher_order, self.teacher_texts = sorted_by_text(teacher_tokenizer)
 
     def target_bytes(self, row: dict) -> dict:
         """The UTF-8 bytes of text each side's targets in ``row`` cover: the student's targets, the teacher's tokens in a group
@@ -128,10 +128,6 @@ class Pairing:
         return {"target_bytes": sum(size(self.student_bytes, i) for i, label in zip(row["input_ids"][1:], row["labels"][1:]) if label != -100),
                 "teacher_target_bytes": sum(size(self.teacher_bytes, i) for i, g in zip(row["teacher_input_ids"][1:], row["teacher_groups"][1:])
                                             if g != NO_GROUP)}
-
-    @property
-    def teacher_pad_id(self) -> int:
-        return self.teacher.pad_token_id if self.teacher.pad_token_id is not None else 0
 
     student_width = teacher_width = None  # each side's ids, set once the models are known
     counts = None  # of the training data (summary)
@@ -242,10 +238,10 @@ class Pairing:
                 out.append(NO_INSIDE)  # not within one teacher token whose text is its own (a dummy prefix), or a piece of a character
                 continue
             before, through = text[t_start:start].encode(), text[t_start:end].encode()
-            lo_p, hi_p = prefix_range(self._sorted, before)
-            if lo_p < hi_p and self._sorted[lo_p] == before:
+            lo_p, hi_p = prefix_range(self.teacher_texts, before)
+            if lo_p < hi_p and self.teacher_texts[lo_p] == before:
                 lo_p += 1  # the teacher's token that is exactly the text before: what follows it is another token's, not known here
-            out.append((j, lo_p, hi_p, *prefix_range(self._sorted, through)))
+            out.append((j, lo_p, hi_p, *prefix_range(self.teacher_texts, through)))
         return out
 
 

@@ -395,7 +395,7 @@ def test_a_student_token_inside_a_teacher_token_is_compared_with_the_teachers_ma
     # The data: a byte of a word the teacher writes whole knows the teacher token and the two ranges of its vocabulary in text order.
     pairing = Pairing(tokenizers["bytes"], tokenizers["bpe"])
     doc = pairing.document([(TEXTS[1], True)], "k")
-    texts = pairing._sorted
+    texts = pairing.teacher_texts
     found = 0
     for i, (j, lo_p, hi_p, lo_x, hi_x) in enumerate(doc.inside):
         if j == NO_INSIDE[0]:
