@@ -178,14 +178,12 @@ def _conversation_ids(tokenizer, messages: list[dict], template: str, row: int) 
     tokens included, so the student learns to end its turn. Tokens are then mapped to those
     character spans through the tokenizer's offsets, which holds in multi-turn conversations.
     """
-    from distill.pairing import assistant_turns  # torch-free; distill.pairing renders conversations for both tokenizers too
+    from distill.pairing import assistant_labels, assistant_turns  # torch-free; distill.pairing renders conversations for both tokenizers too
 
     text, spans = assistant_turns(tokenizer, messages, template, row)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    labels = [t if any(a <= start and end <= b and end > start for a, b in spans) else IGNORE_INDEX
-              for t, (start, end) in zip(ids, encoded["offset_mapping"])]
-    return ids, labels
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    return ids, assistant_labels(ids, [start for start, _ in offsets], [end for _, end in offsets], spans)
 
 
 def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None, teacher_limit: int | None = None):
@@ -233,10 +231,15 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None,
     # (as transformers' run_clm does), which keeps memory flat on large corpora.
     sequences = dataset.map(encode, batched=True, with_indices=True, batch_size=1000, remove_columns=dataset.column_names,
                             desc=f"tokenizing {split_name}")
+    return _with_targets(sequences, cfg, split_name)
+
+
+def _with_targets(sequences, cfg: DataConfig, split_name: str):
+    """The tokenized ``sequences`` that hold a target; none is a one-line error."""
     sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
     if len(sequences) == 0:
         hint = "lower data.seq_len or add data" if cfg.packing else "add data or check data.text_field"
-        raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={seq_len} tokens; {hint}")
+        raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={cfg.seq_len} tokens; {hint}")
     return sequences.with_format("python")
 
 
@@ -263,11 +266,7 @@ def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher
 
     sequences = dataset.map(encode, batched=True, with_indices=True, batch_size=1000, remove_columns=dataset.column_names,
                             desc=f"tokenizing {split_name} for both tokenizers")
-    sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
-    if len(sequences) == 0:
-        raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={seq_len} tokens; "
-                          f"{'lower data.seq_len or add data' if cfg.packing else 'add data or check data.text_field'}")
-    return sequences.with_format("python")
+    return _with_targets(sequences, cfg, split_name)
 
 
 PAIRED_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "groups", "teacher_groups", "inside", "target_bytes", "teacher_target_bytes")

@@ -62,7 +62,7 @@ def quality(model, teacher, batches: list[dict], *, vocab: int, device, teacher_
     """
 
     task = _task(task)
-    if batches and "teacher_input_ids" in batches[0]:  # the teacher tokenizes differently: measured on its own tokens, compared with nothing
+    if across(batches):  # the teacher tokenizes differently: measured on its own tokens, compared with nothing
         if teacher_is_model:
             batches, vocab = own_tokens(batches), models.output_vocab(model)
         teacher = None
@@ -108,6 +108,11 @@ def metric_name(name: str) -> str:
     return Path(name).stem if ("/" in name or name.endswith(".py")) else name
 
 
+def across(batches: list[dict]) -> bool:
+    """Whether ``batches`` pair the student with a teacher of another tokenizer (:mod:`distill.pairing`): they hold its tokens too."""
+    return bool(batches) and "teacher_input_ids" in batches[0]
+
+
 def own_tokens(batches: list[dict]) -> list[dict]:
     """Batches of a teacher of another tokenizer (:mod:`distill.pairing`) as it tokenizes them: its ids, and as targets its
     tokens of the text the student's targets are compared on (those in a group)."""
@@ -120,7 +125,7 @@ def own_tokens(batches: list[dict]) -> list[dict]:
 def teacher_fidelity(full_teacher, quantized_teacher, batches: list[dict], *, vocab: int, device, task=None) -> float:
     """KL(full-precision teacher || quantized teacher) per target."""
     task = _task(task)
-    if batches and "teacher_input_ids" in batches[0]:
+    if across(batches):
         batches, vocab = own_tokens(batches), models.output_vocab(full_teacher)
     total = torch.zeros(2, dtype=torch.float64)  # KL sum, targets
     for batch in batches:

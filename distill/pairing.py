@@ -105,7 +105,7 @@ class Document:
     teacher_ids: list[int]
     groups: list[int]
     teacher_groups: list[int]
-    inside: list[tuple] = None
+    inside: list[tuple]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -116,10 +116,11 @@ class Pairing:
 
     def __init__(self, student_tokenizer, teacher_tokenizer):
         self.student, self.teacher = student_tokenizer, teacher_tokenizer
-        self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
-        self.folds = (prefix_folds(student_tokenizer, self.shared[0]), prefix_folds(teacher_tokenizer, self.shared[1]))
-        self.student_bytes, self.teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
-        self.teacher_order, self.teacher_texts = sorted_by_text(teacher_tokenizer)
+        mine, theirs = token_texts(student_tokenizer), token_texts(teacher_tokenizer)  # each vocabulary read once
+        self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer, mine, theirs)
+        self.folds = (prefix_folds(mine, self.shared[0]), prefix_folds(theirs, self.shared[1]))
+        self.student_bytes, self.teacher_bytes = ({i: len(text) for i, text in texts.items()} for texts in (mine, theirs))
+        self.teacher_order, self.teacher_texts = sorted_by_text(theirs)
 
     def target_bytes(self, row: dict) -> dict:
         """The UTF-8 bytes of text each side's targets in ``row`` cover: the student's targets, the teacher's tokens in a group
@@ -147,7 +148,7 @@ class Pairing:
                 contents.append((start, start + len(message["content"])) if message["content"] and start >= 0 else None)
             sides.append((text, turns, ids, starts, ends, contents))
         (s_text, s_turns, s_ids, s_starts, s_ends, s_contents), (_, t_turns, t_ids, t_starts, t_ends, t_contents) = sides
-        labels = [i if any(a <= start and end <= b and end > start for a, b in s_turns) else -100 for i, start, end in zip(s_ids, s_starts, s_ends)]
+        labels = assistant_labels(s_ids, s_starts, s_ends, s_turns)
         s_groups, t_groups, count = [NO_GROUP] * len(s_ids), [NO_GROUP] * len(t_ids), 0
         inside = lambda starts, ends, a, b: [j for j in range(len(starts)) if a <= starts[j] and ends[j] <= b and ends[j] > starts[j]]
         for s_turn, t_turn, s_content, t_content in zip(s_turns, t_turns, s_contents, t_contents):
@@ -170,7 +171,7 @@ class Pairing:
                 for j in t_close:
                     t_groups[j] = count
                 count += 1
-        return Document(s_ids, labels, t_ids, s_groups, t_groups)  # no inside targets: a conversation's groups are its turns' text
+        return Document(s_ids, labels, t_ids, s_groups, t_groups, [NO_INSIDE] * len(s_ids))  # a conversation's groups are its turns' text
 
     def count(self, sequences) -> dict:
         """What the report says of a run's pairing: the vocabularies, how many tokens they share, and how many of the
@@ -265,6 +266,11 @@ def assistant_turns(tokenizer, messages: list[dict], template: str, row: int, ke
     return text, spans
 
 
+def assistant_labels(ids: list[int], starts: list[int], ends: list[int], turns: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where it lies within an assistant turn's characters (:func:`assistant_turns`), else -100."""
+    return [i if any(a <= start and end <= b and end > start for a, b in turns) else -100 for i, start, end in zip(ids, starts, ends)]
+
+
 def blocks(doc: Document, spans: list[tuple[int, int]], teacher_limit: int) -> list[dict]:
     """The student tokens ``[start, stop)`` of ``doc`` (a document, or several packed) for each span, as rows with the teacher
     tokens of the same text: from the first group the block touches (a group cut by the block's start is the teacher's
@@ -279,7 +285,7 @@ def blocks(doc: Document, spans: list[tuple[int, int]], teacher_limit: int) -> l
         whole = lambda g: start <= s_span[g][0] and s_span[g][1] <= stop and t0 <= t_span[g][0] and t_span[g][1] <= t1
         kept = {g: n for n, g in enumerate(sorted({g for g in doc.groups[start:stop] if g != NO_GROUP and whole(g)}))}
         mark = lambda gs: [kept.get(g, NO_GROUP) for g in gs]  # numbered from 0 in each row
-        inside = [(j - t0, *ranges) if t0 < j < t1 else NO_INSIDE for j, *ranges in (doc.inside or [NO_INSIDE] * len(doc))[start:stop]]
+        inside = [(j - t0, *ranges) if t0 < j < t1 else NO_INSIDE for j, *ranges in doc.inside[start:stop]]
         rows.append({"input_ids": doc.ids[start:stop], "labels": doc.labels[start:stop], "teacher_input_ids": doc.teacher_ids[t0:t1],
                      "groups": mark(doc.groups[start:stop]), "teacher_groups": mark(doc.teacher_groups[t0:t1]), "inside": inside})
     return rows
@@ -314,7 +320,7 @@ def concatenate(docs: list[Document]) -> Document:
     for doc in docs:
         top = max([g for g in doc.groups + doc.teacher_groups if g != NO_GROUP], default=-1)
         shift = lambda gs: [g + offset if g != NO_GROUP else NO_GROUP for g in gs]
-        out.inside += [(j + len(out.teacher_ids), *ranges) if j >= 0 else NO_INSIDE for j, *ranges in (doc.inside or [NO_INSIDE] * len(doc))]
+        out.inside += [(j + len(out.teacher_ids), *ranges) if j >= 0 else NO_INSIDE for j, *ranges in doc.inside]
         out.ids += doc.ids
         out.labels += doc.labels
         out.teacher_ids += doc.teacher_ids
@@ -371,10 +377,15 @@ def surface(token: str, style: str) -> bytes | None:
     return token.encode()
 
 
-def sorted_by_text(tokenizer) -> tuple[list[int], list[bytes]]:
-    """The ordinary tokens in the order of their texts' bytes (those starting with a text are then one range), and the texts."""
+def token_texts(tokenizer) -> dict[int, bytes]:
+    """Each ordinary token's text (:func:`surface`; special tokens and tokens without one string left out)."""
     style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
-    pairs = sorted((text, i) for token, i in tokenizer.get_vocab().items() if i not in specials and (text := surface(token, style)) is not None)
+    return {i: text for token, i in tokenizer.get_vocab().items() if i not in specials and (text := surface(token, style)) is not None}
+
+
+def sorted_by_text(texts: dict[int, bytes]) -> tuple[list[int], list[bytes]]:
+    """The tokens in the order of their texts' bytes (those starting with a text are then one range), and the texts."""
+    pairs = sorted((text, i) for i, text in texts.items())
     return [i for _, i in pairs], [text for text, _ in pairs]
 
 
@@ -387,33 +398,19 @@ def prefix_range(texts: list[bytes], prefix: bytes) -> tuple[int, int]:
     return lo, bisect.bisect_left(texts, stripped[:-1] + bytes([stripped[-1] + 1]))
 
 
-def token_bytes(tokenizer) -> dict[int, int]:
-    """Each ordinary token's length in UTF-8 bytes (specials: none)."""
-    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
+def _first_ids(texts: dict[int, bytes]) -> dict[bytes, int]:
+    """Each text's lowest id."""
     out = {}
-    for token, i in tokenizer.get_vocab().items():
-        text = None if i in specials else surface(token, style)
-        if text is not None:
-            out[i] = len(text)
+    for i in sorted(texts):
+        out.setdefault(texts[i], i)
     return out
 
 
-def _surfaces(tokenizer) -> dict[bytes, int]:
-    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
-    out = {}
-    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        if i in specials:
-            continue
-        text = surface(token, style)
-        if text is not None:
-            out.setdefault(text, i)
-    return out
-
-
-def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], list[int]]:
+def shared_vocabulary(student_tokenizer, teacher_tokenizer, student_texts: dict[int, bytes], teacher_texts: dict[int, bytes]
+                      ) -> tuple[list[int], list[int]]:
     """(student ids, teacher ids) of the tokens both vocabularies hold (the same bytes once space markers are undone), and
-    BOS with BOS, EOS with EOS; in the student's id order."""
-    mine, theirs = _surfaces(student_tokenizer), _surfaces(teacher_tokenizer)
+    BOS with BOS, EOS with EOS; in the student's id order. ``*_texts``: :func:`token_texts`."""
+    mine, theirs = _first_ids(student_texts), _first_ids(teacher_texts)
     pairs = {mine[text]: theirs[text] for text in mine.keys() & theirs.keys()}
     for name in ("bos_token_id", "eos_token_id"):
         a, b = getattr(student_tokenizer, name), getattr(teacher_tokenizer, name)
@@ -423,21 +420,19 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[list[int], 
     return student_ids, [pairs[i] for i in student_ids]
 
 
-def prefix_folds(tokenizer, shared_ids: list[int]) -> dict[int, int]:
+def prefix_folds(texts: dict[int, bytes], shared_ids: list[int]) -> dict[int, int]:
     """For each token the other vocabulary lacks, the place among ``shared_ids`` of the longest shared token its text starts
-    with (its mass is the next text starting with that token's: what the other side's entry for it holds); none: left out."""
-    style, specials = _style(tokenizer), set(tokenizer.all_special_ids)
+    with (its mass is the next text starting with that token's: what the other side's entry for it holds); none: left out.
+    ``texts``: this side's :func:`token_texts`."""
     place = {}
     for k, i in enumerate(shared_ids):
-        text = surface(tokenizer.convert_ids_to_tokens(i), style) if i not in specials else None
-        if text:
-            place.setdefault(text, k)
+        if texts.get(i):
+            place.setdefault(texts[i], k)
     shared, out = set(shared_ids), {}
-    for token, i in tokenizer.get_vocab().items():
-        if i in shared or i in specials:
+    for i, text in texts.items():
+        if i in shared:
             continue
-        text = surface(token, style)
-        for end in range(len(text or b"") - 1, 0, -1):
+        for end in range(len(text) - 1, 0, -1):
             if text[:end] in place:
                 out[i] = place[text[:end]]
                 break

@@ -60,7 +60,7 @@ def final_evaluation(cfg: DistillConfig, accelerator, student, teacher, validati
                "memory_bytes": model.get_memory_footprint(), "quantization": cfg.teacher.quantization if name == "teacher" else "none",
                **q}
         if ev.speed:
-            own = name == "teacher" and validation and "teacher_input_ids" in validation[0]  # a teacher of another tokenizer: on its tokens
+            own = name == "teacher" and evaluation.across(validation)  # a teacher of another tokenizer: on its own tokens
             with phase(f"speed of the {name} (latency, throughput; {ev.speed_repeats} repeats)"):
                 row.update(evaluation.measure_speed(model, evaluation.own_tokens(validation) if own else validation, task=task, device=device,
                                                     eval_cfg=ev, pad_id=(model.config.pad_token_id or 0) if own else pad_id))

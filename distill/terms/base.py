@@ -10,6 +10,15 @@ from dataclasses import dataclass
 from distill.errors import check
 
 
+def check_number(value, key: str, *, positive: bool = False) -> None:
+    """``value`` is a number (not a bool) >= 0, or > 0 when ``positive``; else a one-line error naming ``key``."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if positive:
+        check(number and value > 0, f"{key} must be > 0 (got {value!r})")
+    else:
+        check(number and value >= 0, f"{key} must be a number >= 0 (got {value!r})")
+
+
 @dataclass
 class TermSpec:
     """One entry of ``loss.terms``, typed: what every kind takes. A kind's spec adds its own fields."""
@@ -45,7 +54,7 @@ class TermKind:
         for name in mapping:
             check(name in cls.keys(), f"unknown config key: {key}.{name} (a {cls.kind} term takes {', '.join(sorted(cls.keys()))})")
         weight = mapping.get("weight", 1.0)
-        check(not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight >= 0, f"{key}.weight must be a number >= 0 (got {weight!r})")
+        check_number(weight, f"{key}.weight")
         spec = cls.Spec(**{**cls.defaults(loss), **mapping, "weight": float(weight)})
         cls.check(spec, key)
         return spec

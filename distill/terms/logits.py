@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass
 
 from distill.term_names import LOGITS, LossKind
-from distill.terms.base import TermKind, TermSpec, check
+from distill.terms.base import TermKind, TermSpec, check, check_number
 
 
 @dataclass
@@ -32,10 +32,8 @@ class Logits(TermKind):
     def check(cls, spec, key):
         kinds = typing.get_args(LossKind)
         check(spec.divergence in kinds, f"{key}.divergence: must be one of {', '.join(kinds)} (got {spec.divergence!r})")
-        check(not isinstance(spec.temperature, bool) and isinstance(spec.temperature, (int, float)) and spec.temperature > 0,
-              f"{key}.temperature must be > 0 (got {spec.temperature!r})")
-        check(not isinstance(spec.unshared, bool) and isinstance(spec.unshared, (int, float)) and spec.unshared >= 0,
-              f"{key}.unshared must be a number >= 0 (got {spec.unshared!r})")
+        check_number(spec.temperature, f"{key}.temperature", positive=True)
+        check_number(spec.unshared, f"{key}.unshared")
         check(isinstance(spec.fold, bool), f"{key}.fold must be true or false (got {spec.fold!r})")
         check(isinstance(spec.inside, bool), f"{key}.inside must be true or false (got {spec.inside!r})")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distill.terms.base import TermKind, TermSpec, check
+from distill.terms.base import TermKind, TermSpec, check, check_number
 
 
 @dataclass
@@ -21,8 +21,7 @@ class Uld(TermKind):
 
     @classmethod
     def check(cls, spec, key):
-        check(not isinstance(spec.temperature, bool) and isinstance(spec.temperature, (int, float)) and spec.temperature > 0,
-              f"{key}.temperature must be > 0 (got {spec.temperature!r})")
+        check_number(spec.temperature, f"{key}.temperature", positive=True)
 
     @classmethod
     def build(cls, spec, key, *, student, teacher, causal, stored=None):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.errors import ConfigError
-from distill.pairing import NO_GROUP, Pairing, _style, _surfaces, blocks, char_ends, concatenate, groups, surface
+from distill.pairing import NO_GROUP, Pairing, _style, blocks, char_ends, concatenate, groups, surface, token_texts
 
 TEXTS = [
     "    return x  + 12345 # naïve café — ü\n\tz",
@@ -135,7 +135,7 @@ def test_the_shared_vocabulary_undoes_space_markers(tokenizers):
     byte_level = Pairing(tokenizers["bytes"], bpe)
     assert len(byte_level.shared[0]) == 256 + 2  # every byte, BOS and EOS
     # Every longer teacher token is folded into the byte it starts with (the byte-level student's first token of its text).
-    teacher_bytes = {i: b for b, i in _surfaces(bpe).items()}
+    teacher_bytes = token_texts(bpe)
     longer = [i for i, text in teacher_bytes.items() if len(text) > 1]
     assert sorted(byte_level.folds[1]) == sorted(longer)
     for i in longer:
@@ -309,8 +309,8 @@ def test_a_uld_term_without_a_teacher_of_another_tokenizer_is_refused(tiny, corp
                  "loss.terms[0]: a uld term compares a teacher and a student that tokenize differently", "use kind: logits")
 
 
-STUDENT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-                    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+from test_chat import TEMPLATE as STUDENT_TEMPLATE  # noqa: E402  (the chat tests' template: each model renders its own)
+
 TEACHER_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
                     "{% if add_generation_prompt %}### assistant: {% endif %}")
 CONVERSATION = [
