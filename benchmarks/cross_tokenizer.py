@@ -10,6 +10,9 @@ order, steps and learning rate:
                          with), the group's text, the rest; ULD on what is left; tokens inside a teacher token compared too
     aligned, no folding  the same with fold: false
     aligned, no inside   the same with inside: false
+    aligned, from a store  the aligned objective read from one store of the teacher's top-64 (cache-teacher --any-tokenizer,
+                         built once for every student): the teacher's rows (data.seq_len of its tokens), the student's
+                         tokens of the same text, each position's distribution rebuilt from the top 64 and its own token's
 
 and, as the reference, the same two rows with the teacher's own tokenizer (ce, and ce + logits position by position):
 the gain the aligned student should recover a share of. Bits per byte are computed here the same way for every model
@@ -58,9 +61,14 @@ def tokenizer_for(name: str, work: Path) -> Path:
     return out
 
 
-def train(label: str, terms: str, tokenizer: Path | None, seed: int, steps: int, out: Path) -> Path:
+STORE_ROW = "aligned, from a store"
+
+
+def train(label: str, terms: str, tokenizer: Path | None, seed: int, steps: int, out: Path, store: Path | None = None) -> Path:
     run_dir = out / f"{label.replace(' ', '_').replace(',', '')}-seed{seed}"
     sets = [*SETS, f"loss.terms=[{terms}]", f"train.max_steps={steps}", f"train.seed={seed}", f"data.seed={seed}", f"output_dir={run_dir}"]
+    if store is not None:
+        sets += ["teacher.source=cache", f"teacher.cache={store}"]
     if tokenizer is not None:
         sets.append(f"student.tokenizer={tokenizer}")
     if not (run_dir / "eval.json").is_file():
@@ -118,6 +126,9 @@ def main() -> None:
         return measured[key]
 
     teacher = measure("teacher", TINY / "teacher")
+    store = work / "store"
+    if not (store / "manifest.json").is_file():  # once, for students of every tokenizer
+        cli("cache-teacher", str(REPO / "configs/tiny.yaml"), "--top-k", "64", "--any-tokenizer", "--out", str(store))
     table = {}
     for label, terms in REFERENCE.items():
         runs = [measure(f"same/{label}/{seed}", train(f"same-{label}", terms, None, seed, args.steps, work)) for seed in range(args.seeds)]
@@ -127,6 +138,9 @@ def main() -> None:
         for label, terms in ROWS.items():
             runs = [measure(f"{name}/{label}/{seed}", train(f"{name}-{label}", terms, tokenizer, seed, args.steps, work)) for seed in range(args.seeds)]
             table[f"{name}: {label}"] = runs
+        runs = [measure(f"{name}/{STORE_ROW}/{seed}", train(f"{name}-{STORE_ROW}", ROWS["aligned"], tokenizer, seed, args.steps, work, store))
+                for seed in range(args.seeds)]
+        table[f"{name}: {STORE_ROW}"] = runs
 
     mean = lambda runs, key: statistics.mean(r[key] for r in runs)
     print(f"\n{args.steps} steps, {args.seeds} seed(s); bits per byte of {len(paragraphs)} validation paragraphs (lower is better); "

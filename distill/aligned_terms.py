@@ -48,6 +48,25 @@ class Paired:
     ids: torch.Tensor  # [B, L]: the student's tokens
     groups: torch.Tensor  # [B, L]
     inside: torch.Tensor | None = None  # [B, L, 5]: a student token within one teacher token (distill.pairing.Document.inside)
+    known: torch.Tensor | None = None  # [B, Lt - 1]: the positions whose distribution is the teacher's (from a store or a pool: its targets); None: all
+
+
+def densified(sparse, labels: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[B, Lt - 1, width]`` log-probabilities, ``[B, Lt - 1]`` known) from the teacher's sparse targets (a store's or a pool's,
+    :class:`distill.sparse.SparseTargets` with ``actual``) of the unmasked positions of ``labels`` ``[B, Lt - 1]`` (its next tokens):
+    each position's top k as stored, its own next token's log-probability exact, the rest of the mass (the tail less that token's)
+    spread evenly over the ids not held. A position without a target is not known: no group is compared there."""
+    known = labels != -100
+    ids, values = sparse.ids.long(), sparse.logprobs.float().clamp_min(-1e4)
+    own, actual = labels[known], sparse.actual.float().clamp_min(-1e4)
+    held = (ids == own[:, None]).any(-1)
+    rest = (sparse.tail.float().exp() - torch.where(held, 0.0, actual.exp())).clamp_min(0.0)
+    free = (width - ids.shape[1] - (~held).long()).clamp_min(1)
+    flat = (rest / free).clamp_min(1e-30).log().clamp_min(-1e4)[:, None].expand(-1, width).clone()
+    flat = flat.scatter(-1, ids, values).scatter(-1, own[:, None], actual[:, None])
+    dense = torch.full((*labels.shape, width), -float(torch.log(torch.tensor(float(width)))), device=flat.device)
+    dense[known] = flat
+    return dense, known
 
 
 @dataclass
@@ -100,6 +119,8 @@ class _Paired(nn.Module):
         width = int(max(paired.groups.max(), paired.teacher_groups.max(), 0)) + 1
         student_targets = weights[:, :-1] > 0  # the positions whose next token is a target
         teacher_inside = paired.teacher_groups[:, 1:] >= 0
+        if paired.known is not None:  # a store's or a pool's targets: only where they hold the teacher's distribution
+            teacher_inside = teacher_inside & paired.known
         s_first, s_later, s_whole, s_log = _side(student.logits[..., : self.student_width], paired.ids, paired.groups, student_targets, width,
                                                  self.temperature)
         t_first, t_later, t_whole, t_log = _side(paired.logits[..., : self.teacher_width], paired.teacher_ids, paired.teacher_groups,
@@ -184,9 +205,12 @@ class AlignedLogitsTerm(_Paired):
         gives the token against the teacher's that the text goes on so, as a distribution of two (the token, anything else)."""
         inside = paired.inside[:, 1:]  # the student token each position predicts
         rows, positions = torch.nonzero((inside[..., 0] >= 0) & (weights[:, :-1] > 0), as_tuple=True)
+        found = inside[rows, positions]
+        if paired.known is not None:  # the teacher's distribution before its token must be held
+            held = paired.known[rows, (found[:, 0] - 1).clamp_min(0)]
+            rows, positions, found = rows[held], positions[held], found[held]
         if rows.numel() == 0:
             return sides.student_log_p.new_zeros(())
-        found = inside[rows, positions]
         target = _inside_targets(sides.teacher_log_p[rows, found[:, 0] - 1], self.teacher_order, found[:, 1:])
         student = sides.student_log_p[rows, positions].gather(-1, paired.ids[rows, positions + 1, None]).squeeze(-1).exp()
         return self.fn(_two_bins(student.clamp(1e-12, 1 - 1e-7)), _two_bins(target)).sum()

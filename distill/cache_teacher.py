@@ -22,7 +22,7 @@ from distill.encodings.registry import DEFAULT as DEFAULT_ENCODING
 from distill.encodings.registry import ENCODINGS
 from distill.errors import ConfigError, main_guard
 from distill.feature_terms import HIDDEN
-from distill.fused import HEAD_INPUTS, chunk_rows, teacher_chunks
+from distill.fused import HEAD_INPUTS, chunk_rows, target_rows, teacher_chunks
 from distill.losses import IGNORE_INDEX
 from distill.rundir import write_atomic
 from distill.setup import Setup, tune_cpu_allocator
@@ -35,9 +35,9 @@ DEFAULT_K = 64  # targets per token when --top-k is not given (a classifier with
 
 
 def _signal_of_rows(source, task, rows: list[dict], pad_id: int, vocab: int, k: int, device, method: str = "top_k", generator=None,
-                    features: StoredFeatures | None = None) -> tuple[SparseTargets, list[int], dict]:
+                    features: StoredFeatures | None = None, actual: bool = False) -> tuple[SparseTargets, list[int], dict]:
     return batch_signal(source, task, {key: value.to(device) for key, value in data.collate(rows, pad_id).items()}, vocab, k, method, generator,
-                        features)
+                        features, actual)
 
 
 def batch_targets(source, task, batch: dict, vocab: int, k: int, method: str = "top_k", generator: torch.Generator | None = None
@@ -53,18 +53,30 @@ def batch_targets(source, task, batch: dict, vocab: int, k: int, method: str = "
 
 
 def batch_signal(source, task, batch: dict, vocab: int, k: int, method: str = "top_k", generator: torch.Generator | None = None,
-                 features: StoredFeatures | None = None) -> tuple[SparseTargets, list[int], dict]:
-    """:func:`batch_targets`, and with ``features`` the shard tensors of the rows' hidden states (``{}`` without)."""
+                 features: StoredFeatures | None = None, actual: bool = False) -> tuple[SparseTargets, list[int], dict]:
+    """:func:`batch_targets`, and with ``features`` the shard tensors of the rows' hidden states (``{}`` without). ``actual``: the
+    targets also keep each one's own token's log-probability (what a student of another tokenizer needs, :mod:`distill.pairing`)."""
     labels = task.targets(batch)
     counts = (labels != IGNORE_INDEX).reshape(len(labels), -1).sum(-1).tolist()  # a classifier's row is one target
     outputs = source.signal(batch, frozenset({HEAD_INPUTS if task.fused_head else LOGITS, *([HIDDEN] if features else [])}))
     hidden = features.encode(outputs.hidden_states, batch["attention_mask"].sum(-1).tolist()) if features else {}
     chunk = teacher_chunks(outputs, labels, vocab)
     total = sum(counts)
+    own = labels.reshape(-1)[target_rows(labels)]  # each target's own token, in the targets' order
+
+    def pick(start: int, stop: int) -> SparseTargets:
+        logits = chunk(start, stop)
+        picked = PICK[method](logits, k, generator)
+        if actual:
+            picked.actual = torch.log_softmax(logits.float(), dim=-1).gather(-1, own[start:stop, None]).squeeze(-1)
+        return picked
+
     rows = chunk_rows(vocab)
-    parts = [PICK[method](chunk(start, min(start + rows, total)), k, generator) for start in range(0, total, rows)]
+    parts = [pick(start, min(start + rows, total)) for start in range(0, total, rows)]
     if not parts:
-        return SparseTargets.empty(k), counts, hidden
+        empty = SparseTargets.empty(k)
+        empty.actual = torch.zeros(0) if actual else None
+        return empty, counts, hidden
     return SparseTargets.cat(parts).to("cpu"), counts, hidden
 
 
@@ -100,7 +112,7 @@ def fitted_features(source, sequences, pad_id: int, layers: list[int], dim: int 
 
 def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int = 256, rank: int = 0, world_size: int = 1, device=None, log=print,
           method: str = "top_k", encoding: str = DEFAULT_ENCODING, hidden_layers: list[int] = (), hidden_dim: int | None = None,
-          hidden_dtype: str = "int8") -> Path:
+          hidden_dtype: str = "int8", any_tokenizer: bool = False) -> Path:
     """Runs the teacher over the job's training and validation sequences and writes (or completes) the store.
 
     Returns its directory. Process ``rank`` of ``world_size`` writes the shards ``i`` with
@@ -108,7 +120,9 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     ``method="sampled"`` or ``"mixed"`` each shard draws from its own generator, seeded by the store's key (its
     encoding left out) and the shard, so any process, world size, resumed build or encoding draws the same ids.
     ``encoding``: how the shards hold the targets (:mod:`distill.encodings`). ``hidden_layers``: teacher layers whose
-    states the store also holds, reduced to ``hidden_dim`` dimensions (:mod:`distill.stored_features`).
+    states the store also holds, reduced to ``hidden_dim`` dimensions (:mod:`distill.stored_features`). ``any_tokenizer`` (implied by a
+    config whose student tokenizes otherwise): each target's own token's log-probability too, so that students of any tokenizer can
+    read the store (:mod:`distill.pairing`; the store's rows are the teacher's own either way).
     """
     if method not in METHODS:  # before any model is loaded
         raise ConfigError(f"--targets {method}: use one of {', '.join(METHODS)}")
@@ -122,7 +136,12 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     if not 0 < k <= vocab:
         what = "number of classes" if setup.task.row_labels else "vocabulary size"
         raise ConfigError(f"--top-k {k} must be between 1 and the {what} ({vocab})")
+    any_tokenizer = any_tokenizer or bool(setup.student_differs)  # built from a config of another student tokenizer
     ident = identity(cfg, setup.tokenizer, setup.sources, k=k, vocab=vocab, method=method, encoding=encoding)
+    if any_tokenizer:
+        if setup.task.kind != "causal_lm":
+            raise ConfigError(f"--any-tokenizer: task.kind={setup.task.kind} has no text to match across tokenizers; leave it out")
+        ident["targets"]["actual"] = True
     source = ModelSource(setup.teacher, setup.task, vocab)
     features = None
     if hidden_layers:
@@ -133,7 +152,7 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
     key = key_of(ident)
     # The draws depend on the targets, not on how they are written: one encoding's sampled store holds another's ids and counts
     # (and an fp16 store draws what it drew before encodings were recorded).
-    draws_key = key_of({**ident, "targets": {name: value for name, value in ident["targets"].items() if name != "encoding"}})
+    draws_key = key_of({**ident, "targets": {name: value for name, value in ident["targets"].items() if name not in ("encoding", "actual")}})
     path = Path(os.path.expanduser(str(out or cfg.teacher.cache or cache_root() / key[:16])))
     _claim(path, ident, rank)
     if features is not None and features.reduced and rank == 0:
@@ -157,9 +176,11 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
             generator = None
             if method != "top_k":
                 generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{draws_key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
-            parts = [_signal_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator, features)
+            parts = [_signal_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator, features, any_tokenizer)
                      for j in range(0, len(rows), batch)]
             targets = SparseTargets.cat([p for p, _, _ in parts]) if parts else SparseTargets.empty(k)  # a split without rows (an unlabelled source's validation)
+            if any_tokenizer and targets.actual is None:
+                targets.actual = torch.zeros(0)
             hidden = joined_features(features, [h for _, _, h in parts], [len(r["input_ids"]) for r in rows]) if features else None
             write_shard(target, targets, [c for _, counts, _ in parts for c in counts], writer, hidden)
             done += 1
@@ -191,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-layers", type=_layers, default=[])
     parser.add_argument("--hidden-dim", type=int)
     parser.add_argument("--hidden-dtype", choices=DTYPES, default="int8")
+    parser.add_argument("--any-tokenizer", action="store_true")
     args = parser.parse_args(argv)
     if (args.top_k is not None and args.top_k < 1) or args.shard_rows < 1:
         parser.error("--top-k and --shard-rows must be >= 1")
@@ -202,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
         path = build(cfg, k=args.top_k, out=Path(args.out) if args.out else None, shard_rows=args.shard_rows, rank=rank, world_size=world, method=args.targets,
-                     encoding=args.encoding, hidden_layers=args.hidden_layers, hidden_dim=args.hidden_dim, hidden_dtype=args.hidden_dtype, device=device, log=lambda line: print(line, file=sys.stderr))
+                     encoding=args.encoding, hidden_layers=args.hidden_layers, hidden_dim=args.hidden_dim, hidden_dtype=args.hidden_dtype, any_tokenizer=args.any_tokenizer, device=device, log=lambda line: print(line, file=sys.stderr))
         if rank == 0:
             print(f"teacher store: {path}")
         return 0

@@ -186,20 +186,22 @@ def _conversation_ids(tokenizer, messages: list[dict], template: str, row: int) 
     return ids, assistant_labels(ids, [start for start, _ in offsets], [end for _, end in offsets], spans)
 
 
-def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None, teacher_limit: int | None = None):
+def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None, limit: int | None = None, by_teacher: bool = False):
     """Tokenizes raw rows into sequences of at most ``seq_len`` tokens (exactly, when packing).
 
     Rows are text (``data.text_field``, with an optional masked ``data.prompt_field``) or
     conversations (``data.messages_field``: lists of ``{role, content}`` rendered with the chat
     template, targets on the assistant turns only). With ``pairing`` (a teacher of another
     tokenizer, :mod:`distill.pairing`) each row also holds the teacher's tokens of the same text
-    (at most ``teacher_limit``) and both sides' groups.
+    (at most ``limit``) and both sides' groups; ``by_teacher``: the rows are the teacher's (a store's
+    or a pool's: ``seq_len`` of its tokens, as a job of its tokenizer cuts them) and the student's
+    tokens of the same text follow (at most ``limit``).
     """
     seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
     template = chat_template(tokenizer, cfg) if cfg.messages_field else None
     if pairing is not None:
         templates = (template, getattr(pairing.teacher, "chat_template", None) or chat_template(pairing.teacher, cfg)) if template else None
-        return _tokenize_paired(dataset, cfg, split_name, pairing, teacher_limit or 1 << 30, templates)
+        return _tokenize_paired(dataset, cfg, split_name, pairing, limit or 1 << 30, templates, by_teacher)
 
     def documents(batch, indices):
         if cfg.messages_field:
@@ -234,18 +236,19 @@ def tokenize(dataset, tokenizer, cfg: DataConfig, split_name: str, pairing=None,
     return _with_targets(sequences, cfg, split_name)
 
 
-def _with_targets(sequences, cfg: DataConfig, split_name: str):
-    """The tokenized ``sequences`` that hold a target; none is a one-line error."""
-    sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]))
+def _with_targets(sequences, cfg: DataConfig, split_name: str, labels: str = "labels"):
+    """The tokenized ``sequences`` whose ``labels`` hold a target; none is a one-line error."""
+    sequences = sequences.filter(lambda row: any(t != IGNORE_INDEX for t in row[labels][1:]))
     if len(sequences) == 0:
         hint = "lower data.seq_len or add data" if cfg.packing else "add data or check data.text_field"
         raise ConfigError(f"the {split_name} data gives no sequences of data.seq_len={cfg.seq_len} tokens; {hint}")
     return sequences.with_format("python")
 
 
-def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher_limit: int, templates: tuple[str, str] | None):
+def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, limit: int, templates: tuple[str, str] | None, by_teacher: bool):
     """:func:`tokenize` for a teacher of another tokenizer: each document tokenized by both and matched (:mod:`distill.pairing`);
-    a conversation rendered by each with its own template (``templates``: the student's, the teacher's)."""
+    a conversation rendered by each with its own template (``templates``: the student's, the teacher's). Rows cut ``by_teacher``
+    are the ones a job of the teacher's tokenizer has (the same rows kept: those with a teacher's target)."""
     from distill.pairing import blocks, concatenate  # torch-free
 
     seq_len, text_field, prompt_field = cfg.seq_len, cfg.text_field, cfg.prompt_field
@@ -256,20 +259,22 @@ def _tokenize_paired(dataset, cfg: DataConfig, split_name: str, pairing, teacher
         else:
             prompts = batch[prompt_field] if prompt_field and prompt_field in batch else [None] * len(batch[text_field])
             docs = [pairing.document([(prompt or "", False), (text, True)], text_field) for text, prompt in zip(batch[text_field], prompts) if text]
+        length = (lambda doc: len(doc.teacher_ids)) if by_teacher else len
         if cfg.packing:
             joined = concatenate(docs)
-            rows = blocks(joined, [(i, i + seq_len) for i in range(0, len(joined) - len(joined) % seq_len, seq_len)], teacher_limit)
+            rows = blocks(joined, [(i, i + seq_len) for i in range(0, length(joined) - length(joined) % seq_len, seq_len)], limit, by_teacher=by_teacher)
         else:
-            rows = [row for doc in docs for row in blocks(doc, [(0, min(seq_len, len(doc)))], teacher_limit)]
+            rows = [row for doc in docs for row in blocks(doc, [(0, min(seq_len, length(doc)))], limit, by_teacher=by_teacher)]
         rows = [{**row, **pairing.target_bytes(row)} for row in rows]
         return {key: [row[key] for row in rows] for key in PAIRED_COLUMNS}
 
     sequences = dataset.map(encode, batched=True, with_indices=True, batch_size=1000, remove_columns=dataset.column_names,
                             desc=f"tokenizing {split_name} for both tokenizers")
-    return _with_targets(sequences, cfg, split_name)
+    return _with_targets(sequences, cfg, split_name, "teacher_labels" if by_teacher else "labels")
 
 
-PAIRED_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "groups", "teacher_groups", "inside", "target_bytes", "teacher_target_bytes")
+PAIRED_COLUMNS = ("input_ids", "labels", "teacher_input_ids", "teacher_labels", "groups", "teacher_groups", "inside", "target_bytes",
+                  "teacher_target_bytes")
 
 
 def unlabelled(value) -> bool:
@@ -385,6 +390,7 @@ def collate(rows: list[dict], pad_id: int, ids: list[tuple[int, int]] | None = N
         batch["groups"] = padded("groups", -1)
         batch["teacher_input_ids"] = padded_to("teacher_input_ids", 0, teacher_width)
         batch["teacher_groups"] = padded_to("teacher_groups", -1, teacher_width)
+        batch["teacher_labels"] = padded_to("teacher_labels", IGNORE_INDEX, teacher_width)
         batch["teacher_attention_mask"] = torch.tensor([[1] * len(r["teacher_input_ids"]) + [0] * (teacher_width - len(r["teacher_input_ids"]))
                                                         for r in rows], dtype=torch.long)
         batch["inside"] = torch.tensor([[list(t) for t in r["inside"]] + [[-1, 0, 0, 0, 0]] * (width - len(r["inside"])) for r in rows],

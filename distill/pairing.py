@@ -106,6 +106,7 @@ class Document:
     groups: list[int]
     teacher_groups: list[int]
     inside: list[tuple]
+    teacher_labels: list[int]  # the teacher's targets, as a job of the teacher's tokenizer labels them (a store's or a pool's rows)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -147,8 +148,9 @@ class Pairing:
                 start = text.find(message["content"], turns[len(contents)][0])
                 contents.append((start, start + len(message["content"])) if message["content"] and start >= 0 else None)
             sides.append((text, turns, ids, starts, ends, contents))
-        (s_text, s_turns, s_ids, s_starts, s_ends, s_contents), (_, t_turns, t_ids, t_starts, t_ends, t_contents) = sides
+        (_, s_turns, s_ids, s_starts, s_ends, s_contents), (_, t_turns, t_ids, t_starts, t_ends, t_contents) = sides
         labels = assistant_labels(s_ids, s_starts, s_ends, s_turns)
+        t_labels = assistant_labels(t_ids, t_starts, t_ends, t_turns)
         s_groups, t_groups, count = [NO_GROUP] * len(s_ids), [NO_GROUP] * len(t_ids), 0
         inside = lambda starts, ends, a, b: [j for j in range(len(starts)) if a <= starts[j] and ends[j] <= b and ends[j] > starts[j]]
         for s_turn, t_turn, s_content, t_content in zip(s_turns, t_turns, s_contents, t_contents):
@@ -171,7 +173,7 @@ class Pairing:
                 for j in t_close:
                     t_groups[j] = count
                 count += 1
-        return Document(s_ids, labels, t_ids, s_groups, t_groups, [NO_INSIDE] * len(s_ids))  # a conversation's groups are its turns' text
+        return Document(s_ids, labels, t_ids, s_groups, t_groups, [NO_INSIDE] * len(s_ids), t_labels)  # a conversation's groups are its turns' text
 
     def count(self, sequences) -> dict:
         """What the report says of a run's pairing: the vocabularies, how many tokens they share, and how many of the
@@ -195,11 +197,11 @@ class Pairing:
     def document(self, pieces: list[tuple[str, bool]], key: str) -> Document:
         """Both tokenizations of a document given as (text, is a target) pieces, each tokenized on its own (a prompt,
         then its completion), between each tokenizer's own BOS and EOS. The EOS of both is one group."""
-        s_ids, s_labels, t_ids, s_groups, t_groups = [], [], [], [], []
+        s_ids, s_labels, t_ids, t_labels, s_groups, t_groups = [], [], [], [], [], []
         if self.student.bos_token_id is not None:
             s_ids.append(self.student.bos_token_id), s_labels.append(-100), s_groups.append(NO_GROUP)
         if self.teacher.bos_token_id is not None:
-            t_ids.append(self.teacher.bos_token_id), t_groups.append(NO_GROUP)
+            t_ids.append(self.teacher.bos_token_id), t_labels.append(-100), t_groups.append(NO_GROUP)
         count, inside = 0, [NO_INSIDE] * len(s_ids)
         for text, target in pieces:
             if not text:
@@ -215,14 +217,15 @@ class Pairing:
             s_labels += a if target else [-100] * len(a)
             s_groups += mine
             t_ids += b
+            t_labels += b if target else [-100] * len(b)
             t_groups += theirs
         s_eos, t_eos = self.student.eos_token_id, self.teacher.eos_token_id
         if s_eos is not None:
             s_ids.append(s_eos), s_labels.append(s_eos), s_groups.append(count if t_eos is not None else NO_GROUP)
             inside.append(NO_INSIDE)
         if t_eos is not None:
-            t_ids.append(t_eos), t_groups.append(count if s_eos is not None else NO_GROUP)
-        return Document(s_ids, s_labels, t_ids, s_groups, t_groups, inside)
+            t_ids.append(t_eos), t_labels.append(t_eos), t_groups.append(count if s_eos is not None else NO_GROUP)
+        return Document(s_ids, s_labels, t_ids, s_groups, t_groups, inside, t_labels)
 
     def _inside(self, text: str, ids: list[int], ends: list[int], group_ids: list[int], teacher_ids: list[int], teacher_ends: list[int]) -> list[tuple]:
         """:class:`Document`'s ``inside`` of one piece's student tokens (teacher indices within the piece)."""
@@ -271,23 +274,27 @@ def assistant_labels(ids: list[int], starts: list[int], ends: list[int], turns: 
     return [i if any(a <= start and end <= b and end > start for a, b in turns) else -100 for i, start, end in zip(ids, starts, ends)]
 
 
-def blocks(doc: Document, spans: list[tuple[int, int]], teacher_limit: int) -> list[dict]:
+def blocks(doc: Document, spans: list[tuple[int, int]], limit: int, *, by_teacher: bool = False) -> list[dict]:
     """The student tokens ``[start, stop)`` of ``doc`` (a document, or several packed) for each span, as rows with the teacher
-    tokens of the same text: from the first group the block touches (a group cut by the block's start is the teacher's
-    context, in no group) to the last it holds whole, at most ``teacher_limit``. Only groups whole on both sides keep
-    their number; the others' tokens are in no group."""
-    first_teacher = _teacher_starts(doc)
+    tokens of the same text: from the first group the block touches (a group cut by the block's start is the other side's
+    context, in no group) to the last it holds whole, at most ``limit``. Only groups whole on both sides keep their number;
+    the others' tokens are in no group. ``by_teacher``: the spans are the teacher's tokens (the rows of a store or a pool,
+    cut as a job of the teacher's tokenizer cuts them) and the student's tokens of the same text follow, at most ``limit``."""
+    lead, other = (doc.teacher_groups, doc.groups) if by_teacher else (doc.groups, doc.teacher_groups)
+    first_other, other_length = _starts(lead, other), len(other)
     s_span, t_span = _spans(doc.groups), _spans(doc.teacher_groups)
     rows = []
     for start, stop in spans:
-        t0 = first_teacher[start]
-        t1 = min(first_teacher[stop] if stop < len(doc) else len(doc.teacher_ids), t0 + teacher_limit)
-        whole = lambda g: start <= s_span[g][0] and s_span[g][1] <= stop and t0 <= t_span[g][0] and t_span[g][1] <= t1
-        kept = {g: n for n, g in enumerate(sorted({g for g in doc.groups[start:stop] if g != NO_GROUP and whole(g)}))}
+        o0 = first_other[start]
+        o1 = min(first_other[stop] if stop < len(lead) else other_length, o0 + limit)
+        (s0, s1), (t0, t1) = ((o0, o1), (start, stop)) if by_teacher else ((start, stop), (o0, o1))
+        whole = lambda g: s0 <= s_span[g][0] and s_span[g][1] <= s1 and t0 <= t_span[g][0] and t_span[g][1] <= t1
+        kept = {g: n for n, g in enumerate(sorted({g for g in doc.groups[s0:s1] if g != NO_GROUP and g in t_span and whole(g)}))}
         mark = lambda gs: [kept.get(g, NO_GROUP) for g in gs]  # numbered from 0 in each row
-        inside = [(j - t0, *ranges) if t0 < j < t1 else NO_INSIDE for j, *ranges in doc.inside[start:stop]]
-        rows.append({"input_ids": doc.ids[start:stop], "labels": doc.labels[start:stop], "teacher_input_ids": doc.teacher_ids[t0:t1],
-                     "groups": mark(doc.groups[start:stop]), "teacher_groups": mark(doc.teacher_groups[t0:t1]), "inside": inside})
+        inside = [(j - t0, *ranges) if t0 < j < t1 else NO_INSIDE for j, *ranges in doc.inside[s0:s1]]
+        rows.append({"input_ids": doc.ids[s0:s1], "labels": doc.labels[s0:s1], "teacher_input_ids": doc.teacher_ids[t0:t1],
+                     "teacher_labels": doc.teacher_labels[t0:t1], "groups": mark(doc.groups[s0:s1]),
+                     "teacher_groups": mark(doc.teacher_groups[t0:t1]), "inside": inside})
     return rows
 
 
@@ -300,12 +307,12 @@ def _spans(group_ids: list[int]) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _teacher_starts(doc: Document) -> list[int]:
-    """For each student token, the first teacher token of its group (for a token in none, the teacher token after the
-    last group before it: a BOS of the teacher's where the student has one)."""
-    spans = _spans(doc.teacher_groups)
+def _starts(lead: list[int], other: list[int]) -> list[int]:
+    """For each token of one side (its groups ``lead``), the first token of its group on the other side (``other``); for a
+    token in none, the other side's token after the last group before it (a BOS of the other side's where this one has one)."""
+    spans = _spans(other)
     out, after = [], 0
-    for g in doc.groups:
+    for g in lead:
         if g != NO_GROUP and g in spans:
             out.append(spans[g][0])
             after = spans[g][1]
@@ -316,7 +323,7 @@ def _teacher_starts(doc: Document) -> list[int]:
 
 def concatenate(docs: list[Document]) -> Document:
     """Documents one after another (packing), their groups renumbered to stay distinct."""
-    out, offset = Document([], [], [], [], [], []), 0
+    out, offset = Document([], [], [], [], [], [], []), 0
     for doc in docs:
         top = max([g for g in doc.groups + doc.teacher_groups if g != NO_GROUP], default=-1)
         shift = lambda gs: [g + offset if g != NO_GROUP else NO_GROUP for g in gs]
@@ -324,6 +331,7 @@ def concatenate(docs: list[Document]) -> Document:
         out.ids += doc.ids
         out.labels += doc.labels
         out.teacher_ids += doc.teacher_ids
+        out.teacher_labels += doc.teacher_labels
         out.groups += shift(doc.groups)
         out.teacher_groups += shift(doc.teacher_groups)
         offset += top + 1

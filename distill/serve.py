@@ -47,9 +47,14 @@ class BuiltinEngine:
             raise ConfigError(f"task.kind={self.task.kind}: the teacher service serves token targets of language models (causal_lm, masked_lm)")
         tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
                                           cfg.student.revision if cfg.student.path else cfg.teacher.revision)
+        if cfg.student.path or cfg.student.tokenizer:  # a config of a student that tokenizes otherwise: the teacher serves its own tokens
+            teacher_tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
+            tokenizer = teacher_tokenizer if models.tokenizer_difference(teacher_tokenizer, tokenizer) else tokenizer
         self.teacher = models.load_teacher(cfg.teacher, device, model_class=self.task.auto_class)
         self.vocab = min(models.output_vocab(self.teacher), len(tokenizer))
         self.identity = _served_identity(cfg, tokenizer, k, self.vocab)
+        if self.task.kind == "causal_lm":  # each answer keeps its targets' own tokens' log-probabilities: students of any tokenizer read it
+            self.identity["targets"]["actual"] = True
         self.k, self.device, self.pad_id = k, device, tokenizer.pad_token_id
         self.embedding_rows = self.teacher.get_input_embeddings().weight.shape[0]
         self.max_length = getattr(self.teacher.config, "max_position_embeddings", None) or 1 << 20
@@ -73,7 +78,8 @@ class BuiltinEngine:
         from distill.cache_teacher import batch_signal  # loads torch: this module stays torch-free until it is needed
 
         batch = {name: t.to(self.device) for name, t in batch.items()}
-        return batch_signal(self.source, self.task, batch, self.vocab, self.k, features=self.features if hidden else None)
+        return batch_signal(self.source, self.task, batch, self.vocab, self.k, features=self.features if hidden else None,
+                            actual=self.task.kind == "causal_lm")
 
 
 def _served_identity(cfg, tokenizer, k: int, vocab: int) -> dict:

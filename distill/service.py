@@ -102,7 +102,8 @@ def decode_answer(body: bytes):
     from distill.sparse import SparseTargets  # loads torch: this module stays torch-free until it is needed
 
     tensors = load(body)
-    return SparseTargets(tensors["ids"], tensors["logprobs"], tensors["tail"]), tensors
+    actual = tensors["actual"].float() if "actual" in tensors else None  # each target's own token's log-probability (a builtin pool's)
+    return SparseTargets(tensors["ids"], tensors["logprobs"], tensors["tail"], actual=actual), tensors
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Client:
         self._lock = threading.Lock()
         self.features = None  # the hidden states the pool serves (distill.stored_features.StoredFeatures), set by open_pool
         self.hidden = False  # whether each request asks for them (the job's objective needs them)
+        self.vocab = None  # the ids the pool's targets are over (set by open_pool)
 
     def close(self) -> None:
         self.http.close()
@@ -252,7 +254,8 @@ def open_pool(cfg, setup, *, quiet: bool = False) -> "Client":
 
     urls = [url.strip() for url in cfg.teacher.url.split(",") if url.strip()]
     client = Client(urls, read_token(cfg.teacher.token_file, what="teacher.token_file"), timeout=cfg.teacher.remote_timeout)
-    job = stores.teacher_identity(cfg, setup.tokenizer)
+    pairing = setup.pairing  # a student of another tokenizer: the pool scores the teacher's own tokens of the same text
+    job = stores.teacher_identity(cfg, setup.tokenizer if pairing is None else pairing.teacher)
     served = first = None
     for url in urls:
         answer = client.identity(url)
@@ -273,10 +276,15 @@ def open_pool(cfg, setup, *, quiet: bool = False) -> "Client":
         client.features = StoredFeatures.described(served["features"], projection)
         if client.features is None:
             raise ConfigError("teacher.url: the pool's projection of its hidden states does not match the sha256 it publishes; restart the pool")
-    vocab = int(served["targets"]["vocab"])
-    if models.output_vocab(setup.student) < vocab:
+    client.vocab = vocab = int(served["targets"]["vocab"])
+    if pairing is not None:
+        if not served["targets"].get("actual"):
+            raise ConfigError(f"teacher.url: the pool answers only the top-{served['targets']['k']} of each position, and a student of another "
+                              "tokenizer also needs the teacher's probability of each actual token; serve it with distill serve-teacher --engine builtin")
+    elif models.output_vocab(setup.student) < vocab:
         raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the pool's ({vocab}); use a matching student")
-    setup.vocab = vocab
+    else:
+        setup.vocab = vocab
     if not quiet:
         print(f"teacher: pool {', '.join(urls)} ({answer.get('engine')} engine, top-{served['targets']['k']} of {vocab} ids, key "
               f"{str(answer.get('key'))[:16]}); the teacher model is not loaded for training", file=sys.stderr)

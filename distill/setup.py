@@ -166,15 +166,17 @@ class Setup:
             self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
                                                    cfg.student.revision if cfg.student.path else cfg.teacher.revision)
         self.pairing = None  # a teacher of another tokenizer (distill.pairing)
+        self.student_differs = ""  # how the student's tokenizer differs where this command works on the teacher's tokens alone
         if cfg.student.path or cfg.student.tokenizer:
             teacher_tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
             difference = models.tokenizer_difference(teacher_tokenizer, self.tokenizer)
-            if difference:
+            if difference and not load_student:  # cache-teacher, serve-teacher: the teacher's targets on its own tokens, for any student
+                self.tokenizer, self.student_differs = teacher_tokenizer, difference
+                if int(os.environ.get("RANK", "0") or 0) == 0:
+                    print(f"pairing: the student tokenizes differently {difference}; the teacher's targets are written on its own tokens, "
+                          "which students of any tokenizer read", file=sys.stderr)
+            elif difference:
                 check_pairable(cfg, task, difference)
-                if not load_student:
-                    raise ConfigError(f"teacher and student tokenizers differ {difference}; this command writes or serves the teacher's targets "
-                                      "or text on its own tokens (cache-teacher, generate-teacher, serve-teacher): give it a config without "
-                                      "student.tokenizer or a student.path of another tokenizer")
                 self.pairing = Pairing(self.tokenizer, teacher_tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
         raw = [(source.name, source.weight, source.data, data.load_raw(source.data)) for source in data_sources(cfg.data)]
@@ -203,9 +205,11 @@ class Setup:
         # One entry per source (one in all, without data.mixture): name, weight, training and validation sequences.
         tokenize = task.tokenize
         if self.pairing is not None:  # both tokenizers, matched (a causal LM's text: check_pairable)
-            limit = getattr(teacher_config, "max_position_embeddings", None)
+            # From a store or a pool the rows are the teacher's, as it holds them; the student's tokens of the same text follow.
+            by_teacher = cfg.teacher.source != "model"
+            limit = getattr(self.student.config if by_teacher else teacher_config, "max_position_embeddings", None)
             tokenize = lambda raw_rows, tokenizer, source, split, _: data.tokenize(raw_rows, tokenizer, source, split, pairing=self.pairing,
-                                                                                  teacher_limit=limit)
+                                                                                  limit=limit, by_teacher=by_teacher)
         self.sources = [(name, weight, tokenize(train, self.tokenizer, source, _split("training", name, cfg), teacher_config),
                          tokenize(validation, self.tokenizer, source, _split("validation", name, cfg), teacher_config))
                         for name, weight, source, (train, validation) in raw]
@@ -261,8 +265,6 @@ def check_pairable(cfg: DistillConfig, task, difference: str) -> None:
     why = f"teacher and student tokenizers differ {difference}"
     refusals = [
         (task.kind != "causal_lm", f"task.kind={task.kind}: its targets are the teacher's own positions or classes; use a student with the teacher's tokenizer"),
-        (cfg.teacher.source != "model", f"teacher.source={cfg.teacher.source}: a store or a pool holds the teacher's targets without its tokens' "
-                                        "characters, so they cannot be matched to another tokenizer yet; use teacher.source=model"),
         (cfg.rollout.on_policy > 0, f"rollout.on_policy={cfg.rollout.on_policy:g}: the student's own completions are not yet scored by a teacher of "
                                     "another tokenizer; use rollout.on_policy=0"),
         (not cfg.student.path and cfg.student.init == "teacher_layers", "student.init=teacher_layers keeps the teacher's embeddings and head, which are its tokenizer's; "

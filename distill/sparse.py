@@ -24,15 +24,17 @@ TAIL_FLOOR = -1e4  # log-probability standing for 0: exp() is 0 and 0 * (floor -
 
 @dataclass
 class SparseTargets:
-    """The teacher's top-k targets of some target rows: ``ids``/``logprobs`` ``[N, k]``, ``tail`` ``[N]``."""
+    """The teacher's top-k targets of some target rows: ``ids``/``logprobs`` ``[N, k]``, ``tail`` ``[N]``; ``actual`` ``[N]``,
+    where kept, the log-probability of each row's own next token (the chain rule across tokenizers needs it; the top k may miss it)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail: torch.Tensor
     tail_mode: str = "bucket"  # how the loss treats the mass outside the top k (teacher.cache_tail)
+    actual: torch.Tensor | None = None
 
     def __getitem__(self, rows) -> "SparseTargets":
-        return SparseTargets(self.ids[rows], self.logprobs[rows], self.tail[rows], self.tail_mode)
+        return SparseTargets(self.ids[rows], self.logprobs[rows], self.tail[rows], self.tail_mode, None if self.actual is None else self.actual[rows])
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -43,10 +45,12 @@ class SparseTargets:
 
     @staticmethod
     def cat(parts: list["SparseTargets"], tail_mode: str = "bucket") -> "SparseTargets":
-        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")), tail_mode)
+        actual = torch.cat([p.actual for p in parts]) if parts and all(p.actual is not None for p in parts) else None
+        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail")), tail_mode, actual)
 
     def to(self, device) -> "SparseTargets":
-        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device), self.tail_mode)
+        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.tail.to(device), self.tail_mode,
+                             None if self.actual is None else self.actual.to(device))
 
 
 def top_k(logits: torch.Tensor, k: int) -> SparseTargets:
@@ -173,8 +177,13 @@ def shard_tensors(targets: SparseTargets, counts: list[int], vocab: int) -> dict
 
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     tensors = {"ids": targets.ids.to(torch.int16 if vocab <= 32767 else torch.int32), "logprobs": targets.logprobs.half(),
-               "tail": targets.tail.float(), "offsets": offsets}
+               "tail": targets.tail.float(), "offsets": offsets, **actual_tensor(targets)}
     return {name: t.contiguous() for name, t in tensors.items()}
+
+
+def actual_tensor(targets: SparseTargets) -> dict[str, torch.Tensor]:
+    """``{"actual": [N] float16}`` where the targets keep their own tokens' log-probabilities (saved beside any encoding), else ``{}``."""
+    return {} if targets.actual is None else {"actual": targets.actual.half().contiguous()}
 
 
 def encode(targets: SparseTargets, counts: list[int], vocab: int) -> bytes:

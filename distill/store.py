@@ -54,7 +54,7 @@ from distill.setup import Setup
 from distill.stored_features import StoredFeatures
 
 # The targets' format and math live in distill.sparse; re-exported for the store's readers.
-from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, bucket_forward_kl_and_grad, buckets, mixed, sample, spread, top_k  # noqa: F401
+from distill.sparse import METHODS, PICK, TAIL_FLOOR, SparseTargets, actual_tensor, bucket_forward_kl_and_grad, buckets, mixed, sample, spread, top_k  # noqa: F401
 
 FORMAT = 1
 LOGPROB_SLACK = 1e-2  # a stored log-probability may round above 0 by float16's step near 0, never more
@@ -108,12 +108,12 @@ def _tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
-def sequences_hash(sequences) -> str:
-    """sha256 of every row's input ids and targets, in order: what the store's rows are."""
+def sequences_hash(sequences, fields: tuple[str, str] = ("input_ids", "labels")) -> str:
+    """sha256 of every row's input ids and targets (``fields``), in order: what the store's rows are."""
 
     digest = hashlib.sha256()
     for row in sequences:
-        for field in ("input_ids", "labels"):
+        for field in fields:
             digest.update(np.asarray(row.get(field, []), dtype=np.int64).tobytes())
         digest.update(b"|")
     return digest.hexdigest()
@@ -138,13 +138,19 @@ def teacher_identity(cfg, tokenizer) -> dict:
     return {"format": FORMAT, "teacher": teacher, "tokenizer": _tokenizer_hash(tokenizer), "task": task}
 
 
-def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None, method: str | None = "top_k", encoding: str | None = DEFAULT_ENCODING) -> dict:
-    """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``setup.Setup``."""
+TEACHER_ROWS = ("teacher_input_ids", "teacher_labels")  # a job of another tokenizer's rows, as the teacher's tokenizer cuts them (data.tokenize)
+
+
+def identity(cfg, tokenizer, sources: list, *, k: int | None, vocab: int | None, method: str | None = "top_k", encoding: str | None = DEFAULT_ENCODING,
+             fields: tuple[str, str] = ("input_ids", "labels")) -> dict:
+    """What decides a store's contents, in clear. ``sources``: ``(name, weight, train, validation)`` as in ``setup.Setup``; ``fields``:
+    the rows' ids and targets (:data:`TEACHER_ROWS` for a job whose student tokenizes otherwise: the teacher's rows, as a store holds them)."""
     configs = {source.name: source.data for source in data_sources(cfg.data)}
     return {
         **teacher_identity(cfg, tokenizer),
         "data": _data_identity(configs["data"]) if cfg.data.mixture == [] else {"mixture": {name: _data_identity(configs[name]) for name in configs}},
-        "sequences": {name: {"training": sequences_hash(train), "validation": sequences_hash(validation)} for name, _, train, validation in sources},
+        "sequences": {name: {"training": sequences_hash(train, fields), "validation": sequences_hash(validation, fields)}
+                      for name, _, train, validation in sources},
         "targets": {"method": method, "k": k, "vocab": vocab, "encoding": encoding},
     }
 
@@ -198,7 +204,7 @@ def shard_count(rows: int, shard_rows: int) -> int:
 def write_shard(path: Path, targets: SparseTargets, counts: list[int], encoding, features: dict | None = None) -> None:
     """A shard's targets (``counts`` per row) in ``encoding`` (a :class:`distill.encodings.base.Encoding`), and the rows' hidden
     states' tensors when the store holds them (:func:`distill.stored_features.joined_features`), written atomically."""
-    write_atomic(path, save({**encoding.tensors(targets, counts), **(features or {})}))
+    write_atomic(path, save({**encoding.tensors(targets, counts), **actual_tensor(targets), **(features or {})}))
 
 
 def _claim(path: Path, ident: dict, rank: int) -> None:
@@ -261,6 +267,7 @@ class Store:
             raise ConfigError(f"teacher.cache: {manifest} is not a readable manifest; rebuild the store with distill cache-teacher") from None
         self.k, self.vocab = int(self.identity["targets"]["k"]), int(self.identity["targets"]["vocab"])
         self.method = self.identity["targets"].get("method", "top_k")
+        self.actual = bool(self.identity["targets"].get("actual"))  # each target's own token's log-probability (cache-teacher --any-tokenizer)
         self.encoding_name = self.identity["targets"].get("encoding") or DEFAULT_ENCODING  # a store from before encodings: fp16
         if self.encoding_name not in ENCODINGS:
             raise ConfigError(f"teacher.cache: the store at {path} is in encoding {self.encoding_name!r}, which this version of distill cannot read "
@@ -343,16 +350,26 @@ class Store:
             # max() is NaN when any value is (-inf is a probability of 0: sampled ids never drawn, no tail)
             nan = bool(logprobs.isnan().any() or tail.isnan().any())
             return "it holds log-probabilities that are NaN" if nan else "it holds log-probabilities above 0"
+        actual = tensors.get("actual")
+        if self.actual and (actual is None or actual.shape != ids.shape[:1]):
+            return "it lacks the log-probability of each target's own token (actual), which its identity records"
+        if self.actual and actual.numel() and not float(actual.max()) <= LOGPROB_SLACK:
+            return "its actual tokens' log-probabilities are NaN or above 0"
         return self.features.problem(tensors, rows=len(offsets) - 1) if self.features is not None else None
 
     def rows(self, split: str, name: str, rows: list[int]) -> SparseTargets:
         """The targets of ``rows`` of one source's split, concatenated in order."""
-        pieces = []
+        pieces, actual = [], []
         for row in rows:
             handle, offsets, index, _ = self._shard(split, name, row // self.shard_rows)
             i = row % self.shard_rows
             pieces.append(self.encoding.read(handle, index, i, offsets[i], offsets[i + 1]))
-        return self.encoding.join(pieces)
+            if self.actual:  # each target's own token's log-probability (cache-teacher --any-tokenizer)
+                actual.append(handle.get_slice("actual")[offsets[i] : offsets[i + 1]])
+        joined = self.encoding.join(pieces)
+        if self.actual:
+            joined.actual = torch.cat(actual).float() if actual else torch.zeros(0)
+        return joined
 
     def hidden(self, split: str, name: str, row: int) -> dict:
         """``{layer: [positions, dim]}`` float32: the teacher's stored hidden states of one row (:mod:`distill.stored_features`)."""
@@ -364,24 +381,34 @@ class Store:
 def open_store(cfg, setup, *, quiet: bool = False) -> "Store":
     """The teacher store of ``teacher.cache`` (or the one built for this job), checked against the job before step 0."""
 
-    ident = identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None)
-    path = cfg.teacher.cache or find(ident)
+    pairing = setup.pairing  # a student of another tokenizer reads the store of the teacher's own rows (data.tokenize by_teacher)
+    ident = (identity(cfg, pairing.teacher, setup.sources, k=None, vocab=None, fields=TEACHER_ROWS) if pairing is not None
+             else identity(cfg, setup.tokenizer, setup.sources, k=None, vocab=None))
+    path = cfg.teacher.cache or find(ident, actual=pairing is not None)
     if not path:
         raise ConfigError(f"teacher.source=cache: no teacher store for this job's teacher and data under {cache_root()}; "
                           "build one with distill cache-teacher CONFIG, or set teacher.cache")
     store = Store(Path(os.path.expanduser(str(path))), ident)
-    if setup.task.width(setup.student) < store.vocab:
+    if pairing is not None:
+        if not store.actual:
+            raise ConfigError(f"teacher.cache: the store at {store.path} holds only the top-{store.k} of each position, and a student of another "
+                              "tokenizer also needs the teacher's probability of each actual token; rebuild it with distill cache-teacher --any-tokenizer")
+        if store.vocab != pairing.teacher_width:
+            raise ConfigError(f"teacher.cache: the store holds {store.vocab} ids, the teacher's tokenizer {pairing.teacher_width}; rebuild it with this teacher")
+    elif setup.task.width(setup.student) < store.vocab:
         raise ConfigError(f"the student's vocabulary ({setup.task.width(setup.student)}) is smaller than the store's ({store.vocab}); use a matching student")
-    setup.vocab = store.vocab
+    else:
+        setup.vocab = store.vocab
     if not quiet:
         held = {"top_k": f"top-{store.k}", "sampled": f"{store.k} sampled", "mixed": f"top-{store.k // 2} and {store.k - store.k // 2} sampled"}[store.method]
         print(f"teacher: store {store.path} ({held} of {store.vocab} ids, {store.encoding_name}); the teacher model is not loaded for training", file=sys.stderr)
     return store
 
 
-def find(ident: dict) -> Path | None:
+def find(ident: dict, *, actual: bool = False) -> Path | None:
     """A complete store under :func:`cache_root` built for this job (any k): top-k before mixed before sampled targets, the largest k first,
-    the finest encoding first, then one with the teacher's hidden states."""
+    the finest encoding first, then one with the teacher's hidden states. ``actual``: only a store holding each target's own token's
+    log-probability (what a student of another tokenizer needs)."""
     root = cache_root()
     found = []
     for manifest in root.glob("*/manifest.json") if root.is_dir() else ():
@@ -389,7 +416,7 @@ def find(ident: dict) -> Path | None:
             stored = json.loads(manifest.read_text())["identity"]
         except (OSError, ValueError, KeyError):
             continue
-        if not differences(stored, as_stored(ident, stored)):
+        if not differences(stored, as_stored(ident, stored)) and (stored["targets"].get("actual") or not actual):
             targets = stored["targets"]
             encoding = targets.get("encoding") or DEFAULT_ENCODING
             precision = ENCODINGS[encoding].precision if encoding in ENCODINGS else -1  # then the finer encoding; one this version cannot read, last

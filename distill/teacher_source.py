@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from distill import service, store as stores
-from distill.aligned_terms import Paired
+from distill.aligned_terms import Paired, densified
 from distill.errors import ConfigError, TeacherUnavailable
 from distill.feature_terms import HIDDEN
 from distill.objective import TeacherOutputs, check_sampled_targets
@@ -123,6 +123,10 @@ class CacheSource(TeacherSource):
             return TeacherOutputs()
         rows = batch["rows"].tolist()
         device = batch["input_ids"].device
+        if "teacher_input_ids" in batch:  # a student of another tokenizer (distill.pairing): the rows are the teacher's, as stored
+            sparse = SparseTargets.cat([self.store.rows(self.split, self.names[source], [index]) for source, index in rows])
+            return TeacherOutputs(paired=paired_from(batch, sparse.to(device), self.store.vocab, "teacher.cache: the store holds",
+                                                     "it was built for other sequences: run distill cache-teacher with this config"))
         hidden = self._hidden(batch, rows) if HIDDEN in wants else None
         if not wants - {HIDDEN}:
             return TeacherOutputs(hidden_states=hidden)
@@ -179,10 +183,13 @@ class RemoteSource(TeacherSource):
 
     def _future(self, batch: dict, *, take: bool):
         key = self._digest(batch)
+        # A student of another tokenizer (distill.pairing): the pool scores the teacher's rows of the same text.
+        fields = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels") if "teacher_input_ids" in batch else ("input_ids", "attention_mask", "labels")
         with self.lock:
             future = self.pending.pop(key, None) if take else self.pending.get(key)
             if future is None:
-                future = self.requests.submit(self.client.signal, {name: batch[name].to("cpu") for name in ("input_ids", "attention_mask", "labels")})
+                future = self.requests.submit(self.client.signal, {name: batch[field].to("cpu") for name, field in
+                                                                    zip(("input_ids", "attention_mask", "labels"), fields)})
                 if not take:
                     self.pending[key] = future
         return future
@@ -205,6 +212,11 @@ class RemoteSource(TeacherSource):
         if not wants:
             return TeacherOutputs()
         sparse, tensors, size = self._future(batch, take=True).result()
+        if "teacher_input_ids" in batch:
+            paired = paired_from(batch, sparse.to(batch["input_ids"].device), self.client.vocab, "teacher.url: the pool answered",
+                                 "start it with this job's teacher")
+            self.wire_bytes, self.targets = self.wire_bytes + size, self.targets + len(sparse)
+            return TeacherOutputs(paired=paired)
         expected = self.task.target_count(batch)
         if len(sparse) != expected:
             raise ConfigError(f"teacher.url: the pool answered {len(sparse)} targets for a batch that has {expected}; "
@@ -229,6 +241,17 @@ class RemoteSource(TeacherSource):
     def close(self) -> None:
         self.requests.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+
+def paired_from(batch: dict, sparse: SparseTargets, width: int, holder: str, remedy: str) -> Paired:
+    """The teacher's signal of a batch tokenized by both (:mod:`distill.pairing`) from its sparse targets of the teacher's rows (a
+    store's, a pool's), laid out as the in-process teacher gives it (:func:`distill.aligned_terms.densified`)."""
+    labels = batch["teacher_labels"][:, 1:]
+    expected = int((labels != -100).sum())
+    if len(sparse) != expected:
+        raise ConfigError(f"{holder} {len(sparse)} targets for a batch whose teacher rows have {expected}; {remedy}")
+    log_p, known = densified(sparse, labels, width)
+    return Paired(log_p, batch["teacher_input_ids"], batch["teacher_groups"], batch["input_ids"], batch["groups"], batch.get("inside"), known)
 
 
 SOURCES = {ModelSource.kind: ModelSource, CacheSource.kind: CacheSource, RemoteSource.kind: RemoteSource}

@@ -152,6 +152,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
             "--encoding", args.encoding,
             *(["--hidden-layers", args.hidden_layers, "--hidden-dtype", args.hidden_dtype] if args.hidden_layers else []),
             *(["--hidden-dim", str(args.hidden_dim)] if args.hidden_dim is not None else []),
+            *(["--any-tokenizer"] if args.any_tokenizer else []),
             *[a for o in _overrides(args) for a in ("--set", o)],
             *(["--out", args.out] if args.out else [])]
     if args.nproc_per_node > 1:  # each process writes its own shards; they meet only in the file system
@@ -409,6 +410,9 @@ def _add_teacher_commands(commands, formatter) -> None:
                                                                    "on the first training rows (default: the teacher's width, the raw states)")
     cache.add_argument("--hidden-dtype", choices=["int8", "fp16"], default="int8",  # distill.stored_features' DTYPES (torch-free here)
                        help="with --hidden-layers: int8 with a float16 scale per position (R + 2 bytes a position and layer; the default) or fp16")
+    cache.add_argument("--any-tokenizer", action="store_true",
+                       help="also keep each target's own token's log-probability (2 bytes a token), so that students of any tokenizer train "
+                            "from the store; implied when the config's student tokenizes otherwise (causal LMs)")
     cache.add_argument("--out", help="store directory (default: teacher.cache, else $DISTILL_CACHE_DIR/teacher/KEY, found by jobs automatically)")
     cache.add_argument("--shard-rows", type=int, default=256, help="sequences per shard file (default: 256)")
     cache.add_argument("--nproc-per-node", type=int, default=1, help="processes, each writing its own shards (through torchrun; default 1)")

@@ -110,7 +110,7 @@ def test_packed_blocks_keep_only_groups_whole_on_both_sides(tokenizers, corpus):
     pairing = Pairing(tokenizers["bytes"], tokenizers["bpe"])
     paragraphs = [p for p in Path(corpus["validation"]).read_text().split("\n\n") if p.strip()][:12]
     joined = concatenate([pairing.document([(p, True)], "k") for p in paragraphs])
-    rows = blocks(joined, [(i, i + 64) for i in range(0, len(joined) - 64, 64)], teacher_limit=40)
+    rows = blocks(joined, [(i, i + 64) for i in range(0, len(joined) - 64, 64)], 40)
     kept = 0
     for row in rows:
         assert len(row["teacher_input_ids"]) <= 40
@@ -289,7 +289,6 @@ def test_a_job_distills_a_teacher_of_another_tokenizer(tiny, corpus, tokenizers,
 
 
 @pytest.mark.parametrize("extra, fragments", [
-    (["teacher.source=cache"], ["tokenizers differ", "teacher.source=cache", "use teacher.source=model"]),
     (["loss.terms=[{kind: hidden, name: h, layers: [[1, 2]]}, {kind: ce, name: ce}]"], ["loss.terms[0]: a hidden term compares", "tokenize"]),
     (["rollout.on_policy=0.5", "data.packing=false"], ["rollout.on_policy=0.5", "use rollout.on_policy=0"]),
     (["loss.fused=always"], ["loss.fused=always", "set loss.fused=auto or never"]),
@@ -373,17 +372,78 @@ def test_a_job_distills_conversations_across_tokenizers_each_with_its_own_templa
     assert 0.8 < result["pairing"]["aligned_targets"] / result["pairing"]["targets"] < 1  # the turns' text and ends; a cut group is not
 
 
-def test_the_commands_that_write_the_teachers_own_tokens_refuse_a_config_of_another_tokenizer(tiny, corpus, tokenizers, tmp_path, capsys):
-    from conftest import job_overrides
+def test_one_store_serves_students_of_two_other_tokenizers_and_a_pool_serves_them_as_it_does(tiny, corpus, tokenizers, tmp_path, capsys):
+    """`distill cache-teacher` given a byte-level student's config writes the teacher's targets on its own rows (the bytes a
+    config of the teacher's own tokenizer gives with --any-tokenizer), each with its own token's log-probability. A byte-level
+    and a SentencePiece student both train from it; the signal it gives a batch is the in-process teacher's (every id is held:
+    equal to float16); a pool gives a student the same losses as the store; a store without those log-probabilities is
+    refused in one line."""
+    from conftest import job_overrides, read_metrics, reset_accelerate
+    from test_service import TOKEN, Pool
+
+    from distill import data
+    from distill.cache_teacher import build
+    from distill.config import load_config
+    from distill.setup import Setup
+    from distill.teacher_source import CacheSource, ModelSource
+    from distill.term_names import LOGITS
     from distill_launcher.cli import main
 
-    config = tmp_path / "job.yaml"
+    config, store, vocab = tmp_path / "job.yaml", tmp_path / "store", len(tiny["tokenizer"])
     config.write_text("{}\n")
-    sets = [a for o in job_overrides(tiny, corpus, tmp_path / "r", f"student.tokenizer={tokenizers['root'] / 'bytes'}") for a in ("--set", o)]
-    assert main(["cache-teacher", str(config), "--out", str(tmp_path / "store"), *sets]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "tokenizers differ" in last and "give it a config without student.tokenizer" in last
-    assert not (tmp_path / "store" / "manifest.json").exists()
+    student = lambda name: f"student.tokenizer={tokenizers['root'] / name}"
+    sets = [a for o in job_overrides(tiny, corpus, tmp_path / "r", student("bytes")) for a in ("--set", o)]
+    assert main(["cache-teacher", str(config), "--out", str(store), "--top-k", str(vocab), *sets]) == 0
+    assert "the teacher's targets are written on its own tokens" in capsys.readouterr().err
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["identity"]["targets"]["actual"] is True
+    own = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "r")), k=vocab, out=tmp_path / "own", any_tokenizer=True, log=lambda _: None)
+    assert json.loads((own / "manifest.json").read_text())["splits"] == manifest["splits"]  # the same shards, to the byte
+
+    terms = "loss.terms=[{kind: logits, name: kd, divergence: jsd, weight: 0.5}, {kind: ce, name: ce, weight: 0.5}]"
+    runs = {}
+    for name in ("bytes", "sentencepiece"):
+        overrides = job_overrides(tiny, corpus, tmp_path / name, student(name), "teacher.source=cache", f"teacher.cache={store}",
+                                  "eval.at_end=false", "train.max_steps=4", terms)
+        cfg = load_config(None, overrides)
+        setup = Setup(cfg, torch.device("cpu"), load_teacher=True)
+        rows = [setup.train_sequences[i] for i in range(4)]
+        assert all(len(r["teacher_input_ids"]) == 64 for r in rows)  # the teacher's rows, as stored; the student's of the same text
+        batch = data.collate(rows, setup.tokenizer.pad_token_id, ids=[(0, i) for i in range(4)])
+        stored = CacheSource(CacheSource.open(cfg, setup, quiet=True), setup.task, ["data"]).signal(batch, frozenset({LOGITS})).paired
+        online = ModelSource(setup.teacher, setup.task, vocab).signal(batch, frozenset({LOGITS})).paired
+        assert int(stored.known.sum()) == int((batch["teacher_labels"][:, 1:] != -100).sum()) > 200
+        reference = torch.log_softmax(online.logits.float(), dim=-1)[stored.known]
+        assert (stored.logits[stored.known] - reference).abs().max() < 1e-2
+        reset_accelerate()
+        from distill.job import run
+
+        capsys.readouterr()
+        run(cfg)
+        steps = [m for m in read_metrics(tmp_path / name) if "train/loss" in m]
+        assert len(steps) == 4 and all(m["train/kd_loss"] > 0 for m in steps)
+        said = capsys.readouterr().err
+        assert f"({vocab} ids against the student's {len(tokenizers[name])}" in said and "teacher: store" in said
+        runs[name] = [m["train/kd_loss"] for m in steps]
+
+    server = Pool(tiny, corpus, tmp_path / "pool", "--top-k", str(vocab))
+    try:
+        url = server.ready()
+        (tmp_path / "token").write_text(TOKEN)
+        reset_accelerate()
+        from distill.job import run
+
+        run(load_config(None, job_overrides(tiny, corpus, tmp_path / "remote", student("bytes"), "teacher.source=remote", f"teacher.url={url}",
+                                            f"teacher.token_file={tmp_path / 'token'}", "eval.at_end=false", "train.max_steps=4", terms)))
+    finally:
+        server.stop()
+    assert [m["train/kd_loss"] for m in read_metrics(tmp_path / "remote") if "train/loss" in m] == pytest.approx(runs["bytes"], rel=1e-4)
+
+    plain = build(load_config(None, job_overrides(tiny, corpus, tmp_path / "r")), k=8, out=tmp_path / "plain", log=lambda _: None)
+    with pytest.raises(ConfigError, match="needs the teacher's probability of each actual token; rebuild it with distill cache-teacher --any-tokenizer"):
+        reset_accelerate()
+        run(load_config(None, job_overrides(tiny, corpus, tmp_path / "refused", student("bytes"), "teacher.source=cache", f"teacher.cache={plain}")))
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
 
 
 def test_a_student_token_inside_a_teacher_token_is_compared_with_the_teachers_mass_on_going_on_so(tokenizers):

@@ -118,10 +118,12 @@ def test_the_pool_answers_the_teachers_top_k_as_the_store_holds_it(pool, tiny, c
     assert torch.equal(got.ids.long(), expected.ids)
     torch.testing.assert_close(got.logprobs.float(), expected.logprobs, rtol=2e-3, atol=2e-3)  # float16 on the wire, as in the store
     torch.testing.assert_close(got.tail, expected.tail, rtol=1e-5, atol=1e-5)
-    # The wire carries the store's compact shard: int16 ids, float16 values, a float32 tail per target token.
-    assert size < len(got) * (K * 4 + 4) + 1024
+    own = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)[labels != IGNORE_INDEX]
+    torch.testing.assert_close(got.actual, own, rtol=2e-3, atol=2e-3)  # each target's own token's (a student of another tokenizer needs it)
+    # The wire carries the store's compact shard: int16 ids, float16 values, a float32 tail and a float16 own token's value per target token.
+    assert size < len(got) * (K * 4 + 6) + 1024
     answer = client.identity(url)
-    assert answer["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320} and answer["engine"] == "builtin"
+    assert answer["identity"]["targets"] == {"method": "top_k", "k": K, "vocab": 320, "actual": True} and answer["engine"] == "builtin"
     from distill.store import key_of, teacher_identity
 
     assert answer["identity"] == {**teacher_identity(setup_cfg(tiny, corpus, tmp_path), setup.tokenizer), "targets": answer["identity"]["targets"]}
