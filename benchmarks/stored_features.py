@@ -13,7 +13,7 @@ The hidden term's gain is the quality it adds over the logits-only student of th
 store's share is its gain over the online gain. Bytes a token are the hidden states' bytes in the training
 shards over their positions, every stored layer. Step time: the mean of train/step_seconds after the first fifth.
 
-    python benchmarks/stored_features.py [--example tiny minilm] [--seeds 3] [--steps 300 150]
+    python benchmarks/stored_features.py [--example tiny minilm minilm-new] [--seeds 3] [--steps 300 150 150]
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ EXAMPLES = {
                "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",
                "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
                "sets": ["train.save_every=0", "eval.speed_repeats=1"]},
+    # The same data and teacher, a new student (3 x 192, random weights): what the teacher's features teach a student that does not
+    # start from them; the projection maps 192 into the teacher's 384 (online) or into R (store)
+    "minilm-new": {"config": "configs/minilm_few_labels.yaml", "layers": [2, 4, 6], "dim": 32, "targets": [], "metric": "accuracy",
+                   "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",
+                   "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
+                   "sets": ["train.save_every=0", "eval.speed_repeats=1", "student.init=random", "student.init_layers=[]", "train.lr=5e-4",
+                            "student.architecture={num_hidden_layers: 3, hidden_size: 192, intermediate_size: 768, num_attention_heads: 6}"]},
 }
 ROWS = ["logits only, online", "logits + hidden, online", "logits only, store", "logits + hidden, store raw", "logits + hidden, store int8"]
 
@@ -87,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", nargs="+", default=list(EXAMPLES), choices=list(EXAMPLES))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, nargs="+", default=[300, 150], help="per example, in --example's order")
+    parser.add_argument("--steps", type=int, nargs="+", default=[300, 150, 150], help="per example, in --example's order")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     work = args.out / "stored_features_runs"
@@ -99,7 +106,8 @@ def main() -> None:
             cli("prepare-tiny")
         else:
             cli("prepare-minilm")
-        stores = {"raw": store(example, work / f"{name}-store-raw", None, "fp16"), "int8": store(example, work / f"{name}-store-int8", example["dim"], "int8")}
+        held = name.split("-")[0]  # the stores hold the teacher's signal: one for every student of an example's teacher and data
+        stores = {"raw": store(example, work / f"{held}-store-raw", None, "fp16"), "int8": store(example, work / f"{held}-store-int8", example["dim"], "int8")}
         runs = [train(example, name, row, seed, steps, stores, work) for seed in range(args.seeds) for row in ROWS]
         lower_better = example["metric"] == "perplexity"
         table = []
