@@ -19,7 +19,10 @@ tail (:func:`sample`); a mixed store (``--targets mixed``), the top k/2 ids exac
 from the rest (:func:`mixed`). Every encoding reads back as the same ``[N, k]`` targets. A store built
 with ``--hidden-layers`` also holds the teacher's hidden states of those layers (``features`` in its
 identity, ``features.safetensors`` beside the manifest, ``hidden_*`` tensors in each shard:
-:mod:`distill.stored_features`).
+:mod:`distill.stored_features`). A store built with ``--any-tokenizer`` (or from a config whose
+student tokenizes otherwise) also holds ``actual`` ``[T]`` float16, each target's own token's
+log-probability (``targets.actual`` in its identity): a student of any tokenizer reads it, its rows
+being the teacher's own (:mod:`distill.pairing`).
 
 Shards are a fixed partition of the rows, written atomically (a temporary file renamed), each by
 process ``shard % world_size``: a killed build resumes by skipping the shards that exist, any world
