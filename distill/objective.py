@@ -89,7 +89,9 @@ class Objective(nn.Module):
         """
         token_terms = [t for t in self.terms if not t.features]
         fns = [t.per_token if report or t.weight > 0 else _unreported for t in token_terms]
-        if student.features is not None:
+        if not fns:  # every term sums itself (a teacher of another tokenizer's logits term alone, feature terms alone)
+            token_sums = []
+        elif student.features is not None:
             vocab = vocab or student.head.out_features
             terms = [(fn, t.closed_form, t.weight * t.scale) for fn, t in zip(fns, token_terms)]
             token_sums = head_sums(student.features, student.head, teacher_chunks(teacher, labels, vocab), labels, terms, vocab=vocab,

@@ -12,7 +12,8 @@ so ``on_policy`` near 0 trains as today).
 A row's prompt: what its labels mask before its last labelled span (a ``data.prompt_field`` prompt, a
 conversation before its last assistant turn), else its first ``rollout.prompt_tokens`` tokens.
 The teacher then scores prompt + completion like any batch (``teacher.source`` model or remote; a store
-cannot score text it has not seen).
+cannot score text it has not seen). A teacher of another tokenizer (:mod:`distill.pairing`) scores the
+text: the prompt and the completion are decoded and tokenized by both, as the data's rows are.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ class _Totals:
 class Rollouts:
     """The on-policy share of each step's rows, rewritten with the student's completions (see the module)."""
 
-    def __init__(self, cfg, *, tokenizer, vocab: int, seed: int, zero3: bool = False, world_size: int = 1, sample_prompts=()):
+    def __init__(self, cfg, *, tokenizer, vocab: int, seed: int, zero3: bool = False, world_size: int = 1, sample_prompts=(), pairing=None,
+                 teacher_limit: int | None = None):
         self.cfg, self.seed, self.tokenizer, self.sample_prompts = cfg, seed, tokenizer, list(sample_prompts)
+        self.pairing, self.teacher_limit = pairing, teacher_limit or 1 << 30  # a teacher of another tokenizer: rows rebuilt for both
         self.engine = ENGINES[cfg.engine](cfg, tokenizer=tokenizer, vocab=vocab)
         self.bos, self.pad = tokenizer.bos_token_id, self.engine.pad
         self.synced = zero3 and world_size > 1  # ZeRO-3 gathers each layer collectively: every process runs every forward
@@ -99,14 +102,34 @@ class Rollouts:
             # Every token the student wrote is a target, its EOS too; its prompt is not.
             rows[b][i] = (prompt, completion, [IGNORE_INDEX] * len(prompt) + completion, where)
         out = []
-        for batch_rows in rows:
+        for b, batch_rows in enumerate(rows):
             sequences = [{"input_ids": prompt + rest, "labels": labels} for prompt, rest, labels, _ in batch_rows]
+            if self.pairing is not None:
+                written_rows = {i: completion for (c, i), completion in zip(chosen, written) if c == b}
+                sequences = [self._paired(batch_rows[i][0], written_rows[i]) if i in written_rows else _paired_row(batches[b], i)
+                             for i in range(len(batch_rows))]
             out.append(collate(sequences, self.pad, [where for *_, where in batch_rows]))
         self.totals.seconds += time.perf_counter() - start
         self.totals.tokens += sum(len(c) for c in written[: len(chosen)])
         self.totals.completions += len(chosen)
         self.totals.rows += sum(len(r) for r in rows)
         return out
+
+    def _paired(self, prompt: list[int], completion: list[int]) -> dict:
+        """A row the student completed, for a teacher of another tokenizer: the prompt's and the completion's text tokenized by
+        both and matched (:meth:`distill.pairing.Pairing.document`); the student's targets are its completion as it tokenizes
+        the text again (its own ids where it wrote them the usual way), closed by its EOS only where it wrote one."""
+        from distill.pairing import blocks  # torch-free
+
+        text = lambda ids: self.tokenizer.decode([i for i in ids if i not in (self.bos, self.tokenizer.eos_token_id)], skip_special_tokens=False)
+        doc = self.pairing.document([(text(prompt), False), (text(completion), True)], "rollout")
+        ended = bool(completion) and completion[-1] == self.tokenizer.eos_token_id
+        if not ended and self.tokenizer.eos_token_id is not None:  # cut at rollout.max_new_tokens: no EOS on either side
+            doc.ids, doc.labels, doc.groups, doc.inside = doc.ids[:-1], doc.labels[:-1], doc.groups[:-1], doc.inside[:-1]
+            if self.pairing.teacher.eos_token_id is not None:
+                doc.teacher_ids, doc.teacher_labels, doc.teacher_groups = doc.teacher_ids[:-1], doc.teacher_labels[:-1], doc.teacher_groups[:-1]
+        row = blocks(doc, [(0, len(doc))], self.teacher_limit)[0]
+        return {**row, **self.pairing.target_bytes(row)}
 
     def metrics(self, seconds: float, accelerator=None) -> dict:
         """The log window's generation figures over every process (``seconds``: the window's training time), then a fresh window.
@@ -132,6 +155,16 @@ class Rollouts:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _paired_row(batch: dict, i: int) -> dict:
+    """Row ``i`` of a collated batch tokenized by both (:func:`distill.data.collate`), as the row it was collated from."""
+    n, m = int(batch["attention_mask"][i].sum()), int(batch["teacher_attention_mask"][i].sum())
+    row = {key: batch[key][i, :n].tolist() for key in ("input_ids", "labels", "groups")}
+    row.update({key: batch[key][i, :m].tolist() for key in ("teacher_input_ids", "teacher_labels", "teacher_groups")})
+    row["inside"] = [tuple(t) for t in batch["inside"][i, :n].tolist()]
+    row.update({key: int(batch[key][i]) for key in ("target_bytes", "teacher_target_bytes")})
+    return row
 
 
 def check_rollouts(cfg, source_kind, device) -> None:
@@ -174,5 +207,7 @@ def build_rollouts(cfg, setup, accelerator) -> Rollouts | None:
     validation = setup.sources[0][3]
     shown = [validation[i] for i in range(min(r.samples, len(validation)))]
     prompts = [row_prompt(row, lead=lead, prompt_tokens=r.prompt_tokens) for row in shown]
+    teacher_config = setup.teacher.config if setup.teacher is not None else None
     return Rollouts(r, tokenizer=tokenizer, vocab=setup.vocab, seed=cfg.train.seed, zero3=plugin is not None and plugin.zero_stage == 3,
-                    world_size=accelerator.num_processes, sample_prompts=prompts)
+                    world_size=accelerator.num_processes, sample_prompts=prompts, pairing=setup.pairing,
+                    teacher_limit=getattr(teacher_config, "max_position_embeddings", None))

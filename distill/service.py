@@ -281,6 +281,9 @@ def open_pool(cfg, setup, *, quiet: bool = False) -> "Client":
         if not served["targets"].get("actual"):
             raise ConfigError(f"teacher.url: the pool answers only the top-{served['targets']['k']} of each position, and a student of another "
                               "tokenizer also needs the teacher's probability of each actual token; serve it with distill serve-teacher --engine builtin")
+        if vocab != pairing.teacher_width:
+            raise ConfigError(f"teacher.url: the pool's targets are over {vocab} ids, the teacher's tokenizer has {pairing.teacher_width}; "
+                              "start it with this job's teacher")
     elif models.output_vocab(setup.student) < vocab:
         raise ConfigError(f"the student's vocabulary ({models.output_vocab(setup.student)}) is smaller than the pool's ({vocab}); use a matching student")
     else:

@@ -265,8 +265,9 @@ def check_pairable(cfg: DistillConfig, task, difference: str) -> None:
     why = f"teacher and student tokenizers differ {difference}"
     refusals = [
         (task.kind != "causal_lm", f"task.kind={task.kind}: its targets are the teacher's own positions or classes; use a student with the teacher's tokenizer"),
-        (cfg.rollout.on_policy > 0, f"rollout.on_policy={cfg.rollout.on_policy:g}: the student's own completions are not yet scored by a teacher of "
-                                    "another tokenizer; use rollout.on_policy=0"),
+        (cfg.rollout.on_policy > 0 and any(source.data.messages_field for source in data_sources(cfg.data)),
+         f"rollout.on_policy={cfg.rollout.on_policy:g} with conversations: the student's completions are not yet rendered in the teacher's "
+         "template; use rollout.on_policy=0 or text rows"),
         (not cfg.student.path and cfg.student.init == "teacher_layers", "student.init=teacher_layers keeps the teacher's embeddings and head, which are its tokenizer's; "
                                                "use student.init=random"),
         (bool(cfg.eval.speculative), "eval.speculative: a draft model must share the teacher's tokenizer; set eval.speculative=false"),

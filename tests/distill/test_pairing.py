@@ -290,7 +290,8 @@ def test_a_job_distills_a_teacher_of_another_tokenizer(tiny, corpus, tokenizers,
 
 @pytest.mark.parametrize("extra, fragments", [
     (["loss.terms=[{kind: hidden, name: h, layers: [[1, 2]]}, {kind: ce, name: ce}]"], ["loss.terms[0]: a hidden term compares", "tokenize"]),
-    (["rollout.on_policy=0.5", "data.packing=false"], ["rollout.on_policy=0.5", "use rollout.on_policy=0"]),
+    (["rollout.on_policy=0.5", "data.packing=false", "data.messages_field=messages"],
+     ["rollout.on_policy=0.5 with conversations", "use rollout.on_policy=0 or text rows"]),
     (["loss.fused=always"], ["loss.fused=always", "set loss.fused=auto or never"]),
 ])
 def test_what_a_teacher_of_another_tokenizer_cannot_do_is_refused_before_step_0(tiny, corpus, tokenizers, tmp_path, capsys, extra, fragments):
@@ -489,3 +490,44 @@ def test_a_student_token_inside_a_teacher_token_is_compared_with_the_teachers_ma
         p = torch.softmax(student_logits[b, i - 1] / 2.0, -1)[paired.ids[b, i]]
         expected = expected + fn(torch.stack([p.log(), (1 - p).log()]), torch.stack([q.log(), (1 - q).log()]))
     torch.testing.assert_close(difference.double(), expected.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_students_own_completions_are_scored_by_a_teacher_of_another_tokenizer(tiny, corpus, tokenizers, tmp_path):
+    """On-policy across tokenizers: each row the student completes is decoded and tokenized by both again, so the teacher's
+    tokens spell the same text as the student's, the targets are the completion only, and a job trains on them."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import read_metrics, run_job
+    from distill import data
+    from distill.config import DataConfig, RolloutConfig
+    from distill.rollout import Rollouts
+
+    student_tokenizer, teacher_tokenizer = tokenizers["bytes"], tokenizers["bpe"]
+    pairing = Pairing(student_tokenizer, teacher_tokenizer)
+    texts = [p for p in open(corpus["train"]).read().split("\n\n") if len(p) > 80][:4]
+    sequences = data.tokenize(Dataset.from_dict({"text": texts}), student_tokenizer, DataConfig(seq_len=48, packing=False), "training",
+                              pairing=pairing, limit=256)
+    batch = data.collate([sequences[i] for i in range(4)], student_tokenizer.pad_token_id, [(0, i) for i in range(4)])
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=len(student_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=256, bos_token_id=student_tokenizer.bos_token_id,
+                                           eos_token_id=student_tokenizer.eos_token_id, pad_token_id=student_tokenizer.pad_token_id))
+    rollouts = Rollouts(RolloutConfig(on_policy=1.0, max_new_tokens=16, prompt_tokens=8), tokenizer=student_tokenizer,
+                        vocab=len(student_tokenizer), seed=0, pairing=pairing, teacher_limit=256)
+    out = rollouts.apply(student, [batch], step=1, rank=0)[0]
+    text = lambda tokenizer, ids: tokenizer.decode(ids, skip_special_tokens=True)
+    for i in range(4):
+        n, m = int(out["attention_mask"][i].sum()), int(out["teacher_attention_mask"][i].sum())
+        ids, labels, groups = out["input_ids"][i, :n].tolist(), out["labels"][i, :n].tolist(), out["groups"][i, :n].tolist()
+        assert text(student_tokenizer, ids) == text(teacher_tokenizer, out["teacher_input_ids"][i, :m].tolist())  # the same text on both sides
+        assert text(student_tokenizer, ids).startswith(text(student_tokenizer, batch["input_ids"][i, :8].tolist()))  # after the row's prompt
+        targets = [j for j, label in enumerate(labels) if label != -100]
+        assert targets and targets[0] >= 8 and all(label == ids[j] for j, label in enumerate(labels) if label != -100)  # the completion only
+        assert sum(1 for g in groups if g != NO_GROUP) >= len(targets) // 2
+    assert rollouts.metrics(1.0)["train/on_policy_rows"] == 1.0
+    out, _ = run_job(tiny, corpus, tmp_path / "run", f"student.tokenizer={tokenizers['root'] / 'bytes'}", "data.packing=false",
+                     "rollout.on_policy=1", "rollout.max_new_tokens=16", "rollout.prompt_tokens=8", "train.max_steps=3", "eval.at_end=false",
+                     "loss.terms=[{kind: logits, name: kd, divergence: jsd, weight: 1.0}]")
+    steps = [m for m in read_metrics(out) if "train/loss" in m]
+    assert len(steps) == 3 and all(m["train/kd_loss"] > 0 and m["train/on_policy_rows"] == 1 for m in steps)
