@@ -425,6 +425,14 @@ def test_a_store_whose_bytes_changed_is_refused_in_one_line(store, tiny, corpus,
         (forged / "manifest.json").write_text(json.dumps(manifest))
         code, line = train(forged, f"b-{name}")
         assert code == 2 and "is not a valid teacher store shard" in line and problem in line, line
+    # A store whose identity records each target's own token's log-probability (--any-tokenizer) must hold it.
+    claimed = tmp_path / "claimed"
+    shutil.copytree(store, claimed)
+    manifest = json.loads((claimed / "manifest.json").read_text())
+    manifest["identity"]["targets"]["actual"] = True
+    (claimed / "manifest.json").write_text(json.dumps(manifest))
+    code, line = train(claimed, "c")
+    assert code == 2 and "is not a valid teacher store shard: it lacks the log-probability of each target's own token" in line, line
 
 
 # ----- encodings ------------------------------------------------------------------------------------------------------------------------
