@@ -133,6 +133,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     request = _slurm_request(args, nodes=args.nodes, job_name=run_dir.name)
     request.teacher_nodes, request.teacher_gpus, request.teacher_colocated = args.teacher_nodes, args.teacher_gpus, args.teacher_colocated
     request.teacher_port, request.teacher_top_k, request.teacher_engine = args.teacher_port, args.teacher_top_k, args.teacher_engine
+    request.teacher_extra = _pool_extra(args)
     if request.teacher_nodes:
         script = render_pool_script(args.config, overrides, request, run_dir)
     else:
@@ -199,12 +200,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _submit_sweep(plan, args)
     if args.dry_run:
         if plan.pool:
-            print(f"# a teacher pool on loopback serves every run: {shlex.join(sweeps.serve_command(plan, host='127.0.0.1', port=0, top_k=args.teacher_top_k, engine=args.teacher_engine))}")
+            print(f"# a teacher pool on loopback serves every run: {shlex.join(sweeps.serve_command(plan, host='127.0.0.1', port=0, top_k=args.teacher_top_k, engine=args.teacher_engine, extra=_pool_extra(args)))}")
         for run in plan.runs:
             state = run.state()
             print(f"{run.name} ({state})" if state == "finished" else shlex.join(sweeps.run_command(plan, run, plan.store(run))))
         return 0
-    with sweeps.local_pool(plan, top_k=args.teacher_top_k, engine=args.teacher_engine):
+    with sweeps.local_pool(plan, top_k=args.teacher_top_k, engine=args.teacher_engine, extra=_pool_extra(args)):
         if args.search == "optuna":
             failed = sweeps.run_optuna(plan, trials=args.trials, metric=args.metric, seed=args.seed)
         else:
@@ -221,7 +222,8 @@ def _submit_sweep(plan, args: argparse.Namespace) -> int:
     request = _slurm_request(args, nodes=1, job_name=plan.name)
     script, pending = sweeps.render_array(plan, request, parallel=args.parallel or len(plan.runs))
     gpus = args.gpus_per_node if args.teacher_gpus is None else args.teacher_gpus
-    pool = sweeps.render_pool(plan, request, gpus=gpus, port=args.teacher_port, top_k=args.teacher_top_k, engine=args.teacher_engine) if plan.pool else None
+    pool = (sweeps.render_pool(plan, request, gpus=gpus, port=args.teacher_port, top_k=args.teacher_top_k, engine=args.teacher_engine,
+                               extra=_pool_extra(args)) if plan.pool else None)
     if not pending:
         print("[sweep] every run is finished; nothing to submit")
     elif args.dry_run:
@@ -314,6 +316,18 @@ def _add_pool_arguments(group) -> None:
     group.add_argument("--teacher-port", type=int, default=8765, help="the pool's port on its node(s) (default 8765)")
     group.add_argument("--teacher-top-k", type=int, default=64, help="targets per token the pool serves (default 64)")
     group.add_argument("--teacher-engine", choices=["builtin", "vllm"], default="builtin", help="the pool's engine (default builtin)")
+    group.add_argument("--teacher-hidden-layers", metavar="L,..", help="the pool also serves these teacher layers' hidden states, for hidden terms "
+                                                                       "(serve-teacher --hidden-layers; builtin engine)")
+    group.add_argument("--teacher-hidden-dim", type=int, metavar="R", help="with --teacher-hidden-layers: coordinates per position (serve-teacher --hidden-dim)")
+    group.add_argument("--teacher-hidden-dtype", choices=["int8", "fp16"], default="int8", help="with --teacher-hidden-layers: serve-teacher --hidden-dtype")
+
+
+def _pool_extra(args: argparse.Namespace) -> tuple[str, ...]:
+    """The pool's own options beyond k and engine (its hidden states), as serve-teacher takes them."""
+    if not args.teacher_hidden_layers:
+        return ()
+    return ("--hidden-layers", args.teacher_hidden_layers, "--hidden-dtype", args.teacher_hidden_dtype,
+            *(("--hidden-dim", str(args.teacher_hidden_dim)) if args.teacher_hidden_dim is not None else ()))
 
 
 def _slurm_request(args: argparse.Namespace, *, nodes: int, job_name: str):

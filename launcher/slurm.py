@@ -39,6 +39,7 @@ class SlurmRequest:
     teacher_colocated: bool = False  # the pool runs on the first student nodes instead of nodes of its own
     teacher_port: int = 8765
     teacher_top_k: int = 64
+    teacher_extra: tuple = ()  # the pool's other serve-teacher options (its hidden states)
     teacher_engine: str = "builtin"
 
     def processes_per_node(self) -> int:
@@ -143,10 +144,12 @@ def render_script(config: str, overrides: list[str], request: SlurmRequest, run_
     return fill_template("single_node.sbatch" if request.nodes == 1 else "multi_node.sbatch", values)
 
 
-def serve_command(config: str, overrides: list[str], *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable) -> list[str]:
-    """``distill serve-teacher`` for a job's config (its teacher, tokenizer and task), without the token option."""
+def serve_command(config: str, overrides: list[str], *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable,
+                  extra: tuple = ()) -> list[str]:
+    """``distill serve-teacher`` for a job's config (its teacher, tokenizer and task), without the token option; ``extra``: its
+    other options (``--hidden-layers ...``)."""
     return [python, "-m", "distill_launcher.cli", "serve-teacher", config, *[a for o in overrides for a in ("--set", o)], "--host", host,
-            "--port", str(port), "--top-k", str(top_k), "--engine", engine]
+            "--port", str(port), "--top-k", str(top_k), "--engine", engine, *extra]
 
 
 def render_pool_script(config: str, overrides: list[str], request: SlurmRequest, run_dir: Path, *, python: str = sys.executable) -> str:
@@ -168,7 +171,7 @@ def render_pool_script(config: str, overrides: list[str], request: SlurmRequest,
         return f'export CUDA_VISIBLE_DEVICES=$(echo "$CUDA_VISIBLE_DEVICES" | cut -d, -f{first}-{last}); ' if request.gpus_per_node else ""
 
     serve = serve_command(config, overrides, host="0.0.0.0", port=request.teacher_port, top_k=request.teacher_top_k,
-                          engine=request.teacher_engine, python=python)
+                          engine=request.teacher_engine, python=python, extra=request.teacher_extra)
     pool_launch = (visible(1, str(pool_gpus)) if pool_gpus < request.gpus_per_node else "") + \
         f'exec {shlex.join(serve)} --token-file "$TEACHER_TOKEN_FILE"'
     student_nodes = request.nodes

@@ -300,10 +300,10 @@ def run_local(sweep: Sweep, *, parallel: int = 1) -> int:
     return len(failed)
 
 
-def serve_command(sweep: Sweep, *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable) -> list[str]:
+def serve_command(sweep: Sweep, *, host: str, port: int, top_k: int, engine: str, python: str = sys.executable, extra: tuple = ()) -> list[str]:
     """``distill serve-teacher`` for the sweep's base config (its teacher, tokenizer and task), without the token option."""
 
-    return slurm.serve_command(sweep.config, sweep.base, host=host, port=port, top_k=top_k, engine=engine, python=python)
+    return slurm.serve_command(sweep.config, sweep.base, host=host, port=port, top_k=top_k, engine=engine, python=python, extra=extra)
 
 
 def _new_token(path: Path) -> None:
@@ -317,7 +317,7 @@ def _new_token(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeout: float = 1800.0):
+def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeout: float = 1800.0, extra: tuple = ()):
     """With ``--teacher-pool`` on this machine: one ``distill serve-teacher`` on loopback for every run
     of the sweep, started before the first and stopped after the last (log: SWEEP_DIR/logs/pool.log)."""
     if not sweep.pool or all(run.state() == "finished" for run in sweep.runs):
@@ -330,7 +330,7 @@ def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeou
     address.unlink(missing_ok=True)
     (sweep.dir / "logs").mkdir(parents=True, exist_ok=True)
     log = open(sweep.dir / "logs" / "pool.log", "a")
-    argv = [*serve_command(sweep, host="127.0.0.1", port=0, top_k=top_k, engine=engine), "--token-file", str(sweep.pool_dir / "token"),
+    argv = [*serve_command(sweep, host="127.0.0.1", port=0, top_k=top_k, engine=engine, extra=extra), "--token-file", str(sweep.pool_dir / "token"),
             "--address-file", str(address)]
     print(f"[sweep] starting the teacher pool (log: {sweep.dir / 'logs' / 'pool.log'})", flush=True)
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -358,7 +358,7 @@ def local_pool(sweep: Sweep, *, top_k: int = 64, engine: str = "builtin", timeou
         sweep.pool_url = None
 
 
-def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engine: str, python: str = sys.executable) -> str:
+def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engine: str, python: str = sys.executable, extra: tuple = ()) -> str:
     """The sbatch script of the sweep's pool job (slurm/sweep_pool.sbatch): serves until the array is gone."""
 
     if gpus < 0 or not 0 < port < 65536:
@@ -373,7 +373,7 @@ def render_pool(sweep: Sweep, request, *, gpus: int, port: int, top_k: int, engi
         "pool_dir": shlex.quote(str(sweep.pool_dir)),
         "python": shlex.quote(python),
         "port": str(port),
-        "serve_command": shlex.join(serve_command(sweep, host="0.0.0.0", port=port, top_k=top_k, engine=engine, python=python)),
+        "serve_command": shlex.join(serve_command(sweep, host="0.0.0.0", port=port, top_k=top_k, engine=engine, python=python, extra=extra)),
     }
     return fill_template("sweep_pool.sbatch", values)
 

@@ -244,7 +244,7 @@ def test_optuna_proposes_points_from_finished_runs_and_continues_its_study(tiny,
 def test_the_runs_of_a_local_sweep_share_one_teacher_pool(tiny, corpus, tmp_path):
     sweep_dir = tmp_path / "pooled"
     proc = sweep_cli(tiny, corpus, sweep_dir, "--grid", "loss.alpha=0,0.5", "--teacher-pool", "--teacher-top-k", "8", "--parallel", "2",
-                     base=("eval.speed=false",))
+                     "--teacher-hidden-layers", "2", "--teacher-hidden-dim", "16", base=("eval.speed=false",))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     url = proc.stdout.split("[sweep] teacher pool ready at ")[1].split(";")[0]
     assert url.startswith("http://127.0.0.1:")
@@ -254,6 +254,7 @@ def test_the_runs_of_a_local_sweep_share_one_teacher_pool(tiny, corpus, tmp_path
         assert [m["step"] for m in read_metrics(sweep_dir / name) if "train/loss" in m] == list(range(1, 7))
     served = (sweep_dir / "logs" / "pool.log").read_text()
     assert "serve-teacher: ready" in served and "no token" not in served and "token required" in served
+    assert "hidden states of layer(s) 2 reduced from 64 to 16 dimensions" in served  # --teacher-hidden-*: the pool serves them too
     assert (sweep_dir / "pool" / "token").stat().st_mode & 0o077 == 0
     assert not (sweep_dir / "pool" / "url").exists()  # stopped with the sweep
     assert (sweep_dir / "comparison.csv").is_file()

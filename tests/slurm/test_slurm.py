@@ -62,12 +62,14 @@ def test_bad_requests():
 
 @pytest.mark.parametrize("colocated", [False, True])
 def test_a_job_with_a_teacher_pool_renders_two_steps_without_its_token(tmp_path, colocated):
-    request = SlurmRequest(nodes=2, gpus_per_node=8, teacher_nodes=1, teacher_gpus=2, teacher_colocated=colocated, teacher_port=9000, teacher_top_k=32)
+    request = SlurmRequest(nodes=2, gpus_per_node=8, teacher_nodes=1, teacher_gpus=2, teacher_colocated=colocated, teacher_port=9000, teacher_top_k=32,
+                           teacher_extra=("--hidden-layers", "2,4", "--hidden-dim", "24"))
     script = render_pool_script("job.yaml", ["train.lr=1e-4"], request, tmp_path / "run")
     assert bash_parses(script)
     assert f"#SBATCH --nodes={2 if colocated else 3}" in script
     assert f'STUDENT_NODES=("${{NODES[@]:{0 if colocated else 1}}}")' in script
     assert script.count("srun --overlap") == 2 and "serve-teacher" in script and "--host 0.0.0.0 --port 9000 --top-k 32" in script
+    assert "--engine builtin --hidden-layers 2,4 --hidden-dim 24" in script  # the pool serves the hidden states the students' terms ask for
     assert '--token-file "$TEACHER_TOKEN_FILE"' in script and '--set "teacher.token_file=$TEACHER_TOKEN_FILE"' in script
     assert "teacher.source=remote" in script and '--set "teacher.url=$TEACHER_URL"' in script and "scontrol requeue" in script
     assert "cut -d, -f1-2" in script  # the pool's 2 of the node's 8 GPUs
