@@ -28,13 +28,15 @@ the teacher's; they are called as feature terms (``term(student, teacher, weight
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import divergence
+from distill.losses import IGNORE_INDEX, divergence
+from distill.sparse import TAIL_FLOOR
 from distill.term_names import LOGITS
 
 
@@ -56,15 +58,15 @@ def densified(sparse, labels: torch.Tensor, width: int) -> tuple[torch.Tensor, t
     :class:`distill.sparse.SparseTargets` with ``actual``) of the unmasked positions of ``labels`` ``[B, Lt - 1]`` (its next tokens):
     each position's top k as stored, its own next token's log-probability exact, the rest of the mass (the tail less that token's)
     spread evenly over the ids not held. A position without a target is not known: no group is compared there."""
-    known = labels != -100
-    ids, values = sparse.ids.long(), sparse.logprobs.float().clamp_min(-1e4)
-    own, actual = labels[known], sparse.actual.float().clamp_min(-1e4)
+    known = labels != IGNORE_INDEX
+    ids, values = sparse.ids.long(), sparse.logprobs.float().clamp_min(TAIL_FLOOR)
+    own, actual = labels[known], sparse.actual.float().clamp_min(TAIL_FLOOR)
     held = (ids == own[:, None]).any(-1)
     rest = (sparse.tail.float().exp() - torch.where(held, 0.0, actual.exp())).clamp_min(0.0)
     free = (width - ids.shape[1] - (~held).long()).clamp_min(1)
-    flat = (rest / free).clamp_min(1e-30).log().clamp_min(-1e4)[:, None].expand(-1, width).clone()
+    flat = (rest / free).clamp_min(1e-30).log().clamp_min(TAIL_FLOOR)[:, None].expand(-1, width).clone()
     flat = flat.scatter(-1, ids, values).scatter(-1, own[:, None], actual[:, None])
-    dense = torch.full((*labels.shape, width), -float(torch.log(torch.tensor(float(width)))), device=flat.device)
+    dense = torch.full((*labels.shape, width), -math.log(width), device=flat.device)
     dense[known] = flat
     return dense, known
 

@@ -74,9 +74,7 @@ def batch_signal(source, task, batch: dict, vocab: int, k: int, method: str = "t
     rows = chunk_rows(vocab)
     parts = [pick(start, min(start + rows, total)) for start in range(0, total, rows)]
     if not parts:
-        empty = SparseTargets.empty(k)
-        empty.actual = torch.zeros(0) if actual else None
-        return empty, counts, hidden
+        return SparseTargets.empty(k, actual), counts, hidden
     return SparseTargets.cat(parts).to("cpu"), counts, hidden
 
 
@@ -178,9 +176,8 @@ def build(cfg, *, k: int | None = None, out: Path | None = None, shard_rows: int
                 generator = torch.Generator(device).manual_seed(int(hashlib.sha256(f"{draws_key}/{split}/{name}/{index}".encode()).hexdigest()[:15], 16))
             parts = [_signal_of_rows(source, setup.task, rows[j : j + batch], pad_id, vocab, k, device, method, generator, features, any_tokenizer)
                      for j in range(0, len(rows), batch)]
-            targets = SparseTargets.cat([p for p, _, _ in parts]) if parts else SparseTargets.empty(k)  # a split without rows (an unlabelled source's validation)
-            if any_tokenizer and targets.actual is None:
-                targets.actual = torch.zeros(0)
+            # A split without rows: an unlabelled source's validation.
+            targets = SparseTargets.cat([p for p, _, _ in parts]) if parts else SparseTargets.empty(k, any_tokenizer)
             hidden = joined_features(features, [h for _, _, h in parts], [len(r["input_ids"]) for r in rows]) if features else None
             write_shard(target, targets, [c for _, counts, _ in parts for c in counts], writer, hidden)
             done += 1

@@ -282,6 +282,20 @@ def output_vocab(model) -> int:
     return getattr(head, "out_features", None) or head.weight.shape[0]
 
 
+def job_tokenizers(cfg) -> tuple[object, object | None, str | None]:
+    """(the student's tokenizer: ``student.tokenizer``, else ``student.path``'s, else the teacher's; the teacher's where the student
+    names its own, else None; how the two differ (:func:`tokenizer_difference`), None where they do not)."""
+    if cfg.student.tokenizer:
+        student = load_tokenizer(cfg.student.tokenizer, "student.tokenizer")
+    else:
+        student = load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
+                                 cfg.student.revision if cfg.student.path else cfg.teacher.revision)
+    if not (cfg.student.path or cfg.student.tokenizer):
+        return student, None, None
+    teacher = load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
+    return student, teacher, tokenizer_difference(teacher, student)
+
+
 def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
     """Where the two map a token to another id over their shared range ("at id I (a vs b)"), or how many ordinary tokens
     one holds beyond the other (a tokenizer with more merges splits text otherwise); None: the same tokenizer (tokens added

@@ -194,9 +194,10 @@ class Pairing:
                 f"{c['shared_tokens']:,} tokens in both); {c['aligned_targets']:,} of {c['targets']:,} training targets "
                 f"({c['aligned_targets'] / max(c['targets'], 1):.1%}) are matched to the teacher's tokens, the rest skip the teacher's terms")
 
-    def document(self, pieces: list[tuple[str, bool]], key: str) -> Document:
+    def document(self, pieces: list[tuple[str, bool]], key: str, *, eos: bool = True) -> Document:
         """Both tokenizations of a document given as (text, is a target) pieces, each tokenized on its own (a prompt,
-        then its completion), between each tokenizer's own BOS and EOS. The EOS of both is one group."""
+        then its completion), between each tokenizer's own BOS and EOS (none with ``eos`` false: a completion cut short).
+        The EOS of both is one group."""
         s_ids, s_labels, t_ids, t_labels, s_groups, t_groups = [], [], [], [], [], []
         if self.student.bos_token_id is not None:
             s_ids.append(self.student.bos_token_id), s_labels.append(-100), s_groups.append(NO_GROUP)
@@ -219,7 +220,7 @@ class Pairing:
             t_ids += b
             t_labels += b if target else [-100] * len(b)
             t_groups += theirs
-        s_eos, t_eos = self.student.eos_token_id, self.teacher.eos_token_id
+        s_eos, t_eos = (self.student.eos_token_id, self.teacher.eos_token_id) if eos else (None, None)
         if s_eos is not None:
             s_ids.append(s_eos), s_labels.append(s_eos), s_groups.append(count if t_eos is not None else NO_GROUP)
             inside.append(NO_INSIDE)

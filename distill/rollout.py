@@ -122,12 +122,8 @@ class Rollouts:
         from distill.pairing import blocks  # torch-free
 
         text = lambda ids: self.tokenizer.decode([i for i in ids if i not in (self.bos, self.tokenizer.eos_token_id)], skip_special_tokens=False)
-        doc = self.pairing.document([(text(prompt), False), (text(completion), True)], "rollout")
-        ended = bool(completion) and completion[-1] == self.tokenizer.eos_token_id
-        if not ended and self.tokenizer.eos_token_id is not None:  # cut at rollout.max_new_tokens: no EOS on either side
-            doc.ids, doc.labels, doc.groups, doc.inside = doc.ids[:-1], doc.labels[:-1], doc.groups[:-1], doc.inside[:-1]
-            if self.pairing.teacher.eos_token_id is not None:
-                doc.teacher_ids, doc.teacher_labels, doc.teacher_groups = doc.teacher_ids[:-1], doc.teacher_labels[:-1], doc.teacher_groups[:-1]
+        ended = bool(completion) and completion[-1] == self.tokenizer.eos_token_id  # else cut at rollout.max_new_tokens: no EOS on either side
+        doc = self.pairing.document([(text(prompt), False), (text(completion), True)], "rollout", eos=ended)
         row = blocks(doc, [(0, len(doc))], self.teacher_limit)[0]
         return {**row, **self.pairing.target_bytes(row)}
 

@@ -45,11 +45,8 @@ class BuiltinEngine:
         self.task = build_task(cfg.task)
         if not self.task.token_targets:
             raise ConfigError(f"task.kind={self.task.kind}: the teacher service serves token targets of language models (causal_lm, masked_lm)")
-        tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
-                                          cfg.student.revision if cfg.student.path else cfg.teacher.revision)
-        if cfg.student.path or cfg.student.tokenizer:  # a config of a student that tokenizes otherwise: the teacher serves its own tokens
-            teacher_tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
-            tokenizer = teacher_tokenizer if models.tokenizer_difference(teacher_tokenizer, tokenizer) else tokenizer
+        tokenizer, teacher_tokenizer, difference = models.job_tokenizers(cfg)
+        tokenizer = teacher_tokenizer if difference else tokenizer  # a config of a student that tokenizes otherwise: the teacher's own tokens
         self.teacher = models.load_teacher(cfg.teacher, device, model_class=self.task.auto_class)
         self.vocab = min(models.output_vocab(self.teacher), len(tokenizer))
         self.identity = _served_identity(cfg, tokenizer, k, self.vocab)

@@ -160,24 +160,17 @@ class Setup:
 
     def __init__(self, cfg: DistillConfig, device, *, load_teacher: bool = True, load_student: bool = True):
         self.task = task = build_task(cfg.task)
-        if cfg.student.tokenizer:
-            self.tokenizer = models.load_tokenizer(cfg.student.tokenizer, "student.tokenizer")
-        else:
-            self.tokenizer = models.load_tokenizer(cfg.student.path or cfg.teacher.path, "student.path" if cfg.student.path else "teacher.path",
-                                                   cfg.student.revision if cfg.student.path else cfg.teacher.revision)
+        self.tokenizer, teacher_tokenizer, difference = models.job_tokenizers(cfg)
         self.pairing = None  # a teacher of another tokenizer (distill.pairing)
         self.student_differs = ""  # how the student's tokenizer differs where this command works on the teacher's tokens alone
-        if cfg.student.path or cfg.student.tokenizer:
-            teacher_tokenizer = models.load_tokenizer(cfg.teacher.path, "teacher.path", cfg.teacher.revision)
-            difference = models.tokenizer_difference(teacher_tokenizer, self.tokenizer)
-            if difference and not load_student:  # cache-teacher, serve-teacher: the teacher's targets on its own tokens, for any student
-                self.tokenizer, self.student_differs = teacher_tokenizer, difference
-                if int(os.environ.get("RANK", "0") or 0) == 0:
-                    print(f"pairing: the student tokenizes differently {difference}; the teacher's targets are written on its own tokens, "
-                          "which students of any tokenizer read", file=sys.stderr)
-            elif difference:
-                check_pairable(cfg, task, difference)
-                self.pairing = Pairing(self.tokenizer, teacher_tokenizer)
+        if difference and not load_student:  # cache-teacher, serve-teacher: the teacher's targets on its own tokens, for any student
+            self.tokenizer, self.student_differs = teacher_tokenizer, difference
+            if int(os.environ.get("RANK", "0") or 0) == 0:
+                print(f"pairing: the student tokenizes differently {difference}; the teacher's targets are written on its own tokens, "
+                      "which students of any tokenizer read", file=sys.stderr)
+        elif difference:
+            check_pairable(cfg, task, difference)
+            self.pairing = Pairing(self.tokenizer, teacher_tokenizer)
         models.check_task_fits(models.teacher_config(cfg.teacher), task.auto_class, task.kind)
         raw = [(source.name, source.weight, source.data, data.load_raw(source.data)) for source in data_sources(cfg.data)]
         self.student = self.vocab = None

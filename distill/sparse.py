@@ -40,8 +40,8 @@ class SparseTargets:
         return self.ids.shape[0]
 
     @staticmethod
-    def empty(k: int) -> "SparseTargets":
-        return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))
+    def empty(k: int, actual: bool = False) -> "SparseTargets":
+        return SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0), actual=torch.zeros(0) if actual else None)
 
     @staticmethod
     def cat(parts: list["SparseTargets"], tail_mode: str = "bucket") -> "SparseTargets":

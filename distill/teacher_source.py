@@ -23,6 +23,7 @@ from distill import service, store as stores
 from distill.aligned_terms import Paired, densified
 from distill.errors import ConfigError, TeacherUnavailable
 from distill.feature_terms import HIDDEN
+from distill.losses import IGNORE_INDEX
 from distill.objective import TeacherOutputs, check_sampled_targets
 from distill.sparse import SparseTargets
 
@@ -124,19 +125,21 @@ class CacheSource(TeacherSource):
         rows = batch["rows"].tolist()
         device = batch["input_ids"].device
         if "teacher_input_ids" in batch:  # a student of another tokenizer (distill.pairing): the rows are the teacher's, as stored
-            sparse = SparseTargets.cat([self.store.rows(self.split, self.names[source], [index]) for source, index in rows])
-            return TeacherOutputs(paired=paired_from(batch, sparse.to(device), self.store.vocab, "teacher.cache: the store holds",
+            return TeacherOutputs(paired=paired_from(batch, self._targets(rows).to(device), self.store.vocab, "teacher.cache: the store holds",
                                                      "it was built for other sequences: run distill cache-teacher with this config"))
         hidden = self._hidden(batch, rows) if HIDDEN in wants else None
         if not wants - {HIDDEN}:
             return TeacherOutputs(hidden_states=hidden)
-        parts = [self.store.rows(self.split, self.names[source], [index]) for source, index in rows]
-        sparse = SparseTargets.cat(parts, self.tail)
+        sparse = self._targets(rows)
         expected = self.task.target_count(batch)
         if len(sparse) != expected:
             raise ConfigError(f"teacher.cache: the store holds {len(sparse)} targets for a batch that has {expected}; "
                               "it was built for other sequences: run distill cache-teacher with this config")
         return TeacherOutputs(sparse=sparse.to(device), hidden_states=hidden)
+
+    def _targets(self, rows: list) -> SparseTargets:
+        """The stored targets of the batch's rows ((source, index) each), in order."""
+        return SparseTargets.cat([self.store.rows(self.split, self.names[source], [index]) for source, index in rows], self.tail)
 
     def _hidden(self, batch: dict, rows: list) -> dict:
         """``{layer: [B, S, dim]}``: the stored hidden states of the batch's rows, at their positions (zero at padding)."""
@@ -247,7 +250,7 @@ def paired_from(batch: dict, sparse: SparseTargets, width: int, holder: str, rem
     """The teacher's signal of a batch tokenized by both (:mod:`distill.pairing`) from its sparse targets of the teacher's rows (a
     store's, a pool's), laid out as the in-process teacher gives it (:func:`distill.aligned_terms.densified`)."""
     labels = batch["teacher_labels"][:, 1:]
-    expected = int((labels != -100).sum())
+    expected = int((labels != IGNORE_INDEX).sum())
     if len(sparse) != expected:
         raise ConfigError(f"{holder} {len(sparse)} targets for a batch whose teacher rows have {expected}; {remedy}")
     log_p, known = densified(sparse, labels, width)

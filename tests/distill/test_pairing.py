@@ -385,6 +385,7 @@ def test_one_store_serves_students_of_two_other_tokenizers_and_a_pool_serves_the
     from distill import data
     from distill.cache_teacher import build
     from distill.config import load_config
+    from distill.job import run
     from distill.setup import Setup
     from distill.teacher_source import CacheSource, ModelSource
     from distill.term_names import LOGITS
@@ -417,8 +418,6 @@ def test_one_store_serves_students_of_two_other_tokenizers_and_a_pool_serves_the
         reference = torch.log_softmax(online.logits.float(), dim=-1)[stored.known]
         assert (stored.logits[stored.known] - reference).abs().max() < 1e-2
         reset_accelerate()
-        from distill.job import run
-
         capsys.readouterr()
         run(cfg)
         steps = [m for m in read_metrics(tmp_path / name) if "train/loss" in m]
@@ -432,8 +431,6 @@ def test_one_store_serves_students_of_two_other_tokenizers_and_a_pool_serves_the
         url = server.ready()
         (tmp_path / "token").write_text(TOKEN)
         reset_accelerate()
-        from distill.job import run
-
         run(load_config(None, job_overrides(tiny, corpus, tmp_path / "remote", student("bytes"), "teacher.source=remote", f"teacher.url={url}",
                                             f"teacher.token_file={tmp_path / 'token'}", "eval.at_end=false", "train.max_steps=4", terms)))
     finally:
