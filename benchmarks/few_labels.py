@@ -9,6 +9,9 @@ the training labels kept (10% by default), over seeds.
   (``data.augment`` with ``originals: false``: TinyBERT's word replacement from a masked LM fitted
   on MiniLM by ``distill prepare-minilm --masked-lm``), its weight taken from the text's;
 - and, for reference (``--all-labels``), labels only and distilled with every label;
+- ``--student pretrained``: every student starts from the same layers of MiniLM as it was before the teacher's fine-tuning
+  (``student.init_from``, DistilBERT's start), a student further from its teacher than the fine-tuned layers are;
+  ``--student new``: a new 3 x 192 student with random weights (lr 5e-4, logits + ce: no hidden term), further still;
 - ``--scarce``: TinyBERT's own setting, where the labelled rows are all the text there is: the distilled student on them alone,
   and with ``--scarce-copies`` rewritten copies of each (half the draws).
 
@@ -17,7 +20,7 @@ labelled rows (:func:`distill.minilm.few_label_split`) and the training order. R
 prepare-minilm --masked-lm` first (cached). Prints a table (mean and spread of accuracy over the
 seeds) and writes JSON.
 
-    python benchmarks/few_labels.py [--keep 0.1] [--seeds 0 1 2] [--steps 450] [--copies 4] [--all-labels] [--scarce]
+    python benchmarks/few_labels.py [--keep 0.1] [--seeds 0 1 2] [--steps 450] [--copies 4] [--student layers|pretrained|new] [--all-labels] [--scarce]
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MINILM = Path("~/.cache/distill/minilm").expanduser()
 LABELS_ONLY = "loss.terms=[{kind: ce}]"
+# The students' start: the teacher's layers 1, 3, 5 (fine-tuned), the same layers of MiniLM before the fine-tuning, or none (3 x 192, random)
+STUDENTS = {"layers": [], "pretrained": [f"student.init_from={MINILM / 'pretrained'}"],
+            "new": ["student.init=random", "student.init_layers=[]", "train.lr=5e-4",
+                    "student.architecture={num_hidden_layers: 3, hidden_size: 192, intermediate_size: 768, num_attention_heads: 6}",
+                    # without the example's hidden term, which pulls a student with no start down (README: stored features)
+                    "loss.terms=[{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}]"]}
 
 
 def distill(args: list[str]) -> None:
@@ -61,6 +70,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="augmented copies of each unlabelled row")
     parser.add_argument("--rate", type=float, default=0.3, help="share of the words each copy replaces")
     parser.add_argument("--augment-weight", type=float, default=0.3, help="the augmented copies' share of the draws (taken from the unlabelled text's)")
+    parser.add_argument("--student", choices=list(STUDENTS), default="layers",
+                        help="the students' start: the teacher's layers 1, 3, 5 (layers), MiniLM's before the teacher's fine-tuning (pretrained), "
+                             "or a new 3 x 192 student with random weights (new, lr 5e-4, logits + ce)")
     parser.add_argument("--all-labels", action="store_true", help="also the two students with every label")
     parser.add_argument("--scarce", action="store_true", help="also the distilled student on the labelled rows alone, without and with augmented copies of them")
     parser.add_argument("--scarce-copies", type=int, default=8, help="augmented copies of each labelled row in the --scarce rows")
@@ -69,14 +81,15 @@ def main() -> None:
     args = parser.parse_args()
     global REUSE
     REUSE = args.reuse
-    work = args.out / "few_labels_runs"
+    suffix = "" if args.student == "layers" else f"_{args.student}"
+    work = args.out / f"few_labels_runs{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     distill(["prepare-minilm", "--masked-lm"])
     from distill.minilm import few_label_split
     results: dict[str, list[float]] = {}
     for seed in args.seeds:
         labelled, text = few_label_split(work / f"split-{seed}", keep=args.keep, seed=seed, train=MINILM / "train.jsonl")
-        few = [f"data.train_files=[{labelled}]"]
+        few = [*STUDENTS[args.student], f"data.train_files=[{labelled}]"]
 
         def mixture(augmented: float = 0.0) -> list[str]:
             """The labelled rows, the unlabelled text and (weight ``augmented``, taken from the text's) its rewritten copies."""
@@ -85,7 +98,7 @@ def main() -> None:
             if augmented:
                 sources.append(f"{{name: augmented, weight: {augmented:g}, train_files: [{text}], label_field: '', augment: {{kind: word_replace, "
                                f"copies: {args.copies}, rate: {args.rate:g}, originals: false, model: {MINILM / 'mlm'}, seed: {seed}}}}}")
-            return ["data.train_files=[]", f"data.mixture=[{', '.join(sources)}]"]
+            return [*STUDENTS[args.student], "data.train_files=[]", f"data.mixture=[{', '.join(sources)}]"]
 
         rows = {f"labels only, {args.keep:.0%} labelled": run("labels", [*few, LABELS_ONLY], args.steps, seed, work),
                 f"distilled, all text, {args.keep:.0%} labelled": run("distilled", mixture(), args.steps, seed, work),
@@ -95,18 +108,18 @@ def main() -> None:
                       f"label_field: '', augment: {{kind: word_replace, copies: {args.scarce_copies}, rate: {args.rate:g}, originals: false, "
                       f"model: {MINILM / 'mlm'}, seed: {seed}}}}}")
             rows[f"distilled, the {args.keep:.0%} labelled rows only"] = run("small", few, args.steps, seed, work)
-            rows[f"  + {args.scarce_copies} augmented copies of each"] = run(f"smallaug{args.scarce_copies}", ["data.train_files=[]", f"data.mixture=[{copies}]"],
+            rows[f"  + {args.scarce_copies} augmented copies of each"] = run(f"smallaug{args.scarce_copies}", [*STUDENTS[args.student], "data.train_files=[]", f"data.mixture=[{copies}]"],
                                                                            args.steps, seed, work)
         if args.all_labels:
-            rows["labels only, all labelled"] = run("labels-all", [LABELS_ONLY], args.steps, seed, work)
-            rows["distilled, all labelled"] = run("distilled-all", [], args.steps, seed, work)
+            rows["labels only, all labelled"] = run("labels-all", [*STUDENTS[args.student], LABELS_ONLY], args.steps, seed, work)
+            rows["distilled, all labelled"] = run("distilled-all", STUDENTS[args.student], args.steps, seed, work)
         for name, accuracy in rows.items():
             results.setdefault(name, []).append(accuracy)
-    print(f"\n| student (3 layers, {args.steps} steps) | accuracy, mean | spread (min-max) | seeds |")
+    print(f"\n| student (3 layers{'' if args.student == 'layers' else ', ' + args.student}, {args.steps} steps) | accuracy, mean | spread (min-max) | seeds |")
     print("|---|---|---|---|")
     for name, values in results.items():
         print(f"| {name} | {statistics.mean(values):.1%} | {min(values):.1%}-{max(values):.1%} | {len(values)} |")
-    (args.out / "few_labels.json").write_text(json.dumps({"keep": args.keep, "steps": args.steps, "seeds": args.seeds, "copies": args.copies, "rate": args.rate,
+    (args.out / f"few_labels{suffix}.json").write_text(json.dumps({"student": args.student, "keep": args.keep, "steps": args.steps, "seeds": args.seeds, "copies": args.copies, "rate": args.rate,
                                                          "augment_weight": args.augment_weight, "accuracy": results},
                                                          indent=2) + "\n")
 
