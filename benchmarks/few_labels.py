@@ -89,7 +89,11 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     for seed in args.seeds:
         labelled, text = few_label_split(work / f"split-{seed}", keep=args.keep, seed=seed, train=MINILM / "train.jsonl")
-        few = [*STUDENTS[args.student], f"data.train_files=[{labelled}]"]
+        few = [f"data.train_files=[{labelled}]"]
+
+        def train(name: str, sets: list[str]) -> float:
+            """One row's run for this seed, of the chosen student."""
+            return run(name, [*STUDENTS[args.student], *sets], args.steps, seed, work)
 
         def mixture(augmented: float = 0.0) -> list[str]:
             """The labelled rows, the unlabelled text and (weight ``augmented``, taken from the text's) its rewritten copies."""
@@ -98,21 +102,20 @@ def main() -> None:
             if augmented:
                 sources.append(f"{{name: augmented, weight: {augmented:g}, train_files: [{text}], label_field: '', augment: {{kind: word_replace, "
                                f"copies: {args.copies}, rate: {args.rate:g}, originals: false, model: {MINILM / 'mlm'}, seed: {seed}}}}}")
-            return [*STUDENTS[args.student], "data.train_files=[]", f"data.mixture=[{', '.join(sources)}]"]
+            return ["data.train_files=[]", f"data.mixture=[{', '.join(sources)}]"]
 
-        rows = {f"labels only, {args.keep:.0%} labelled": run("labels", [*few, LABELS_ONLY], args.steps, seed, work),
-                f"distilled, all text, {args.keep:.0%} labelled": run("distilled", mixture(), args.steps, seed, work),
-                f"distilled + augmented, {args.keep:.0%} labelled": run("augmented-source", mixture(args.augment_weight), args.steps, seed, work)}
+        rows = {f"labels only, {args.keep:.0%} labelled": train("labels", [*few, LABELS_ONLY]),
+                f"distilled, all text, {args.keep:.0%} labelled": train("distilled", mixture()),
+                f"distilled + augmented, {args.keep:.0%} labelled": train("augmented-source", mixture(args.augment_weight))}
         if args.scarce:  # TinyBERT's own setting: the labelled rows are all the text there is, and augmentation makes more
             copies = (f"{{name: labelled, weight: 0.5, train_files: [{labelled}]}}, {{name: augmented, weight: 0.5, train_files: [{labelled}], "
                       f"label_field: '', augment: {{kind: word_replace, copies: {args.scarce_copies}, rate: {args.rate:g}, originals: false, "
                       f"model: {MINILM / 'mlm'}, seed: {seed}}}}}")
-            rows[f"distilled, the {args.keep:.0%} labelled rows only"] = run("small", few, args.steps, seed, work)
-            rows[f"  + {args.scarce_copies} augmented copies of each"] = run(f"smallaug{args.scarce_copies}", [*STUDENTS[args.student], "data.train_files=[]", f"data.mixture=[{copies}]"],
-                                                                           args.steps, seed, work)
+            rows[f"distilled, the {args.keep:.0%} labelled rows only"] = train("small", few)
+            rows[f"  + {args.scarce_copies} augmented copies of each"] = train(f"smallaug{args.scarce_copies}", ["data.train_files=[]", f"data.mixture=[{copies}]"])
         if args.all_labels:
-            rows["labels only, all labelled"] = run("labels-all", [*STUDENTS[args.student], LABELS_ONLY], args.steps, seed, work)
-            rows["distilled, all labelled"] = run("distilled-all", STUDENTS[args.student], args.steps, seed, work)
+            rows["labels only, all labelled"] = train("labels-all", [LABELS_ONLY])
+            rows["distilled, all labelled"] = train("distilled-all", [])
         for name, accuracy in rows.items():
             results.setdefault(name, []).append(accuracy)
     print(f"\n| student (3 layers{'' if args.student == 'layers' else ', ' + args.student}, {args.steps} steps) | accuracy, mean | spread (min-max) | seeds |")

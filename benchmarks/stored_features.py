@@ -27,30 +27,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# MiniLM-L6 teacher (6 x 384), the student its layers 1, 3, 5: as wide as the teacher, compared in the store's R coordinates unprojected
+MINILM = {"config": "configs/minilm_few_labels.yaml", "layers": [2, 4, 6], "dim": 32, "targets": [], "metric": "accuracy",
+          "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",
+          "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
+          "sets": ["train.save_every=0", "eval.speed_repeats=1"]}
 EXAMPLES = {
     # teacher 2 x 256 (Llama), new student 2 x 96: the projection maps 96 into the teacher's 256 (online) or into R (store)
     "tiny": {"config": "configs/tiny.yaml", "layers": [1, 2], "dim": 24, "targets": ["--targets", "mixed", "--top-k", "64"], "metric": "perplexity",
              "logits": "{kind: logits, name: kd, divergence: forward_kl}",
              "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
              "sets": ["eval.baseline=", "train.eval_every=0", "train.save_every=0", "tracking.backend=none", "eval.speed_repeats=1"]},
-    # MiniLM-L6 teacher (6 x 384), the student its layers 1, 3, 5: as wide as the teacher, compared in the store's R coordinates unprojected
-    "minilm": {"config": "configs/minilm_few_labels.yaml", "layers": [2, 4, 6], "dim": 32, "targets": [], "metric": "accuracy",
-               "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",
-               "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
-               "sets": ["train.save_every=0", "eval.speed_repeats=1"]},
+    "minilm": MINILM,
     # The teacher's layers 1, 3, 5 as MiniLM had them before the teacher's fine-tuning (DistilBERT starts from the pretrained BERT,
     # not the fine-tuned one): the features it has still differ from the teacher's, and the hidden term has something to teach
-    "minilm-pretrained": {"config": "configs/minilm_few_labels.yaml", "layers": [2, 4, 6], "dim": 32, "targets": [], "metric": "accuracy",
-                          "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",
-                          "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
-                          "sets": ["train.save_every=0", "eval.speed_repeats=1", "student.init_from=~/.cache/distill/minilm/pretrained"]},
+    "minilm-pretrained": {**MINILM, "sets": [*MINILM["sets"], "student.init_from=~/.cache/distill/minilm/pretrained"]},
     # The same data and teacher, a new student (3 x 192, random weights): what the teacher's features teach a student that does not
     # start from them; the projection maps 192 into the teacher's 384 (online) or into R (store)
-    "minilm-new": {"config": "configs/minilm_few_labels.yaml", "layers": [2, 4, 6], "dim": 32, "targets": [], "metric": "accuracy",
-                   "logits": "{kind: logits, name: kd, divergence: forward_kl, temperature: 4.0, weight: 0.8}, {kind: ce, weight: 0.2}",
-                   "hidden": "{kind: hidden, name: feat, layers: uniform, distance: cosine, weight: 1.0}",
-                   "sets": ["train.save_every=0", "eval.speed_repeats=1", "student.init=random", "student.init_layers=[]", "train.lr=5e-4",
-                            "student.architecture={num_hidden_layers: 3, hidden_size: 192, intermediate_size: 768, num_attention_heads: 6}"]},
+    "minilm-new": {**MINILM, "sets": [*MINILM["sets"], "student.init=random", "student.init_layers=[]", "train.lr=5e-4",
+                                      "student.architecture={num_hidden_layers: 3, hidden_size: 192, intermediate_size: 768, num_attention_heads: 6}"]},
 }
 ROWS = ["logits only, online", "logits + hidden, online", "logits only, store", "logits + hidden, store raw", "logits + hidden, store int8"]
 
