@@ -12,12 +12,19 @@ Quality (``--quality``): the same new student (configs/tiny.yaml), seed and lear
   Kim & Rush's sequence-level KD), the baseline of ``seq-KD + JSD``: the same data with the JSD term.
 
 Then GKD's own setting (the students of the GKD paper start from a fine-tuned model): the ``lambda 0``
-student trained ``--more-steps`` more at lr 1e-3 with lambda 0, 0.5 (steps and rows drawn) and 1.
+student trained ``--more-steps`` more at lr 1e-3 with lambda 0, 0.5 (steps and rows drawn) and 1; and the
+student ``configs/tiny_on_policy.yaml`` starts from (CE on the data, built by ``distill prepare-tiny``)
+trained ``--steps`` at lr 1e-3 with JSD and with reverse KL at lambda 0, 0.5 and 1, with ``--trl`` beside
+TRL's ``GKDTrainer`` from the same student (beta 0.5 and 1, lambda 0 and 0.5).
 
 Each student then samples (temperature 1) 64 tokens for each of 128 held-out prompts (the first 32
 tokens of validation documents); reported: the teacher's per-token NLL of those completions (lower:
 text the teacher finds likelier), distinct-2 (unique bigrams / bigrams, to catch collapse), mean length,
-and the validation perplexity of the run's own evaluation (the real validation text, teacher-forced).
+the validation perplexity of the run's own evaluation (the real validation text, teacher-forced), and
+what the NLL is made of: the student's entropy and its KL to the teacher on its own completions, beside
+its KL to the teacher (and its perplexity) on the same documents' own next 64 tokens. On-policy steps
+train where the student writes; what they can add to teacher-forced KD is the drift, the KL on its own
+completions less the KL on the data.
 
 Speed (``--speed``): one on-policy step of this project (``rollout.on_policy`` = ``--lam``) against TRL's
 ``GKDTrainer`` with the same lambda, new tokens (64), batch (16), temperature (1), JSD beta (0.5),
@@ -30,13 +37,14 @@ step that generated), and the ratio of those.
 
 Needs ``distill prepare-tiny`` and, for TRL, ``pip install -e '.[bench]'``. Prints tables, writes JSON.
 
-    python benchmarks/on_policy.py [--quality] [--speed] [--steps 300] [--speed-steps 100]
+    python benchmarks/on_policy.py [--quality [--trl]] [--speed] [--steps 300] [--speed-steps 100] [--reuse]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,12 +53,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
+TEACHER = Path("~/.cache/distill/tiny/teacher").expanduser()
+TRAINED = Path("~/.cache/distill/tiny/baseline/student").expanduser()  # configs/tiny_on_policy.yaml's start: CE on the data
 PROMPT, NEW = 32, 64
 COMMON = ["data.packing=false", f"rollout.prompt_tokens={PROMPT}", f"rollout.max_new_tokens={NEW}", "train.eval_every=0", "train.save_every=0",
           "tracking.backend=none", "eval.speed=false", "eval.baseline=", "rollout.samples=0", "train.log_every=10"]
 JSD = ["loss.kind=jsd", "loss.jsd_beta=0.5"]
 ON_POLICY = {"lambda 0": [], "lambda 0.5": ["rollout.on_policy=0.5"], "lambda 0.5 per row": ["rollout.on_policy=0.5", "rollout.draw=row"],
              "lambda 1": ["rollout.on_policy=1"]}
+DIVERGENCES = {"JSD": JSD, "reverse KL": ["loss.kind=reverse_kl"]}
+FURTHER = ["student.architecture={}", "train.lr=1e-3", "train.warmup_steps=0", "eval.initial=false"]  # a trained student, trained further
 ROWS = {"ce": ["loss.alpha=1.0"], **{name: [*JSD, *sets] for name, sets in ON_POLICY.items()}, "seq-KD ce": ["loss.alpha=1.0"], "seq-KD + JSD": JSD}
 
 
@@ -62,116 +74,162 @@ def _sets(values) -> list[str]:
     return [a for v in values for a in ("--set", v)]
 
 
-def held_out_prompts(tokenizer, count: int = 128) -> list[list[int]]:
-    """The first PROMPT tokens of the first ``count`` validation documents that have more."""
+def held_out(tokenizer, count: int = 128) -> list[list[int]]:
+    """The first PROMPT + NEW tokens of the first ``count`` validation documents longer than PROMPT + 8: their first PROMPT
+    tokens are the held-out prompts, the rest the data's own continuation of each."""
     text = Path("~/.cache/distill/tiny/validation.txt").expanduser().read_text()
-    prompts = []
+    documents = []
     for doc in (d for d in text.split("\n\n") if d.strip()):
         ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"]
         if len(ids) > PROMPT + 8:
-            prompts.append(ids[:PROMPT])
-        if len(prompts) == count:
+            documents.append(ids[: PROMPT + NEW])
+        if len(documents) == count:
             break
-    return prompts
+    return documents
 
 
-def judged(student_dir: Path, teacher, tokenizer, prompts) -> dict:
-    """The student's sampled completions of ``prompts``, judged by the teacher: per-token NLL, distinct-2, length."""
+def judged(student_dir: Path, teacher, tokenizer, documents) -> dict:
+    """The student's sampled completions of the documents' prompts, judged by the teacher: per-token NLL, distinct-2, length;
+    and what that NLL is made of (per token): the student's entropy and its KL to the teacher on its own completions, beside
+    its KL to the teacher on the documents' own continuations, and its perplexity of them. On its own completions the teacher's NLL is the student's
+    entropy + KL(student || teacher); on-policy steps train on exactly those positions, so what they can remove is the KL
+    there, and what they remove beyond teacher-forced KD is the drift: that KL less the KL on the data's text."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from distill.config import RolloutConfig
     from distill.generation import ENGINES
 
-    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     engine = ENGINES["hf"](RolloutConfig(max_new_tokens=NEW, temperature=1.0), tokenizer=tokenizer, vocab=len(tokenizer))
+    prompts = [d[:PROMPT] for d in documents]
     completions = []
     for i in range(0, len(prompts), 32):
         completions += engine.generate(student, prompts[i : i + 32], seed=1234 + i)
-    nll, tokens, bigrams = 0.0, 0, []
+    own = {"nll": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0}
+    data = {"kl": 0.0, "student_nll": 0.0, "tokens": 0}
+    bigrams = []
+
+    def score(ids: list[int], totals: dict) -> None:
+        x = torch.tensor([ids])
+        log_s = torch.log_softmax(student(input_ids=x).logits[0, PROMPT - 1 : -1].float(), -1)
+        log_t = torch.log_softmax(teacher(input_ids=x).logits[0, PROMPT - 1 : -1].float(), -1)
+        totals["kl"] += float((log_s.exp() * (log_s - log_t)).sum())
+        totals["tokens"] += len(ids) - PROMPT
+        if "nll" in totals:
+            totals["nll"] -= float(log_t.gather(-1, x[0, PROMPT:, None]).sum())
+            totals["entropy"] -= float((log_s.exp() * log_s).sum())
+        else:
+            totals["student_nll"] -= float(log_s.gather(-1, x[0, PROMPT:, None]).sum())
+
     with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
-            if not completion:
-                continue
-            ids = torch.tensor([prompt + completion])
-            logp = torch.log_softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
-            nll -= float(logp.gather(-1, torch.tensor(completion)[:, None]).sum())
-            tokens += len(completion)
-            bigrams += list(zip(completion, completion[1:]))
-    return {"teacher_nll": nll / max(tokens, 1), "distinct_2": len(set(bigrams)) / max(len(bigrams), 1), "length": tokens / len(prompts)}
+        for prompt, completion, document in zip(prompts, completions, documents):
+            score(document, data)
+            if completion:
+                score(prompt + completion, own)
+                bigrams += list(zip(completion, completion[1:]))
+    n = max(own["tokens"], 1)
+    return {"teacher_nll": own["nll"] / n, "distinct_2": len(set(bigrams)) / max(len(bigrams), 1), "length": own["tokens"] / len(prompts),
+            "entropy": own["entropy"] / n, "kl_own": own["kl"] / n, "kl_data": data["kl"] / max(data["tokens"], 1),
+            "held_out_perplexity": math.exp(data["student_nll"] / max(data["tokens"], 1))}
 
 
-def quality(args, work: Path) -> dict:
+def judge():
+    """:func:`judged` with the teacher, its tokenizer and the held-out documents loaded once."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    teacher_dir = Path("~/.cache/distill/tiny/teacher").expanduser()
+    teacher = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
+    documents = held_out(tokenizer)
+
+    def of(student_dir: Path, run: Path | None = None) -> dict:
+        """``run``: the student's run, whose evaluation gives the validation perplexity."""
+        row = judged(student_dir, teacher, tokenizer, documents)
+        if run is not None:
+            row["perplexity"] = {r["model"]: r for r in json.loads((run / "eval.json").read_text())["rows"]}["student"]["perplexity"]
+        return row
+
+    return of
+
+
+def train(args, out: Path, sets: list[str], steps: int) -> None:
+    if not (args.reuse and (out / "eval.json").is_file()):
+        start = time.perf_counter()
+        distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, f"train.max_steps={steps}", f"output_dir={out}", *sets]))
+        print(f"{out.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def quality(args, work: Path, of) -> dict:
     completions = work / "teacher_completions"
     distill("generate-teacher", str(CONFIG), *_sets(["data.packing=false", f"rollout.prompt_tokens={PROMPT}", f"rollout.max_new_tokens={NEW}"]),
             "--out", str(completions))
-    results = {}
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    prompts = held_out_prompts(tokenizer)
-    results["teacher"] = judged(teacher_dir, teacher, tokenizer, prompts)
+    results = {"teacher": of(TEACHER)}
     for name, sets in ROWS.items():
         out = work / name.replace(" ", "_").replace("+", "plus")
         data = [f"data.train_files=[{completions}]", "data.prompt_field=prompt"] if name.startswith("seq-KD") else []
-        if not (args.reuse and (out / "eval.json").is_file()):
-            start = time.perf_counter()
-            distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, f"train.max_steps={args.steps}", f"output_dir={out}", *data, *sets]))
-            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
-        results[name] = {**judged(out / "student", teacher, tokenizer, prompts), "perplexity": rows["student"]["perplexity"]}
-        results["teacher"]["perplexity"] = rows["teacher"]["perplexity"]
+        train(args, out, [*data, *sets], args.steps)
+        results[name] = of(out / "student", out)
+        results["teacher"]["perplexity"] = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["teacher"]["perplexity"]
     return results
 
 
-def continued(args, work: Path) -> dict:
+def continued(args, work: Path, of) -> dict:
     """GKD's own setting: a student that already writes sensible text (the ``lambda 0`` student of :func:`quality`)
     trained ``--more-steps`` further at lr 1e-3 with lambda 0, 0.5 and 1."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = work / "lambda_0" / "student"
-    teacher_dir = Path("~/.cache/distill/tiny/teacher").expanduser()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    prompts = held_out_prompts(tokenizer)
-    results = {"start (lambda 0 student)": judged(start, teacher, tokenizer, prompts)}
+    results = {"start (lambda 0 student)": of(start, start.parent)}
     for name, sets in ON_POLICY.items():
         out = work / f"continued_{name.replace(' ', '_')}"
-        if not (args.reuse and (out / "eval.json").is_file()):
-            distill("run", str(CONFIG), "--overwrite", *_sets([*COMMON, *JSD, *sets, f"train.max_steps={args.more_steps}",
-                                                               f"student.path={start}", "student.architecture={}", "train.lr=1e-3",
-                                                               "train.warmup_steps=0", "eval.initial=false", f"output_dir={out}"]))
-        rows = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
-        results[f"+{args.more_steps} steps, {name}"] = {**judged(out / "student", teacher, tokenizer, prompts),
-                                                               "perplexity": rows["student"]["perplexity"]}
+        train(args, out, [*JSD, *sets, f"student.path={start}", *FURTHER], args.more_steps)
+        results[f"+{args.more_steps} steps, {name}"] = of(out / "student", out)
+    return results
+
+
+def from_trained(args, work: Path, of) -> dict:
+    """The student ``configs/tiny_on_policy.yaml`` starts from (trained on the data alone by ``distill prepare-tiny``, as GKD's
+    students are fine-tuned first), ``--steps`` steps at lr 1e-3 with JSD and with reverse KL at lambda 0, 0.5 and 1; with
+    ``--trl``, TRL's ``GKDTrainer`` from the same student with the same steps, batches and lr (beta 0.5 and 1: its JSD and reverse
+    KL) at lambda 0 and 0.5, to tell the method's figures from this implementation's."""
+    results = {"start (the CE student)": of(TRAINED, TRAINED.parent)}
+    for divergence, loss in DIVERGENCES.items():
+        for lam in ("0", "0.5", "1"):
+            out = work / f"trained_{divergence.replace(' ', '_')}_{lam}"
+            train(args, out, [*loss, f"rollout.on_policy={lam}", f"student.path={TRAINED}", *FURTHER], args.steps)
+            results[f"{divergence}, lambda {lam}"] = of(out / "student", out)
+    for divergence, beta in (("JSD", 0.5), ("reverse KL", 1.0)) if args.trl else ():
+        for lam in (0.0, 0.5):
+            out = work / f"trained_trl_{divergence.replace(' ', '_')}_{lam:g}"
+            if not (args.reuse and (out / "student").is_dir()):
+                subprocess.run([sys.executable, __file__, "--child", "trl-quality", "--lam", str(lam), "--beta", str(beta), "--steps", str(args.steps),
+                                "--out", str(out)], cwd=REPO, check=True, capture_output=True)
+            results[f"TRL GKDTrainer: {divergence}, lambda {lam:g}"] = of(out / "student")
     return results
 
 
 def _table(title: str, rows: dict, base: dict) -> None:
-    print(f"\n| {title} | teacher NLL of its samples | vs reference | distinct-2 | length | validation ppl | vs reference |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| {title} | teacher NLL of its samples | vs reference | its entropy | KL on its samples | KL on the data | distinct-2 | length "
+          "| validation ppl | vs reference | held-out ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        ppl = row.get("perplexity", float("nan"))
-        print(f"| {name} | {row['teacher_nll']:.3f} | {row['teacher_nll'] / base['teacher_nll'] - 1:+.1%} | {row['distinct_2']:.3f} | "
-              f"{row['length']:.1f} | {ppl:.2f} | {ppl / base.get('perplexity', float('nan')) - 1:+.1%} |")
+        ppl = f"{row['perplexity']:.2f} | {row['perplexity'] / base['perplexity'] - 1:+.1%}" if "perplexity" in row else "- | -"  # TRL's: no run of ours
+        print(f"| {name} | {row['teacher_nll']:.3f} | {row['teacher_nll'] / base['teacher_nll'] - 1:+.1%} | {row['entropy']:.3f} | {row['kl_own']:.3f} | "
+              f"{row['kl_data']:.3f} | {row['distinct_2']:.3f} | {row['length']:.1f} | {ppl} | {row['held_out_perplexity']:.2f} |")
 
 
-def trl_child(lam: float, steps: int, out: Path) -> dict:
-    """TRL's GKDTrainer on the same models, batches and settings; its step time and generation share."""
+def gkd_trainer(lam: float, steps: int, out: Path, *, beta: float = 0.5, student: Path | None = None, callbacks=()):
+    """TRL's GKDTrainer on the same models, batches and settings as this project's run (the new student of configs/tiny.yaml at
+    its lr and warm-up, or ``student`` trained further as :data:`FURTHER` trains it)."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distill import data, models
     from distill.config import load_config
     from distill.setup import Setup
 
-    cfg = load_config(str(CONFIG), [*COMMON, f"output_dir={out}"])
+    further = [f"student.path={student}", *FURTHER] if student else []
+    cfg = load_config(str(CONFIG), [*COMMON, f"output_dir={out}", *further])
     setup = Setup(cfg, torch.device("cpu"), load_teacher=False)
     teacher = models.load_teacher(cfg.teacher, torch.device("cpu"))
     stream = data.TrainStream(setup.train_sequences, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.data.seed, pad_id=setup.tokenizer.pad_token_id)
@@ -187,6 +245,20 @@ def trl_child(lam: float, steps: int, out: Path) -> dict:
         out["prompts"] = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         out["prompt_attention_mask"] = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         return out
+
+    args = GKDConfig(output_dir=str(out / "trl"), per_device_train_batch_size=cfg.train.micro_batch_size, max_steps=steps, learning_rate=cfg.train.lr,
+                     lr_scheduler_type="cosine", warmup_steps=cfg.train.warmup_steps, weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm,
+                     lmbda=lam, beta=beta, temperature=1.0, max_new_tokens=NEW, seq_kd=False, report_to=[], save_strategy="no", logging_steps=50,
+                     use_cpu=True, dataloader_num_workers=0, max_length=cfg.data.seq_len, seed=cfg.train.seed, disable_dropout=True, bf16=False)
+    trainer = GKDTrainer(model=setup.student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
+                         processing_class=setup.tokenizer, callbacks=list(callbacks))
+    return trainer, setup.tokenizer
+
+
+def trl_child(lam: float, steps: int, out: Path) -> dict:
+    """TRL's step time and generation share (its own clock around each step and each generation)."""
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDTrainer
 
     times, generation, marks = [], [], {}
     original = GKDTrainer.generate_on_policy_outputs
@@ -206,14 +278,18 @@ def trl_child(lam: float, steps: int, out: Path) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append((time.perf_counter() - marks["start"], sum(generation[marks["generated"]:])))
 
-    args = GKDConfig(output_dir=str(out / "trl"), per_device_train_batch_size=cfg.train.micro_batch_size, max_steps=steps, learning_rate=cfg.train.lr,
-                     lr_scheduler_type="cosine", warmup_steps=cfg.train.warmup_steps, weight_decay=0.0, max_grad_norm=cfg.train.max_grad_norm,
-                     lmbda=lam, beta=0.5, temperature=1.0, max_new_tokens=NEW, seq_kd=False, report_to=[], save_strategy="no", logging_steps=50,
-                     use_cpu=True, dataloader_num_workers=0, max_length=cfg.data.seq_len, seed=cfg.train.seed, disable_dropout=True, bf16=False)
-    trainer = GKDTrainer(model=setup.student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
-                         processing_class=setup.tokenizer, callbacks=[Clock()])
+    trainer, _ = gkd_trainer(lam, steps, out, callbacks=[Clock()])
     trainer.train()
     return _timing([(t, g, g > 0) for t, g in times[len(times) // 5 :]])
+
+
+def trl_quality_child(lam: float, beta: float, steps: int, out: Path) -> dict:
+    """TRL's GKDTrainer from :data:`TRAINED`; the student saved in ``out/student`` for :func:`judged`."""
+    trainer, tokenizer = gkd_trainer(lam, steps, out, beta=beta, student=TRAINED)
+    trainer.train()
+    trainer.model.save_pretrained(out / "student")
+    tokenizer.save_pretrained(out / "student")
+    return {"student": str(out / "student")}
 
 
 def distill_child(lam: float, steps: int, out: Path) -> dict:
@@ -260,12 +336,17 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=100)
     parser.add_argument("--more-steps", type=int, default=150, help="steps of the continued rows (from the lambda 0 student)")
     parser.add_argument("--lam", type=float, default=0.5, help="the lambda of the speed comparison")
+    parser.add_argument("--trl", action="store_true", help="with --quality: TRL's GKDTrainer from the CE student beside this project's")
+    parser.add_argument("--beta", type=float, default=0.5, help=argparse.SUPPRESS)
     parser.add_argument("--reuse", action="store_true", help="read back quality runs already finished")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--child", choices=["distill", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["distill", "trl", "trl-quality"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        if args.child == "trl-quality":
+            print(json.dumps(trl_quality_child(args.lam, args.beta, args.steps, args.out)))
+            return
         child = {"distill": distill_child, "trl": trl_child}[args.child]
         print(json.dumps(child(args.lam, args.speed_steps, args.out)))
         return
@@ -273,10 +354,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     report = {"steps": args.steps, "prompt_tokens": PROMPT, "new_tokens": NEW}
     if args.quality:
-        report["quality"] = q = quality(args, work)
+        of = judge()
+        report["quality"] = q = quality(args, work, of)
         _table(f"from a new student, {args.steps} steps (reference: lambda 0)", q, q["lambda 0"])
-        report["continued"] = c = continued(args, work)
+        report["continued"] = c = continued(args, work, of)
         _table(f"from the lambda 0 student, {args.more_steps} more steps (reference: lambda 0)", c, c[f"+{args.more_steps} steps, lambda 0"])
+        report["from_trained"] = t = from_trained(args, work, of)
+        for divergence in DIVERGENCES:
+            _table(f"from the CE student, {args.steps} steps, {divergence} (reference: its lambda 0)",
+                   {k: v for k, v in t.items() if k.startswith("start") or f"{divergence}," in k},
+                   t[f"{divergence}, lambda 0"])
     if args.speed:
         report["speed"] = s = speed(args, work)
         print(f"\n| on-policy step, lambda {args.lam:g}, {NEW} new tokens, batch 16 | seconds a step | generation share | steps that generated "
