@@ -91,9 +91,9 @@ def held_out(tokenizer, count: int = 128) -> list[list[int]]:
 def judged(student_dir: Path, teacher, tokenizer, documents) -> dict:
     """The student's sampled completions of the documents' prompts, judged by the teacher: per-token NLL, distinct-2, length;
     and what that NLL is made of (per token): the student's entropy and its KL to the teacher on its own completions, beside
-    its KL to the teacher on the documents' own continuations, and its perplexity of them. On its own completions the teacher's NLL is the student's
-    entropy + KL(student || teacher); on-policy steps train on exactly those positions, so what they can remove is the KL
-    there, and what they remove beyond teacher-forced KD is the drift: that KL less the KL on the data's text."""
+    its KL to the teacher on the documents' own continuations (and its perplexity of them). On its own completions the
+    teacher's NLL is the student's entropy + KL(student || teacher); on-policy steps train on exactly those positions, and
+    what they add to teacher-forced KD is mostly the drift: that KL less the KL on the data's text."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -147,10 +147,15 @@ def judge():
         """``run``: the student's run, whose evaluation gives the validation perplexity."""
         row = judged(student_dir, teacher, tokenizer, documents)
         if run is not None:
-            row["perplexity"] = {r["model"]: r for r in json.loads((run / "eval.json").read_text())["rows"]}["student"]["perplexity"]
+            row["perplexity"] = perplexity(run, "student")
         return row
 
     return of
+
+
+def perplexity(run: Path, model: str) -> float:
+    """The validation perplexity of ``model`` (a row of the run's evaluation: student, teacher)."""
+    return {r["model"]: r for r in json.loads((run / "eval.json").read_text())["rows"]}[model]["perplexity"]
 
 
 def train(args, out: Path, sets: list[str], steps: int) -> None:
@@ -170,7 +175,7 @@ def quality(args, work: Path, of) -> dict:
         data = [f"data.train_files=[{completions}]", "data.prompt_field=prompt"] if name.startswith("seq-KD") else []
         train(args, out, [*data, *sets], args.steps)
         results[name] = of(out / "student", out)
-        results["teacher"]["perplexity"] = {r["model"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}["teacher"]["perplexity"]
+        results["teacher"]["perplexity"] = perplexity(out, "teacher")
     return results
 
 
