@@ -206,8 +206,10 @@ def from_trained(args, work: Path, of) -> dict:
         for lam in (0.0, 0.5):
             out = work / f"trained_trl_{divergence.replace(' ', '_')}_{lam:g}"
             if not (args.reuse and (out / "student").is_dir()):
-                subprocess.run([sys.executable, __file__, "--child", "trl-quality", "--lam", str(lam), "--beta", str(beta), "--steps", str(args.steps),
-                                "--out", str(out)], cwd=REPO, check=True, capture_output=True)
+                child = subprocess.run([sys.executable, __file__, "--child", "trl-quality", "--lam", str(lam), "--beta", str(beta),
+                                        "--steps", str(args.steps), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+                if child.returncode != 0:
+                    raise SystemExit(f"TRL's {divergence} row at lambda {lam:g} failed:\n{child.stderr[-3000:]}")
             results[f"TRL GKDTrainer: {divergence}, lambda {lam:g}"] = of(out / "student")
     return results
 
