@@ -49,19 +49,21 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
-TEACHER = Path("~/.cache/distill/tiny/teacher").expanduser()
-TRAINED = Path("~/.cache/distill/tiny/baseline/student").expanduser()  # configs/tiny_on_policy.yaml's start: CE on the data
+TINY = Path("~/.cache/distill/tiny").expanduser()  # distill prepare-tiny
+TEACHER = TINY / "teacher"
+TRAINED = TINY / "baseline" / "student"  # configs/tiny_on_policy.yaml's start: CE on the data
 PROMPT, NEW = 32, 64
 COMMON = ["data.packing=false", f"rollout.prompt_tokens={PROMPT}", f"rollout.max_new_tokens={NEW}", "train.eval_every=0", "train.save_every=0",
           "tracking.backend=none", "eval.speed=false", "eval.baseline=", "rollout.samples=0", "train.log_every=10"]
 JSD = ["loss.kind=jsd", "loss.jsd_beta=0.5"]
 ON_POLICY = {"lambda 0": [], "lambda 0.5": ["rollout.on_policy=0.5"], "lambda 0.5 per row": ["rollout.on_policy=0.5", "rollout.draw=row"],
              "lambda 1": ["rollout.on_policy=1"]}
-DIVERGENCES = {"JSD": JSD, "reverse KL": ["loss.kind=reverse_kl"]}
+DIVERGENCES = {"JSD": (JSD, 0.5), "reverse KL": (["loss.kind=reverse_kl"], 1.0)}  # this project's settings, and TRL's beta for the same divergence
 FURTHER = ["student.architecture={}", "train.lr=1e-3", "train.warmup_steps=0", "eval.initial=false"]  # a trained student, trained further
 ROWS = {"ce": ["loss.alpha=1.0"], **{name: [*JSD, *sets] for name, sets in ON_POLICY.items()}, "seq-KD ce": ["loss.alpha=1.0"], "seq-KD + JSD": JSD}
 
@@ -77,7 +79,7 @@ def _sets(values) -> list[str]:
 def held_out(tokenizer, count: int = 128) -> list[list[int]]:
     """The first PROMPT + NEW tokens of the first ``count`` validation documents longer than PROMPT + 8: their first PROMPT
     tokens are the held-out prompts, the rest the data's own continuation of each."""
-    text = Path("~/.cache/distill/tiny/validation.txt").expanduser().read_text()
+    text = (TINY / "validation.txt").read_text()
     documents = []
     for doc in (d for d in text.split("\n\n") if d.strip()):
         ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"]
@@ -106,32 +108,28 @@ def judged(student_dir: Path, teacher, tokenizer, documents) -> dict:
     completions = []
     for i in range(0, len(prompts), 32):
         completions += engine.generate(student, prompts[i : i + 32], seed=1234 + i)
-    own = {"nll": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0}
-    data = {"kl": 0.0, "student_nll": 0.0, "tokens": 0}
+    own, data = Counter(), Counter()
     bigrams = []
 
-    def score(ids: list[int], totals: dict) -> None:
+    def score(ids: list[int]) -> Counter:
+        """Sums over the tokens after the prompt: KL(student || teacher), each model's NLL of the tokens, the student's entropy."""
         x = torch.tensor([ids])
         log_s = torch.log_softmax(student(input_ids=x).logits[0, PROMPT - 1 : -1].float(), -1)
         log_t = torch.log_softmax(teacher(input_ids=x).logits[0, PROMPT - 1 : -1].float(), -1)
-        totals["kl"] += float((log_s.exp() * (log_s - log_t)).sum())
-        totals["tokens"] += len(ids) - PROMPT
-        if "nll" in totals:
-            totals["nll"] -= float(log_t.gather(-1, x[0, PROMPT:, None]).sum())
-            totals["entropy"] -= float((log_s.exp() * log_s).sum())
-        else:
-            totals["student_nll"] -= float(log_s.gather(-1, x[0, PROMPT:, None]).sum())
+        targets = x[0, PROMPT:, None]
+        return Counter({"kl": float((log_s.exp() * (log_s - log_t)).sum()), "teacher_nll": -float(log_t.gather(-1, targets).sum()),
+                        "student_nll": -float(log_s.gather(-1, targets).sum()), "entropy": -float((log_s.exp() * log_s).sum()),
+                        "tokens": len(ids) - PROMPT})
 
     with torch.no_grad():
         for prompt, completion, document in zip(prompts, completions, documents):
-            score(document, data)
+            data.update(score(document))
             if completion:
-                score(prompt + completion, own)
+                own.update(score(prompt + completion))
                 bigrams += list(zip(completion, completion[1:]))
-    n = max(own["tokens"], 1)
-    return {"teacher_nll": own["nll"] / n, "distinct_2": len(set(bigrams)) / max(len(bigrams), 1), "length": own["tokens"] / len(prompts),
-            "entropy": own["entropy"] / n, "kl_own": own["kl"] / n, "kl_data": data["kl"] / max(data["tokens"], 1),
-            "held_out_perplexity": math.exp(data["student_nll"] / max(data["tokens"], 1))}
+    n, m = max(own["tokens"], 1), max(data["tokens"], 1)
+    return {"teacher_nll": own["teacher_nll"] / n, "distinct_2": len(set(bigrams)) / max(len(bigrams), 1), "length": own["tokens"] / len(prompts),
+            "entropy": own["entropy"] / n, "kl_own": own["kl"] / n, "kl_data": data["kl"] / m, "held_out_perplexity": math.exp(data["student_nll"] / m)}
 
 
 def judge():
@@ -197,12 +195,12 @@ def from_trained(args, work: Path, of) -> dict:
     ``--trl``, TRL's ``GKDTrainer`` from the same student with the same steps, batches and lr (beta 0.5 and 1: its JSD and reverse
     KL) at lambda 0 and 0.5, to tell the method's figures from this implementation's."""
     results = {"start (the CE student)": of(TRAINED, TRAINED.parent)}
-    for divergence, loss in DIVERGENCES.items():
+    for divergence, (loss, _) in DIVERGENCES.items():
         for lam in ("0", "0.5", "1"):
             out = work / f"trained_{divergence.replace(' ', '_')}_{lam}"
             train(args, out, [*loss, f"rollout.on_policy={lam}", f"student.path={TRAINED}", *FURTHER], args.steps)
             results[f"{divergence}, lambda {lam}"] = of(out / "student", out)
-    for divergence, beta in (("JSD", 0.5), ("reverse KL", 1.0)) if args.trl else ():
+    for divergence, (_, beta) in DIVERGENCES.items() if args.trl else ():
         for lam in (0.0, 0.5):
             out = work / f"trained_trl_{divergence.replace(' ', '_')}_{lam:g}"
             if not (args.reuse and (out / "student").is_dir()):
